@@ -1,0 +1,65 @@
+"""The model registry: ``create_model(name, **kw)`` and ``list_models()``, as in timm.
+
+Builders register themselves with :func:`register_model`; the CLI never hard-codes a list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from divekit.errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    input_shape: tuple[int, int, int] | None  # default (C, H, W) input; None for sequence models
+    task: str  # "classify", "detect", "language_model", ...
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    name: str | None = None,
+    *,
+    input_shape: tuple[int, int, int] | None = (1, 28, 28),
+    task: str = "classify",
+    description: str | None = None,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a builder under ``name`` (default: the function's name).
+
+    The description defaults to the first line of the builder's docstring.
+    """
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or fn.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"model {key!r} is registered twice")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        _REGISTRY[key] = ModelInfo(key, fn, description or (doc[0] if doc else ""), input_shape, task)
+        return fn
+
+    return wrap
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownNameError("model", name, _REGISTRY) from None
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model, e.g. ``create_model('resnet18', num_classes=10, in_channels=1)``."""
+    return model_info(name).builder(**kwargs)
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """Registered model names, sorted; only those of ``task`` when given."""
+    return sorted(n for n, info in _REGISTRY.items() if task is None or info.task == task)
