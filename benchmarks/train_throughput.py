@@ -1,0 +1,198 @@
+"""Training throughput: divekit's Trainer against the d2l package's ``train_ch6``.
+
+Both train the same architecture (divekit's registered model, fresh weights) with plain SGD,
+the same batch size, learning rate, thread count, samples and epochs, and both evaluate on the
+same validation samples after every epoch. Throughput is end-to-end: training samples per
+wall-clock second of the whole call, data preparation included.
+
+The d2l side runs in two ways:
+
+* ``d2l pipeline``: what the course does, ``torchvision.datasets.MNIST`` (the class
+  ``d2l.load_data_fashion_mnist`` uses) with ``Resize`` + ``ToTensor`` per sample and
+  ``d2l.get_dataloader_workers()`` loader processes;
+* ``d2l loop``: ``train_ch6`` fed a ``DataLoader`` over the very tensors divekit trains on,
+  which isolates the training loop.
+
+Data: the real MNIST from ``../shared/data/MNIST/raw`` when present, else random tensors of
+the same shape (said in the output).
+
+    python benchmarks/train_throughput.py                # both models, prints the ratios
+    python benchmarks/train_throughput.py --models lenet --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import io
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "MNIST" / "raw"
+
+CASES = {  # model: (image size, batch size, lr, train samples, val samples)
+    "lenet": (28, 256, 0.9, 12000, 2000),
+    "resnet18": (96, 128, 0.05, 768, 256),
+}
+
+
+def load_mnist(n_train: int, n_val: int) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if SHARED_MNIST.is_dir():
+        from divekit.data.idx import read_idx
+
+        def read(stem: str) -> torch.Tensor:
+            return torch.from_numpy(read_idx(SHARED_MNIST / f"{stem}.gz").copy())
+
+        xtr, ytr = read("train-images-idx3-ubyte")[:n_train], read("train-labels-idx1-ubyte")[:n_train]
+        xva, yva = read("t10k-images-idx3-ubyte")[:n_val], read("t10k-labels-idx1-ubyte")[:n_val]
+        return "real MNIST (../shared/data)", xtr, ytr.long(), xva, yva.long()
+    g = torch.Generator().manual_seed(0)
+    xtr = torch.randint(0, 256, (n_train, 28, 28), generator=g, dtype=torch.uint8)
+    xva = torch.randint(0, 256, (n_val, 28, 28), generator=g, dtype=torch.uint8)
+    ytr = torch.randint(0, 10, (n_train,), generator=g)
+    yva = torch.randint(0, 10, (n_val,), generator=g)
+    return "random tensors (../shared/data absent)", xtr, ytr, xva, yva
+
+
+def write_torchvision_layout(root: Path, xtr, ytr, xva, yva) -> None:
+    """IDX files where ``torchvision.datasets.MNIST(root)`` looks for them."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+
+    def idx(path: Path, arr: torch.Tensor, magic: int) -> None:
+        header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+        path.write_bytes(header + arr.to(torch.uint8).numpy().tobytes())
+
+    idx(raw / "train-images-idx3-ubyte", xtr, 2051)
+    idx(raw / "train-labels-idx1-ubyte", ytr, 2049)
+    idx(raw / "t10k-images-idx3-ubyte", xva, 2051)
+    idx(raw / "t10k-labels-idx1-ubyte", yva, 2049)
+
+
+def run_d2l(model_name, size, batch, lr, epochs, loaders) -> float:
+    import d2l.torch as d2l
+
+    from divekit.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model(model_name, num_classes=10, in_channels=1)
+    with contextlib.redirect_stdout(io.StringIO()):  # the Animator "displays" figures as text
+        d2l.train_ch6(net, loaders[0], loaders[1], epochs, lr, torch.device("cpu"))
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    return 0.0
+
+
+def d2l_pipeline_loaders(tmp: Path, size: int, batch: int, n_train: int, n_val: int):
+    """The course's ``load_data_fashion_mnist(batch, resize)``, on MNIST files."""
+    import d2l.torch as d2l
+    import torchvision
+    from torchvision import transforms
+
+    trans = [transforms.ToTensor()]
+    if size != 28:
+        trans.insert(0, transforms.Resize(size))
+    trans = transforms.Compose(trans)
+    train = torchvision.datasets.MNIST(root=str(tmp), train=True, transform=trans, download=False)
+    val = torchvision.datasets.MNIST(root=str(tmp), train=False, transform=trans, download=False)
+    workers = d2l.get_dataloader_workers()
+    return (
+        DataLoader(Subset(train, range(n_train)), batch, shuffle=True, num_workers=workers),
+        DataLoader(Subset(val, range(n_val)), batch, shuffle=False, num_workers=workers),
+    )
+
+
+def prepared_tensors(xtr, ytr, xva, yva, size):
+    from divekit.data.vision import resize_images
+
+    def prep(x):
+        x = x.float().div_(255).unsqueeze(1)
+        return resize_images(x, size) if size != 28 else x
+
+    return prep(xtr), ytr, prep(xva), yva
+
+
+def run_divekit(model_name, size, batch, lr, epochs, xtr, ytr, xva, yva) -> None:
+    from divekit.data.vision import ImageClassificationData
+    from divekit.engine import Trainer
+    from divekit.tasks.classify import ClassificationTask, ClassifyConfig
+
+    tx, ty, vx, vy = prepared_tensors(xtr, ytr, xva, yva, size)  # decode + resize once
+    data = ImageClassificationData(
+        train_images=tx, train_labels=ty, val_images=vx, val_labels=vy,
+        classes=[str(i) for i in range(10)], name="mnist", mean=(0.0,), std=(1.0,),
+    )
+    cfg = ClassifyConfig(model=model_name, data="mnist", epochs=epochs, batch_size=batch, lr=lr,
+                         momentum=0.0, normalize=False, quiet=True, device="cpu")
+    Trainer(ClassificationTask(cfg, data=data), cfg).fit()
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="lenet,resnet18", help="comma-separated (lenet,resnet18)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side; the median is kept")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the sample counts")
+    args = parser.parse_args()
+    try:
+        import d2l.torch  # noqa: F401
+    except ImportError:
+        print("d2l is not installed: pip install --no-deps d2l==1.0.3 && "
+              "pip install requests ipython matplotlib-inline pandas")
+        return 1
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.epochs} epoch(s), "
+          f"median of {args.repeats}")
+    rows = []
+    for name in args.models.split(","):
+        size, batch, lr, n_train, n_val = CASES[name]
+        n_train, n_val = int(n_train * args.scale), int(n_val * args.scale)
+        source, xtr, ytr, xva, yva = load_mnist(n_train, n_val)
+        tmp = Path(tempfile.mkdtemp(prefix="dk-bench-"))
+        try:
+            write_torchvision_layout(tmp, xtr, ytr, xva, yva)
+            tx, ty, vx, vy = prepared_tensors(xtr, ytr, xva, yva, size)
+            same = (DataLoader(TensorDataset(tx, ty), batch, shuffle=True),
+                    DataLoader(TensorDataset(vx, vy), batch))
+            times = {"divekit": [], "d2l loop": [], "d2l pipeline": []}
+            for _ in range(args.repeats):
+                times["divekit"].append(timed(run_divekit, name, size, batch, lr, args.epochs,
+                                              xtr, ytr, xva, yva))
+                times["d2l loop"].append(timed(run_d2l, name, size, batch, lr, args.epochs, same))
+                pipe = d2l_pipeline_loaders(tmp, size, batch, n_train, n_val)
+                times["d2l pipeline"].append(timed(run_d2l, name, size, batch, lr, args.epochs, pipe))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rate = {k: n_train * args.epochs / statistics.median(v) for k, v in times.items()}
+        print(f"\n{name} at {size}x{size}, batch {batch}, {n_train} train + {n_val} val samples, {source}")
+        for k, r in rate.items():
+            print(f"  {k:<13} {r:8.1f} samples/s")
+        for k in ("d2l loop", "d2l pipeline"):
+            ratio = rate["divekit"] / rate[k]
+            rows.append((name, k, ratio))
+            print(f"  divekit / {k:<13} {ratio:5.2f}x")
+    print("\nsummary (goal >= 1.3x):")
+    for name, k, ratio in rows:
+        print(f"  {name:<9} vs {k:<13} {ratio:5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Atomic checkpoints and exact resume.
+
+Layout of ``RUN_DIR/checkpoint/``::
+
+    epoch-0003/model.safetensors   weights and buffers
+    epoch-0003/state.pt            optimizer, scheduler, RNG states, epoch, history
+    latest                         the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary directory, renamed into place, and only then is
+``latest`` replaced (also via rename), so a crash at any point leaves the previous checkpoint
+intact and ``latest`` never points at a partial one. ``state.pt`` holds only tensors and plain
+Python values and loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from divekit.errors import DivekitError
+
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step can touch, in weights_only-loadable form."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path))
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise DivekitError(f"no weights file at {path}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise DivekitError(f"cannot read weights {path}: {e}") from None
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if strict and (missing or unexpected):
+        raise DivekitError(
+            f"weights {path} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+class CheckpointDir:
+    """Reads and writes the checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 2):
+        self.root = Path(run_dir) / "checkpoint"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if (path / WEIGHTS).is_file() and (path / STATE).is_file() else None
+
+    def save(self, model: nn.Module, state: dict[str, Any], name: str) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
+        try:
+            save_weights(model, tmp / WEIGHTS)
+            torch.save(state, tmp / STATE)
+            final = self.root / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(self.root / "latest", name + "\n")
+        self._prune(keep_name=name)
+        return final
+
+    def load_state(self, path: Path) -> dict[str, Any]:
+        try:
+            return torch.load(path / STATE, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DivekitError(f"cannot read checkpoint state {path / STATE}: {e}") from None
+
+    def _prune(self, keep_name: str) -> None:
+        done = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for old in [p for p in done if p.name != keep_name][: max(0, len(done) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".*"):  # temp dirs left by a crash
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests run offline, on the CPU, with few threads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` when present (benchmarks' real datasets); skips the test otherwise."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def trained_lenet_run(tmp_path_factory) -> Path:
+    """A tiny LeNet run on the embedded digits: 2 epochs on 400 images."""
+    from divekit.tasks.classify import ClassifyConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "lenet-digits"
+    train(ClassifyConfig(model="lenet", data="digits", epochs=2, limit=400, batch_size=32,
+                         lr=0.1, quiet=True, device="cpu", out=str(out)))
+    return out
