@@ -17,6 +17,7 @@ from divekit.models import (  # noqa: E402,F401  isort: skip
     googlenet,
     resnet,
     densenet,
+    rnn,
 )
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]
