@@ -23,10 +23,10 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_lenet_run(tmp_path_factory) -> Path:
-    """A tiny LeNet run on the embedded digits: 2 epochs on 400 images."""
+    """A tiny LeNet (with BatchNorm) run on the embedded digits: 2 epochs on 400 images."""
     from divekit.tasks.classify import ClassifyConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "lenet-digits"
-    train(ClassifyConfig(model="lenet", data="digits", epochs=2, limit=400, batch_size=32,
+    train(ClassifyConfig(model="lenet_bn", data="digits", epochs=2, limit=400, batch_size=32,
                          lr=0.1, quiet=True, device="cpu", out=str(out)))
     return out

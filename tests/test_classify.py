@@ -24,7 +24,7 @@ def _metrics(run_dir):
 
 def test_run_directory_holds_everything(trained_lenet_run):
     record = json.loads((trained_lenet_run / "config.json").read_text())
-    assert record["task"] == "classify" and record["config"]["model"] == "lenet"
+    assert record["task"] == "classify" and record["config"]["model"] == "lenet_bn"
     assert record["classes"] == [str(i) for i in range(10)]
     assert record["image_size"] == [28, 28]  # 8×8 digits upsampled to the zoo's minimum
     rows = _metrics(trained_lenet_run)
@@ -84,3 +84,24 @@ def test_resnet18_digits_demo_reaches_95_percent(tmp_path):
         model="resnet18", data="digits", epochs=6, batch_size=64, lr=0.05, scheduler="cosine",
         quiet=True, out=str(tmp_path / "demo")))
     assert result.final["val_acc"] >= 0.95
+
+
+def test_loss_falls_over_a_short_run(trained_lenet_run):
+    rows = _metrics(trained_lenet_run)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_bf16_autocast_and_channels_last_train_on_the_cpu(tmp_path):
+    result = classify.train(classify.ClassifyConfig(
+        model="resnet18", data="digits", epochs=1, limit=64, batch_size=32, amp=True,
+        channels_last=True, quiet=True, device="cpu", out=str(tmp_path / "amp")))
+    assert result.final["train_loss"] == pytest.approx(result.final["train_loss"])  # finite
+    assert torch.isfinite(torch.tensor(result.final["val_loss"]))
+
+
+def test_tensorboard_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    classify.train(classify.ClassifyConfig(
+        model="lenet", data="digits", epochs=1, limit=64, tensorboard=True, quiet=True,
+        device="cpu", out=str(tmp_path / "tb")))
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))

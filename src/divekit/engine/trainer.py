@@ -149,6 +149,7 @@ class Trainer:
                         val = self.task.evaluate(self.model, self.val_loader)
                     row.update({f"val_{k}": float(v) for k, v in val.items()})
                 row["lr"] = float(self.optimizer.param_groups[0]["lr"])
+                row["samples_per_s"] = row.pop("samples_per_s")  # column order of metrics.csv
                 row["seconds"] = time.perf_counter() - row.pop("_t0")
                 self.history.append(row)
                 progress.end_epoch(row)
