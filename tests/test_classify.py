@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from divekit.cli import main
-from divekit.engine.checkpoint import CheckpointDir
-from divekit.engine.checkpoint import load_weights
+from divekit.engine.checkpoint import CheckpointDir, load_weights
 from divekit.models import create_model
 from divekit.tasks import classify
 

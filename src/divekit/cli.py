@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,55 +32,39 @@ def _parent() -> argparse.ArgumentParser:
     return p
 
 
-def _train_defaults() -> dict[str, Any]:
-    from divekit.tasks.classify import ClassifyConfig
-
-    return {f.name: f.default for f in dataclasses.fields(ClassifyConfig)}
-
-
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    """Options default to SUPPRESS so that --resume can tell what was given explicitly."""
-    d = _train_defaults()
-    S = argparse.SUPPRESS
-
-    def opt(*flags: str, help: str, **kw: Any) -> None:
-        dest = flags[0].lstrip("-").replace("-", "_")
-        default = d.get(dest)
-        shown = "" if kw.get("action") == "store_true" else f" (default: {default})"
-        p.add_argument(*flags, default=S, help=help + shown, **kw)
-
-    g = p.add_argument_group("data")
-    opt("--data", help="dataset name (see `divekit datasets`)", metavar="NAME")
-    opt("--data-dir", help="folder with the dataset's files, when you already have them", metavar="DIR")
-    opt("--download", action="store_true", help="download missing files (checksum-verified)")
-    opt("--resize", type=int, help="resize images to N×N once, before training", metavar="N")
-    opt("--limit", type=int, help="use only the first N training samples (quick runs)", metavar="N")
-    opt("--workers", type=int, help="data-loading processes for per-sample transforms", metavar="N")
-    g = p.add_argument_group("optimisation")
-    opt("--epochs", type=int, help="total epochs (with --resume: the total to reach)")
-    opt("--batch-size", type=int, help="minibatch size")
-    opt("--lr", type=float, help="learning rate")
-    opt("--optimizer", choices=["sgd", "adam", "adamw"], help="optimizer")
-    opt("--momentum", type=float, help="SGD momentum")
-    opt("--weight-decay", type=float, help="L2 weight decay")
-    opt("--scheduler", choices=["none", "cosine", "step", "onecycle"], help="learning-rate schedule")
-    opt("--warmup-epochs", type=float, help="linear learning-rate warm-up")
-    opt("--grad-clip", type=float, help="clip the gradients' global norm to this value")
-    opt("--label-smoothing", type=float, help="cross-entropy label smoothing")
-    g = p.add_argument_group("hardware and output")
-    opt("--device", help="auto, cpu, cuda or cuda:N")
-    opt("--amp", action="store_true", help="bfloat16 mixed precision (autocast)")
-    opt("--channels-last", action="store_true", help="channels_last memory format for convolutions")
-    opt("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
-    opt("--seed", type=int, help="random seed (data split, shuffling, initialisation)")
-    opt("--out", help="run directory (default: runs/MODEL-DATA, numbered if it exists)", metavar="DIR")
-    opt("--resume", action="store_true", help="continue the run in --out (or the newest runs/MODEL-DATA*)")
-    opt("--tensorboard", action="store_true", help="also write TensorBoard event files")
-    opt("--quiet", action="store_true", help="no progress bars")
-    del g
+def _option_type(hint: Any) -> type | None:
+    """``int | None`` → int; bool → None (a flag)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    inner = args[0]
+    return None if inner is bool else inner
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_config_options(p: argparse.ArgumentParser, config_cls: type) -> None:
+    """One option per config field; defaults are SUPPRESSed so --resume can tell what was typed."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        meta = dict(f.metadata)
+        if meta.pop("cli", True) is False:
+            continue
+        help_text = meta.pop("help", "")
+        flag = "--" + f.name.replace("_", "-")
+        kind = _option_type(hints[f.name])
+        if kind is None:
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        else:
+            shown = "" if f.default is None else f" (default: {f.default})"
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text + shown, **meta)
+
+
+def _train_model_name(argv: Sequence[str]) -> str | None:
+    """The MODEL of ``divekit [--debug] train MODEL ...``, before the full parse."""
+    rest = [a for a in argv if a != "--debug"]
+    if len(rest) >= 2 and rest[0] == "train" and not rest[1].startswith("-"):
+        return rest[1]
+    return None
+
+
+def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     parent = _parent()
     parser = argparse.ArgumentParser(
         prog="divekit", parents=[parent],
@@ -112,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train MODEL on --data. Every epoch writes metrics.csv, curves.png and a "
         "checkpoint into the run directory; --resume continues exactly where a run stopped.",
     )
-    p.add_argument("model", help="model name (see `divekit models`)")
-    _add_train_options(p)
+    p.add_argument("model", help="model name (see `divekit models`); its task decides the options")
+    if train_config is None:
+        from divekit.tasks.classify import Config as train_config
+    add_config_options(p, train_config)
 
     p = sub.add_parser("evaluate", parents=[parent], help="validation metrics of a run",
                        description="Load a run's newest checkpoint and evaluate it on the validation split.")
@@ -121,13 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the dataset's files are, if not where training found them")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
-    p = sub.add_parser("predict", parents=[parent], help="classify image files with a trained run",
-                       description="Convert each image as training did (mode, size, normalisation) "
-                       "and print the top-k classes with probabilities.")
+    p = sub.add_parser("predict", parents=[parent], help="run a trained model on input files",
+                       description="Run a trained model on inputs, by the run's task: a classifier "
+                       "converts each image as training did (mode, size, normalisation) and prints "
+                       "the top-k classes with probabilities.")
     p.add_argument("run_dir", help="a run directory written by `divekit train`")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; any size or mode)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files (any size or mode)")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: 3)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+    from divekit.tasks import command_modules
+
+    for module in command_modules():
+        module.add_commands(sub, parent)
     return parser
 
 
@@ -173,29 +166,29 @@ def cmd_summary(args: argparse.Namespace) -> None:
     print(format_table(rows, title=f"{args.model} on input (1, {', '.join(map(str, shape))})"))
 
 
-def _train_config(args: argparse.Namespace) -> Any:
-    from divekit.tasks.classify import ClassifyConfig
+def _train_config(config_cls: type, args: argparse.Namespace) -> Any:
+    from divekit.errors import DivekitError
     from divekit.tasks.common import choose_run_dir, config_from_dict, load_run_config
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
-    if given.get("resume"):
-        model, data = given["model"], given.get("data", ClassifyConfig.data)
-        run_dir = choose_run_dir(given.get("out"), f"{model}-{data}", resume=True)
-        saved = load_run_config(run_dir)["config"]
-        if saved.get("model") != model:
-            from divekit.errors import DivekitError
-
-            raise DivekitError(f"{run_dir} trained {saved.get('model')!r}, not {model!r}")
-        merged = {**saved, **given, "out": str(run_dir), "resume": True}
-        return config_from_dict(ClassifyConfig, merged)
-    return config_from_dict(ClassifyConfig, given)
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "handler")}
+    if not given.get("resume"):
+        return config_from_dict(config_cls, given)
+    model = given["model"]
+    data = given.get("data", config_cls.data)
+    run_dir = choose_run_dir(given.get("out"), f"{model}-{data}", resume=True)
+    saved = load_run_config(run_dir)["config"]
+    if saved.get("model") != model:
+        raise DivekitError(f"{run_dir} trained {saved.get('model')!r}, not {model!r}")
+    return config_from_dict(config_cls, {**saved, **given, "out": str(run_dir), "resume": True})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from divekit.tasks import classify
+    from divekit.models import model_info
+    from divekit.tasks import task_module
 
-    cfg = _train_config(args)
-    result = classify.train(cfg)
+    module = task_module(model_info(args.model).task)
+    cfg = _train_config(module.Config, args)
+    result = module.train(cfg)
     final = result.final
     if final:
         shown = ", ".join(
@@ -206,22 +199,30 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"curves: {result.run_dir / 'curves.png'}")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from divekit.tasks import classify
+def _run_module(run_dir: str):
+    from divekit.tasks import task_module
+    from divekit.tasks.common import load_run_config
 
-    metrics = classify.evaluate(args.run_dir, data_dir=args.data_dir, device=args.device)
-    per_class = metrics.pop("per_class_acc", {})
-    print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    if per_class:
-        print("per-class accuracy: " + ", ".join(f"{c}: {a:.3f}" for c, a in per_class.items()))
+    return task_module(load_run_config(run_dir).get("task", "classify"))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    _run_module(args.run_dir).cli_evaluate(args)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from divekit.tasks import classify
+    _run_module(args.run_dir).cli_predict(args)
 
-    for item in classify.predict(args.run_dir, args.images, top_k=args.top_k, device=args.device):
-        shown = ", ".join(f"{c} {p:.3f}" for c, p in item["predictions"])
-        print(f"{item['image']}: {shown}")
+
+def _train_config_class(argv: Sequence[str]) -> type | None:
+    """``divekit train MODEL`` takes the options of MODEL's task."""
+    name = _train_model_name(argv)
+    if name is None:
+        return None
+    from divekit.models import model_info
+    from divekit.tasks import task_module
+
+    return task_module(model_info(name).task).Config
 
 
 COMMANDS = {
@@ -235,16 +236,18 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    debug = getattr(args, "debug", False) or bool(os.environ.get("DIVEKIT_DEBUG"))
-    if args.command is None:
-        parser.print_help()
-        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("DIVEKIT_DEBUG"))
     from divekit.errors import DivekitError
 
     try:
-        COMMANDS[args.command](args)
+        parser = build_parser(_train_config_class(argv))
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        handler(args)
     except DivekitError as e:
         if debug:
             raise

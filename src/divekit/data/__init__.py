@@ -1,6 +1,12 @@
 """Datasets: the download hub, vision and text loaders, augmentation."""
 
-from divekit.data.registry import DatasetInfo, dataset_info, list_datasets, load_dataset, register_dataset
+from divekit.data.registry import (
+    DatasetInfo,
+    dataset_info,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
 
 # Importing a module registers its datasets.
 from divekit.data import vision  # noqa: E402,F401  isort: skip

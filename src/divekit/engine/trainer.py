@@ -10,7 +10,7 @@ import math
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -36,25 +36,35 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, loader: Iterable) -> dict[str, float]: ...
 
 
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A config field with the help text the CLI shows (``choices=``, ``metavar=``, ``cli=False``)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
 @dataclass
 class TrainConfig:
-    """What the loop needs; a task's config extends it with data and model options."""
+    """What the loop needs; a task's config extends it with data and model options.
 
-    epochs: int = 10
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    scheduler: str = "none"
-    warmup_epochs: float = 0.0
-    grad_clip: float | None = None
-    device: str = "auto"
-    amp: bool = False
-    channels_last: bool = False
-    seed: int = 0
-    threads: int | None = None
-    quiet: bool = False
-    tensorboard: bool = False
+    Every field becomes a ``divekit train`` option (``grad_clip`` → ``--grad-clip``).
+    """
+
+    epochs: int = option(10, "total epochs (with --resume: the total to reach)")
+    lr: float = option(0.05, "learning rate")
+    optimizer: str = option("sgd", "optimizer", choices=["sgd", "adam", "adamw"])
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(0.0, "L2 weight decay")
+    scheduler: str = option(
+        "none", "learning-rate schedule", choices=["none", "cosine", "step", "onecycle"]
+    )
+    warmup_epochs: float = option(0.0, "linear learning-rate warm-up, in epochs")
+    grad_clip: float | None = option(None, "clip the gradients' global norm to this value")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    amp: bool = option(False, "bfloat16 mixed precision (autocast)")
+    channels_last: bool = option(False, "channels_last memory format for convolutions")
+    seed: int = option(0, "random seed (data split, shuffling, initialisation)")
+    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
+    quiet: bool = option(False, "no progress bars")
+    tensorboard: bool = option(False, "also write TensorBoard event files")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

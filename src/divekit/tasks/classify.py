@@ -11,7 +11,7 @@ Python users call the same functions the CLI calls::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,12 @@ from divekit.data.loader import TensorBatchLoader
 from divekit.data.vision import ImageClassificationData, load_image_file, resize_images
 from divekit.engine.checkpoint import load_weights
 from divekit.engine.device import resolve_device
-from divekit.engine.trainer import TrainConfig, Trainer
+from divekit.engine.trainer import TrainConfig, Trainer, option
 from divekit.errors import DivekitError
 from divekit.models import create_model, model_info
 from divekit.models.summary import layer_table
 from divekit.tasks.common import (
+    TrainResult,
     choose_run_dir,
     config_from_dict,
     latest_weights,
@@ -41,18 +42,18 @@ MIN_SIZE = 28  # every zoo model takes 28×28 and up; smaller datasets are upsam
 
 @dataclass
 class ClassifyConfig(TrainConfig):
-    model: str = "lenet"
-    data: str = "digits"
-    batch_size: int = 128
-    resize: int | None = None
-    data_dir: str | None = None
-    download: bool = False
-    limit: int | None = None
-    workers: int = 0
-    label_smoothing: float = 0.0
-    normalize: bool = True
-    out: str | None = None
-    resume: bool = False
+    model: str = option("lenet", "model name (see `divekit models`)", cli=False)
+    data: str = option("digits", "dataset name (see `divekit datasets`)", metavar="NAME")
+    batch_size: int = option(128, "minibatch size")
+    resize: int | None = option(None, "resize images to N×N once, before training", metavar="N")
+    data_dir: str | None = option(None, "folder with the dataset's files, when you have them", metavar="DIR")
+    download: bool = option(False, "download missing files (hash-checked)")
+    limit: int | None = option(None, "use only the first N training samples (quick runs)", metavar="N")
+    workers: int = option(0, "data-loading processes for per-sample transforms", metavar="N")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing")
+    normalize: bool = option(True, "standardise inputs with the training set's mean and std", cli=False)
+    out: str | None = option(None, "run directory (default: runs/MODEL-DATA, numbered if taken)", metavar="DIR")
+    resume: bool = option(False, "continue the run in --out (or the newest runs/MODEL-DATA*)")
 
     def validate(self) -> None:
         checks = [
@@ -66,17 +67,6 @@ class ClassifyConfig(TrainConfig):
         for ok, message in checks:
             if not ok:
                 raise DivekitError(message)
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    history: list[dict[str, Any]]
-    model: nn.Module = field(repr=False)
-
-    @property
-    def final(self) -> dict[str, Any]:
-        return self.history[-1] if self.history else {}
 
 
 def load_data(cfg: ClassifyConfig) -> ImageClassificationData:
@@ -251,3 +241,20 @@ def predict(
         }
         for r, path in enumerate(images)
     ]
+
+
+Config = ClassifyConfig
+
+
+def cli_evaluate(args) -> None:
+    metrics = evaluate(args.run_dir, data_dir=args.data_dir, device=args.device)
+    per_class = metrics.pop("per_class_acc", {})
+    print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if per_class:
+        print("per-class accuracy: " + ", ".join(f"{c}: {a:.3f}" for c, a in per_class.items()))
+
+
+def cli_predict(args) -> None:
+    for item in predict(args.run_dir, args.inputs, top_k=args.top_k, device=args.device):
+        shown = ", ".join(f"{c} {p:.3f}" for c, p in item["predictions"])
+        print(f"{item['image']}: {shown}")

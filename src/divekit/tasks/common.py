@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from torch import nn
 
 from divekit import __version__
 from divekit.engine.checkpoint import CheckpointDir, atomic_write_json
@@ -15,6 +18,19 @@ from divekit.errors import DivekitError
 C = TypeVar("C")
 
 CONFIG = "config.json"
+
+
+@dataclass
+class TrainResult:
+    """What ``train(config)`` returns: where the run lives, its history, the trained model."""
+
+    run_dir: Path
+    history: list[dict[str, Any]]
+    model: nn.Module = field(repr=False)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
 
 
 def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
