@@ -27,7 +27,14 @@ from divekit.errors import DivekitError, TrainingDiverged
 
 @runtime_checkable
 class Task(Protocol):
-    """The seam between a job (classification, detection, ...) and the loop."""
+    """The seam between a job (classification, detection, ...) and the loop.
+
+    Optional methods the Trainer calls when a task has them:
+    ``param_groups(model)`` (per-group learning rates), ``batch_size(batch)`` (samples in a
+    batch, default ``len(batch[0])``), ``on_epoch_start(model, epoch)`` (e.g. reset a hidden
+    state), ``summarize(row)`` (derived metrics such as perplexity = exp(loss), added to the
+    epoch's row), ``on_epoch_end(model, epoch, run_dir)`` (pictures of the job).
+    """
 
     def train_data(self) -> Iterable: ...
     def val_data(self) -> Iterable | None: ...
@@ -158,6 +165,8 @@ class Trainer:
                     with autocast(self.device, cfg.amp):
                         val = self.task.evaluate(self.model, self.val_loader)
                     row.update({f"val_{k}": float(v) for k, v in val.items()})
+                if hasattr(self.task, "summarize"):
+                    row = self.task.summarize(row)
                 row["lr"] = float(self.optimizer.param_groups[0]["lr"])
                 row["samples_per_s"] = row.pop("samples_per_s")  # column order of metrics.csv
                 row["seconds"] = time.perf_counter() - row.pop("_t0")
@@ -184,6 +193,8 @@ class Trainer:
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(self.epoch)
         model.train()
+        if hasattr(task, "on_epoch_start"):
+            task.on_epoch_start(model, self.epoch)
         sums: dict[str, Tensor] = {}
         seen = 0
         progress.start_epoch(self.epoch, cfg.epochs, self.steps_per_epoch)
