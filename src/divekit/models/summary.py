@@ -76,11 +76,11 @@ def format_table(rows: list[LayerRow], title: str = "") -> str:
     total_params = sum(r.params for r in rows)
     total_macs = sum(r.macs for r in rows)
     lines = [title] if title else []
-    header = f"{'layer':<14} {'type':<18} {'output shape':<22} {'params':>12} {'mult-adds':>14}"
+    header = f"{"layer":<16} {'type':<18} {'output shape':<22} {'params':>12} {'mult-adds':>14}"
     lines += [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.name:<14} {r.kind:<18} {str(r.output_shape):<22} {r.params:>12,} {r.macs:>14,}"
+            f"{r.name:<16} {r.kind:<18} {str(r.output_shape):<22} {r.params:>12,} {r.macs:>14,}"
         )
     lines.append("-" * len(header))
     lines.append(f"total parameters: {total_params:,}")
