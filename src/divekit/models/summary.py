@@ -76,7 +76,7 @@ def format_table(rows: list[LayerRow], title: str = "") -> str:
     total_params = sum(r.params for r in rows)
     total_macs = sum(r.macs for r in rows)
     lines = [title] if title else []
-    header = f"{"layer":<16} {'type':<18} {'output shape':<22} {'params':>12} {'mult-adds':>14}"
+    header = f"{'layer':<16} {'type':<18} {'output shape':<22} {'params':>12} {'mult-adds':>14}"
     lines += [header, "-" * len(header)]
     for r in rows:
         lines.append(
