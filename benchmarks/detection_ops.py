@@ -1,0 +1,200 @@
+"""Detection ops: divekit.ops against the d2l package's functions on the same inputs.
+
+Cases (issue 5's goals in brackets):
+
+* ``multibox_target``: a batch of 32 images, 5,120 anchors (a 32x32 map, 5 per pixel), 2
+  objects each [>= 10x d2l];
+* ``nms``: 5,000 boxes with distinct scores, IoU threshold 0.5 [>= 50x d2l], twice: uniformly
+  random boxes (most are kept) and boxes jittered around 20 objects (most are suppressed);
+* ``multibox_prior``: a 64x64 feature map, sizes (0.2, 0.272), ratios (1, 2, 0.5);
+* ``multibox_detection``: a batch of 4, 5,120 anchors, 3 classes (extra; no goal).
+
+Each time is the median over ``--repeats`` repeats of a timeit-style loop (the loop count is
+chosen so one repeat takes at least ~0.2 s), after one warm-up call; the table gives wall-clock
+medians and their ratio, then the ratio of CPU-time medians (steadier on a shared machine).
+Before timing, each case checks that both sides give the same result.
+
+    python benchmarks/detection_ops.py                # default: 5 repeats, 1 thread
+    python benchmarks/detection_ops.py --repeats 9 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+import timeit
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from divekit.ops import anchors as dk_anchors
+from divekit.ops import boxes as dk_boxes
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median wall-clock and CPU seconds per call over ``repeats`` repeats of an auto-sized loop.
+
+    The CPU time (this process's user + system time) is the steadier number on a shared machine:
+    it does not count the time spent waiting for a core.
+    """
+    fn()  # warm-up
+    number, _ = timeit.Timer(fn).autorange()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(number):
+            fn()
+        wall.append((time.perf_counter() - w0) / number)
+        cpu.append((time.process_time() - c0) / number)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def random_boxes(n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` normalised corner boxes, centres uniform, sides 0.02-0.3."""
+    center = torch.rand(n, 2, generator=g)
+    half = (torch.rand(n, 2, generator=g) * 0.28 + 0.02) / 2
+    return torch.cat((center - half, center + half), dim=1)
+
+
+def case_multibox_target(d2l, g: torch.Generator):
+    anchors = dk_anchors.multibox_prior(torch.zeros(1, 1, 32, 32), [0.75, 0.5, 0.25], [1, 2, 0.5])
+    assert anchors.shape[1] == 5120
+    boxes = random_boxes(32 * 2, g).clamp(0, 1).reshape(32, 2, 4)
+    classes = torch.randint(0, 3, (32, 2, 1), generator=g).float()
+    labels = torch.cat((classes, boxes), dim=-1)  # (32, 2, 5)
+    ours, theirs = dk_anchors.multibox_target(anchors, labels), d2l.multibox_target(anchors, labels)
+    same = all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    return (
+        "multibox_target (32 x 5,120 anchors, 2 objects)",
+        lambda: dk_anchors.multibox_target(anchors, labels),
+        lambda: d2l.multibox_target(anchors, labels),
+        same,
+        10,
+    )
+
+
+def case_nms(d2l, g: torch.Generator):
+    boxes = random_boxes(5000, g)
+    scores = torch.rand(5000, generator=g)
+    same = torch.equal(dk_boxes.nms(boxes, scores, 0.5), d2l.nms(boxes, scores, 0.5))
+    kept = dk_boxes.nms(boxes, scores, 0.5).numel()
+    return (
+        f"nms (5,000 random boxes, {kept:,} kept)",
+        lambda: dk_boxes.nms(boxes, scores, 0.5),
+        lambda: d2l.nms(boxes, scores, 0.5),
+        same,
+        50,
+    )
+
+
+def case_nms_clustered(d2l, g: torch.Generator):
+    """Detector-like: 5,000 boxes jittered around 20 objects, most of them suppressed."""
+    objects = torch.rand(20, 4, generator=g)
+    pick = torch.randint(0, 20, (5000,), generator=g)
+    center = objects[pick, :2] + torch.randn(5000, 2, generator=g) * 0.03
+    size = (objects[pick, 2:] * 0.3 + 0.05) * (1 + torch.randn(5000, 2, generator=g) * 0.1).abs()
+    boxes = torch.cat((center - size / 2, center + size / 2), dim=1)
+    scores = torch.rand(5000, generator=g)
+    same = torch.equal(dk_boxes.nms(boxes, scores, 0.5), d2l.nms(boxes, scores, 0.5))
+    kept = dk_boxes.nms(boxes, scores, 0.5).numel()
+    return (
+        f"nms (5,000 boxes around 20 objects, {kept} kept)",
+        lambda: dk_boxes.nms(boxes, scores, 0.5),
+        lambda: d2l.nms(boxes, scores, 0.5),
+        same,
+        50,
+    )
+
+
+def case_multibox_prior(d2l, g: torch.Generator):
+    data = torch.zeros(1, 16, 64, 64)
+    sizes, ratios = [0.2, 0.272], [1, 2, 0.5]
+    same = torch.equal(
+        dk_anchors.multibox_prior(data, sizes, ratios), d2l.multibox_prior(data, sizes, ratios)
+    )
+    return (
+        "multibox_prior (64 x 64 map)",
+        lambda: dk_anchors.multibox_prior(data, sizes, ratios),
+        lambda: d2l.multibox_prior(data, sizes, ratios),
+        same,
+        None,
+    )
+
+
+def case_multibox_detection(d2l, g: torch.Generator):
+    anchors = dk_anchors.multibox_prior(torch.zeros(1, 1, 32, 32), [0.75, 0.5, 0.25], [1, 2, 0.5])
+    num_anchors = anchors.shape[1]
+    cls_probs = torch.softmax(torch.randn(4, 4, num_anchors, generator=g) * 2, dim=1)
+    offset_preds = torch.randn(4, num_anchors * 4, generator=g) * 0.5
+    ours = dk_anchors.multibox_detection(cls_probs, offset_preds, anchors, 0.5, 0.009999999)
+    theirs = d2l.multibox_detection(cls_probs, offset_preds, anchors, 0.5)
+    # d2l orders tied confidences arbitrarily (an unstable argsort): compare rows as sets
+    same = all(
+        torch.equal(torch.unique(ours[b], dim=0), torch.unique(theirs[b], dim=0)) for b in range(4)
+    )
+    return (
+        "multibox_detection (4 x 5,120 anchors, 3 classes)",
+        lambda: dk_anchors.multibox_detection(cls_probs, offset_preds, anchors, 0.5, 0.009999999),
+        lambda: d2l.multibox_detection(cls_probs, offset_preds, anchors, 0.5),
+        same,
+        None,
+    )
+
+
+CASES = [
+    case_multibox_target,
+    case_nms,
+    case_nms_clustered,
+    case_multibox_prior,
+    case_multibox_detection,
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats per side; the median is kept"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    try:
+        import d2l
+        import d2l.torch as d2l_torch
+    except ImportError:
+        print(
+            "d2l is not installed: pip install --no-deps d2l==1.0.3 && "
+            "pip install requests ipython matplotlib-inline pandas",
+            file=sys.stderr,
+        )
+        return 1
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(args.seed)
+    print(
+        f"torch {torch.__version__}, d2l {d2l.__version__}, {platform.processor() or platform.machine()}, "
+        f"torch.set_num_threads({torch.get_num_threads()}), median of {args.repeats} repeats"
+    )
+    print(
+        f"{'case':<52} {'divekit':>10} {'d2l':>10} {'speed-up':>8} {'(CPU time)':>10} {'goal':>6}  same result"
+    )
+    for make_case in CASES:
+        name, ours, theirs, same, goal = make_case(d2l_torch, g)
+        (wall_ours, cpu_ours), (wall_theirs, cpu_theirs) = (
+            median_seconds(ours, args.repeats),
+            median_seconds(theirs, args.repeats),
+        )
+        goal_text = f">={goal}x" if goal else "-"
+        print(
+            f"{name:<52} {wall_ours * 1e3:8.2f}ms {wall_theirs * 1e3:8.2f}ms "
+            f"{wall_theirs / wall_ours:7.1f}x {cpu_theirs / cpu_ours:9.1f}x {goal_text:>6}  "
+            f"{'yes' if same else 'NO'}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
