@@ -17,7 +17,7 @@ $(STAMP): $(PY) pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/divekit train resnet18 --data digits --epochs 6 --batch-size 64 --lr 0.05 \
+	$(VENV)/bin/divekit train resnet18 --data digits --epochs 5 --batch-size 64 --lr 0.05 \
 		--optimizer sgd --scheduler cosine --out runs/demo-resnet18-digits
 
 test: $(STAMP)
