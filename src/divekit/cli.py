@@ -48,7 +48,7 @@ def add_config_options(p: argparse.ArgumentParser, config_cls: type) -> None:
             continue
         help_text = meta.pop("help", "")
         flag = "--" + f.name.replace("_", "-")
-        kind = _option_type(hints[f.name])
+        kind = meta.pop("type", None) or _option_type(hints[f.name])
         if kind is None:
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
         else:
@@ -79,6 +79,8 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("models", parents=[parent], help="list the model zoo",
                        description="Every registered model: parameters, default input, description.")
     p.add_argument("--task", help="only models of this task (classify, detect, language_model, ...)")
+    p.add_argument("--comm-ratio", action="store_true",
+                   help="rank the classifiers by training FLOPs per byte of gradient exchanged")
 
     sub.add_parser("datasets", parents=[parent], help="list the datasets",
                    description="Every registered dataset, and whether it works offline.")
@@ -115,6 +117,12 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by `divekit train`")
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files (any size or mode)")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: 3)")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="folder for annotated pictures (detection, segmentation)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="detection: minimum confidence to draw a box (default: 0.5)")
+    p.add_argument("--nms-iou", type=float, default=0.5,
+                   help="detection: IoU above which NMS drops the weaker box (default: 0.5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
     from divekit.tasks import command_modules
@@ -130,6 +138,11 @@ def cmd_models(args: argparse.Namespace) -> None:
     from divekit.models.summary import count_params
 
     names = list_models(getattr(args, "task", None))
+    if getattr(args, "comm_ratio", False):
+        from divekit.engine.comm import comm_ratio_table, format_comm_ratio
+
+        print(format_comm_ratio(comm_ratio_table(names)))
+        return
     print(f"{'name':<14} {'params':>12}  {'input':<12} description")
     for name in names:
         info = model_info(name)
@@ -183,12 +196,19 @@ def _train_config(config_cls: type, args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from divekit.engine import launch
     from divekit.models import model_info
     from divekit.tasks import task_module
 
     module = task_module(model_info(args.model).task)
     cfg = _train_config(module.Config, args)
-    result = module.train(cfg)
+    if launch.should_spawn(cfg):  # --nproc N: the same command on N processes (torchrun)
+        launch.spawn(cfg)
+        return
+    with launch.worker(cfg) as cfg:  # under torchrun: process group and one run directory
+        result = module.train(cfg)
+        if not launch.is_main_process():
+            return
     final = result.final
     if final:
         shown = ", ".join(
@@ -251,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DivekitError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if str(e) and os.environ.get("RANK", "0") == "0":  # one message, not one per worker
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; checkpoints written so far are kept (use --resume)", file=sys.stderr)

@@ -1,0 +1,127 @@
+"""Data-parallel throughput: 1 process against 2, for each strategy (ddp, allreduce, ps).
+
+Every run trains the same model on the same in-memory data with the same *global* batch
+(per-worker batch × processes) and one thread per process, through divekit's Trainer (gloo on
+the CPU, nccl on GPUs when --device cuda). It prints training samples per second (the last
+epoch, so start-up is excluded), the bytes each worker sent per step (``--profile-comm``), and
+the scaling efficiency ``throughput(W) / (W × throughput(1))`` against the 1-process run
+measured in the same invocation.
+
+    python benchmarks/distributed.py                       # lenet, 2 processes, 3 epochs
+    python benchmarks/distributed.py --model resnet18 --size 32 --samples 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from divekit.data.loader import TensorBatchLoader
+from divekit.engine import TrainConfig, Trainer
+from divekit.models import create_model
+
+
+class SyntheticTask:
+    """Random 1-channel images and labels held in memory: the loop, not the data, is timed."""
+
+    def __init__(self, model: str, samples: int, size: int, per_worker: int):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(samples, 1, size, size, generator=g)
+        self.y = torch.randint(0, 10, (samples,), generator=g)
+        self.name, self.per_worker = model, per_worker
+
+    def model(self):
+        return create_model(self.name, num_classes=10, in_channels=1)
+
+    def train_data(self):
+        return TensorBatchLoader(self.x, self.y, batch_size=self.per_worker, shuffle=True)
+
+    def val_data(self):
+        return None
+
+    def step(self, model, batch):
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        return loss, {"loss": loss.detach()}
+
+    def evaluate(self, model, loader):
+        return {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, strategy: str,
+            out: str) -> None:
+    torch.set_num_threads(args.threads)
+    if world > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    task = SyntheticTask(args.model, args.samples, args.size, args.global_batch // world)
+    cfg = TrainConfig(epochs=args.epochs, lr=0.05, strategy=strategy, quiet=True,
+                      device=args.device, profile_comm=True)
+    trainer = Trainer(task, cfg)
+    t0 = time.perf_counter()
+    history = trainer.fit()
+    if rank == 0:
+        row = history[-1]
+        Path(out).write_text(json.dumps({
+            "samples_per_s": row["samples_per_s"],
+            "MB_per_step": row.get("comm_MB_per_step", 0.0),
+            "MB_per_step_max": row.get("comm_MB_per_step_max", 0.0),
+            "seconds": time.perf_counter() - t0,
+        }))
+
+
+def run(world: int, strategy: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        mp.spawn(_worker, args=(world, _free_port(), args, strategy, out), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="lenet")
+    p.add_argument("--size", type=int, default=28, help="image side (default: 28)")
+    p.add_argument("--samples", type=int, default=4096)
+    p.add_argument("--global-batch", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    print(f"{args.model} at {args.size}x{args.size}, {args.samples} samples, global batch "
+          f"{args.global_batch}, {args.threads} thread(s)/process, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, device {args.device}", flush=True)
+    base = run(1, "ddp", args)
+    rows = [("1 process", base, 1.0)]
+    for strategy in ("ddp", "allreduce", "ps"):
+        result = run(args.nproc, strategy, args)
+        rows.append((f"{args.nproc} x {strategy}", result,
+                     result["samples_per_s"] / (args.nproc * base["samples_per_s"])))
+    print(f"{'run':<16} {'samples/s':>10} {'MB sent/step':>13} {'max MB/step':>12} {'efficiency':>11}")
+    for name, r, eff in rows:
+        print(f"{name:<16} {r['samples_per_s']:>10.0f} {r['MB_per_step']:>13.3f} "
+              f"{r['MB_per_step_max']:>12.3f} {eff:>10.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    assert dist.is_available()
+    sys.exit(main())

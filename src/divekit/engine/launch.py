@@ -1,0 +1,153 @@
+"""Starting data-parallel runs: ``divekit train ... --nproc N`` and life under ``torchrun``.
+
+``--nproc N`` runs ``torch.distributed.run``'s elastic agent in this process; the agent starts
+N copies of ``python -m divekit train ...`` with ``RANK``/``WORLD_SIZE``/``MASTER_*`` set, exactly
+what ``torchrun --nproc-per-node N -m divekit train ...`` does, restarts them all after a
+failure up to ``--max-restarts`` times, and each restart resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from divekit.engine import distributed as D
+from divekit.errors import DivekitError
+
+
+class WorkersFailed(DivekitError):
+    """The workers of a ``--nproc`` run failed; empty when rank 0 already said why."""
+
+
+def is_main_process() -> bool:
+    return D.current_env().is_main
+
+
+def restart_count() -> int:
+    """Which attempt this is under torchrun's ``--max-restarts`` (0: the first)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def should_spawn(cfg: Any) -> bool:
+    return getattr(cfg, "nproc", 1) > 1 and not D.launched_by_torchrun()
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def config_argv(cfg: Any) -> list[str]:
+    """The ``divekit train`` options that reproduce ``cfg`` (fields that differ from defaults)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("cli", True) is False or value == f.default or value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, ",".join(map(str, value))]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _run_name(cfg: Any) -> str:
+    return f"{cfg.model}-{getattr(cfg, 'data', 'run')}"
+
+
+def spawn(cfg: Any) -> None:
+    """Run ``cfg`` on ``cfg.nproc`` local processes through torch.distributed's elastic agent."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from divekit.tasks.common import choose_run_dir
+
+    if cfg.port is not None and not port_is_free(cfg.port):
+        raise DivekitError(f"port {cfg.port} is in use on 127.0.0.1; pick another --port or "
+                           "leave it out to use a free one")
+    if cfg.max_restarts < 0:
+        raise DivekitError(f"--max-restarts must be 0 or more, got {cfg.max_restarts}")
+    if hasattr(cfg, "out"):  # every worker must write to the one run directory chosen here
+        out = choose_run_dir(cfg.out, _run_name(cfg), getattr(cfg, "resume", False))
+        cfg = dataclasses.replace(cfg, out=str(out))
+    endpoint = f"127.0.0.1:{cfg.port if cfg.port is not None else 0}"
+    launch = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=cfg.max_restarts,
+        monitor_interval=0.2, rdzv_configs={"timeout": int(cfg.dist_timeout)},
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N processes share the cores
+    if not os.environ.get("DIVEKIT_DEBUG"):
+        logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    argv = ["-u", "-m", "divekit", "train", cfg.model, *config_argv(cfg)]
+    try:
+        elastic_launch(launch, sys.executable)(*argv)
+    except ChildFailedError as e:
+        raise _failure(e) from None
+
+
+def _failure(error: Any) -> WorkersFailed:
+    failures = error.failures  # global rank -> ProcessFailure
+    first = failures.get(0)
+    if first is not None and first.exitcode == 2:  # rank 0 printed a DivekitError already
+        return WorkersFailed("")
+    rank, failure = min(failures.items())
+    return WorkersFailed(f"worker rank {rank} exited with code {failure.exitcode} "
+                         f"(restarts used up); its messages are above")
+
+
+@contextlib.contextmanager
+def worker(cfg: Any) -> Iterator[Any]:
+    """Under torchrun: join the process group, agree on one run directory, leave at the end.
+
+    Rank 0 chooses the run directory (and whether to resume: a restarted attempt resumes from
+    the checkpoint the failed one left) and tells the others, so no two ranks race for
+    ``runs/MODEL-DATA-N``. Outside torchrun ``cfg`` passes through unchanged.
+    """
+    if not D.launched_by_torchrun():
+        yield cfg
+        return
+    device = D.worker_device(getattr(cfg, "device", "auto"), D.env_from_launcher())
+    env, created = D.init_process_group(device, getattr(cfg, "dist_timeout", 300.0))
+    try:
+        choice: tuple[str | None, bool, str] = (None, False, "")
+        if env.is_main and hasattr(cfg, "out"):
+            try:
+                choice = (*_choose(cfg), "")
+            except DivekitError as e:
+                choice = (None, False, str(e))
+        out, resume, error = D.broadcast_object(choice)
+        if error:
+            raise DivekitError(error) if env.is_main else WorkersFailed("")
+        if out is not None:
+            cfg = dataclasses.replace(cfg, out=out, resume=resume)
+        yield cfg
+    finally:
+        if created:
+            D.destroy_process_group()
+
+
+def _choose(cfg: Any) -> tuple[str, bool]:
+    from divekit.engine.checkpoint import CheckpointDir
+    from divekit.tasks.common import choose_run_dir
+
+    if restart_count() > 0:  # a restarted attempt: continue the run the failed one left
+        if cfg.out is not None:
+            return cfg.out, CheckpointDir(cfg.out).latest() is not None
+        with contextlib.suppress(DivekitError):
+            return str(choose_run_dir(None, _run_name(cfg), True)), True
+    return str(choose_run_dir(cfg.out, _run_name(cfg), cfg.resume)), bool(cfg.resume)
