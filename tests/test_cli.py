@@ -82,3 +82,10 @@ def test_debug_shows_traceback():
     proc = subprocess.run([sys.executable, "-m", "divekit", "summary", "nope", "--debug"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_usage_errors_are_one_line_too():
+    proc = subprocess.run([sys.executable, "-m", "divekit", "train", "lenet", "--epochs", "many"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--epochs" in proc.stderr and "--help" in proc.stderr

@@ -25,8 +25,15 @@ examples:
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with where to find help), not the usage dump."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def _parent() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = OneLineParser(add_help=False)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show full tracebacks on errors")
     return p
@@ -66,7 +73,7 @@ def _train_model_name(argv: Sequence[str]) -> str | None:
 
 def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     parent = _parent()
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="divekit", parents=[parent],
         description="The Dive into Deep Learning course as a runnable, tested toolkit.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
