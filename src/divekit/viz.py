@@ -57,3 +57,54 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "
         fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_image_grid(images: Sequence, path: str | os.PathLike, titles: Sequence[str] | None = None,
+                    ncols: int = 4, scale: float = 2.0) -> Path:
+    """Images ``(C, H, W)`` in [0, 1] (1 or 3 channels) in a grid, one optional title each."""
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(scale * ncols, scale * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = images[i].detach().float().clamp(0, 1).cpu()
+        if img.shape[0] == 1:
+            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(img.permute(1, 2, 0).numpy())
+        if titles is not None and i < len(titles):
+            ax.set_title(titles[i], fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_confusion_matrix(matrix, classes: Sequence[str], path: str | os.PathLike,
+                          title: str = "") -> Path:
+    """Rows: true class, columns: predicted; colour is the row's fraction, text the count."""
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    rows = counts.sum(axis=1, keepdims=True)
+    frac = counts / np.maximum(rows, 1)
+    k = len(classes)
+    size = max(3.5, 0.45 * k + 1.5)
+    fig, ax = plt.subplots(figsize=(size + 0.8, size))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=90 if k > 10 else 0, fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    diag = np.diag(frac)
+    ax.set_title(title or f"confusion matrix (mean per-class accuracy {diag.mean():.3f})", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return save_figure(fig, path)

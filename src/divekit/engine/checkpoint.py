@@ -30,6 +30,8 @@ from torch import nn
 from divekit.errors import DivekitError
 
 WEIGHTS = "model.safetensors"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 STATE = "state.pt"
 
 
@@ -43,6 +45,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -27,7 +27,7 @@ def task_module(task: str) -> ModuleType:
 
 
 # modules adding commands of their own to the CLI through add_commands(subparsers, parent)
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["divekit.tasks.finetune"]
 
 
 def command_modules() -> list[ModuleType]:

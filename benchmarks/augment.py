@@ -1,0 +1,108 @@
+"""Augmentation throughput: divekit's ``standard`` pipeline against the course's approach.
+
+* divekit: images held as one in-memory float tensor; ``Augment("standard")`` (transforms.v2 on
+  tensors: flip, RandomResizedCrop back to the input size, colour jitter) per sample through
+  :class:`~divekit.data.loader.TensorBatchLoader`'s ``sample_transform`` path (a DataLoader with
+  workers), then one batched normalisation.
+* d2l: what the course does (``d2l.train_with_data_aug``): a dataset of PIL images, a
+  ``torchvision.transforms`` (v1) ``Compose`` of the same three operations plus ``ToTensor`` and
+  ``Normalize`` per sample, a ``DataLoader`` with the same workers.
+
+Data: the CIFAR-10 sample PNGs of ``../shared/data/kaggle_cifar10_sample`` when present (32×32
+RGB), else random 32×32 RGB images (said in the output). Prints images/s and the ratio.
+
+    python benchmarks/augment.py                 # 1 and 2 workers, 2 epochs each
+    python benchmarks/augment.py --workers 2 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "kaggle_cifar10_sample"
+
+
+def load_images(n: int) -> tuple[str, np.ndarray]:
+    files = sorted(CIFAR.rglob("*.png"))[:n] if CIFAR.is_dir() else []
+    if files:
+        arr = np.stack([np.array(Image.open(f).convert("RGB")) for f in files])
+        return f"{len(arr)} CIFAR-10 sample PNGs (../shared/data)", arr
+    rng = np.random.default_rng(0)
+    return f"{n} random 32x32 RGB images", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+class PILDataset(Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images = [Image.fromarray(a) for a in images]
+        self.labels, self.transform = labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+def d2l_loader(images: np.ndarray, labels: np.ndarray, batch: int, workers: int) -> DataLoader:
+    from torchvision import transforms as T
+
+    size = images.shape[1]
+    tf = T.Compose([
+        T.RandomHorizontalFlip(), T.RandomResizedCrop(size, scale=(0.3, 1.0)),
+        T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4), T.ToTensor(),
+        T.Normalize([0.5] * 3, [0.25] * 3),
+    ])
+    return DataLoader(PILDataset(images, labels, tf), batch_size=batch, shuffle=True, num_workers=workers)
+
+
+def divekit_loader(images: np.ndarray, labels: np.ndarray, batch: int, workers: int):
+    from divekit.data.augment import Augment, SampleTransform
+    from divekit.data.loader import TensorBatchLoader
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255).contiguous()
+    mean, std = torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25)
+    return TensorBatchLoader(
+        x, torch.from_numpy(labels), batch_size=batch, shuffle=True, workers=workers,
+        sample_transform=SampleTransform(Augment("standard")),
+        batch_transform=lambda b: ((b[0] - mean) / std, b[1]),
+    )
+
+
+def images_per_second(loader, epochs: int) -> float:
+    seen, t0 = 0, time.perf_counter()
+    for epoch in range(epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for x, _ in loader:
+            seen += len(x)
+    return seen / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=1000, help="images (default: 1000)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    what, images = load_images(args.n)
+    labels = np.zeros(len(images), dtype=np.int64)
+    print(f"data: {what}; batch {args.batch_size}; {args.epochs} epochs; 'standard' augmentation")
+    print(f"{'workers':>7} {'divekit img/s':>14} {'d2l img/s':>10} {'ratio':>6}")
+    for w in args.workers:
+        ours = images_per_second(divekit_loader(images, labels, args.batch_size, w), args.epochs)
+        theirs = images_per_second(d2l_loader(images, labels, args.batch_size, w), args.epochs)
+        print(f"{w:>7} {ours:>14.0f} {theirs:>10.0f} {ours / theirs:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""``--batch-size auto``: the largest minibatch that fits, then the course's cap.
+
+The search doubles the batch until a step no longer fits, then backs off by bisection between
+the last size that fitted and the first that did not. "Fits" means:
+
+* on CUDA: a real forward and backward pass at that size raises no out-of-memory error (and,
+  with ``--memory-budget``, its peak allocation stays within the budget);
+* on the CPU: the estimated memory of a training step stays within the RAM budget
+  (``--memory-budget``, default a quarter of the available RAM). The estimate runs the model on
+  the ``meta`` device, which computes shapes but no numbers, so even huge batches cost
+  milliseconds: parameters + gradients + optimizer state + the activations autograd saves for
+  the backward pass + the input batch, plus 20% headroom for temporaries.
+
+Larger batches past a point mostly waste compute per update, so the result is then capped at
+about 10 × the number of classes (the course's rule of thumb) unless ``--no-cap``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from divekit.errors import DivekitError
+
+HEADROOM = 1.2
+OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2}  # tensors per parameter (momentum; m and v)
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
+          "t": 2**40, "tb": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class BatchSizeChoice:
+    batch_size: int
+    largest_fitting: int
+    reason: str
+
+
+def parse_memory(text: str | int) -> int:
+    """``'2GB'``, ``'512MiB'``, ``'1.5g'`` or a number of bytes → bytes."""
+    if isinstance(text, int):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise DivekitError(f"--memory-budget must look like 512MB, 2GB or 1.5GiB, got {text!r}")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise DivekitError(f"--memory-budget must be positive, got {text!r}")
+    return size
+
+
+def largest_fitting(fits: Callable[[int], bool], *, start: int = 1, limit: int = 1 << 16) -> int:
+    """The largest ``b`` in ``[start, limit]`` with ``fits(b)``, for ``fits`` true up to a
+    threshold: double until it fails, then bisect between the last success and that failure.
+    Raises when even ``start`` does not fit."""
+    if not fits(start):
+        raise DivekitError(f"not even a batch of {start} fits in the memory available")
+    good, bad = start, None
+    while bad is None:
+        nxt = min(good * 2, limit)
+        if nxt == good:
+            return good
+        if fits(nxt):
+            good = nxt
+        else:
+            bad = nxt
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def available_ram() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def step_memory(model: nn.Module, sample_shape: tuple[int, ...], batch_size: int,
+                optimizer: str = "sgd") -> int:
+    """Estimated bytes of one training step at ``batch_size``, from a pass on the meta device."""
+    on_meta = next(model.parameters()).device.type == "meta"
+    meta = (model if on_meta else copy.deepcopy(model).to("meta")).train()
+    weights = sum(p.numel() * p.element_size() for p in meta.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in meta.parameters() if p.requires_grad)
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    x = torch.empty((batch_size, *sample_shape), device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = meta(x)
+    states = OPTIMIZER_STATES.get(optimizer, 2)
+    total = weights + trainable * (1 + states) + saved + x.numel() * x.element_size()
+    return int(HEADROOM * (total + out.numel() * out.element_size()))
+
+
+def cuda_fits(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int,
+              device: torch.device, budget: int | None) -> Callable[[int], bool]:
+    """``fits(b)``: one real forward/backward at batch ``b`` on ``device`` without running out."""
+
+    def fits(b: int) -> bool:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        try:
+            x = torch.randn((b, *sample_shape), device=device)
+            loss = nn.functional.cross_entropy(model(x).float(), torch.randint(num_classes, (b,), device=device))
+            loss.backward()
+            peak = torch.cuda.max_memory_allocated(device) - base
+            return budget is None or peak <= budget
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    return fits
+
+
+def choose_batch_size(
+    model: nn.Module,
+    sample_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    device: torch.device | str = "cpu",
+    memory_budget: str | int | None = None,
+    cap: bool = True,
+    max_batch: int = 1 << 16,
+    optimizer: str = "sgd",
+) -> BatchSizeChoice:
+    """The batch size for ``--batch-size auto`` and the sentence that explains it."""
+    device = torch.device(device)
+    budget = parse_memory(memory_budget) if memory_budget is not None else None
+    if device.type == "cuda":
+        model = model.to(device).train()
+        fits = cuda_fits(model, sample_shape, num_classes, device, budget)
+        where = f"CUDA memory{f' within {budget / 2**20:.0f} MiB' if budget else ''}"
+    else:
+        ram = budget if budget is not None else available_ram() // 4
+        meta = copy.deepcopy(model).to("meta")
+        fits = lambda b: step_memory(meta, sample_shape, b, optimizer) <= ram  # noqa: E731
+        where = f"a CPU RAM budget of {ram / 2**20:.0f} MiB" + ("" if budget else " (a quarter of free RAM)")
+    found = largest_fitting(fits, start=2, limit=max_batch)  # BatchNorm needs 2 samples
+    reason = f"largest batch fitting {where}: {found}"
+    limit = 10 * num_classes
+    if cap and found > limit:
+        return BatchSizeChoice(limit, found, f"{reason}; capped at 10 × {num_classes} classes = {limit} (--no-cap to lift)")
+    return BatchSizeChoice(found, found, reason)
