@@ -23,10 +23,16 @@ from divekit.models.registry import register_model
 
 
 def init_lenet(module: nn.Module) -> None:
-    """Xavier-uniform weights for conv and linear layers, as the course's ``init_cnn``."""
+    """Xavier-uniform weights for conv and linear layers, with the sigmoid's gain of 4.
+
+    The course's ``init_cnn`` uses gain 1, which leaves a sigmoid LeNet on a long plateau at
+    the start (every sample gives nearly the same output: a fixed batch of 32 does not lose
+    half its loss in 30 steps). Glorot & Bengio (2010) derive gain 4 for the logistic sigmoid,
+    whose slope at 0 is 1/4; with it the plateau goes away.
+    """
     for m in module.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
+            nn.init.xavier_uniform_(m.weight, gain=4.0)
 
 
 @register_model("lenet", input_shape=(1, 28, 28))
