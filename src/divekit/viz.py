@@ -108,3 +108,34 @@ def plot_confusion_matrix(matrix, classes: Sequence[str], path: str | os.PathLik
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_detections(images: Sequence, detections: Sequence, classes: Sequence[str],
+                    path: str | os.PathLike, ncols: int = 4, scale: float = 3.0) -> Path:
+    """Images ``(3, H, W)`` in [0, 1] with their boxes drawn and labelled ``class score``.
+
+    ``detections[i]`` holds image ``i``'s rows ``[class, score, x1, y1, x2, y2]`` (corner,
+    normalised to [0, 1]); a colour per class.
+    """
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(scale * ncols, scale * nrows), squeeze=False)
+    palette = plt.get_cmap("tab10")
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = images[i].detach().float().clamp(0, 1).cpu()
+        h, w = img.shape[-2:]
+        ax.imshow(img.permute(1, 2, 0).numpy())
+        for row in detections[i].tolist():
+            c, score, x1, y1, x2, y2 = row
+            colour = palette(int(c) % 10)
+            ax.add_patch(plt.Rectangle((x1 * w, y1 * h), (x2 - x1) * w, (y2 - y1) * h,
+                                       fill=False, edgecolor=colour, linewidth=2))
+            name = classes[int(c)] if 0 <= int(c) < len(classes) else str(int(c))
+            ax.text(x1 * w, y1 * h, f"{name} {score:.2f}", fontsize=7, color="white",
+                    va="bottom", bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "linewidth": 0})
+    fig.tight_layout()
+    return save_figure(fig, path)

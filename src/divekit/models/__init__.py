@@ -18,6 +18,7 @@ from divekit.models import (  # noqa: E402,F401  isort: skip
     resnet,
     densenet,
     rnn,
+    ssd,
 )
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]
