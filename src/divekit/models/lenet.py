@@ -22,17 +22,18 @@ from divekit.models.batchnorm import BatchNorm
 from divekit.models.registry import register_model
 
 
-def init_lenet(module: nn.Module) -> None:
-    """Xavier-uniform weights for conv and linear layers, with the sigmoid's gain of 4.
+def init_lenet(module: nn.Module, gain: float = 4.0) -> None:
+    """Xavier-uniform weights for conv and linear layers, by default with the sigmoid's gain of 4.
 
     The course's ``init_cnn`` uses gain 1, which leaves a sigmoid LeNet on a long plateau at
     the start (every sample gives nearly the same output: a fixed batch of 32 does not lose
     half its loss in 30 steps). Glorot & Bengio (2010) derive gain 4 for the logistic sigmoid,
-    whose slope at 0 is 1/4; with it the plateau goes away.
+    whose slope at 0 is 1/4; with it the plateau goes away. With BatchNorm before every sigmoid
+    the scale of the weights does not matter, and ``lenet_bn`` keeps the course's gain of 1.
     """
     for m in module.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
-            nn.init.xavier_uniform_(m.weight, gain=4.0)
+            nn.init.xavier_uniform_(m.weight, gain=gain)
 
 
 @register_model("lenet", input_shape=(1, 28, 28))
@@ -71,5 +72,5 @@ def lenet_bn(*, num_classes: int = 10, in_channels: int = 1) -> Classifier:
         nn.Linear(84, num_classes),
     )
     model = Classifier(features, head, num_classes)
-    init_lenet(model)
+    init_lenet(model, gain=1.0)
     return model
