@@ -229,6 +229,15 @@ _CORPUS_READERS: dict[str, Callable[..., list[str]]] = {
 }
 
 
+def corpus_lines(
+    name: str, *, data_dir: str | os.PathLike[str] | None = None, download: bool = False
+) -> list[str]:
+    """The lines of corpus ``name``, cleaned by :func:`preprocess` (what tokenizers see)."""
+    if name not in _CORPUS_READERS:
+        raise UnknownNameError("text corpus", name, _CORPUS_READERS)
+    return preprocess(_CORPUS_READERS[name](data_dir=data_dir, download=download))
+
+
 class TextCorpus(NamedTuple):
     """A corpus of token indices and its vocabulary; unpacks as ``corpus, vocab``."""
 

@@ -16,6 +16,8 @@ from divekit.errors import DivekitError
 # model task (as registered in divekit.models) -> module implementing it
 TASK_MODULES: dict[str, str] = {
     "classify": "divekit.tasks.classify",
+    "detect": "divekit.tasks.detect",
+    "language_model": "divekit.tasks.language_model",
 }
 
 
@@ -27,7 +29,8 @@ def task_module(task: str) -> ModuleType:
 
 
 # modules adding commands of their own to the CLI through add_commands(subparsers, parent)
-COMMAND_MODULES: list[str] = ["divekit.tasks.finetune"]
+COMMAND_MODULES: list[str] = ["divekit.tasks.finetune", "divekit.tasks.language_model",
+                              "divekit.tasks.sequence"]
 
 
 def command_modules() -> list[ModuleType]:

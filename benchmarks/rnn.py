@@ -1,0 +1,123 @@
+"""Training throughput of the recurrent language models: tokens per second.
+
+One training step is the course's: one-hot inputs ``(B, T)`` → recurrent network → linear
+output → cross-entropy over all ``B·T`` positions → backward → global-norm clipping (θ = 1) →
+SGD. Every implementation gets the same random token batches, sizes, thread count and step
+function; only the model differs:
+
+* divekit: ``rnn_scratch``, ``gru_scratch``, ``lstm_scratch`` (the course's equations, input
+  projection of all steps in one matmul) and the concise ``rnn``, ``gru``, ``lstm``
+  (``nn.RNN``/``nn.GRU``/``nn.LSTM``);
+* the d2l package 1.0.3: ``RNNLMScratch(RNNScratch)`` (its from-scratch RNN), and
+  ``RNNLM(RNN)`` / ``RNNLM(GRU)`` (its concise ones). d2l 1.0.3 ships no GRU or LSTM written from
+  scratch and no LSTM class, so those rows have no d2l peer.
+
+The hidden state starts at zero every batch (random sampling), as in d2l 1.0's ``RNNLM``.
+Rounds alternate between implementations (in a rotating order); the median round is reported.
+
+    python benchmarks/rnn.py                       # B=32, T=35, V=28, H=256, 2 threads
+    python benchmarks/rnn.py --hidden 512 --steps 10 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Model = Callable[[Tensor], Tensor]  # token ids (B, T) -> logits (B, T, V)
+
+
+def divekit_models(vocab: int, hidden: int) -> dict[str, nn.Module]:
+    from divekit.models import create_model
+
+    names = ["rnn_scratch", "rnn", "gru_scratch", "gru", "lstm_scratch", "lstm"]
+    return {f"divekit {n}": create_model(n, vocab_size=vocab, num_hiddens=hidden) for n in names}
+
+
+def d2l_models(vocab: int, hidden: int, batch: Tensor) -> dict[str, nn.Module]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        import d2l.torch as d2l
+    models = {
+        "d2l RNNLMScratch(RNNScratch)": d2l.RNNLMScratch(d2l.RNNScratch(vocab, hidden), vocab),
+        "d2l RNNLM(RNN)": d2l.RNNLM(d2l.RNN(vocab, hidden), vocab),
+        "d2l RNNLM(GRU)": d2l.RNNLM(d2l.GRU(vocab, hidden, 1), vocab),
+    }
+    with torch.no_grad():
+        for model in models.values():
+            model(batch)  # materialise LazyLinear before the optimizer sees the parameters
+    return models
+
+
+def logits_of(model: nn.Module, X: Tensor) -> Tensor:
+    out = model(X)
+    return out[0] if isinstance(out, tuple) else out  # divekit returns (logits, state)
+
+
+def train_steps(model: nn.Module, batches: list[tuple[Tensor, Tensor]], lr: float = 1.0) -> float:
+    """Seconds for one SGD step per batch (forward, loss, backward, clip, update)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    start = time.perf_counter()
+    for X, Y in batches:
+        logits = logits_of(model, X)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return time.perf_counter() - start
+
+
+PEERS = {  # divekit model -> the d2l implementation of the same network
+    "divekit rnn_scratch": "d2l RNNLMScratch(RNNScratch)",
+    "divekit rnn": "d2l RNNLM(RNN)",
+    "divekit gru": "d2l RNNLM(GRU)",
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-steps", type=int, default=35)
+    p.add_argument("--vocab", type=int, default=28, help="the course's character vocabulary")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8, help="training steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shape = (args.batch_size, args.num_steps + 1)
+    seqs = [torch.randint(1, args.vocab, shape) for _ in range(args.steps)]
+    batches = [(s[:, :-1], s[:, 1:]) for s in seqs]
+    models = {**divekit_models(args.vocab, args.hidden), **d2l_models(args.vocab, args.hidden, batches[0][0])}
+    for model in models.values():
+        train_steps(model, batches[:2])  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for r in range(args.rounds):  # rotate the order so no implementation always runs last
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(train_steps(models[name], batches))
+    tokens = args.steps * args.batch_size * args.num_steps
+    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    print(f"training tokens/s, B={args.batch_size} T={args.num_steps} V={args.vocab} H={args.hidden}, "
+          f"{args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps "
+          f"(torch {torch.__version__})")
+    print(f"{'implementation':<30} {'tokens/s':>10}  {'vs d2l':>7}  {'vs concise':>10}")
+    for name, r in rate.items():
+        peer = PEERS.get(name)
+        vs_d2l = f"{r / rate[peer]:.2f}x" if peer else "-"
+        concise = name.replace("_scratch", "")
+        vs_concise = f"{r / rate[concise]:.2f}x" if name.endswith("_scratch") and concise in rate else "-"
+        print(f"{name:<30} {r:>10,.0f}  {vs_d2l:>7}  {vs_concise:>10}")
+
+
+if __name__ == "__main__":
+    main()

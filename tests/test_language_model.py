@@ -1,0 +1,203 @@
+"""Language models end to end: training, perplexity, resume, generation, bad input."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from divekit.cli import main
+from divekit.data.text import Vocab
+from divekit.engine.checkpoint import CheckpointDir
+from divekit.errors import DivekitError
+from divekit.models import create_model
+from divekit.tasks import language_model as lm
+
+TINY = dict(data="pydoc", max_tokens=6000, num_steps=16, batch_size=8, hidden=32,
+            lr=0.01, device="cpu", quiet=True, seed=0, threads=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads():
+    """Runs here use --threads 1 (tiny ops); give the rest of the suite its threads back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm") / "gru-pydoc"
+    result = lm.train(lm.Config(model="gru", epochs=3, out=str(out), **TINY))
+    return result
+
+
+def test_perplexity_falls_and_is_exp_of_the_loss(tiny_run):
+    rows = _rows(tiny_run.run_dir)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    ppl = [float(r["train_ppl"]) for r in rows]
+    assert ppl[-1] < ppl[0] * 0.8, ppl  # learning, not noise
+    for r in rows:
+        assert float(r["train_ppl"]) == pytest.approx(math.exp(float(r["train_loss"])), rel=1e-4)
+        assert float(r["val_ppl"]) == pytest.approx(math.exp(float(r["val_loss"])), rel=1e-4)
+    assert float(rows[0]["train_ppl"]) < 28  # below uniform over the 28 characters after epoch 1
+
+
+def test_run_keeps_vocab_and_evaluate_matches_the_log(tiny_run):
+    run_dir = tiny_run.run_dir
+    vocab = Vocab.load(run_dir / "vocab.json")
+    assert vocab.idx_to_token[0] == "<unk>" and " " in vocab and "e" in vocab
+    metrics = lm.evaluate(run_dir, device="cpu")
+    assert metrics["loss"] == pytest.approx(tiny_run.final["val_loss"], rel=1e-5)
+    assert metrics["tokens"] == 600  # the held-out 10% of 6000 tokens
+
+
+def test_generation_continues_the_prefix(tiny_run):
+    text = lm.generate(tiny_run.run_dir, "The Function", 40, device="cpu")
+    assert text.startswith("the function") and len(text) == len("the function") + 40
+    assert "<unk>" not in text
+    assert text == lm.generate(tiny_run.run_dir, "The Function", 40, device="cpu")  # seeded
+    greedy = lm.generate(tiny_run.run_dir, "the ", 30, greedy=True, seed=1, device="cpu")
+    assert greedy == lm.generate(tiny_run.run_dir, "the ", 30, greedy=True, seed=2, device="cpu")
+
+
+def test_greedy_generation_is_the_argmax_of_a_manual_rollout(tiny_run):
+    model, _, data = lm.load_trained(tiny_run.run_dir)
+    ids = [data.vocab[c] for c in "the "]
+    with torch.no_grad():  # recompute from scratch: the whole sequence each time, no carried state
+        for _ in range(10):
+            logits, _ = model(torch.tensor([ids]))
+            scores = logits[0, -1].clone()
+            scores[0] = -math.inf
+            ids.append(int(scores.argmax()))
+    expected = "".join(data.vocab.to_tokens(ids))
+    assert lm.generate(tiny_run.run_dir, "the ", 10, greedy=True, device="cpu") == expected
+
+
+def test_prefix_of_unknown_characters_is_refused(tiny_run):
+    with pytest.raises(DivekitError, match="no token the model knows"):
+        lm.generate(tiny_run.run_dir, "123 !?", 5, device="cpu")
+    with pytest.raises(DivekitError, match="empty"):
+        lm.generate(tiny_run.run_dir, "", 5, device="cpu")
+    with pytest.raises(DivekitError, match="temperature"):
+        lm.generate(tiny_run.run_dir, "the", 5, temperature=0, device="cpu")
+
+
+def test_sequential_state_carry_equals_reading_the_stream_at_once():
+    torch.manual_seed(0)
+    cfg = lm.Config(model="gru", **{**TINY, "hidden": 8})
+    task = lm.LanguageModelTask(cfg)
+    model = task.model()
+    stream = task.data.train[: 2 * 16 + 1].view(1, -1)
+    x1, y1 = stream[:, :16], stream[:, 1:17]
+    x2, y2 = stream[:, 16:32], stream[:, 17:33]
+    task.on_epoch_start(model, 1)
+    task.step(model, (x1, y1))
+    loss2, _ = task.step(model, (x2, y2))  # with the detached state of the first half
+    logits, _ = model(stream[:, :32])
+    whole = torch.nn.functional.cross_entropy(logits[0, 16:], stream[0, 17:33])
+    assert loss2.item() == pytest.approx(whole.item(), rel=1e-5)
+    task.on_epoch_start(model, 2)
+    assert task.state is None
+    random_task = lm.LanguageModelTask(lm.Config(model="gru", **{**TINY, "sampling": "random"}))
+    random_task.step(model, (x1, y1))
+    assert random_task.state is None
+
+
+def test_resume_is_bit_identical(tmp_path):
+    small = {**TINY, "max_tokens": 3000, "hidden": 16}
+    straight = lm.train(lm.Config(model="gru", epochs=3, out=str(tmp_path / "a"), **small))
+    lm.train(lm.Config(model="gru", epochs=2, out=str(tmp_path / "b"), **small))
+    resumed = lm.train(lm.Config(model="gru", epochs=3, out=str(tmp_path / "b"), resume=True, **small))
+    for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert straight.final["train_loss"] == resumed.final["train_loss"]
+    assert CheckpointDir(tmp_path / "b").latest().name == "epoch-0003"
+
+
+def test_bidirectional_model_refuses_to_generate(tmp_path, capsys):
+    out = tmp_path / "bi"
+    lm.train(lm.Config(model="lstm", epochs=1, bidirectional=True, out=str(out),
+                       **{**TINY, "max_tokens": 2000, "hidden": 8}))
+    with pytest.raises(DivekitError, match="bidirectional.*no text after"):
+        lm.generate(out, "the time", 10, device="cpu")
+    assert main(["generate", str(out), "--prefix", "the"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "bidirectional" in err and len(err.splitlines()) == 1
+
+
+def test_bad_input_gives_clear_errors(tmp_path):
+    (tmp_path / "timemachine.txt").write_text("1984 -- 2001\n\n")  # no letters: nothing left
+    with pytest.raises(DivekitError, match="corpus 'timemachine' is empty"):
+        lm.train(lm.Config(model="gru", data="timemachine", data_dir=str(tmp_path), out=str(tmp_path / "r")))
+    with pytest.raises(DivekitError, match="--num-steps 6000 is longer than the training text"):
+        lm.train(lm.Config(model="gru", **{**TINY, "num_steps": 6000}, out=str(tmp_path / "r")))
+    with pytest.raises(DivekitError, match="unknown token mode 'byte'"):
+        lm.train({"model": "gru", "token": "byte", "out": str(tmp_path / "r")})
+    with pytest.raises(DivekitError, match="not a language model"):
+        lm.train({"model": "lenet", "out": str(tmp_path / "r")})
+    with pytest.raises(DivekitError, match="not a text corpus"):
+        lm.train({"model": "gru", "data": "digits", "out": str(tmp_path / "r")})
+
+
+def test_cli_trains_evaluates_and_generates(tmp_path, capsys):
+    out = tmp_path / "rnn"
+    args = ["train", "rnn_scratch", "--data", "pydoc", "--max-tokens", "3000", "--num-steps", "10",
+            "--hidden", "16", "--layers", "2", "--sampling", "random", "--clip", "0.5",
+            "--epochs", "1", "--device", "cpu", "--threads", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    assert "train_ppl" in capsys.readouterr().out
+    cfg = lm.load_trained(out)[1]
+    assert (cfg.layers, cfg.sampling, cfg.clip, cfg.grad_clip) == (2, "random", 0.5, 0.5)
+    assert main(["evaluate", str(out)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["generate", str(out), "--prefix", "time traveller", "--length", "12"]) == 0
+    assert capsys.readouterr().out.startswith("time traveller")
+    assert main(["predict", str(out), "x.png"]) == 2
+    assert "divekit generate" in capsys.readouterr().err
+
+
+def test_word_tokens_with_an_embedding(tmp_path):
+    out = tmp_path / "words"
+    lm.train(lm.Config(model="gru", token="word", embed=16, epochs=1, out=str(out),
+                       **{**TINY, "max_tokens": 3000, "num_steps": 8}))
+    text = lm.generate(out, "the function returns", 5, device="cpu")
+    assert text.startswith("the function returns ") and len(text.split()) == 3 + 5
+
+
+def test_sentencepiece_tokenizer_trains_and_drives_a_language_model(tmp_path, capsys):
+    pytest.importorskip("sentencepiece")
+    tok_path = tmp_path / "tok.model"
+    assert main(["tokenizer", "train", "--data", "pydoc", "--vocab-size", "300", "-o", str(tok_path)]) == 0
+    assert "300 pieces" in capsys.readouterr().out
+    out = tmp_path / "sp"
+    lm.train(lm.Config(model="gru", tokenizer=str(tok_path), epochs=1, out=str(out),
+                       **{**TINY, "max_tokens": 3000, "num_steps": 8}))
+    assert (out / "tokenizer.model").read_bytes() == tok_path.read_bytes()
+    tok_path.unlink()  # the run keeps its own copy
+    text = lm.generate(out, "the time", 10, device="cpu")
+    assert text.startswith("the time") and "▁" not in text
+    assert main(["tokenizer", "train", "--vocab-size", "2"]) == 2
+
+
+def test_create_model_vocab_matches_run(tiny_run):
+    model = create_model("gru", vocab_size=len(Vocab.load(tiny_run.run_dir / "vocab.json")), num_hiddens=32)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_run.model.parameters())
+
+
+@pytest.mark.slow
+def test_gru_on_timemachine_reaches_perplexity_1_5(shared_data, tmp_path):
+    """The course's character-level GRU (num_steps 35, batch 32, 256 hidden units, clipping
+    θ = 1) on the whole text, with Adam and a cosine schedule: about 15 minutes on one CPU thread."""
+    result = lm.train(lm.Config(model="gru", data="timemachine", data_dir=str(shared_data),
+                                lr=0.005, scheduler="cosine", epochs=100, val_fraction=0.0,
+                                out=str(tmp_path / "tm"), device="cpu", quiet=True))
+    assert result.final["train_ppl"] <= 1.5
+    assert lm.generate(result.run_dir, "time traveller", 20, greedy=True).startswith("time traveller")
