@@ -18,7 +18,7 @@ $(STAMP): $(PY) pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/divekit train resnet18 --data digits --epochs 5 --batch-size 64 --lr 0.05 \
-		--optimizer sgd --scheduler cosine --out runs/demo-resnet18-digits
+		--optimizer sgd --scheduler cosine    # writes runs/resnet18-digits[-N]/, numbered if taken
 
 test: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider
