@@ -33,6 +33,8 @@ class DetectionData:
     val_labels: Tensor
     classes: list[str]
     name: str
+    train_masks: Tensor | None = None  # (N, G, H, W) uint8 instance masks, one per label row
+    val_masks: Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -48,7 +50,16 @@ class DetectionData:
             return self
         return DetectionData(resize_images(self.train_images, size), self.train_labels,
                              resize_images(self.val_images, size), self.val_labels,
-                             self.classes, self.name)
+                             self.classes, self.name,
+                             _resize_masks(self.train_masks, size), _resize_masks(self.val_masks, size))
+
+
+def _resize_masks(masks: Tensor | None, size: int) -> Tensor | None:
+    """Nearest-neighbour resize of ``(N, G, H, W)`` masks (labels stay binary)."""
+    if masks is None or tuple(masks.shape[-2:]) == (size, size):
+        return masks
+    out = torch.nn.functional.interpolate(masks.float(), size=(size, size), mode="nearest")
+    return out.to(masks.dtype)
 
 
 # ----------------------------------------------------------------------------- shapes

@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divekit.errors import DivekitError
+from divekit.models.detector import Detector
 from divekit.models.registry import register_model
-from divekit.ops.anchors import multibox_prior
+from divekit.ops.anchors import multibox_detection, multibox_prior, multibox_target
 
 # The course's anchor sizes per scale (growing with the receptive field) and aspect ratios.
 SIZES: list[list[float]] = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
@@ -54,8 +56,21 @@ def flatten_pred(pred: Tensor) -> Tensor:
     return pred.permute(0, 2, 3, 1).flatten(start_dim=1)
 
 
-class TinySSD(nn.Module):
-    """``forward(x (N, C, H, W))`` → ``(anchors (1, A, 4), cls_preds (N, A, C+1), bbox_preds (N, A·4))``.
+def multibox_loss(cls_preds: Tensor, cls_labels: Tensor, bbox_preds: Tensor, bbox_labels: Tensor,
+                  bbox_masks: Tensor) -> Tensor:
+    """The course's SSD loss per image ``(N,)``: mean cross-entropy over anchors plus mean L1
+    of the offsets of the anchors assigned to an object (``bbox_masks``)."""
+    n, a, k = cls_preds.shape
+    cls = F.cross_entropy(cls_preds.reshape(-1, k).float(), cls_labels.reshape(-1),
+                          reduction="none").reshape(n, a).mean(dim=1)
+    bbox = F.l1_loss(bbox_preds.float() * bbox_masks, bbox_labels * bbox_masks,
+                     reduction="none").mean(dim=1)
+    return cls + bbox
+
+
+class TinySSD(Detector):
+    """``forward(x (N, C, H, W))`` → ``(anchors (1, A, 4), cls_preds (N, A, C+1), bbox_preds (N, A·4))``;
+    ``forward(x, labels)`` → the multibox loss (class error and box MAE as metrics).
 
     Anchors are in normalised corner coordinates, ordered scale by scale, pixel by pixel,
     as the predictions are.
@@ -87,7 +102,7 @@ class TinySSD(nn.Module):
         self.bbox_predictors = nn.ModuleList(
             bbox_predictor(c, a) for c, a in zip(in_per_scale, anchors_per_pixel))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def raw(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         anchors, cls_preds, bbox_preds = [], [], []
         for i, block in enumerate(self.blocks):
             x = block(x)  # (N, c_i, h_i, w_i)
@@ -97,6 +112,21 @@ class TinySSD(nn.Module):
         all_anchors = torch.cat(anchors, dim=1).to(x.dtype)
         cls = torch.cat(cls_preds, dim=1).reshape(x.shape[0], -1, self.num_classes + 1)
         return all_anchors, cls, torch.cat(bbox_preds, dim=1)
+
+    def compute_loss(self, outputs: tuple[Tensor, Tensor, Tensor], labels: Tensor,
+                     masks: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        anchors, cls_preds, bbox_preds = outputs
+        bbox_labels, bbox_masks, cls_labels = multibox_target(
+            anchors.detach().float(), labels.float(), num_classes=self.num_classes)
+        loss = multibox_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks).mean()
+        class_err = (cls_preds.detach().argmax(dim=-1) != cls_labels).float().mean()
+        bbox_mae = ((bbox_labels - bbox_preds.detach().float()) * bbox_masks).abs().mean()
+        return loss, {"loss": loss.detach(), "class_err": class_err, "bbox_mae": bbox_mae}
+
+    def decode(self, outputs: tuple[Tensor, Tensor, Tensor], nms_iou: float = 0.5) -> Tensor:
+        anchors, cls_preds, bbox_preds = outputs
+        probs = F.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)  # (N, C+1, A)
+        return multibox_detection(probs, bbox_preds.float(), anchors.float(), nms_threshold=nms_iou)
 
 
 @register_model("tiny_ssd", input_shape=(3, 256, 256), task="detect")

@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divekit.data import dataset_info, load_dataset
@@ -27,8 +27,7 @@ from divekit.engine.checkpoint import load_weights
 from divekit.engine.device import resolve_device
 from divekit.engine.trainer import TrainConfig, Trainer, option
 from divekit.errors import DivekitError
-from divekit.models import create_model, model_info
-from divekit.ops.anchors import multibox_detection, multibox_target
+from divekit.models import create_model, list_models, model_info
 from divekit.ops.map import mean_average_precision
 from divekit.tasks.common import (
     TrainResult,
@@ -85,33 +84,57 @@ def load_data(cfg: DetectConfig) -> DetectionData:
 
 
 def check_labels(labels: Tensor, num_classes: int, name: str) -> None:
-    """Every real row's class in 0..num_classes-1 (padding rows are all -1)."""
-    cls = labels[..., 0]
-    bad = (cls != -1) & ((cls < 0) | (cls >= num_classes) | (cls != cls.round()))
-    if bool(bad.any()):
+    """Refuse labels a detector cannot learn from, naming the first offending entry: every real
+    row (padding rows are all -1) has a whole class in 0..num_classes-1 and finite corners with
+    x1 < x2 and y1 < y2 inside the image (normalised, so in [0, 1])."""
+    if labels.dim() != 3 or labels.shape[-1] != 5:
+        raise DivekitError(f"{name} must be (images, objects, 5) rows [class, x1, y1, x2, y2], "
+                           f"got shape {tuple(labels.shape)}")
+    cls, boxes = labels[..., 0], labels[..., 1:]
+    padding = (labels == -1).all(dim=-1)
+    real = ~padding
+
+    def first(bad: Tensor) -> tuple[int, int] | None:
+        bad = bad & real
+        if not bool(bad.any()):
+            return None
         i, j = (int(v) for v in bad.nonzero()[0])
-        raise DivekitError(
-            f"{name}[{i}, {j}] has class {float(cls[i, j]):g}; the model has classes 0..{num_classes - 1}"
-        )
+        return i, j
+
+    def row(i: int, j: int) -> str:
+        return "[" + ", ".join(f"{v:g}" for v in labels[i, j].tolist()) + "]"
+
+    if (where := first(~torch.isfinite(labels).all(dim=-1))) is not None:
+        raise DivekitError(f"{name}[{where[0]}, {where[1]}] is {row(*where)}: coordinates must be finite numbers")
+    if (where := first((cls < 0) | (cls >= num_classes) | (cls != cls.round()))) is not None:
+        raise DivekitError(f"{name}[{where[0]}, {where[1]}] has class {float(cls[where]):g}; "
+                           f"the model has classes 0..{num_classes - 1}")
+    if (where := first((boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1]))) is not None:
+        raise DivekitError(f"{name}[{where[0]}, {where[1]}] is {row(*where)}: a box needs x1 < x2 and y1 < y2")
+    if (where := first(((boxes < -1e-6) | (boxes > 1 + 1e-6)).any(dim=-1))) is not None:
+        raise DivekitError(f"{name}[{where[0]}, {where[1]}] is {row(*where)}: corners are fractions of "
+                           "the image's width and height, in [0, 1]")
 
 
-def multibox_loss(cls_preds: Tensor, cls_labels: Tensor, bbox_preds: Tensor, bbox_labels: Tensor,
-                  bbox_masks: Tensor) -> Tensor:
-    """The course's SSD loss per image ``(N,)``: mean cross-entropy over anchors plus mean L1
-    of the offsets of the anchors assigned to an object (``bbox_masks``)."""
-    n, a, k = cls_preds.shape
-    cls = F.cross_entropy(cls_preds.reshape(-1, k).float(), cls_labels.reshape(-1),
-                          reduction="none").reshape(n, a).mean(dim=1)
-    bbox = F.l1_loss(bbox_preds.float() * bbox_masks, bbox_labels * bbox_masks,
-                     reduction="none").mean(dim=1)
-    return cls + bbox
+def build_detector(name: str, classes: Sequence[str], image_size: int) -> nn.Module:
+    """A registered detector for ``classes`` on ``image_size``-pixel square images."""
+    info = model_info(name)
+    if info.task != "detect":
+        raise DivekitError(f"model {name!r} is a {info.task} model, not a detector "
+                           f"(detectors: {', '.join(list_models('detect'))})")
+    kwargs: dict[str, Any] = {"num_classes": len(classes), "in_channels": 3}
+    if "image_size" in inspect.signature(info.builder).parameters:
+        kwargs["image_size"] = image_size
+    return create_model(name, **kwargs)
 
 
 def detections(model: nn.Module, x: Tensor, nms_iou: float = 0.5) -> Tensor:
-    """``(N, A, 6)`` rows ``[class, confidence, x1, y1, x2, y2]`` (class -1: none)."""
-    anchors, cls_preds, bbox_preds = model(x)
-    probs = F.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)  # (N, C+1, A)
-    return multibox_detection(probs, bbox_preds.float(), anchors.float(), nms_threshold=nms_iou)
+    """``(N, K, 6)`` rows ``[class, confidence, x1, y1, x2, y2]`` (class -1: none)."""
+    return _unwrap(model).detect(x, nms_iou)
+
+
+def _unwrap(model: nn.Module) -> Any:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 def as_prediction_dicts(rows: Tensor) -> list[dict[str, Tensor]]:
@@ -136,36 +159,36 @@ class DetectionTask:
 
     def __init__(self, cfg: DetectConfig, data: DetectionData | None = None):
         cfg.validate()
-        if model_info(cfg.model).task != "detect":
-            raise DivekitError(f"model {cfg.model!r} is a {model_info(cfg.model).task} model, not a detector")
         self.cfg = cfg
         self.data = data if data is not None else load_data(cfg)
         check_labels(self.data.train_labels, self.data.num_classes, "train labels")
         check_labels(self.data.val_labels, self.data.num_classes, "val labels")
+        self._model: nn.Module | None = build_detector(cfg.model, self.data.classes, cfg.image_size)
+        self.needs_masks = bool(getattr(self._model, "needs_masks", False))
+        if self.needs_masks and self.data.train_masks is None:
+            raise DivekitError(f"model {cfg.model!r} learns instance masks, and dataset "
+                               f"{self.data.name!r} has none (use --data shapes)")
 
     def model(self) -> nn.Module:
-        return create_model(self.cfg.model, num_classes=self.data.num_classes, in_channels=3)
+        model, self._model = self._model, None
+        return model if model is not None else build_detector(self.cfg.model, self.data.classes,
+                                                              self.cfg.image_size)
+
+    def _tensors(self, split: str) -> tuple[Tensor, ...]:
+        images, labels = getattr(self.data, f"{split}_images"), getattr(self.data, f"{split}_labels")
+        masks = getattr(self.data, f"{split}_masks") if self.needs_masks else None
+        return (images, labels) if masks is None else (images, labels, masks)
 
     def train_data(self) -> TensorBatchLoader:
-        return TensorBatchLoader(self.data.train_images, self.data.train_labels,
-                                 batch_size=self.cfg.batch_size, shuffle=True, seed=self.cfg.seed)
+        return TensorBatchLoader(*self._tensors("train"), batch_size=self.cfg.batch_size,
+                                 shuffle=True, seed=self.cfg.seed)
 
     def val_data(self) -> TensorBatchLoader:
-        return TensorBatchLoader(self.data.val_images, self.data.val_labels,
-                                 batch_size=max(self.cfg.batch_size, 64))
+        return TensorBatchLoader(*self._tensors("val"), batch_size=max(self.cfg.batch_size, 64))
 
-    def _forward(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        anchors, cls_preds, bbox_preds = model(x)
-        bbox_labels, bbox_masks, cls_labels = multibox_target(
-            anchors.detach().float(), y.float(), num_classes=self.data.num_classes)
-        losses = multibox_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
-        class_err = (cls_preds.argmax(dim=-1) != cls_labels).float().mean()
-        bbox_mae = ((bbox_labels - bbox_preds.float()) * bbox_masks).abs().mean()
-        return losses.mean(), {"loss": losses.mean().detach(), "class_err": class_err,
-                               "bbox_mae": bbox_mae.detach()}
-
-    def step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        return self._forward(model, *batch)
+    def step(self, model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
+        x, y, *masks = batch
+        return model(x, y, *masks)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable) -> dict[str, float]:
@@ -175,9 +198,9 @@ class DetectionTask:
         n = 0
         preds: list[dict[str, Tensor]] = []
         targets: list[dict[str, Tensor]] = []
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            _, metrics = self._forward(model, x, y)
+        for batch in loader:
+            x, y, *masks = (t.to(device) for t in batch)
+            _, metrics = model(x, y, *masks)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(x)
             n += len(x)
@@ -228,7 +251,7 @@ def load_trained(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     record = load_run_config(run_dir)
     if record.get("task") != "detect":
         raise DivekitError(f"{run_dir} is a {record.get('task')!r} run, not a detection run")
-    model = create_model(record["config"]["model"], num_classes=len(record["classes"]), in_channels=3)
+    model = build_detector(record["config"]["model"], record["classes"], int(record["image_size"]))
     load_weights(model, latest_weights(run_dir))
     return model.to(resolve_device(device)).eval(), record
 
