@@ -119,7 +119,7 @@ def prepared_tensors(xtr, ytr, xva, yva, size):
     return prep(xtr), ytr, prep(xva), yva
 
 
-def run_divekit(model_name, size, batch, lr, epochs, xtr, ytr, xva, yva, channels_last=False) -> None:
+def run_divekit(model_name, size, batch, lr, epochs, xtr, ytr, xva, yva, channels_last=None) -> None:
     from divekit.data.vision import ImageClassificationData
     from divekit.engine import Trainer
     from divekit.tasks.classify import ClassificationTask, ClassifyConfig
@@ -170,12 +170,12 @@ def main() -> int:
             tx, ty, vx, vy = prepared_tensors(xtr, ytr, xva, yva, size)
             same = (DataLoader(TensorDataset(tx, ty), batch, shuffle=True),
                     DataLoader(TensorDataset(vx, vy), batch))
-            times = {"divekit": [], "divekit --channels-last": [], "d2l loop": [], "d2l pipeline": []}
+            times = {"divekit": [], "divekit --no-channels-last": [], "d2l loop": [], "d2l pipeline": []}
             for _ in range(args.repeats):  # interleaved, so load changes hit every side alike
                 times["divekit"].append(timed(run_divekit, name, size, batch, lr, args.epochs,
                                               xtr, ytr, xva, yva))
-                times["divekit --channels-last"].append(timed(
-                    run_divekit, name, size, batch, lr, args.epochs, xtr, ytr, xva, yva, True))
+                times["divekit --no-channels-last"].append(timed(
+                    run_divekit, name, size, batch, lr, args.epochs, xtr, ytr, xva, yva, False))
                 times["d2l loop"].append(timed(run_d2l, name, lr, args.epochs, same))
                 pipe = d2l_pipeline_loaders(tmp, size, batch, n_train, n_val)
                 times["d2l pipeline"].append(timed(run_d2l, name, lr, args.epochs, pipe))
@@ -185,7 +185,7 @@ def main() -> int:
         print(f"\n{name} at {size}x{size}, batch {batch}, {n_train} train + {n_val} val samples, {source}")
         for k, r in rate.items():
             print(f"  {k:<24} {r:8.1f} samples/s")
-        for ours in ("divekit", "divekit --channels-last"):
+        for ours in ("divekit", "divekit --no-channels-last"):
             for k in ("d2l loop", "d2l pipeline"):
                 ratio = rate[ours] / rate[k]
                 rows.append((name, ours, k, ratio))

@@ -46,6 +46,11 @@ def _option_type(hint: Any) -> type | None:
     return None if inner is bool else inner
 
 
+def _is_auto_flag(hint: Any) -> bool:
+    """``bool | None``: on, off, or decided by the run (``--x`` / ``--no-x`` / neither)."""
+    return type(None) in typing.get_args(hint) and bool in typing.get_args(hint)
+
+
 def add_config_options(p: argparse.ArgumentParser, config_cls: type) -> None:
     """One option per config field; defaults are SUPPRESSed so --resume can tell what was typed."""
     hints = typing.get_type_hints(config_cls)
@@ -56,7 +61,10 @@ def add_config_options(p: argparse.ArgumentParser, config_cls: type) -> None:
         help_text = meta.pop("help", "")
         flag = "--" + f.name.replace("_", "-")
         kind = meta.pop("type", None) or _option_type(hints[f.name])
-        if kind is None:
+        if kind is None and _is_auto_flag(hints[f.name]):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_text)
+        elif kind is None:
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
         else:
             shown = "" if f.default is None else f" (default: {f.default})"

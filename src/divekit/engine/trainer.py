@@ -85,7 +85,9 @@ class TrainConfig:
     grad_clip: float | None = option(None, "clip the gradients' global norm to this value")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     amp: bool = option(False, "bfloat16 mixed precision (autocast)")
-    channels_last: bool = option(False, "channels_last memory format for convolutions")
+    channels_last: bool | None = option(
+        None, "channels_last (NHWC) memory format; default: on for models with 2-D convolutions, "
+        "where oneDNN and cuDNN run faster in it")
     seed: int = option(0, "random seed (data split, shuffling, initialisation)")
     threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
     quiet: bool = option(False, "no progress bars")
@@ -185,7 +187,9 @@ class Trainer:
                 )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
-        if cfg.channels_last:
+        self.channels_last = (cfg.channels_last if cfg.channels_last is not None
+                              else any(isinstance(m, nn.Conv2d) for m in model.modules()))
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
 
@@ -385,7 +389,7 @@ class Trainer:
     def _step(self, batch: Any, index: int) -> tuple[int, dict[str, Tensor]]:
         """One optimizer step on this rank's share of global batch ``index``."""
         cfg, task = self.config, self.task
-        batch = to_device(batch, self.device, cfg.channels_last)
+        batch = to_device(batch, self.device, self.channels_last)
         n = task.batch_size(batch) if hasattr(task, "batch_size") else len(batch[0])
         self.strategy.before_forward()
         with autocast(self.device, cfg.amp):

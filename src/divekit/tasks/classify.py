@@ -278,17 +278,26 @@ class ClassificationTask:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         n = 0
+        predictions, labels = [], []
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             scores = class_scores(model, x, self.cfg.tta)
             loss_sum += F.cross_entropy(scores, y, reduction="sum")
-            correct += (scores.argmax(dim=1) == y).sum()
+            predictions.append(scores.argmax(dim=1))
+            labels.append(y)
+            correct += (predictions[-1] == y).sum()
             n += len(y)
+        # kept for the class report, so the last epoch does not run the validation set twice
+        self.last_eval = (torch.cat(predictions).cpu(), torch.cat(labels).cpu())
         return {"loss": (loss_sum / n).item(), "acc": (correct / n).item()}
 
     def on_epoch_end(self, model: nn.Module, epoch: int, run_dir: Path) -> None:
         if epoch == self.cfg.epochs:
-            report = class_report(model, self.val_x, self.data.val_labels, self.data.classes, self.cfg.tta)
+            predictions, labels = getattr(self, "last_eval", (None, None))
+            if predictions is None or len(predictions) != len(self.data.val_labels):
+                predictions = predict_tensor(model, self.val_x, tta=self.cfg.tta)
+                labels = self.data.val_labels
+            report = class_report(predictions, labels, self.data.classes)
             write_class_report(report, run_dir, self.data.classes)
 
 
@@ -372,10 +381,8 @@ def run_config(record: dict[str, Any], **overrides: Any) -> ClassifyConfig:
     return config_from_dict(ClassifyConfig, {**values, **overrides})
 
 
-def class_report(model: nn.Module, x: Tensor, labels: Tensor, classes: Sequence[str],
-                 tta: str = "none") -> dict[str, Any]:
-    """Per-class accuracy (recall) and the confusion matrix of ``model`` on ``(x, labels)``."""
-    predictions = predict_tensor(model, x, tta=tta)
+def class_report(predictions: Tensor, labels: Tensor, classes: Sequence[str]) -> dict[str, Any]:
+    """Per-class accuracy (recall) and the confusion matrix of predicted against true labels."""
     matrix = confusion_matrix(labels, predictions, len(classes))
     per_class = {
         name: (matrix[c, c] / matrix[c].sum()).item()
@@ -411,7 +418,7 @@ def evaluate(run_dir: str | Path, *, data_dir: str | None = None, device: str = 
     cfg = run_config(record, **overrides)
     task = ClassificationTask(cfg, norm=(record["mean"], record["std"]))
     metrics: dict[str, Any] = task.evaluate(model, task.val_data())
-    report = class_report(model, task.val_x, task.data.val_labels, task.data.classes, cfg.tta)
+    report = class_report(*task.last_eval, task.data.classes)
     metrics["per_class_acc"] = report["per_class_acc"]
     metrics["confusion_matrix_png"] = str(write_class_report(report, Path(run_dir), task.data.classes))
     return metrics
