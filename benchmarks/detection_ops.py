@@ -7,7 +7,14 @@ Cases (issue 5's goals in brackets):
 * ``nms``: 5,000 boxes with distinct scores, IoU threshold 0.5 [>= 50x d2l], twice: uniformly
   random boxes (most are kept) and boxes jittered around 20 objects (most are suppressed);
 * ``multibox_prior``: a 64x64 feature map, sizes (0.2, 0.272), ratios (1, 2, 0.5);
-* ``multibox_detection``: a batch of 4, 5,120 anchors, 3 classes (extra; no goal).
+* ``multibox_detection``: a batch of 4, 5,120 anchors, 3 classes (extra; no goal);
+* ``tiny_ssd`` training step: forward, multibox loss, backward and an SGD step on a batch of
+  32 images 128x128 from ``make_shapes`` (3 classes), reported as images per second too. The
+  d2l side is the course's ``TinySSD`` and ``calc_loss`` (d2l 14.7, written out below: the
+  package has no ``TinySSD``) with ``d2l.multibox_prior`` and ``d2l.multibox_target``; both
+  nets start from the same weights, and "same result" means they give the same anchors and
+  predictions. (The losses differ: d2l's ``multibox_target`` takes the padding rows, class
+  -1, for objects; divekit's skips them.)
 
 Each time is the median over ``--repeats`` repeats of a timeit-style loop (the loop count is
 chosen so one repeat takes at least ~0.2 s), after one warm-up call; the table gives wall-clock
@@ -16,6 +23,7 @@ Before timing, each case checks that both sides give the same result.
 
     python benchmarks/detection_ops.py                # default: 5 repeats, 1 thread
     python benchmarks/detection_ops.py --repeats 9 --threads 2
+    python benchmarks/detection_ops.py --only tiny_ssd     # one case
 """
 
 from __future__ import annotations
@@ -30,9 +38,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
+from divekit.data.detection import make_shapes
+from divekit.models.ssd import tiny_ssd
 from divekit.ops import anchors as dk_anchors
 from divekit.ops import boxes as dk_boxes
+
+TRAIN_BATCH, TRAIN_SIZE = 32, 128
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
@@ -145,12 +158,115 @@ def case_multibox_detection(d2l, g: torch.Generator):
     )
 
 
+def course_tiny_ssd(d2l, num_classes: int) -> nn.Module:
+    """The course's ``TinySSD`` (d2l 14.7), as the book writes it, on ``d2l.multibox_prior``."""
+
+    def down_sample_blk(in_channels: int, out_channels: int) -> nn.Sequential:
+        blk: list[nn.Module] = []
+        for _ in range(2):
+            blk.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
+            blk.append(nn.BatchNorm2d(out_channels))
+            blk.append(nn.ReLU())
+            in_channels = out_channels
+        blk.append(nn.MaxPool2d(2))
+        return nn.Sequential(*blk)
+
+    def get_blk(i: int) -> nn.Module:
+        if i == 0:
+            filters = [3, 16, 32, 64]
+            return nn.Sequential(*[down_sample_blk(a, b) for a, b in zip(filters, filters[1:])])
+        if i == 1:
+            return down_sample_blk(64, 128)
+        if i == 4:
+            return nn.AdaptiveMaxPool2d((1, 1))
+        return down_sample_blk(128, 128)
+
+    def concat_preds(preds: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([torch.flatten(p.permute(0, 2, 3, 1), start_dim=1) for p in preds], dim=1)
+
+    sizes = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
+    ratios = [[1, 2, 0.5]] * 5
+    num_anchors = len(sizes[0]) + len(ratios[0]) - 1
+
+    class TinySSD(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_classes = num_classes
+            for i, channels in enumerate([64, 128, 128, 128, 128]):
+                setattr(self, f"blk_{i}", get_blk(i))
+                setattr(self, f"cls_{i}", nn.Conv2d(channels, num_anchors * (num_classes + 1), 3, padding=1))
+                setattr(self, f"bbox_{i}", nn.Conv2d(channels, num_anchors * 4, 3, padding=1))
+
+        def forward(self, X: torch.Tensor):
+            anchors, cls_preds, bbox_preds = [], [], []
+            for i in range(5):
+                X = getattr(self, f"blk_{i}")(X)
+                anchors.append(d2l.multibox_prior(X, sizes=sizes[i], ratios=ratios[i]))
+                cls_preds.append(getattr(self, f"cls_{i}")(X))
+                bbox_preds.append(getattr(self, f"bbox_{i}")(X))
+            cls = concat_preds(cls_preds)
+            cls = cls.reshape(cls.shape[0], -1, self.num_classes + 1)
+            return torch.cat(anchors, dim=1), cls, concat_preds(bbox_preds)
+
+    return TinySSD()
+
+
+def course_calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks):
+    """The course's SSD loss (d2l 14.7): per-image mean cross-entropy plus mean masked L1."""
+    batch_size, num_classes = cls_preds.shape[0], cls_preds.shape[2]
+    cls = nn.functional.cross_entropy(cls_preds.reshape(-1, num_classes), cls_labels.reshape(-1),
+                                      reduction="none").reshape(batch_size, -1).mean(dim=1)
+    bbox = nn.functional.l1_loss(bbox_preds * bbox_masks, bbox_labels * bbox_masks,
+                                 reduction="none").mean(dim=1)
+    return cls + bbox
+
+
+def case_tiny_ssd_training(d2l, g: torch.Generator):
+    images, labels = make_shapes(TRAIN_BATCH, TRAIN_SIZE, seed=int(torch.randint(0, 2**31, (1,), generator=g)))
+    ours = tiny_ssd(num_classes=3)
+    theirs = course_tiny_ssd(d2l, 3)
+    # the same starting weights: the course names modules blk_i / cls_i / bbox_i
+    state = {}
+    for key, value in ours.state_dict().items():
+        kind, index, rest = key.split(".", 2)
+        prefix = {"blocks": "blk", "cls_predictors": "cls", "bbox_predictors": "bbox"}[kind]
+        state[f"{prefix}_{index}.{rest}"] = value.clone()
+    theirs.load_state_dict(state)
+    with torch.no_grad():
+        same = all(torch.equal(a, b) for a, b in zip(ours(images), theirs(images)))
+    sgd_ours = torch.optim.SGD(ours.parameters(), lr=0.2, weight_decay=5e-4)
+    sgd_theirs = torch.optim.SGD(theirs.parameters(), lr=0.2, weight_decay=5e-4)
+
+    def step_ours() -> None:
+        sgd_ours.zero_grad()
+        loss, _ = ours(images, labels)
+        loss.backward()
+        sgd_ours.step()
+
+    def step_theirs() -> None:  # the course's training loop body
+        sgd_theirs.zero_grad()
+        anchors, cls_preds, bbox_preds = theirs(images)
+        bbox_labels, bbox_masks, cls_labels = d2l.multibox_target(anchors, labels)
+        loss = course_calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+        loss.mean().backward()
+        sgd_theirs.step()
+
+    return (
+        f"tiny_ssd train step ({TRAIN_BATCH} x {TRAIN_SIZE}x{TRAIN_SIZE} shapes)",
+        step_ours,
+        step_theirs,
+        same,
+        None,
+    )
+
+
 CASES = [
     case_multibox_target,
     case_nms,
     case_nms_clustered,
     case_multibox_prior,
     case_multibox_detection,
+    case_tiny_ssd_training,
 ]
 
 
@@ -161,6 +277,7 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default="", help="run the cases whose name contains this, e.g. nms")
     args = parser.parse_args()
     try:
         import d2l
@@ -182,6 +299,8 @@ def main() -> int:
         f"{'case':<52} {'divekit':>10} {'d2l':>10} {'speed-up':>8} {'(CPU time)':>10} {'goal':>6}  same result"
     )
     for make_case in CASES:
+        if args.only not in make_case.__name__:
+            continue
         name, ours, theirs, same, goal = make_case(d2l_torch, g)
         (wall_ours, cpu_ours), (wall_theirs, cpu_theirs) = (
             median_seconds(ours, args.repeats),
@@ -193,6 +312,10 @@ def main() -> int:
             f"{wall_theirs / wall_ours:7.1f}x {cpu_theirs / cpu_ours:9.1f}x {goal_text:>6}  "
             f"{'yes' if same else 'NO'}"
         )
+        if make_case is case_tiny_ssd_training:
+            print(
+                f"{'  = training images/s':<52} {TRAIN_BATCH / wall_ours:10.1f} {TRAIN_BATCH / wall_theirs:10.1f}"
+            )
     return 0
 
 

@@ -45,6 +45,21 @@ def test_summary_vgg_parameters_sit_in_the_dense_layers(capsys):
     assert "most compute: features" in out
 
 
+def test_summary_of_a_branching_detector_lists_backbone_and_heads(capsys):
+    code, out, _ = run_cli(capsys, "summary", "tiny_ssd", "--input-shape", "3,64,64")
+    assert code == 0
+    # five scales: 8, 4, 2, 1, 1 pixels; every scale has class and box predictors
+    for line in ("blocks.0", "(1, 64, 8, 8)", "cls_predictors.4", "bbox_predictors.4"):
+        assert line in out
+    from divekit.models import create_model
+    from divekit.models.summary import count_params
+
+    total = count_params(create_model("tiny_ssd", num_classes=10))  # the CLI's default
+    assert f"total parameters: {total:,}" in out  # every parameter sits in some listed layer
+    code, _, err = run_cli(capsys, "summary", "tiny_ssd", "--input-shape", "3,8,8")
+    assert code != 0 and "fails at layer blocks.1" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

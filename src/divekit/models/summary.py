@@ -40,11 +40,93 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def is_chain(model: nn.Module) -> bool:
+    """True when the model is its layers applied one after another (every zoo classifier)."""
+    return hasattr(model, "layers") or isinstance(model, nn.Sequential)
+
+
+def branch_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The children of a model that is not a chain, ``ModuleList``/``ModuleDict`` expanded one
+    level (a detector's ``blocks.0``, ``cls_predictors.2``, ...)."""
+    out = []
+    for name, child in model.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            out += [(f"{name}.{k}", c) for k, c in child.named_children()]
+        else:
+            out.append((name, child))
+    return out
+
+
+def _shape_of(output: object) -> tuple[int, ...]:
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return tuple(output[0].shape)
+    return ()
+
+
+def _fail(input_shape: tuple[int, ...], where: str, error: Exception) -> DivekitError:
+    shape = "x".join(map(str, input_shape))
+    reason = str(error).strip().splitlines()[0]
+    return DivekitError(f"input shape {shape} fails at {where}: {reason}")
+
+
+def branch_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow]:
+    """For models whose forward branches (detectors: a backbone feeding several heads): one
+    forward pass, each child's output shape and multiply-adds recorded by hooks, in call order."""
+    x = torch.zeros(1, *input_shape)
+    counter = FlopCounterMode(display=False)
+    rows: dict[str, LayerRow] = {}
+    started: dict[str, int] = {}
+    current: list[str] = []
+
+    def total() -> int:
+        return sum(counter.flop_counts["Global"].values())
+
+    def before(name: str):
+        def hook(module: nn.Module, args: object) -> None:
+            current.append(name)
+            started[name] = total()
+        return hook
+
+    def after(name: str):
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            current.pop()
+            macs = (total() - started[name]) // 2
+            if name in rows:  # called again: add its compute
+                rows[name].macs += macs
+            else:
+                rows[name] = LayerRow(name, type(module).__name__, _shape_of(output),
+                                      count_params(module), macs)
+        return hook
+
+    handles = []
+    for name, layer in branch_layers(model):
+        handles.append(layer.register_forward_pre_hook(before(name)))
+        handles.append(layer.register_forward_hook(after(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    except RuntimeError as e:
+        where = f"layer {current[-1]}" if current else type(model).__name__
+        raise _fail(input_shape, where, e) from None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return list(rows.values())
+
+
 def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow]:
-    """Run one zero batch of ``input_shape`` (C, H, W) through each top-level layer in turn.
+    """Run one zero batch of ``input_shape`` (C, H, W) through each top-level layer in turn
+    (through the whole model with hooks when it is not a chain of layers).
 
     Raises DivekitError naming the layer that cannot take its input.
     """
+    if not is_chain(model):
+        return branch_table(model, input_shape)
     x = torch.zeros(1, *input_shape)
     rows = []
     was_training = model.training
@@ -57,12 +139,8 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow
                     with counter:
                         x = layer(x)
                 except RuntimeError as e:
-                    shape = "x".join(map(str, input_shape))
-                    reason = str(e).strip().splitlines()[0]
-                    raise DivekitError(
-                        f"input shape {shape} fails at layer {name} ({type(layer).__name__}) "
-                        f"whose input is {tuple(x.shape)}: {reason}"
-                    ) from None
+                    raise _fail(input_shape, f"layer {name} ({type(layer).__name__}) whose input is "
+                                f"{tuple(x.shape)}", e) from None
                 rows.append(
                     LayerRow(name, type(layer).__name__, tuple(x.shape), count_params(layer),
                              counter.get_total_flops() // 2)
@@ -76,11 +154,12 @@ def format_table(rows: list[LayerRow], title: str = "") -> str:
     total_params = sum(r.params for r in rows)
     total_macs = sum(r.macs for r in rows)
     lines = [title] if title else []
-    header = f"{'layer':<16} {'type':<18} {'output shape':<22} {'params':>12} {'mult-adds':>14}"
+    w = max([16] + [len(r.name) for r in rows])
+    header = f"{'layer':<{w}} {'type':<18} {'output shape':<22} {'params':>12} {'mult-adds':>14}"
     lines += [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.name:<16} {r.kind:<18} {str(r.output_shape):<22} {r.params:>12,} {r.macs:>14,}"
+            f"{r.name:<{w}} {r.kind:<18} {str(r.output_shape):<22} {r.params:>12,} {r.macs:>14,}"
         )
     lines.append("-" * len(header))
     lines.append(f"total parameters: {total_params:,}")

@@ -28,7 +28,7 @@ from divekit.engine.device import resolve_device
 from divekit.engine.trainer import TrainConfig, Trainer, option
 from divekit.errors import DivekitError
 from divekit.models import create_model, list_models, model_info
-from divekit.ops.map import mean_average_precision
+from divekit.ops.map import coco_mean_average_precision, mean_average_precision
 from divekit.tasks.common import (
     TrainResult,
     choose_run_dir,
@@ -208,6 +208,7 @@ class DetectionTask:
             targets += as_target_dicts(y)
         result = {k: v / max(n, 1) for k, v in sums.items()}
         result["map50"] = float(mean_average_precision(preds, targets, 0.5)["map"])
+        result["map"] = float(coco_mean_average_precision(preds, targets)["map"])  # COCO @[.5:.95]
         return result
 
     def on_epoch_end(self, model: nn.Module, epoch: int, run_dir: Path) -> None:
@@ -257,7 +258,7 @@ def load_trained(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, d
 
 
 def evaluate(run_dir: str | Path, *, data_dir: str | None = None, device: str = "auto") -> dict[str, float]:
-    """Validation loss, class error, box MAE and mAP@0.5 of a run's newest checkpoint."""
+    """Validation loss (and its parts), mAP@0.5 and COCO mAP@[.5:.95] of a run's newest checkpoint."""
     model, record = load_trained(run_dir, device)
     values = {**record["config"], "resume": False, "out": None, "device": device}
     if data_dir is not None:
