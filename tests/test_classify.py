@@ -37,6 +37,23 @@ def test_evaluate_reports_accuracy_per_class(trained_lenet_run):
     metrics = classify.evaluate(trained_lenet_run, device="cpu")
     assert 0.0 <= metrics["acc"] <= 1.0
     assert set(metrics["per_class_acc"]) == {str(i) for i in range(10)}
+    # the confusion matrix counts the same predictions the accuracy does
+    per_class = _per_class_csv(trained_lenet_run)
+    correct = sum(round(float(r["accuracy"]) * int(r["samples"])) for r in per_class)
+    assert correct / sum(int(r["samples"]) for r in per_class) == pytest.approx(metrics["acc"], abs=1e-6)
+
+
+def _per_class_csv(run_dir):
+    with open(run_dir / "per_class.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_cli_takes_a_tta_option(trained_lenet_run, capsys):
+    assert main(["evaluate", str(trained_lenet_run), "--device", "cpu", "--tta", "flip"]) == 0
+    assert "acc" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(trained_lenet_run), "--tta", "rotate"])
+    assert e.value.code != 0 and "invalid choice: 'rotate'" in capsys.readouterr().err
 
 
 def test_predict_converts_any_image_like_training(trained_lenet_run, tmp_path):

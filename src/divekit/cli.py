@@ -124,6 +124,8 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by `divekit train`")
     p.add_argument("--data-dir", help="where the dataset's files are, if not where training found them")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--tta", choices=["none", "flip"],
+                   help="classifiers: test-time augmentation (default: the run's own setting)")
 
     p = sub.add_parser("predict", parents=[parent], help="run a trained model on input files",
                        description="Run a trained model on inputs, by the run's task: a classifier "
