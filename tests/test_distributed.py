@@ -20,14 +20,9 @@ from divekit.data.loader import TensorBatchLoader, shard_bounds
 from divekit.engine import TrainConfig, Trainer
 from divekit.engine import distributed as D
 from divekit.engine.checkpoint import CheckpointDir, load_weights
+from divekit.engine.launch import free_port
 from divekit.engine.strategies import bytes_per_step
 from divekit.errors import DivekitError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------- the course's helpers

@@ -5,7 +5,6 @@ batch 2B — for ddp, allreduce and ps, including an unevenly split and an empty
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from torch import nn
 
 from divekit.data.loader import TensorBatchLoader
 from divekit.engine import TrainConfig, Trainer
+from divekit.engine.launch import free_port
 
 STRATEGIES = ("ddp", "allreduce", "ps")
 PER_WORKER = 8
@@ -55,12 +55,6 @@ class MLPTask:
 def _config(strategy: str = "ddp") -> TrainConfig:
     return TrainConfig(epochs=1, lr=0.2, momentum=0.9, weight_decay=1e-3, scheduler="cosine",
                        strategy=strategy, quiet=True, device="cpu", seed=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:

@@ -8,6 +8,7 @@ and reproducible from a ``torch.Generator``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from divekit.data.loader import shard_bounds
 from divekit.data.registry import register_dataset
 from divekit.errors import DataNotFoundError, DivekitError, UnknownNameError
 
@@ -406,9 +408,35 @@ class SeqDataLoader:
         _max_offset(len(self.corpus), batch_size, num_steps)  # validate now, not mid-training
         self.batch_size, self.num_steps = batch_size, num_steps
         self.sampling, self.seed, self.epoch = sampling, seed, 0
+        self.rank, self.world_size, self._skip = 0, 1, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def shard(self, rank: int, world_size: int) -> SeqDataLoader:
+        """Data parallelism: ``batch_size`` becomes the per-process share. Every process draws
+        the same global minibatches of ``batch_size × world_size`` rows (same seed and epoch)
+        and keeps its own rows. A row is one stream of text, so with sequential sampling each
+        process carries the hidden state of its own rows, exactly as one process reading the
+        global batch would."""
+        if not 0 <= rank < world_size:
+            raise DivekitError(f"rank {rank} is not in 0..{world_size - 1}")
+        _max_offset(len(self.corpus), self.batch_size * world_size, self.num_steps)
+        self.rank, self.world_size = rank, world_size
+        return self
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def skip_batches(self, count: int) -> None:
+        """The next ``iter()`` starts at batch ``count`` (mid-epoch resume)."""
+        self._skip = count
+
+    def global_batch_size(self, index: int) -> int:
+        """Tokens of global minibatch ``index`` over all processes (every batch is full), the
+        unit the language-model task counts a batch in."""
+        return self.global_batch * self.num_steps
 
     def generator(self, epoch: int) -> torch.Generator:
         """The generator for ``epoch``, seeded by mixing ``(seed, epoch)``."""
@@ -417,17 +445,22 @@ class SeqDataLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
+        skip, self._skip = self._skip, 0
         sampler = SAMPLERS[self.sampling]
-        return sampler(
-            self.corpus, self.batch_size, self.num_steps, generator=self.generator(epoch)
-        )
+        batches = sampler(self.corpus, self.global_batch, self.num_steps, generator=self.generator(epoch))
+        if skip:
+            batches = itertools.islice(batches, skip, None)
+        if self.world_size == 1:
+            return iter(batches)
+        lo, hi = shard_bounds(self.global_batch, self.rank, self.world_size)
+        return ((X[lo:hi], Y[lo:hi]) for X, Y in batches)
 
     def __len__(self) -> int:
-        n = len(self.corpus)
-        max_offset = _max_offset(n, self.batch_size, self.num_steps)
+        n, rows = len(self.corpus), self.global_batch
+        max_offset = _max_offset(n, rows, self.num_steps)
         if self.sampling == "random":
-            return (n - 1 - max_offset) // self.num_steps // self.batch_size
-        return (n - 1 - max_offset) // self.batch_size // self.num_steps
+            return (n - 1 - max_offset) // self.num_steps // rows
+        return (n - 1 - max_offset) // rows // self.num_steps
 
     @property
     def sequential(self) -> bool:

@@ -39,6 +39,13 @@ def should_spawn(cfg: Any) -> bool:
     return getattr(cfg, "nproc", 1) > 1 and not D.launched_by_torchrun()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         try:
