@@ -5,7 +5,8 @@ once, and labels ``(N, max_objects, 5)`` with rows ``[class, x1, y1, x2, y2]`` (
 normalised by width and height), padding rows all -1 (d2l 14.6).
 
 * ``shapes``: generated offline — squares, discs and triangles of random size, aspect and
-  place pasted on random crops of scikit-image's bundled photos; the boxes are exact.
+  place pasted on random crops of scikit-image's bundled photos; the boxes are exact, and
+  ``load_shapes`` also gives each object's instance mask (its painted pixels).
 * ``banana``: the course's banana-detection set (``bananas_train/label.csv`` + ``images/``).
 """
 
@@ -15,6 +16,7 @@ import csv
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -111,17 +113,33 @@ def _overlaps(box: tuple[int, int, int, int], placed: list[tuple[int, int, int, 
     return any(x1 < b[2] and b[0] < x2 and y1 < b[3] and b[1] < y2 for b in placed)
 
 
-def make_shapes(num_images: int, size: int, seed: int) -> tuple[Tensor, Tensor]:
+@overload
+def make_shapes(num_images: int, size: int, seed: int, *,
+                with_masks: Literal[False] = False) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def make_shapes(num_images: int, size: int, seed: int, *,
+                with_masks: Literal[True]) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+def make_shapes(num_images: int, size: int, seed: int, *,
+                with_masks: bool = False) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """``num_images`` scenes ``(N, 3, size, size)`` and labels ``(N, 3, 5)`` from ``seed``.
 
     Each scene holds 0–3 non-overlapping objects; each object is a square, disc or triangle in
     its class's colour, 12–45 % of the image wide, aspect 0.6–1.6, and its box is the exact
     pixel extent of the shape, in normalised corner coordinates.
+
+    With ``with_masks`` a third tensor ``(N, 3, size, size)`` uint8 holds each label row's
+    instance mask: 1 exactly on the pixels painted for that object (so the mask's bounding box
+    is the row's box), all zeros on padding rows. Images and labels are the same either way.
     """
     rng = np.random.default_rng(seed)
     photos = _photos()
     images = np.empty((num_images, size, size, 3), dtype=np.float32)
     labels = np.full((num_images, MAX_OBJECTS, 5), -1.0, dtype=np.float32)
+    masks = np.zeros((num_images, MAX_OBJECTS, size, size), dtype=np.uint8) if with_masks else None
     for i in range(num_images):
         canvas = _background(photos, size, rng)
         placed: list[tuple[int, int, int, int]] = []
@@ -138,27 +156,30 @@ def make_shapes(num_images: int, size: int, seed: int) -> tuple[Tensor, Tensor]:
                 continue
             mask = _shape_mask(kind, h, w)
             canvas[y1 : y1 + h, x1 : x1 + w][mask] = SHAPE_COLOURS[kind]
+            if masks is not None:
+                masks[i, len(placed), y1 : y1 + h, x1 : x1 + w] = mask
             rows, cols = mask.any(1).nonzero()[0], mask.any(0).nonzero()[0]
             # the box is the painted pixels' exact extent
             tight = (x1 + cols[0], y1 + rows[0], x1 + cols[-1] + 1, y1 + rows[-1] + 1)
             labels[i, len(placed)] = [kind, *(np.array(tight, dtype=np.float32) / size)]
             placed.append(box)
         images[i] = canvas
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+    out = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+    return out if masks is None else (*out, torch.from_numpy(masks))
 
 
 @register_dataset("shapes", task="detect", offline=True)
 def load_shapes(data_dir: str | None = None, download: bool = False, seed: int = 0, *,
                 size: int = 256, num_train: int = 1000, num_val: int = 200,
                 limit: int | None = None, **_: object) -> DetectionData:
-    """Generated scenes: squares, discs and triangles on photo crops, exact boxes (offline)."""
+    """Generated scenes: squares, discs and triangles on photo crops, exact boxes and masks (offline)."""
     if size < 32:
         raise DivekitError(f"shapes: image size must be at least 32, got {size}")
     num_train = min(num_train, limit) if limit is not None else num_train
     # Fixed streams: the dataset is the same whatever the training seed.
-    train = make_shapes(num_train, size, seed=20240 + 1)
-    val = make_shapes(num_val, size, seed=20240 + 2)
-    return DetectionData(*train, *val, list(SHAPE_CLASSES), "shapes")
+    train_x, train_y, train_m = make_shapes(num_train, size, seed=20240 + 1, with_masks=True)
+    val_x, val_y, val_m = make_shapes(num_val, size, seed=20240 + 2, with_masks=True)
+    return DetectionData(train_x, train_y, val_x, val_y, list(SHAPE_CLASSES), "shapes", train_m, val_m)
 
 
 # ----------------------------------------------------------------------------- banana

@@ -76,6 +76,8 @@ class TinySSD(Detector):
     as the predictions are.
     """
 
+    train_defaults = {"optimizer": "sgd", "lr": 0.2, "weight_decay": 5e-4}  # the course's (d2l 14.7)
+
     def __init__(self, num_classes: int, in_channels: int = 3,
                  sizes: Sequence[Sequence[float]] = SIZES, ratios: Sequence[Sequence[float]] = RATIOS):
         super().__init__()

@@ -48,8 +48,10 @@ class DetectConfig(TrainConfig):
     limit: int | None = option(None, "use only the first N training images (quick runs)", metavar="N")
     data_dir: str | None = option(None, "folder with the dataset's files, when you have them", metavar="DIR")
     download: bool = option(False, "download missing files (hash-checked)")
-    lr: float = option(0.2, "learning rate (the course's tiny SSD: SGD 0.2)")
-    weight_decay: float = option(5e-4, "L2 weight decay")
+    optimizer: str | None = option(None, "optimizer (default: the model's own: tiny_ssd sgd, the others adam)",
+                                   choices=["sgd", "adam", "adamw"])
+    lr: float | None = option(None, "learning rate (default: the model's own: tiny_ssd 0.2 as in the course)")
+    weight_decay: float | None = option(None, "L2 weight decay (default: the model's own)")
     nms_iou: float = option(0.5, "evaluation: IoU above which NMS drops the weaker box")
     pictures: int = option(4, "validation pictures with boxes written each epoch", metavar="N")
     out: str | None = option(None, "run directory (default: runs/MODEL-DATA, numbered if taken)", metavar="DIR")
@@ -59,7 +61,9 @@ class DetectConfig(TrainConfig):
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.weight_decay is None or self.weight_decay >= 0,
+             f"--weight-decay must be 0 or more, got {self.weight_decay}"),
             (self.image_size >= 32, f"--image-size must be at least 32, got {self.image_size}"),
             (self.limit is None or self.limit >= 1, f"--limit must be at least 1, got {self.limit}"),
             (0 < self.nms_iou <= 1, f"--nms-iou must be in (0, 1], got {self.nms_iou}"),
@@ -71,6 +75,7 @@ class DetectConfig(TrainConfig):
 
 
 Config = DetectConfig
+FALLBACK_HYPERPARAMETERS = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
 
 
 def load_data(cfg: DetectConfig) -> DetectionData:
@@ -165,6 +170,10 @@ class DetectionTask:
         check_labels(self.data.val_labels, self.data.num_classes, "val labels")
         self._model: nn.Module | None = build_detector(cfg.model, self.data.classes, cfg.image_size)
         self.needs_masks = bool(getattr(self._model, "needs_masks", False))
+        # hyper-parameters left unset take the detector's own (SGD 0.2 suits tiny SSD, not an R-CNN)
+        for key, value in {**FALLBACK_HYPERPARAMETERS, **getattr(self._model, "train_defaults", {})}.items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
         if self.needs_masks and self.data.train_masks is None:
             raise DivekitError(f"model {cfg.model!r} learns instance masks, and dataset "
                                f"{self.data.name!r} has none (use --data shapes)")
