@@ -19,6 +19,7 @@ from divekit.models import (  # noqa: E402,F401  isort: skip
     densenet,
     rnn,
     ssd,
+    rcnn,
 )
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]
