@@ -19,6 +19,8 @@ from divekit.models import (  # noqa: E402,F401  isort: skip
     densenet,
     rnn,
     ssd,
+    yolo,
+    centernet,
     rcnn,
 )
 
