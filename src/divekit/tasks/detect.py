@@ -48,9 +48,9 @@ class DetectConfig(TrainConfig):
     limit: int | None = option(None, "use only the first N training images (quick runs)", metavar="N")
     data_dir: str | None = option(None, "folder with the dataset's files, when you have them", metavar="DIR")
     download: bool = option(False, "download missing files (hash-checked)")
-    optimizer: str | None = option(None, "optimizer (default: the model's own: tiny_ssd sgd, the others adam)",
+    optimizer: str | None = option(None, "optimizer (default: the model's own; adam for every detector so far)",
                                    choices=["sgd", "adam", "adamw"])
-    lr: float | None = option(None, "learning rate (default: the model's own: tiny_ssd 0.2 as in the course)")
+    lr: float | None = option(None, "learning rate (default: the model's own: 1e-3, maskrcnn 1e-4)")
     weight_decay: float | None = option(None, "L2 weight decay (default: the model's own)")
     nms_iou: float = option(0.5, "evaluation: IoU above which NMS drops the weaker box")
     pictures: int = option(4, "validation pictures with boxes written each epoch", metavar="N")
