@@ -13,8 +13,9 @@ Cases (issue 5's goals in brackets):
   d2l side is the course's ``TinySSD`` and ``calc_loss`` (d2l 14.7, written out below: the
   package has no ``TinySSD``) with ``d2l.multibox_prior`` and ``d2l.multibox_target``; both
   nets start from the same weights, and "same result" means they give the same anchors and
-  predictions. (The losses differ: d2l's ``multibox_target`` takes the padding rows, class
-  -1, for objects; divekit's skips them.)
+  predictions. divekit runs in channels_last, its Trainer's default. (The losses differ:
+  d2l's ``multibox_target`` takes the padding rows, class -1, for objects; divekit's skips
+  them.)
 
 Each time is the median over ``--repeats`` repeats of a timeit-style loop (the loop count is
 chosen so one repeat takes at least ~0.2 s), after one warm-up call; the table gives wall-clock
@@ -234,12 +235,15 @@ def case_tiny_ssd_training(d2l, g: torch.Generator):
     theirs.load_state_dict(state)
     with torch.no_grad():
         same = all(torch.equal(a, b) for a, b in zip(ours(images), theirs(images)))
+    # divekit's Trainer runs convolutional models in channels_last by default: so does this side
+    ours = ours.to(memory_format=torch.channels_last)
+    images_ours = images.contiguous(memory_format=torch.channels_last)
     sgd_ours = torch.optim.SGD(ours.parameters(), lr=0.2, weight_decay=5e-4)
     sgd_theirs = torch.optim.SGD(theirs.parameters(), lr=0.2, weight_decay=5e-4)
 
     def step_ours() -> None:
         sgd_ours.zero_grad()
-        loss, _ = ours(images, labels)
+        loss, _ = ours(images_ours, labels)
         loss.backward()
         sgd_ours.step()
 
