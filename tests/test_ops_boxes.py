@@ -228,3 +228,71 @@ def test_integer_boxes_and_gradients():
     iou = box_iou(boxes, torch.tensor([[1.0, 1.0, 3.0, 3.0]]))
     iou.sum().backward()
     assert torch.allclose(iou.detach(), torch.tensor([[1 / 7]])) and boxes.grad is not None
+
+
+# ------------------------------------------------------------------ the compiled grid kernel
+native = pytest.importorskip("divekit.ops._native_nms")
+needs_native = pytest.mark.skipif(native.load() is None, reason="no C compiler: NMS runs on torchvision")
+
+
+def _scene(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "uniform":  # sides 0.02-0.3 of a unit image
+        c, half = torch.rand(n, 2, generator=g), (torch.rand(n, 2, generator=g) * 0.28 + 0.02) / 2
+        return torch.cat([c - half, c + half], 1)
+    if kind == "clustered":  # detector-like: jittered copies of a few objects
+        obj = torch.rand(6, 4, generator=g)
+        pick = torch.randint(0, 6, (n,), generator=g)
+        c = obj[pick, :2] + torch.randn(n, 2, generator=g) * 0.02
+        size = (obj[pick, 2:] * 0.3 + 0.05) * (1 + 0.1 * torch.randn(n, 2, generator=g)).abs()
+        return torch.cat([c - size / 2, c + size / 2], 1)
+    if kind == "integer":  # exact IoU ties, zero-width and zero-height boxes
+        xy = torch.randint(-10, 20, (n, 2), generator=g).float()
+        return torch.cat([xy, xy + torch.randint(0, 8, (n, 2), generator=g).float()], 1)
+    if kind == "scales":  # tiny to huge boxes, far from the origin
+        c = torch.rand(n, 2, generator=g) * 1e4 - 5e3
+        half = torch.exp(torch.rand(n, 2, generator=g) * 12 - 4)
+        return torch.cat([c - half, c + half], 1)
+    raise ValueError(kind)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["uniform", "clustered", "integer", "scales"])
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.5, 0.7, 0.95])
+def test_grid_kernel_keeps_exactly_what_torchvision_keeps(kind, threshold):
+    g = torch.Generator().manual_seed(hash((kind, threshold)) % 2**31)
+    for trial in range(12):
+        n = int(torch.randint(1, 600, (1,), generator=g))
+        boxes = _scene(kind, n, g)
+        scores = (torch.randint(0, 4, (n,), generator=g).float() if trial % 2  # many ties
+                  else torch.rand(n, generator=g))
+        if trial % 5 == 4:
+            scores[torch.randint(0, n, (max(n // 10, 1),), generator=g)] = float("nan")
+        expected = torchvision.ops.nms(boxes, scores, threshold)
+        assert torch.equal(native.grid_nms(boxes, scores, threshold), expected), (kind, trial, n)
+        assert torch.equal(nms(boxes, scores, threshold), expected)
+
+
+@needs_native
+def test_grid_kernel_on_the_benchmark_sizes_and_its_error_for_bad_boxes():
+    g = torch.Generator().manual_seed(5)
+    for kind in ("uniform", "clustered"):
+        boxes, scores = _scene(kind, 5000, g), torch.rand(5000, generator=g)
+        assert torch.equal(nms(boxes, scores, 0.5), torchvision.ops.nms(boxes, scores, 0.5))
+    boxes[7, 2] = float("inf")
+    with pytest.raises(DivekitError, match=r"boxes\[7\] .*NaN or infinite"):
+        nms(boxes, scores, 0.5)
+    assert native.usable(boxes, 0.5) and not native.usable(boxes.double(), 0.5)
+    assert not native.usable(boxes, 0.99) and not native.usable(boxes, 0.0)
+
+
+def test_nms_falls_back_to_torchvision_without_the_kernel(monkeypatch):
+    monkeypatch.setenv("DIVEKIT_NATIVE", "0")
+    native.load.cache_clear()
+    try:
+        assert native.load() is None
+        g = torch.Generator().manual_seed(6)
+        boxes, scores = _scene("uniform", 300, g), torch.rand(300, generator=g)
+        assert torch.equal(nms(boxes, scores, 0.5), torchvision.ops.nms(boxes, scores, 0.5))
+    finally:
+        monkeypatch.undo()
+        native.load.cache_clear()

@@ -136,8 +136,12 @@ def validate_boxes(boxes: Tensor, name: str = "boxes") -> Tensor:
     return boxes
 
 
-def _check_nms_args(boxes: Tensor, scores: Tensor, iou_threshold: float, method: str) -> None:
-    validate_boxes(boxes, "boxes")
+def _check_nms_args(boxes: Tensor, scores: Tensor, iou_threshold: float, method: str,
+                    values: bool = True) -> None:
+    """Shapes, threshold and method; with ``values`` also the coordinates (the native kernel
+    checks those itself, on the way)."""
+    if values or not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+        validate_boxes(boxes, "boxes")
     if boxes.dim() != 2:
         raise DivekitError(f"boxes must have shape (N, 4), got {tuple(boxes.shape)}")
     if not isinstance(scores, Tensor) or scores.shape != boxes.shape[:1]:
@@ -180,11 +184,19 @@ def nms(
     whose IoU with it is above ``iou_threshold``, repeat. Returns the kept indices ``(K,)``
     (int64) in decreasing score order, ties smaller index first. ``method="fast"`` is
     ``torchvision.ops.nms``; ``method="reference"`` is the readable loop above; both give the
-    same indices.
+    same indices. On the CPU with float32 boxes the fast path is a compiled grid kernel
+    (``divekit.ops._native_nms``: a kept box is compared only with boxes sharing a grid cell, the
+    same arithmetic and order as torchvision's), else torchvision's kernel.
     """
-    _check_nms_args(boxes, scores, iou_threshold, method)
+    from divekit.ops import _native_nms
+
+    native = (method == "fast" and isinstance(boxes, Tensor) and isinstance(iou_threshold, float | int)
+              and not isinstance(iou_threshold, bool) and _native_nms.usable(boxes, float(iou_threshold)))
+    _check_nms_args(boxes, scores, iou_threshold, method, values=not native)
     if method == "reference":
         return _nms_reference(boxes, scores, iou_threshold)
+    if native:
+        return _native_nms.grid_nms(boxes, scores, float(iou_threshold))
     return torchvision.ops.nms(boxes, scores, float(iou_threshold))
 
 
