@@ -147,8 +147,9 @@ int64_t grid_nms(const float *boxes, const float *scores, int64_t n, double thre
         area[i] = (b[2] - b[0]) * (b[3] - b[1]);
         rank[i] = r;
         double w = (double)b[2] - b[0], h = (double)b[3] - b[1];
-        if (!(isfinite(b[0]) && isfinite(b[1]) && isfinite(b[2]) && isfinite(b[3]) && w >= 0 && h >= 0)) {
-            count = -3; /* the caller names the offending box */
+        float sum = (b[0] + b[1]) + (b[2] + b[3]); /* NaN when a coordinate is NaN or infinite */
+        if (!(sum - sum == 0.0f && w >= 0 && h >= 0)) {
+            count = -3; /* the caller names the offending box (or, after an overflow, falls back) */
             goto done;
         }
         cx[i] = 0.5 * ((double)b[0] + b[2]);
@@ -250,13 +251,15 @@ int64_t grid_nms(const float *boxes, const float *scores, int64_t n, double thre
                             float h = yy2 - yy1 > 0.0f ? yy2 - yy1 : 0.0f;
                             float inter = w * h;
                             float ovr = inter / (iarea + bj[4] - inter);
-                            if ((double)ovr > threshold) { suppressed[j] = 1; continue; }
-                            if (out != e) {
-                                float *to = sbox + 5 * out;
-                                sorted[out] = j;
-                                to[0] = bj[0]; to[1] = bj[1]; to[2] = bj[2]; to[3] = bj[3]; to[4] = bj[4];
-                            }
-                            out++;
+                            /* branch-free: mark, and keep the entry unless it was suppressed
+                               (each box sits in exactly one list, so it leaves it here) */
+                            int64_t sup = (double)ovr > threshold;
+                            suppressed[j] = (char)sup;
+                            float *to = sbox + 5 * out;
+                            float b0 = bj[0], b1 = bj[1], b2 = bj[2], b3 = bj[3], b4 = bj[4];
+                            sorted[out] = j;
+                            to[0] = b0; to[1] = b1; to[2] = b2; to[3] = b3; to[4] = b4;
+                            out += 1 - sup;
                         }
                         slot->end = out;
                     }
