@@ -108,3 +108,30 @@ def test_labels_with_a_class_outside_the_model_are_refused(tiny_shapes):
                          tiny_shapes.classes, "shapes")
     with pytest.raises(DivekitError, match=r"train labels\[5, 0\] has class 7"):
         detect.DetectionTask(detect.DetectConfig(image_size=64), data)
+
+
+@pytest.mark.parametrize("row, message", [
+    ([0, 0.5, 0.1, 0.2, 0.3], r"train labels\[3, 1\] is \[0, 0.5, 0.1, 0.2, 0.3\]: a box needs x1 < x2"),
+    ([0, 0.1, float("nan"), 0.2, 0.3], r"train labels\[3, 1\] is \[0, 0.1, nan, 0.2, 0.3\]: coordinates must be finite"),
+    ([1, 0.1, 0.1, 1.5, 0.3], r"train labels\[3, 1\] is .*: corners are fractions"),
+    ([2.5, 0.1, 0.1, 0.2, 0.3], r"train labels\[3, 1\] has class 2.5"),
+])
+def test_bad_boxes_are_refused_naming_the_entry(tiny_shapes, row, message):
+    bad = tiny_shapes.train_labels.clone()
+    bad[3, 1] = torch.tensor(row)
+    data = DetectionData(tiny_shapes.train_images, bad, tiny_shapes.val_images, tiny_shapes.val_labels,
+                         tiny_shapes.classes, "shapes")
+    with pytest.raises(DivekitError, match=message):
+        detect.DetectionTask(detect.DetectConfig(image_size=64), data)
+
+
+def test_cli_refuses_a_banana_file_with_an_inverted_box(tmp_path, capsys):
+    from divekit.cli import main
+
+    _write_banana_split(tmp_path / "bananas_train", [("0.png", 0, 10, 20, 74, 84), ("1.png", 0, 90, 0, 60, 64)])
+    _write_banana_split(tmp_path / "bananas_val", [("0.png", 0, 0, 0, 32, 32)])
+    code = main(["train", "tiny_ssd", "--data", "banana", "--data-dir", str(tmp_path), "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and "train labels[1, 0]" in err and "x1 < x2" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
