@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from divekit.data.detection import make_shapes
+from divekit.engine.device import configure_allocator
 from divekit.models.ssd import tiny_ssd
 from divekit.ops import anchors as dk_anchors
 from divekit.ops import boxes as dk_boxes
@@ -294,9 +295,12 @@ def main() -> int:
         )
         return 1
     torch.set_num_threads(args.threads)
+    # as the divekit command does; both sides run in this process, so both get it
+    allocator = configure_allocator()
     print(
         f"torch {torch.__version__}, d2l {d2l.__version__}, {platform.processor() or platform.machine()}, "
-        f"torch.set_num_threads({torch.get_num_threads()}), median of {args.repeats} repeats"
+        f"torch.set_num_threads({torch.get_num_threads()}), median of {args.repeats} repeats, "
+        f"allocator {'tuned' if allocator else 'default'}"
     )
     print(
         f"{'case':<52} {'divekit':>10} {'d2l':>10} {'speed-up':>8} {'(CPU time)':>10} {'goal':>6}  same result"

@@ -169,6 +169,9 @@ def main() -> int:
         return 1
     torch.set_num_threads(args.threads)
     import divekit.tasks.classify  # noqa: F401  import costs stay out of the timings
+    from divekit.engine.device import configure_allocator
+
+    configure_allocator()  # as the divekit command does; d2l's side runs in this process too
     print(f"torch {torch.__version__}, {args.threads} threads, {args.epochs} epoch(s), "
           f"median of {args.repeats}")
     rows = []

@@ -161,3 +161,19 @@ def test_schedules():
     assert lr_multiplier("none", 0, 100, warmup_steps=10) == pytest.approx(0.1)
     with pytest.raises(DivekitError, match="unknown scheduler"):
         lr_multiplier("bogus", 0, 10)
+
+
+def test_configure_allocator_takes_effect_on_glibc_and_can_be_refused(monkeypatch):
+    import sys
+
+    from divekit.engine.device import configure_allocator
+
+    monkeypatch.setenv("DIVEKIT_MALLOC", "default")
+    assert configure_allocator() is False
+    monkeypatch.delenv("DIVEKIT_MALLOC")
+    if sys.platform.startswith("linux"):
+        import platform
+
+        assert configure_allocator() is (platform.libc_ver()[0] == "glibc")
+    x = torch.randn(1 << 20)  # allocations still work afterwards
+    assert torch.equal(x.clone(), x)

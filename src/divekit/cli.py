@@ -275,7 +275,10 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("DIVEKIT_DEBUG"))
+    from divekit.engine.device import configure_allocator
     from divekit.errors import DivekitError
+
+    configure_allocator()  # reuse freed tensor memory instead of page-faulting it back each step
 
     try:
         parser = build_parser(_train_config_class(argv))
