@@ -4,19 +4,16 @@ batch 2B — for ddp, allreduce and ps, including an unevenly split and an empty
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from divekit.data.loader import TensorBatchLoader
 from divekit.engine import TrainConfig, Trainer
-from divekit.engine.launch import free_port
+from divekit.engine.launch import spawn_local
 
 STRATEGIES = ("ddp", "allreduce", "ps")
 PER_WORKER = 8
@@ -57,26 +54,19 @@ def _config(strategy: str = "ddp") -> TrainConfig:
                        strategy=strategy, quiet=True, device="cpu", seed=1)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for n in SIZES:
-            for strategy in STRATEGIES:
-                trainer = Trainer(MLPTask(n, PER_WORKER), _config(strategy))
-                history = trainer.fit()
-                torch.save({"weights": trainer.model.state_dict(), "history": history},
-                           Path(out) / f"{strategy}-{n}-rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out: str) -> None:
+    for n in SIZES:
+        for strategy in STRATEGIES:
+            trainer = Trainer(MLPTask(n, PER_WORKER), _config(strategy))
+            history = trainer.fit()
+            torch.save({"weights": trainer.model.state_dict(), "history": history},
+                       Path(out) / f"{strategy}-{n}-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    spawn_local(_worker, 2, str(out))
     return out
 
 

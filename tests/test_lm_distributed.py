@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from divekit.data.text import SeqDataLoader
 from divekit.engine import Trainer
-from divekit.engine.launch import free_port
+from divekit.engine.launch import spawn_local
 from divekit.errors import DivekitError
 from divekit.tasks import language_model as lm
 
@@ -36,26 +33,19 @@ def test_shards_split_every_global_batch_into_disjoint_rows():
         SeqDataLoader(torch.arange(100), 8, 7).shard(0, 2)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for sampling in ("sequential", "random"):
-            cfg = _config(4, sampling)
-            trainer = Trainer(lm.LanguageModelTask(cfg), cfg)
-            history = trainer.fit()
-            torch.save({"weights": trainer.model.state_dict(), "history": history},
-                       Path(out) / f"{sampling}-rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out: str) -> None:
+    for sampling in ("sequential", "random"):
+        cfg = _config(4, sampling)
+        trainer = Trainer(lm.LanguageModelTask(cfg), cfg)
+        history = trainer.fit()
+        torch.save({"weights": trainer.model.state_dict(), "history": history},
+                   Path(out) / f"{sampling}-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lm-ddp")
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    spawn_local(_worker, 2, str(out))
     return out
 
 

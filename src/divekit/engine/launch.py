@@ -46,6 +46,29 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _run_in_group(rank: int, fn: Any, world_size: int, port: int, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_local(fn: Any, nprocs: int, *args: Any) -> None:
+    """Run ``fn(rank, *args)`` on ``nprocs`` CPU processes joined in a gloo group on 127.0.0.1
+    (one thread each), as ``torchrun`` would start them; ``fn`` must be a module-level function.
+    Tests and notebooks use it to try data parallelism without a launcher."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_run_in_group, args=(fn, nprocs, free_port(), args), nprocs=nprocs, join=True)
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         try:
