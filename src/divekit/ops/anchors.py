@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from divekit.errors import DivekitError
+from divekit.ops._checks import number_list
 from divekit.ops.boxes import (
     _batched_nms_per_group,
     box_center_to_corner,
@@ -41,15 +42,7 @@ __all__ = [
 
 
 def _positive_numbers(values: Sequence[float], name: str) -> list[float]:
-    if isinstance(values, int | float):
-        values = [values]
-    values = list(values)
-    if not values:
-        raise DivekitError(f"{name} must hold at least one number")
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
-            raise DivekitError(f"{name}[{i}] = {v!r}; expected a positive number")
-    return [float(v) for v in values]
+    return number_list(values, name, lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
 def _real_number(value: float, name: str) -> float:

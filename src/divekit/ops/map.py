@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from divekit.errors import DivekitError
+from divekit.ops._checks import number_list
 from divekit.ops.boxes import validate_boxes
 
 __all__ = [
@@ -168,15 +169,8 @@ def _ranked_ap(tp: Tensor, fp: Tensor, num_truths: int, interpolation: str,
 
 
 def _thresholds(values: float | Sequence[float], name: str) -> Tensor:
-    if isinstance(values, int | float):
-        values = [values]
-    values = list(values)
-    if not values:
-        raise DivekitError(f"{name} must hold at least one number")
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
-            raise DivekitError(f"{name}[{i}] = {v!r}; expected a number in [0, 1]")
-    return torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return torch.tensor(number_list(values, name, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                        dtype=torch.float64)
 
 
 def _recall_thresholds(values: Sequence[float]) -> Tensor:
