@@ -1,8 +1,12 @@
 """Augmentation throughput: divekit's ``standard`` pipeline against the course's approach.
 
-* divekit: images held as one in-memory float tensor; ``Augment("standard")`` (transforms.v2 on
-  tensors: flip, RandomResizedCrop back to the input size, colour jitter) per sample through
-  :class:`~divekit.data.loader.TensorBatchLoader`'s ``sample_transform`` path (a DataLoader with
+* divekit batch (the default of ``divekit train --augment``): images held as one in-memory float
+  tensor; minibatches drawn by :class:`~divekit.data.loader.TensorBatchLoader`, then
+  ``BatchAugment("standard")`` (flip, random resized crop back to the input size, colour jitter,
+  each with per-sample parameters, applied to the whole batch) and normalisation, in the main
+  process. It uses no loader workers, so its figure is the same in every row.
+* divekit sample (``--augment-mode sample``): ``Augment("standard")`` (transforms.v2 on tensors)
+  per sample through ``TensorBatchLoader``'s ``sample_transform`` path (a DataLoader with
   workers), then one batched normalisation.
 * d2l: what the course does (``d2l.train_with_data_aug``): a dataset of PIL images, a
   ``torchvision.transforms`` (v1) ``Compose`` of the same three operations plus ``ToTensor`` and
@@ -76,6 +80,17 @@ def divekit_loader(images: np.ndarray, labels: np.ndarray, batch: int, workers: 
     )
 
 
+def divekit_batch_loader(images: np.ndarray, labels: np.ndarray, batch: int):
+    from divekit.data.batch_augment import BatchAugment
+    from divekit.data.loader import TensorBatchLoader
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255).contiguous()
+    mean, std = torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25)
+    augment = BatchAugment("standard")
+    return TensorBatchLoader(x, torch.from_numpy(labels), batch_size=batch, shuffle=True,
+                             batch_transform=lambda b: ((augment(b[0]) - mean) / std, b[1]))
+
+
 def images_per_second(loader, epochs: int) -> float:
     seen, t0 = 0, time.perf_counter()
     for epoch in range(epochs):
@@ -97,11 +112,14 @@ def main() -> None:
     what, images = load_images(args.n)
     labels = np.zeros(len(images), dtype=np.int64)
     print(f"data: {what}; batch {args.batch_size}; {args.epochs} epochs; 'standard' augmentation")
-    print(f"{'workers':>7} {'divekit img/s':>14} {'d2l img/s':>10} {'ratio':>6}")
+    print(f"{'workers':>7} {'batch img/s':>12} {'sample img/s':>13} {'d2l img/s':>10} "
+          f"{'batch/d2l':>10} {'sample/d2l':>11}")
     for w in args.workers:
-        ours = images_per_second(divekit_loader(images, labels, args.batch_size, w), args.epochs)
+        batched = images_per_second(divekit_batch_loader(images, labels, args.batch_size), args.epochs)
+        sample = images_per_second(divekit_loader(images, labels, args.batch_size, w), args.epochs)
         theirs = images_per_second(d2l_loader(images, labels, args.batch_size, w), args.epochs)
-        print(f"{w:>7} {ours:>14.0f} {theirs:>10.0f} {ours / theirs:>6.2f}")
+        print(f"{w:>7} {batched:>12.0f} {sample:>13.0f} {theirs:>10.0f} {batched / theirs:>10.2f} "
+              f"{sample / theirs:>11.2f}")
 
 
 if __name__ == "__main__":

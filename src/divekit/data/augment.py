@@ -202,8 +202,9 @@ def _parse_param(text: str, param: Param, op: str) -> Any:
     return (lo, hi)
 
 
-def parse_op(item: str) -> v2.Transform:
-    """``'crop:0.5-1'`` → the transform, with errors that name the valid choices."""
+def parse_item(item: str) -> tuple[str, list[Any]]:
+    """``'crop:0.5-1'`` → ``('crop', [(0.5, 1.0), (0.75, 1.333)])``: the operation's name and all
+    its parameter values (defaults filled in), with errors that name the valid choices."""
     name, *args = item.strip().split(":")
     if name in BATCH_LEVEL:
         raise DivekitError(f"{name!r} is a batch-level augmentation; use {BATCH_LEVEL[name]}")
@@ -216,15 +217,25 @@ def parse_op(item: str) -> v2.Transform:
     if len(args) > len(op.params):
         raise DivekitError(f"augmentation {name!r} takes at most {len(op.params)} parameter(s): {op.usage()}")
     values = [_parse_param(a, p, name) for a, p in zip(args, op.params)]
-    values += [p.default for p in op.params[len(values):]]
-    return op.build(*values)
+    return name, values + [p.default for p in op.params[len(values):]]
+
+
+def parse_spec(spec: str | None) -> list[tuple[str, list[Any]]]:
+    """A preset name or a comma-separated operation list → ``[(name, values), ...]``."""
+    spec = (spec or "none").strip()
+    spec = PRESETS.get(spec, spec)
+    return [parse_item(item) for item in spec.split(",") if item.strip()]
+
+
+def parse_op(item: str) -> v2.Transform:
+    """``'crop:0.5-1'`` → the v2 transform."""
+    name, values = parse_item(item)
+    return OPS[name].build(*values)
 
 
 def build_transforms(spec: str | None) -> list[v2.Transform]:
     """A preset name or a comma-separated operation list → the list of v2 transforms."""
-    spec = (spec or "none").strip()
-    spec = PRESETS.get(spec, spec)
-    return [parse_op(item) for item in spec.split(",") if item.strip()]
+    return [OPS[name].build(*values) for name, values in parse_spec(spec)]
 
 
 # ----------------------------------------------------------------------------- the pipeline

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from divekit.data import dataset_info, load_dataset
 from divekit.data.augment import Augment, BatchMix, SampleTransform
+from divekit.data.batch_augment import BatchAugment
 from divekit.data.loader import TensorBatchLoader
 from divekit.data.vision import ImageClassificationData, load_image_file, resize_images
 from divekit.engine.batch_size import choose_batch_size
@@ -79,6 +80,11 @@ class ClassifyConfig(TrainConfig):
         "hflip,crop:0.5-1,jitter:0.5 (see `divekit augment --help`); validation never augments",
         metavar="SPEC",
     )
+    augment_mode: str = option(
+        "batch", "where --augment runs: batch (whole minibatches at once with per-sample random "
+        "parameters, on the training device; fast) or sample (torchvision transforms.v2 image by "
+        "image in --workers loader processes)", choices=["batch", "sample"],
+    )
     mixup: float = option(0.0, "mixup: blend image pairs and labels, λ ~ Beta(α, α); 0 = off", metavar="ALPHA")
     cutmix: float = option(0.0, "CutMix: paste a box from another image, λ ~ Beta(α, α); 0 = off", metavar="ALPHA")
     balance: bool = option(False, "draw classes equally often (weighted sampling with replacement)")
@@ -106,6 +112,8 @@ class ClassifyConfig(TrainConfig):
             (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix take α ≥ 0 (0 = off)"),
             (self.shots is None or self.shots >= 1, f"--shots must be at least 1, got {self.shots}"),
             (self.tta in ("none", "flip"), f"--tta must be none or flip, got {self.tta!r}"),
+            (self.augment_mode in ("batch", "sample"),
+             f"--augment-mode must be batch or sample, got {self.augment_mode!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -226,14 +234,20 @@ class ClassificationTask:
         self.train_x = self.normalize(d.train_images)
         self.val_x = self.normalize(d.val_images)
         self.augment = Augment(cfg.augment, train=True)
+        # batched augmentation runs in step(), on the device, before normalisation
+        self.batch_augment = (BatchAugment(cfg.augment) if cfg.augment_mode == "batch"
+                              and not self.augment.is_identity else None)
         self.mix = BatchMix(d.num_classes, cfg.mixup, cfg.cutmix)
         counts = class_counts(d.train_labels, d.num_classes).double()
         # w_c = n / (K n_c), sklearn's "balanced"; a class absent from training gets weight 0
         w = torch.where(counts > 0, counts.sum() / (d.num_classes * counts.clamp(min=1)), 0.0)
         self.loss_weight = w.float() if cfg.class_weights else None
 
-    def normalize(self, x: Tensor) -> Tensor:
-        return (x - self.mean.view(-1, 1, 1)) / self.std.view(-1, 1, 1)
+    def normalize(self, x: Tensor, device: torch.device | None = None) -> Tensor:
+        mean, std = self.mean.view(-1, 1, 1), self.std.view(-1, 1, 1)
+        if device is not None:
+            mean, std = mean.to(device), std.to(device)
+        return (x - mean) / std
 
     def _normalize_batch(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return self.normalize(batch[0]), batch[1]
@@ -251,6 +265,8 @@ class ClassificationTask:
         common = dict(batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, weights=weights)
         if self.augment.is_identity:
             return TensorBatchLoader(self.train_x, labels, **common)  # the fast path
+        if self.batch_augment is not None:  # raw [0, 1] images; step() augments and normalises
+            return TensorBatchLoader(self.data.train_images, labels, **common)
         return TensorBatchLoader(
             self.data.train_images, labels, **common, workers=cfg.workers,
             sample_transform=SampleTransform(self.augment), batch_transform=self._normalize_batch,
@@ -262,6 +278,11 @@ class ClassificationTask:
 
     def step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         x, y = batch
+        if self.batch_augment is not None:
+            channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            x = self.normalize(self.batch_augment(x), device=x.device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
         if self.mix.enabled:
             x, y = self.mix(x, y)  # soft targets (N, K)
         logits = model(x)
