@@ -174,6 +174,21 @@ class BatchOp:
         return self.apply(x, **self.sample(x, g))
 
 
+class CoinOp(BatchOp):
+    """An operation applied to each sample with probability ``p``: subclasses give ``effect``."""
+
+    p: float
+
+    def sample(self, x, g):
+        return {"on": _coin(len(x), self.p, g)}
+
+    def effect(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def apply(self, x, on):
+        return torch.where(on.to(x.device).view(-1, 1, 1, 1), self.effect(x), x)
+
+
 class Flip(BatchOp):
     def __init__(self, p: float, dim: int):
         self.p, self.dim = p, dim
@@ -288,17 +303,14 @@ class Blur(BatchOp):
         return torch.where(on.to(x.device).view(-1, 1, 1, 1), blurred, x)
 
 
-class Sharpness(BatchOp):
+class Sharpness(CoinOp):
     """Blend with torchvision's 3x3 smoothing (borders kept) by ``factor``, with probability p."""
 
     def __init__(self, factor: float, p: float):
         self.factor, self.p = factor, p
 
-    def sample(self, x, g):
-        return {"on": _coin(len(x), self.p, g)}
-
-    def apply(self, x, on):
-        n, c, h, w = x.shape
+    def effect(self, x):
+        c, h, w = x.shape[1:]
         if h <= 2 or w <= 2:
             return x
         kernel = torch.ones(3, 3, device=x.device, dtype=x.dtype)
@@ -308,7 +320,7 @@ class Sharpness(BatchOp):
         out = x.clone()
         inner = out[..., 1:-1, 1:-1]
         inner.add_((smooth - inner) * (1 - self.factor))
-        return torch.where(on.to(x.device).view(-1, 1, 1, 1), out.clamp_(0, 1), x)
+        return out.clamp_(0, 1)
 
 
 class Jitter(BatchOp):
@@ -356,40 +368,29 @@ class Jitter(BatchOp):
         return out
 
 
-class Gray(BatchOp):
+class Gray(CoinOp):
     def __init__(self, p: float):
         self.p = p
 
-    def sample(self, x, g):
-        return {"on": _coin(len(x), self.p, g)}
-
-    def apply(self, x, on):
-        return torch.where(on.to(x.device).view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+    def effect(self, x):
+        return grayscale(x).expand_as(x)
 
 
-class Posterize(BatchOp):
+class Posterize(CoinOp):
     def __init__(self, bits: int, p: float):
         self.bits, self.p = bits, p
 
-    def sample(self, x, g):
-        return {"on": _coin(len(x), self.p, g)}
-
-    def apply(self, x, on):
+    def effect(self, x):
         levels = 1 << self.bits
-        poster = (x * levels).floor().clamp(0, levels - 1) / levels
-        return torch.where(on.to(x.device).view(-1, 1, 1, 1), poster, x)
+        return (x * levels).floor().clamp(0, levels - 1) / levels
 
 
-class Solarize(BatchOp):
+class Solarize(CoinOp):
     def __init__(self, threshold: float, p: float):
         self.threshold, self.p = threshold, p
 
-    def sample(self, x, g):
-        return {"on": _coin(len(x), self.p, g)}
-
-    def apply(self, x, on):
-        solar = torch.where(x >= self.threshold, 1 - x, x)
-        return torch.where(on.to(x.device).view(-1, 1, 1, 1), solar, x)
+    def effect(self, x):
+        return torch.where(x >= self.threshold, 1 - x, x)
 
 
 class Erase(BatchOp):
