@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -271,3 +272,57 @@ def test_batch_and_sample_modes_both_learn(tmp_path):
         assert result.history[-1]["train_loss"] < result.history[0]["train_loss"], mode
         config = json.loads((tmp_path / mode / "config.json").read_text())
         assert config["config"]["augment_mode"] == mode
+
+
+# ----------------------------------------------------------------------------- masks (segmentation)
+def _masks(n=12, h=20, w=24, k=5, seed=0):
+    return torch.randint(0, k, (n, h, w), generator=torch.Generator().manual_seed(seed))
+
+
+def _mask_ref(fn, m):
+    return torch.stack([fn(i, tv_tensors.Mask(m[i:i + 1])).as_subclass(torch.Tensor)[0] for i in range(len(m))])
+
+
+def test_masks_follow_crops_as_torchvision_moves_a_mask():
+    x, m = batch(), _masks()
+    op = Crop((0.08, 1.0), (3 / 4, 4 / 3))
+    p = params(op, x)
+    ours = op.apply_mask(m.unsqueeze(1), **p)[:, 0]
+    ref = _mask_ref(lambda i, mi: TF.resized_crop(mi, int(p["top"][i]), int(p["left"][i]), int(p["height"][i]),
+                                                  int(p["width"][i]), [20, 24]), m)
+    assert torch.equal(ours, ref)
+
+
+def test_masks_follow_rotations_and_elastic_deformations():
+    x, m = batch(h=21, w=21), _masks(h=21, w=21)
+    rot = Rotate(40.0)
+    p = params(rot, x)
+    ours = rot.apply_mask(m.unsqueeze(1), **p)[:, 0]
+    ref = _mask_ref(lambda i, mi: TF.rotate(mi, float(p["angle"][i])), m)
+    assert (ours == ref).float().mean() > 0.99  # nearest ties, as for images
+    el = Elastic(40.0, 4.0, 1.0)
+    p = params(el, x)
+    ours = el.apply_mask(m.unsqueeze(1), **p)[:, 0]
+    ref = _mask_ref(lambda i, mi: TF.elastic(mi, p["displacement"][i:i + 1]), m)
+    assert (ours == ref).float().mean() > 0.99
+
+
+def test_images_and_masks_stay_aligned_and_colour_ops_leave_masks_alone():
+    """An image that *is* its mask (value = class / 4) goes through nearest-only geometry with
+    the mask: afterwards the two still agree pixel for pixel; jitter changes the image only."""
+    m = _masks(n=16, h=24, w=24)
+    x = (m.float() / 4).unsqueeze(1)
+    aug = BatchAugment("hflip,vflip,rotate:30")
+    xa, ma = aug(x, m, generator=torch.Generator().manual_seed(0))
+    assert ma.shape == m.shape and ma.dtype == m.dtype and not torch.equal(ma, m)
+    assert torch.equal((xa[:, 0] * 4).round().long(), ma)
+    xj, mj = BatchAugment("jitter:0.5,blur:0.5-1:1,erase:1")(x, m, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mj, m) and not torch.equal(xj, x)
+    instance = torch.stack([m == c for c in range(5)], dim=1)  # (N, K, H, W) bool
+    _, mi = BatchAugment("strong")(x.expand(-1, 3, -1, -1).contiguous(), instance)
+    assert mi.shape == instance.shape and mi.dtype == torch.bool
+
+
+def test_masks_of_the_wrong_shape_are_refused():
+    with pytest.raises(DivekitError, match="do not match images"):
+        BatchAugment("hflip")(torch.rand(2, 3, 8, 8), torch.zeros(2, 8, 9, dtype=torch.long))

@@ -170,6 +170,10 @@ class BatchOp:
     def apply(self, x: Tensor, **params: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def apply_mask(self, m: Tensor, **params: Tensor) -> Tensor:
+        """The same geometric change on ``(N, K, H, W)`` masks (nearest); colour ops keep them."""
+        return m
+
     def __call__(self, x: Tensor, g: torch.Generator | None = None) -> Tensor:
         return self.apply(x, **self.sample(x, g))
 
@@ -198,6 +202,8 @@ class Flip(BatchOp):
 
     def apply(self, x, flip):
         return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(self.dim), x)
+
+    apply_mask = apply
 
 
 class Crop(BatchOp):
@@ -230,6 +236,18 @@ class Crop(BatchOp):
         rx = bilinear_matrix(left, width, W, W).to(x.device, x.dtype)  # (N, W, W)
         return ry.unsqueeze(1) @ x @ rx.transpose(1, 2).unsqueeze(1)
 
+    def apply_mask(self, m, top, left, height, width):
+        n, k, H, W = m.shape
+
+        def nearest(start: Tensor, length: Tensor, size: int) -> Tensor:  # interpolate's "nearest"
+            o = torch.arange(size, dtype=torch.float32)
+            src = (o * (length.float()[:, None] / size)).floor().long()
+            return (start[:, None] + torch.minimum(src, length[:, None] - 1)).to(m.device)
+
+        rows, cols = nearest(top, height, H), nearest(left, width, W)  # (N, H), (N, W)
+        m = m.gather(2, rows.view(n, 1, H, 1).expand(n, k, H, W))
+        return m.gather(3, cols.view(n, 1, 1, W).expand(n, k, H, W))
+
 
 def _grid(x: Tensor) -> Tensor:
     """The identity sampling grid ``(N, H, W, 2)`` in grid_sample's (align_corners=False) units."""
@@ -250,6 +268,14 @@ class Rotate(BatchOp):
         return {"angle": _uniform(len(x), -self.degrees, self.degrees, g)}
 
     def apply(self, x, angle):
+        return F.grid_sample(x, self.grid(x, angle), mode="nearest", padding_mode="zeros",
+                             align_corners=False)
+
+    def apply_mask(self, m, angle):
+        return self.apply(m.float(), angle).to(m.dtype)
+
+    @staticmethod
+    def grid(x: Tensor, angle: Tensor) -> Tensor:
         _, _, h, w = x.shape
         a = torch.deg2rad(angle.double())
         cos, sin = torch.cos(a), torch.sin(a)
@@ -259,8 +285,7 @@ class Rotate(BatchOp):
         # an output pixel shows the input pixel rotated back by the angle (counter-clockwise
         # on screen for positive angles, as torchvision)
         sx, sy = c * px - s * py, s * px + c * py
-        src = torch.stack((sx / (w / 2), sy / (h / 2)), dim=-1).to(x.dtype)
-        return F.grid_sample(x, src, mode="nearest", padding_mode="zeros", align_corners=False)
+        return torch.stack((sx / (w / 2), sy / (h / 2)), dim=-1).to(x.dtype)
 
 
 class Elastic(BatchOp):
@@ -280,10 +305,13 @@ class Elastic(BatchOp):
         shift = noise * self.alpha / torch.tensor([w, h], dtype=noise.dtype).view(1, 2, 1, 1)
         return {"displacement": shift.permute(0, 2, 3, 1), "on": _coin(n, self.p, g)}
 
-    def apply(self, x, displacement, on):
-        moved = F.grid_sample(x, _grid(x) + displacement.to(x.device, x.dtype), mode="bilinear",
+    def apply(self, x, displacement, on, mode="bilinear"):
+        moved = F.grid_sample(x, _grid(x) + displacement.to(x.device, x.dtype), mode=mode,
                               padding_mode="zeros", align_corners=False)
         return torch.where(on.to(x.device).view(-1, 1, 1, 1), moved, x)
+
+    def apply_mask(self, m, displacement, on):
+        return self.apply(m.float(), displacement, on, mode="nearest").to(m.dtype)
 
 
 class Blur(BatchOp):
@@ -444,7 +472,11 @@ class BatchAugment:
     """The batched counterpart of :class:`~divekit.data.augment.Augment` (training only).
 
     ``BatchAugment("standard")(x)`` augments a ``(N, C, H, W)`` float batch in ``[0, 1]`` (1 or 3
-    channels) with per-sample random parameters; ``generator`` fixes the draws.
+    channels) with per-sample random parameters; ``generator`` fixes the draws. With ``masks``
+    (``(N, H, W)`` class maps or ``(N, K, H, W)`` instance masks, any dtype) it returns
+    ``(images, masks)``, the masks moved by the same flips, crops, rotations and deformations
+    (nearest neighbour; 0 where a rotation brings in pixels from outside) and untouched by the
+    colour operations: the joint transform segmentation needs.
     """
 
     def __init__(self, spec: str | None = "none"):
@@ -458,18 +490,33 @@ class BatchAugment:
     def is_identity(self) -> bool:
         return not self.ops
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, x: Tensor, masks: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if isinstance(masks, torch.Generator):  # aug(x, generator) reads naturally too
+            masks, generator = None, masks
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise DivekitError(f"expected a batch (N, 1 or 3, H, W), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise DivekitError(f"expected float images in [0, 1], got {x.dtype}")
-        if len(x) == 0:
-            return x
-        with torch.autocast(x.device.type, enabled=False):
-            out = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-            for op in self.ops:
-                out = op(out, generator)
-        return out.to(x.dtype)
+        m = None
+        if masks is not None:
+            if masks.ndim not in (3, 4) or masks.shape[0] != x.shape[0] or masks.shape[-2:] != x.shape[-2:]:
+                raise DivekitError(f"masks of shape {tuple(masks.shape)} do not match images "
+                                   f"{tuple(x.shape)}: expected (N, H, W) or (N, K, H, W)")
+            m = masks if masks.ndim == 4 else masks.unsqueeze(1)
+        out = x
+        if len(x):
+            with torch.autocast(x.device.type, enabled=False):
+                out = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+                for op in self.ops:
+                    params = op.sample(out, generator)
+                    out = op.apply(out, **params)
+                    if m is not None:
+                        m = op.apply_mask(m, **params)
+            out = out.to(x.dtype)
+        if masks is None:
+            return out
+        return out, (m if masks.ndim == 4 else m[:, 0])
 
 
 __all__ = ["BUILDERS", "PRESETS", "BatchAugment", "BatchOp", "bilinear_matrix", "grayscale"]
