@@ -177,3 +177,38 @@ def test_configure_allocator_takes_effect_on_glibc_and_can_be_refused(monkeypatc
         assert configure_allocator() is (platform.libc_ver()[0] == "glibc")
     x = torch.randn(1 << 20)  # allocations still work afterwards
     assert torch.equal(x.clone(), x)
+
+
+class CountingTask(ToyTask):
+    """Counts its steps across epochs: state the Trainer must checkpoint and give back."""
+
+    def __init__(self, bad: bool = False):
+        super().__init__()
+        self.count, self.bad, self.events = torch.zeros((), dtype=torch.long), bad, []
+
+    def step(self, model, batch):
+        self.count += 1
+        return super().step(model, batch)
+
+    def on_epoch_start(self, model, epoch):
+        self.events.append(("epoch_start", epoch))
+
+    def checkpoint_state(self):
+        return object() if self.bad else {"count": self.count, "pair": (1, 2.5), "none": None}
+
+    def restore_checkpoint_state(self, model, state):
+        self.events.append(("restore", int(state["count"])))
+        assert state["pair"] == (1, 2.5) and state["none"] is None
+        self.count = state["count"].clone()
+
+
+def test_task_state_rides_in_checkpoints_and_comes_back_before_the_next_epoch(tmp_path):
+    cfg = TrainConfig(epochs=1, lr=0.1, quiet=True, device="cpu")
+    Trainer(CountingTask(), cfg, tmp_path).fit()
+    state = torch.load(CheckpointDir(tmp_path).latest() / "state.pt", weights_only=True)
+    assert int(state["task_state"][0]["count"]) == 5  # one entry per rank; 96 samples / 20
+    task = CountingTask()
+    Trainer(task, TrainConfig(**{**cfg.to_dict(), "epochs": 2}), tmp_path).fit(resume=True)
+    assert task.events == [("restore", 5), ("epoch_start", 2)] and int(task.count) == 10
+    with pytest.raises(DivekitError, match=r"checkpoint_state\(\) holds a 'object' value"):
+        Trainer(CountingTask(bad=True), cfg, tmp_path / "bad").fit()

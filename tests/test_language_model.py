@@ -10,6 +10,7 @@ import torch
 
 from divekit.cli import main
 from divekit.data.text import Vocab
+from divekit.engine import Trainer
 from divekit.engine.checkpoint import CheckpointDir
 from divekit.errors import DivekitError
 from divekit.models import create_model
@@ -120,6 +121,90 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(p, q), name
     assert straight.final["train_loss"] == resumed.final["train_loss"]
     assert CheckpointDir(tmp_path / "b").latest().name == "epoch-0003"
+
+
+class _InterruptedLM(lm.LanguageModelTask):
+    """Fails at its ``fail_at``-th step (a crash mid-epoch); records whether each step started
+    from a carried state."""
+
+    def __init__(self, cfg, fail_at=None):
+        super().__init__(cfg)
+        self.fail_at, self.carried = fail_at, []
+
+    def step(self, model, batch):
+        if len(self.carried) + 1 == self.fail_at:
+            raise RuntimeError("simulated crash")
+        self.carried.append(self.state is not None)
+        return super().step(model, batch)
+
+
+MID = {**TINY, "max_tokens": 3000, "hidden": 16, "epochs": 2, "checkpoint_every": 5}
+
+
+def _interrupt_mid_epoch(tmp_path, model: str):
+    """A straight 2-epoch run, and one that crashes at epoch 2's step 8, after a mid-epoch
+    checkpoint: (the straight trainer, the crashed run's directory, its latest checkpoint)."""
+    cfg = lm.Config(model=model, **MID)
+    straight = Trainer(_InterruptedLM(cfg), cfg, tmp_path / "a")
+    straight.fit()
+    per_epoch = straight.steps_per_epoch
+    assert per_epoch > 10  # checkpoint_every 5: one at epoch 2's step 1..5, before the crash
+    crashed = Trainer(_InterruptedLM(cfg, fail_at=per_epoch + 8), cfg, tmp_path / "b")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.fit()
+    latest = CheckpointDir(tmp_path / "b").latest()
+    assert latest.name.startswith("epoch-0001-step-")
+    return straight, tmp_path / "b", latest
+
+
+def _assert_same_weights(a, b):
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("model", ["gru", "lstm"])
+def test_mid_epoch_resume_continues_the_carried_state_bit_identically(tmp_path, model):
+    straight, run_dir, latest = _interrupt_mid_epoch(tmp_path, model)
+    saved = torch.load(latest / "state.pt", weights_only=True)["task_state"]
+    assert len(saved) == 1  # one entry per rank
+    hidden = saved[0]["hidden"]
+    shapes = [h.shape for h in (hidden if model == "lstm" else (hidden,))]
+    assert isinstance(hidden, tuple if model == "lstm" else torch.Tensor)
+    assert shapes == [torch.Size([1, 8, 16])] * len(shapes)  # (layers, batch, hidden), on the CPU
+    cfg = lm.Config(model=model, **MID)
+    task = _InterruptedLM(cfg)
+    resumed = Trainer(task, cfg, run_dir)
+    resumed.fit(resume=True)
+    assert task.carried[0]  # the first resumed step starts from the saved state, not zeros
+    _assert_same_weights(straight.model, resumed.model)
+    assert [r["train_loss"] for r in straight.history] == [r["train_loss"] for r in resumed.history]
+
+
+def test_checkpoint_without_task_state_still_resumes_from_zero(tmp_path):
+    straight, run_dir, latest = _interrupt_mid_epoch(tmp_path, "gru")
+    state = torch.load(latest / "state.pt", weights_only=True)
+    del state["task_state"]  # as written before checkpoints kept the hidden state
+    torch.save(state, latest / "state.pt")
+    cfg = lm.Config(model="gru", **MID)
+    task = _InterruptedLM(cfg)
+    resumed = Trainer(task, cfg, run_dir)
+    resumed.fit(resume=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert task.carried[0] is False and all(task.carried[1:])  # zeros once, then carried again
+    assert not all(torch.equal(p, q) for p, q in zip(straight.model.state_dict().values(),
+                                                      resumed.model.state_dict().values()))
+
+
+def test_nothing_carried_means_no_checkpoint_state():
+    for extra in ({"sampling": "random"}, {"bidirectional": True}):
+        cfg = lm.Config(model="gru", **{**TINY, "max_tokens": 2000, "hidden": 8, **extra})
+        task = lm.LanguageModelTask(cfg)
+        model = task.model()
+        x = task.data.train[:33].view(1, -1)
+        task.step(model, (x[:, :16], x[:, 1:17]))
+        assert task.checkpoint_state() is None
+        task.restore_checkpoint_state(model, {"hidden": torch.ones(1, 1, 8)})
+        assert task.state is None
 
 
 def test_bidirectional_model_refuses_to_generate(tmp_path, capsys):

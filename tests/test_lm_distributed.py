@@ -1,5 +1,6 @@
 """Language models train data-parallel too: 2 processes with B rows each equal 1 process with
-2B rows — with sequential sampling, where each process carries its own rows' hidden state."""
+2B rows — with sequential sampling, where each process carries its own rows' hidden state, and
+a mid-epoch checkpoint gives each process its own rows' state back."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from divekit.data.text import SeqDataLoader
 from divekit.engine import Trainer
+from divekit.engine.checkpoint import CheckpointDir
 from divekit.engine.launch import spawn_local
 from divekit.errors import DivekitError
 from divekit.tasks import language_model as lm
@@ -33,6 +35,35 @@ def test_shards_split_every_global_batch_into_disjoint_rows():
         SeqDataLoader(torch.arange(100), 8, 7).shard(0, 2)
 
 
+class _CrashingLM(lm.LanguageModelTask):
+    def __init__(self, cfg, fail_at=None):
+        super().__init__(cfg)
+        self.fail_at, self.calls = fail_at, 0
+
+    def step(self, model, batch):
+        self.calls += 1
+        if self.calls == self.fail_at:  # every rank at the same step, outside any collective
+            raise RuntimeError("simulated crash")
+        return super().step(model, batch)
+
+
+def _resume_mid_epoch(rank: int, out: Path) -> None:
+    """Straight, and crashed in epoch 2 then resumed from its mid-epoch checkpoint."""
+    cfg = lm.Config(model="gru", batch_size=4, sampling="sequential", checkpoint_every=4,
+                    **{**SMALL, "max_tokens": 1200})  # 14 steps per epoch
+    straight = Trainer(_CrashingLM(cfg), cfg, out / "straight")
+    straight.fit()
+    crashed = Trainer(_CrashingLM(cfg, fail_at=straight.steps_per_epoch + 7), cfg, out / "crashed")
+    try:
+        crashed.fit()
+    except RuntimeError:
+        pass
+    resumed = Trainer(_CrashingLM(cfg), cfg, out / "crashed")
+    resumed.fit(resume=True)
+    torch.save({"straight": straight.model.state_dict(), "resumed": resumed.model.state_dict()},
+               out / f"resume-rank{rank}.pt")
+
+
 def _worker(rank: int, out: str) -> None:
     for sampling in ("sequential", "random"):
         cfg = _config(4, sampling)
@@ -40,6 +71,7 @@ def _worker(rank: int, out: str) -> None:
         history = trainer.fit()
         torch.save({"weights": trainer.model.state_dict(), "history": history},
                    Path(out) / f"{sampling}-rank{rank}.pt")
+    _resume_mid_epoch(rank, Path(out))
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +92,17 @@ def test_two_processes_equal_one_with_the_global_batch(two_process_runs, samplin
         for k, v in single.model.state_dict().items():
             torch.testing.assert_close(run["weights"][k], v, rtol=0, atol=1e-5, msg=k)
         assert run["history"][-1]["train_loss"] == pytest.approx(history[-1]["train_loss"], abs=1e-5)
+
+
+def test_two_process_mid_epoch_resume_is_bit_identical(two_process_runs):
+    # a mid-epoch checkpoint of epoch 2 holds both ranks' rows' states, in rank order
+    mid = sorted((two_process_runs / "crashed" / "checkpoint").glob("epoch-0001-step-*"))
+    assert mid, "no mid-epoch checkpoint was kept"
+    saved = torch.load(mid[-1] / "state.pt", weights_only=True)["task_state"]
+    assert [s["hidden"].shape for s in saved] == [torch.Size([1, 4, 12])] * 2
+    assert not torch.equal(saved[0]["hidden"], saved[1]["hidden"])
+    assert CheckpointDir(two_process_runs / "crashed").latest().name == "epoch-0002"
+    for rank in (0, 1):
+        run = torch.load(two_process_runs / f"resume-rank{rank}.pt", weights_only=True)
+        for k, v in run["straight"].items():
+            assert torch.equal(run["resumed"][k], v), (rank, k)

@@ -3,7 +3,8 @@
 Layout of ``RUN_DIR/checkpoint/``::
 
     epoch-0003/model.safetensors   weights and buffers
-    epoch-0003/state.pt            optimizer, scheduler, RNG states, epoch, history
+    epoch-0003/state.pt            optimizer, scheduler, RNG states, epoch, history (and the
+                                   task's own state, per rank, where it has one)
     latest                         the name of the newest complete checkpoint
 
 A checkpoint is written into a temporary directory, renamed into place, and only then is
@@ -94,6 +95,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plain_cpu(obj: Any, what: str = "the value") -> Any:
+    """``obj`` with every tensor copied to the CPU (compact, detached), after checking that it
+    holds only what ``torch.load(weights_only=True)`` reads back: ``None``, ``bool``, ``int``,
+    ``float``, ``str``, tensors, and dicts (with str/int keys), lists and tuples of them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, dict) and all(isinstance(k, str | int) for k in obj):
+        return {k: plain_cpu(v, what) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        items = [plain_cpu(v, what) for v in obj]
+        return tuple(items) if isinstance(obj, tuple) else items
+    raise DivekitError(
+        f"{what} holds a {type(obj).__name__!r} value; a checkpoint keeps only tensors, numbers, "
+        "strings and None, in dicts, lists and tuples"
+    )
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:

@@ -28,6 +28,7 @@ from divekit.engine.checkpoint import (
     CheckpointDir,
     atomic_write_json,
     load_weights,
+    plain_cpu,
     rng_state,
     set_rng_state,
 )
@@ -46,6 +47,16 @@ class Task(Protocol):
     batch, default ``len(batch[0])``), ``on_epoch_start(model, epoch)`` (e.g. reset a hidden
     state), ``summarize(row)`` (derived metrics such as perplexity = exp(loss), added to the
     epoch's row), ``on_epoch_end(model, epoch, run_dir)`` (pictures of the job).
+
+    A task that keeps state of its own between steps (a carried hidden state) makes resume
+    exact with ``checkpoint_state()`` and ``restore_checkpoint_state(model, state)``. Every
+    checkpoint stores what ``checkpoint_state()`` returns — ``None``, or tensors, numbers and
+    strings in dicts, lists and tuples (copied to the CPU; the file loads with
+    ``weights_only=True``) — once per rank, in rank order. Resuming gives each rank its own
+    entry back (on the CPU: move it to ``model``'s device) at the point it was taken: after
+    ``on_epoch_start`` and the loader's skip for a mid-epoch checkpoint, before the next epoch's
+    ``on_epoch_start`` for an epoch-end one. It is not called when the checkpoint has no entry
+    (written before the task had the methods) or was written by another number of workers.
 
     ``step`` returns the *mean* loss over its batch: under data parallelism the Trainer weights
     it by the batch's share of the global batch (see :mod:`divekit.engine.strategies`), and
@@ -174,6 +185,7 @@ class Trainer:
         self.epoch = 0  # completed epochs (the one running, inside an epoch)
         self.step_in_epoch = 0  # steps of the next epoch already done (mid-epoch resume)
         self.partial: dict[str, Any] | None = None
+        self.task_resume: tuple[Any] | None = None  # (task state,) to restore mid-epoch
         self.checkpoints = CheckpointDir(self.run_dir) if self.run_dir else None
 
     def _build_model(self) -> nn.Module:
@@ -240,13 +252,34 @@ class Trainer:
                 f"the same number, not {self.env.world_size}"
             )
         self.history = [dict(row) for row in state["history"]]
+        self._restore_task(state.get("task_state"))
         return True
 
+    def _restore_task(self, entries: Any) -> None:
+        """Give the task its rank's entry back (see :class:`Task`): now at an epoch boundary,
+        in :meth:`_train_epoch` after ``on_epoch_start`` when the checkpoint is mid-epoch."""
+        self.task_resume = None
+        if (not hasattr(self.task, "restore_checkpoint_state") or not isinstance(entries, list)
+                or len(entries) != self.env.world_size):
+            return
+        if self.step_in_epoch:
+            self.task_resume = (entries[self.env.rank],)
+        else:
+            self.task.restore_checkpoint_state(self.model, entries[self.env.rank])
+
     def _save(self, step_in_epoch: int = 0, partial: dict[str, Any] | None = None) -> None:
-        """Checkpoint (rank 0 writes; every rank contributes its RNG state)."""
+        """Checkpoint (rank 0 writes; every rank contributes its RNG and task state)."""
         if self.checkpoints is None:
             return
-        rngs = D.all_gather_object(rng_state()) if self.env.enabled else None
+        has_task_state = hasattr(self.task, "checkpoint_state")
+        mine = None
+        if has_task_state:
+            what = f"{type(self.task).__name__}.checkpoint_state()"
+            mine = plain_cpu(self.task.checkpoint_state(), what)
+        rngs, task_states = None, [mine]
+        if self.env.enabled:
+            ranks = D.all_gather_object((rng_state(), mine))
+            rngs, task_states = [r for r, _ in ranks], [t for _, t in ranks]
         if not self.is_main:
             return
         done = self.epoch - 1 if step_in_epoch else self.epoch
@@ -262,6 +295,8 @@ class Trainer:
         }
         if rngs is not None:
             state["rng_ranks"] = rngs
+        if has_task_state:
+            state["task_state"] = task_states
         if partial is not None:
             state["partial"] = partial
         name = f"epoch-{done:04d}" + (f"-step-{step_in_epoch:06d}" if step_in_epoch else "")
@@ -362,6 +397,9 @@ class Trainer:
         self.strategy.train_model.train()
         if hasattr(task, "on_epoch_start"):
             task.on_epoch_start(self.model, self.epoch)
+        if self.task_resume is not None:  # a mid-epoch checkpoint's task state, where it was taken
+            task.restore_checkpoint_state(self.model, self.task_resume[0])  # type: ignore[attr-defined]
+            self.task_resume = None
         sums, seen = self._partial_sums(partial)
         if self.counter is not None:
             self.counter.reset()

@@ -162,8 +162,11 @@ class LanguageModelTask:
     exact resume at an epoch boundary — do not depend on each other. With random sampling it
     starts at zero for every minibatch. A bidirectional model never carries it (its backward
     half would come from the wrong end). A "sample" in ``samples_per_s`` is one token.
-    (A mid-epoch ``--checkpoint-every`` resume restarts a sequential state at zero, so only
-    epoch-boundary resumes are bit-identical.)
+
+    Checkpoints keep the carried state (:meth:`checkpoint_state`), so a mid-epoch
+    ``--checkpoint-every`` resume continues it and is bit-identical too; with ``--nproc`` each
+    rank's rows are saved and given back to that rank. An older checkpoint without it resumes
+    mid-epoch with the state at zero.
     """
 
     def __init__(self, cfg: Config, data: TextData | None = None):
@@ -197,6 +200,26 @@ class LanguageModelTask:
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         self.state = None
+
+    def checkpoint_state(self) -> dict[str, State] | None:
+        """The carried hidden state for the checkpoint (``(layers, B, H)``, or the pair ``(h, c)``
+        for an LSTM); ``None`` when nothing is carried (random sampling, bidirectional, or
+        before the epoch's first step)."""
+        if not self.carry or self.state is None:
+            return None
+        return {"hidden": self.state}
+
+    def restore_checkpoint_state(self, model: nn.Module, saved: dict[str, Any] | None) -> None:
+        """Continue from a checkpoint's hidden state, on ``model``'s device."""
+        hidden = saved.get("hidden") if isinstance(saved, dict) and self.carry else None
+        if hidden is None:
+            self.state = None
+            return
+        device = next(model.parameters()).device
+        if isinstance(hidden, tuple | list):
+            self.state = tuple(h.to(device) for h in hidden)  # type: ignore[assignment]
+        else:
+            self.state = hidden.to(device)
 
     def step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         X, Y = batch  # (B, T) each; Y is X shifted by one token
