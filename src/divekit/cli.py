@@ -160,7 +160,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 
         print(format_comm_ratio(comm_ratio_table(names)))
         return
-    print(f"{'name':<14} {'params':>12}  {'input':<12} description")
+    width = max([14, *map(len, names)])
+    print(f"{'name':<{width}} {'params':>12}  {'input':<12} description")
     for name in names:
         info = model_info(name)
         if info.task == "classify":
@@ -169,7 +170,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         else:
             params = "-"
         shape = "x".join(map(str, info.input_shape)) if info.input_shape else "tokens"
-        print(f"{name:<14} {params:>12}  {shape:<12} {info.description}")
+        print(f"{name:<{width}} {params:>12}  {shape:<12} {info.description}")
 
 
 def cmd_datasets(args: argparse.Namespace) -> None:

@@ -139,3 +139,44 @@ def plot_detections(images: Sequence, detections: Sequence, classes: Sequence[st
                     va="bottom", bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "linewidth": 0})
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_attention(weights, path: str | os.PathLike, *, xlabel: str = "keys", ylabel: str = "queries",
+                   titles: Sequence[str] | None = None, xticks: Sequence[str] | None = None,
+                   yticks: Sequence[str] | None = None, cmap: str = "Reds") -> Path:
+    """Attention weights as heat maps (the course's ``show_heatmaps``).
+
+    ``weights``: ``(Q, K)``, ``(panels, Q, K)`` (e.g. one per head) or ``(rows, cols, Q, K)``;
+    one shared colour scale; ``xticks`` / ``yticks`` label keys and queries (tokens).
+    """
+    import numpy as np
+
+    w = np.asarray(weights.detach().float().cpu() if hasattr(weights, "detach") else weights, dtype=np.float32)
+    if w.ndim == 2:
+        w = w[None, None]
+    elif w.ndim == 3:
+        w = w[None]
+    if w.ndim != 4:
+        raise ValueError(f"attention weights must be 2-, 3- or 4-D, got shape {w.shape}")
+    rows, cols, q, k = w.shape
+    cell = min(2.5, max(0.9, 0.22 * max(q, k)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 0.8, cell * rows), squeeze=False,
+                             sharex=True, sharey=True)
+    vmax = float(w.max()) if w.size else 1.0
+    image = None
+    for i in range(rows):
+        for j in range(cols):
+            ax = axes[i, j]
+            image = ax.imshow(w[i, j], cmap=cmap, vmin=0, vmax=vmax or 1.0, aspect="auto")
+            if titles is not None and i * cols + j < len(titles):
+                ax.set_title(titles[i * cols + j], fontsize=9)
+            if i == rows - 1:
+                ax.set_xlabel(xlabel)
+                if xticks is not None:
+                    ax.set_xticks(range(k), xticks, rotation=90, fontsize=7)
+            if j == 0:
+                ax.set_ylabel(ylabel)
+                if yticks is not None:
+                    ax.set_yticks(range(q), yticks, fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.6)
+    return save_figure(fig, path)

@@ -18,6 +18,8 @@ from divekit.models import (  # noqa: E402,F401  isort: skip
     resnet,
     densenet,
     rnn,
+    seq2seq,
+    transformer,
     ssd,
     yolo,
     centernet,
