@@ -104,3 +104,16 @@ def test_usage_errors_are_one_line_too():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--epochs" in proc.stderr and "--help" in proc.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_error_message(monkeypatch, capsys):
+    """`divekit models | head -1`: writing to a pipe whose reader has gone ends quietly."""
+    import os
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left
+    closed = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", closed)
+    assert main(["models"]) == 141
+    assert capsys.readouterr().err == ""

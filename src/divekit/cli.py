@@ -298,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; checkpoints written so far are kept (use --resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `divekit models | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:  # an unexpected failure still gets one line unless --debug
         if debug:
             raise
