@@ -18,6 +18,7 @@ TASK_MODULES: dict[str, str] = {
     "classify": "divekit.tasks.classify",
     "detect": "divekit.tasks.detect",
     "language_model": "divekit.tasks.language_model",
+    "translate": "divekit.tasks.translate",
 }
 
 
@@ -30,7 +31,7 @@ def task_module(task: str) -> ModuleType:
 
 # modules adding commands of their own to the CLI through add_commands(subparsers, parent)
 COMMAND_MODULES: list[str] = ["divekit.tasks.finetune", "divekit.tasks.language_model",
-                              "divekit.tasks.sequence"]
+                              "divekit.tasks.sequence", "divekit.tasks.translate"]
 
 
 def command_modules() -> list[ModuleType]:
