@@ -17,19 +17,16 @@ import pytest
 import torch
 
 from divekit.data import dataset_info, hub, list_datasets, load_dataset
+from divekit.data.numbers_fr import _NOUNS, english_number, french_number, numbers_fr
 from divekit.data.text import Vocab
 from divekit.data.translation import (
-    _NOUNS,
     _OTHER_SPACES,
     RESERVED_TOKENS,
     TranslationData,
     build_array,
     decoder_inputs,
     encode_sentences,
-    english_number,
-    french_number,
     load_translation,
-    numbers_fr,
     preprocess_nmt,
     read_fra_eng,
     split_indices,
