@@ -46,11 +46,10 @@ Ngram = tuple[str, ...]
 
 def _ngram_counts(tokens: Sequence[str], max_order: int) -> Counter[Ngram]:
     """All n-grams of ``tokens`` with ``1 <= n <= max_order``, counted."""
-    return Counter(
-        tuple(tokens[i : i + n])
-        for n in range(1, max_order + 1)
-        for i in range(len(tokens) - n + 1)
-    )
+    counts: Counter[Ngram] = Counter()
+    for n in range(1, max_order + 1):
+        counts.update(zip(*(tokens[i:] for i in range(n))))  # Counter.update counts in C
+    return counts
 
 
 # --------------------------------------------------------------------------- the course's BLEU
@@ -61,8 +60,8 @@ def bleu(pred_seq: str, label_seq: str, k: int) -> float:
 
     Tokens are whitespace-separated words (``str.split()``; the course splits on single spaces,
     which is the same for the space-joined sentences it produces). ``k`` is the longest n-gram
-    order. The course counts matches with a quadratic loop; here each order is one ``Counter``
-    intersection, which gives the same clipped counts.
+    order. Counting is the course's (a table of the label's n-grams, consumed by the
+    prediction's), with n-grams as tuples from ``zip`` instead of joined strings.
 
     Where a precision is undefined the score is 0.0: an empty prediction, or a prediction shorter
     than ``k`` tokens (it has no ``k``-grams). The course divides by zero for ``len_pred == k - 1``
@@ -79,9 +78,15 @@ def bleu(pred_seq: str, label_seq: str, k: int) -> float:
         return 0.0
     score = math.exp(min(0.0, 1 - len_label / len_pred))
     for n in range(1, k + 1):
-        pred_ngrams = Counter(tuple(pred_tokens[i : i + n]) for i in range(len_pred - n + 1))
-        label_ngrams = Counter(tuple(label_tokens[i : i + n]) for i in range(len_label - n + 1))
-        num_matches = sum((pred_ngrams & label_ngrams).values())  # clipped: min of the counts
+        label_ngrams: dict[tuple[str, ...], int] = {}
+        for gram in zip(*(label_tokens[i:] for i in range(n))):
+            label_ngrams[gram] = label_ngrams.get(gram, 0) + 1
+        num_matches = 0
+        for gram in zip(*(pred_tokens[i:] for i in range(n))):
+            left = label_ngrams.get(gram, 0)
+            if left:  # clipped: each label n-gram matches at most as often as it occurs
+                num_matches += 1
+                label_ngrams[gram] = left - 1
         score *= (num_matches / (len_pred - n + 1)) ** (0.5**n)
     return score
 
@@ -197,17 +202,20 @@ def _corpus_statistics(
     sys_len = ref_len = 0
     for hyp, refs in zip(hypotheses, references):
         hyp_tokens = split(hyp)
-        max_ref_counts: Counter[Ngram] = Counter()
-        ref_lens = []
-        for ref in refs:
-            ref_tokens = split(ref)
-            ref_lens.append(len(ref_tokens))
-            max_ref_counts |= _ngram_counts(ref_tokens, max_order)  # |: the max of the counts
-        sys_len += len(hyp_tokens)
-        ref_len += _closest_ref_len(len(hyp_tokens), ref_lens)
+        ref_tokens = [split(ref) for ref in refs]
+        max_ref_counts = _ngram_counts(ref_tokens[0], max_order)
+        for more in ref_tokens[1:]:
+            max_ref_counts |= _ngram_counts(more, max_order)  # |: the max of the counts
+        n_hyp = len(hyp_tokens)
+        sys_len += n_hyp
+        ref_len += _closest_ref_len(n_hyp, [len(r) for r in ref_tokens])
+        for n in range(max_order):
+            totals[n] += max(0, n_hyp - n)
+        get = max_ref_counts.get
         for ngram, count in _ngram_counts(hyp_tokens, max_order).items():
-            totals[len(ngram) - 1] += count
-            counts[len(ngram) - 1] += min(count, max_ref_counts[ngram])
+            matched = get(ngram, 0)
+            if matched:
+                counts[len(ngram) - 1] += count if count < matched else matched
     return counts, totals, sys_len, ref_len
 
 

@@ -1,0 +1,172 @@
+"""Machine-translation building blocks against the course's package (d2l 1.0.3) and sacrebleu.
+
+Each row times divekit and its peer on the same inputs in the same process (median of
+``--repeats`` interleaved runs, one thread) and prints the speed-up (peer time / divekit time):
+
+* ``preprocess+tokenize``: the whole Tatoeba ``fra.txt`` (167,130 pairs, from
+  ``../shared/data/fra-eng`` when present, else 20,000 generated numbers-fr pairs) through
+  d2l 1.0's ``MTFraEng._preprocess`` + ``_tokenize`` vs ``preprocess_nmt`` + ``tokenize_nmt``
+  (identical tokens, checked; d2l appends ``<eos>`` at this stage, divekit when building
+  arrays);
+* ``bleu (course)``: the course's per-sentence ``bleu(pred, label, k=4)`` over 20,000 pairs;
+* ``corpus BLEU``: ``sacrebleu.corpus_bleu`` vs ``divekit.ops.bleu.corpus_bleu`` on the same
+  20,000 pairs (same score, checked);
+* ``masked_softmax``: forward + backward on ``(128, 13, 13)`` scores with random lengths;
+* ``multi-head attention``: forward + backward, ``(128, 13, 256)`` self-attention, 4 heads, the
+  same weights;
+* ``transformer encoder``: two blocks (d 256, FFN 64, 4 heads) forward + backward on
+  ``(128, 13)`` tokens, the same weights, dropout 0.
+
+    python benchmarks/translation.py
+    python benchmarks/translation.py --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FRA = ROOT.parent / "shared" / "data" / "fra-eng" / "fra.txt"
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def race(ours: Callable[[], object], theirs: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Interleave the two so that load changes hit both."""
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(timed(ours, 1))
+        b.append(timed(theirs, 1))
+    return statistics.median(a), statistics.median(b)
+
+
+def row(name: str, ours: float, theirs: float, peer: str) -> None:
+    print(f"{name:<24} {ours * 1e3:>10.2f} {theirs * 1e3:>10.2f}  {theirs / ours:>6.2f}x  ({peer})")
+
+
+def text_rows(repeats: int) -> None:
+    import d2l.torch as d2l
+
+    from divekit.data.numbers_fr import numbers_fr
+    from divekit.data.translation import preprocess_nmt, tokenize_nmt
+    from divekit.ops.bleu import bleu, corpus_bleu
+
+    text = FRA.read_text(encoding="utf-8") if FRA.is_file() else numbers_fr(20_000)
+    what = "fra.txt (../shared/data)" if FRA.is_file() else "20,000 numbers-fr pairs (no fra.txt)"
+    course = d2l.MTFraEng.__new__(d2l.MTFraEng)  # its methods, without its download
+
+    def theirs() -> tuple[list, list]:
+        return course._tokenize(course._preprocess(text))
+
+    ours_out, theirs_out = tokenize_nmt(preprocess_nmt(text)), theirs()
+    for mine, course_side in zip(ours_out, theirs_out):
+        assert [t + ["<eos>"] for t in mine] == course_side, "tokenized pairs differ"
+    print(f"text: {what}, {len(ours_out[0]):,} pairs")
+    a, b = race(lambda: tokenize_nmt(preprocess_nmt(text)), theirs, repeats)
+    row("preprocess+tokenize", a, b, "d2l")
+
+    rng = random.Random(0)
+    src, tgt = ours_out
+    n = min(20_000, len(tgt))
+    refs = [" ".join(t) for t in tgt[:n]]
+    words = sorted({w for t in tgt[:n] for w in t})
+    hyps = [" ".join(w if rng.random() < 0.7 else rng.choice(words) for w in t) for t in tgt[:n]]
+    a, b = race(lambda: [bleu(h, r, 4) for h, r in zip(hyps, refs)],
+                lambda: [d2l.bleu(h, r, 4) for h, r in zip(hyps, refs)], repeats)
+    row("bleu (course, k=4)", a, b, "d2l")
+    try:
+        import sacrebleu
+    except ImportError:
+        print("corpus BLEU: sacrebleu not installed, skipped")
+        return
+    ours_score = corpus_bleu(hyps, refs, tokenize="none", smooth="exp")
+    theirs_score = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", force=True).score
+    assert abs(ours_score - theirs_score) < 1e-6 * max(1.0, theirs_score), (ours_score, theirs_score)
+    a, b = race(lambda: corpus_bleu(hyps, refs, tokenize="none", smooth="exp"),
+                lambda: sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", force=True), repeats)
+    row("corpus BLEU", a, b, "sacrebleu")
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for p in params:
+            p.grad = None
+        fn().float().square().mean().backward()
+    return run
+
+
+def tensor_rows(repeats: int) -> None:
+    import d2l.torch as d2l
+
+    from divekit.models.attention import MultiHeadAttention
+    from divekit.models.transformer import TransformerEncoder
+    from divekit.ops.masking import masked_softmax
+
+    torch.manual_seed(0)
+    b, t, d, heads = 128, 13, 256, 4
+    scores = torch.randn(b, t, t, requires_grad=True)
+    lens = torch.randint(1, t + 1, (b,))
+    # the course masks in place, so both sides get a fresh non-leaf copy of the scores
+    a_, b_ = race(_fwd_bwd(lambda: masked_softmax(scores * 1, lens), [scores]),
+                  _fwd_bwd(lambda: d2l.masked_softmax(scores * 1, lens), [scores]), repeats * 20)
+    row("masked_softmax", a_, b_, "d2l")
+
+    ours = MultiHeadAttention(d, heads, 0.0, query_size=d, key_size=d, value_size=d).train()
+    theirs = d2l.MultiHeadAttention(d, heads, 0.0)
+    X = torch.randn(b, t, d, requires_grad=True)
+    theirs(X, X, X, lens)  # size its LazyLinear layers
+    theirs.load_state_dict({k.replace("attention.", "", 0): v for k, v in ours.state_dict().items()}, strict=False)
+    with torch.no_grad():
+        for name in ("W_q", "W_k", "W_v", "W_o"):
+            getattr(theirs, name).weight.copy_(getattr(ours, name).weight)
+        torch.testing.assert_close(ours(X, X, X, lens), theirs(X, X, X, lens), atol=1e-5, rtol=1e-5)
+    a_, b_ = race(_fwd_bwd(lambda: ours(X, X, X, lens), [X, *ours.parameters()]),
+                  _fwd_bwd(lambda: theirs(X, X, X, lens), [X, *theirs.parameters()]), repeats * 5)
+    row("multi-head attention", a_, b_, "d2l")
+
+    vocab = 1000
+    enc = TransformerEncoder(vocab, d, 64, heads, 2, 0.0).train()
+    peer = d2l.TransformerEncoder(vocab, d, 64, heads, 2, 0.0).train()
+    tokens = torch.randint(0, vocab, (b, t))
+    peer(tokens, lens)  # size the LazyLinear layers
+    mine, course = list(enc.parameters()), list(peer.parameters())  # the same layers, in order
+    assert [p.shape for p in mine] == [p.shape for p in course]
+    with torch.no_grad():
+        for a, b in zip(mine, course):
+            b.copy_(a)
+        torch.testing.assert_close(enc(tokens, lens), peer(tokens, lens), atol=1e-4, rtol=1e-4)
+    a_, b_ = race(_fwd_bwd(lambda: enc(tokens, lens), list(enc.parameters())),
+                  _fwd_bwd(lambda: peer(tokens, lens), list(peer.parameters())), repeats * 3)
+    row("transformer encoder", a_, b_, "d2l")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5, help="interleaved runs per row (default: 5)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from divekit.engine.device import configure_allocator
+
+    configure_allocator()
+    print(f"{'':<24} {'divekit ms':>10} {'peer ms':>10}  speed-up")
+    text_rows(args.repeats)
+    tensor_rows(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
