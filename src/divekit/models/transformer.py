@@ -28,6 +28,16 @@ from divekit.models.registry import register_model
 from divekit.models.seq2seq import EncoderDecoder
 
 
+def scaled_embedding(vocab_size: int, num_hiddens: int) -> nn.Embedding:
+    """An embedding initialised N(0, 1/d), so that after the √d scaling its vectors are O(1),
+    the scale of the positional encoding (Vaswani et al.; fairseq). The course keeps PyTorch's
+    N(0, 1), which the √d scaling makes √d times larger than the encoding: at d = 256 the
+    positions are a whisper, and on numbers-fr the model swapped thousands and hundreds."""
+    embedding = nn.Embedding(vocab_size, num_hiddens)
+    nn.init.normal_(embedding.weight, mean=0.0, std=num_hiddens ** -0.5)
+    return embedding
+
+
 class PositionWiseFFN(nn.Module):
     """``dense2(relu(dense1(X)))`` applied at every position: ``(B, T, d) → (B, T, d_out)``."""
 
@@ -79,7 +89,7 @@ class TransformerEncoder(nn.Module):
                  num_blks: int, dropout: float = 0.0, use_bias: bool = False, max_len: int = 1000):
         super().__init__()
         self.num_hiddens = num_hiddens
-        self.embedding = nn.Embedding(vocab_size, num_hiddens)
+        self.embedding = scaled_embedding(vocab_size, num_hiddens)
         self.pos_encoding = PositionalEncoding(num_hiddens, dropout, max_len)
         self.blks = nn.ModuleList(
             TransformerEncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout, use_bias)
@@ -133,7 +143,7 @@ class TransformerDecoder(nn.Module):
                  num_blks: int, dropout: float = 0.0, use_bias: bool = False, max_len: int = 1000):
         super().__init__()
         self.num_hiddens, self.num_blks = num_hiddens, num_blks
-        self.embedding = nn.Embedding(vocab_size, num_hiddens)
+        self.embedding = scaled_embedding(vocab_size, num_hiddens)
         self.pos_encoding = PositionalEncoding(num_hiddens, dropout, max_len)
         self.blks = nn.ModuleList(
             TransformerDecoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout, i, use_bias)
