@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,3 +33,33 @@ def trained_lenet_run(tmp_path_factory) -> Path:
     train(ClassifyConfig(model="lenet_bn", data="digits", epochs=2, limit=400, batch_size=32,
                          lr=0.1, quiet=True, device="cpu", out=str(out)))
     return out
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep pytest's output clean
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server on 127.0.0.1 over ``tmp_path/www`` (downloads are tested against it,
+    never the network): yields (base URL, www folder, request log)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    requests: list[str] = []
+
+    class Handler(_Handler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            super().do_GET()
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(www))
+    )
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/", www, requests
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+

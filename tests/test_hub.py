@@ -3,12 +3,9 @@ writes outside its destination. Nothing here touches the internet."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import tarfile
-import threading
 import zipfile
 from pathlib import Path
 
@@ -18,34 +15,6 @@ from divekit.data import hub
 from divekit.errors import DataNotFoundError, DivekitError, UnknownNameError
 
 CONTENT = b"The Time Machine, by H. G. Wells [1898]\n" * 100
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # keep pytest's output clean
-        pass
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A local HTTP server over ``tmp_path/www``: yields (base URL, www folder, request log)."""
-    www = tmp_path / "www"
-    www.mkdir()
-    requests: list[str] = []
-
-    class Handler(_Handler):
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            super().do_GET()
-
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(www))
-    )
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/", www, requests
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
 
 
 @pytest.fixture(autouse=True)

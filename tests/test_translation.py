@@ -3,13 +3,10 @@ an archive, the cache or a (local) download, and the generated numbers-fr task."
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import random
 import shutil
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -78,36 +75,6 @@ def fixture_text() -> str:
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A local HTTP server over ``tmp_path/www``: yields (base URL, www folder, request log)."""
-    www = tmp_path / "www"
-    www.mkdir()
-    requests: list[str] = []
-
-    class Handler(_Handler):
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            super().do_GET()
-
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(www))
-    )
-    thread = threading.Thread(
-        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/", www, requests
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
 
 
 @pytest.fixture(autouse=True)
