@@ -78,11 +78,13 @@ def bleu(pred_seq: str, label_seq: str, k: int) -> float:
         return 0.0
     score = math.exp(min(0.0, 1 - len_label / len_pred))
     for n in range(1, k + 1):
-        label_ngrams: dict[tuple[str, ...], int] = {}
-        for gram in zip(*(label_tokens[i:] for i in range(n))):
+        label_grams = label_tokens if n == 1 else list(zip(*[label_tokens[i:] for i in range(n)]))
+        pred_grams = pred_tokens if n == 1 else zip(*[pred_tokens[i:] for i in range(n)])
+        label_ngrams: dict = {}
+        for gram in label_grams:
             label_ngrams[gram] = label_ngrams.get(gram, 0) + 1
         num_matches = 0
-        for gram in zip(*(pred_tokens[i:] for i in range(n))):
+        for gram in pred_grams:
             left = label_ngrams.get(gram, 0)
             if left:  # clipped: each label n-gram matches at most as often as it occurs
                 num_matches += 1
