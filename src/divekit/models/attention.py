@@ -81,14 +81,9 @@ class DotProductAttention(nn.Module):
             self.attention_weights = None
             return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=p)
         scores = queries @ keys.transpose(-2, -1) / math.sqrt(d)
-        if scores.dim() == 4:  # (B, heads, Q, K) scores, lengths per batch row
-            b, h, q, k = scores.shape
-            lens = None if valid_lens is None else (
-                valid_lens[:, None].expand(b, h) if valid_lens.dim() == 1
-                else valid_lens[:, None, :].expand(b, h, q)).reshape(b * h, *valid_lens.shape[1:])
-            weights = masked_softmax(scores.reshape(b * h, q, k), lens).reshape(b, h, q, k)
-        else:
-            weights = masked_softmax(scores, valid_lens)
+        if scores.dim() == 4 and valid_lens is not None and valid_lens.dim() == 2:
+            valid_lens = valid_lens[:, None, :].expand(scores.shape[:3])  # the same for every head
+        weights = masked_softmax(scores, valid_lens)  # (B, [heads,] Q, K)
         self.attention_weights = weights.detach() if self.record_weights else None
         return self.dropout(weights) @ values
 
