@@ -287,26 +287,31 @@ def evaluate(run_dir: str | Path, *, data_dir: str | None = None, device: str = 
 
 
 def translate(run_dir: str | Path, sentences: Sequence[str], *, beam: int = 1, length_penalty: float = 0.75,
-              device: str = "auto", attention: str | Path | None = None) -> list[str]:
+              device: str = "auto", attention: str | Path | None = None,
+              unknown: list[str] | None = None) -> list[str]:
     """Translate raw sentences (cleaned and tokenized as the training pairs were).
 
     ``attention``: a PNG path for the encoder-decoder attention of the first sentence's
     translation (models with attention only), one panel per head of the last decoder block.
+    ``unknown``: a list that receives the words the model's source vocabulary lacks (read as
+    ``<unk>``).
     """
     if not sentences or any(not s.strip() for s in sentences):
         raise DivekitError("give at least one non-empty sentence to translate")
     if beam < 1:
         raise DivekitError(f"--beam must be at least 1, got {beam}")
     model, cfg, src_vocab, tgt_vocab = load_trained(run_dir, device)
+    if unknown is not None:
+        unknown.extend(unknown_words(src_vocab, sentences))
     src, src_len = encode_sentences(sentences, src_vocab, cfg.num_steps)
     outputs = decode_batch(model, src, src_len, tgt_vocab, cfg.num_steps, beam, length_penalty)
     if attention is not None:
-        _draw_attention(model, sentences[0], outputs[0], src, src_len, src_vocab, tgt_vocab, attention)
+        _draw_attention(model, outputs[0], src, src_len, src_vocab, tgt_vocab, attention)
     return outputs
 
 
 @torch.no_grad()
-def _draw_attention(model, sentence, output, src, src_len, src_vocab, tgt_vocab, path) -> None:
+def _draw_attention(model, output, src, src_len, src_vocab, tgt_vocab, path) -> None:
     from divekit.viz import plot_attention
 
     decoder = model.decoder
@@ -343,23 +348,22 @@ def cli_predict(args) -> None:
     raise DivekitError(f"{args.run_dir} is a translation model: use `divekit translate RUN \"sentence\"`")
 
 
-def unknown_words(run_dir: str | Path, sentences: Sequence[str]) -> list[str]:
-    """Words of the sentences (cleaned as training did) that the model's source vocabulary lacks."""
+def unknown_words(vocab: Vocab, sentences: Sequence[str]) -> list[str]:
+    """Words of the sentences (cleaned as training did) that ``vocab`` lacks, in order, once each."""
     from divekit.data.translation import preprocess_nmt
 
-    vocab = Vocab.load(Path(run_dir) / SRC_VOCAB_FILE)
     words = [w for s in sentences for w in preprocess_nmt(s).split()]
     return list(dict.fromkeys(w for w in words if w not in vocab))
 
 
 def _cmd_translate(args) -> None:
+    unknown: list[str] = []
     outputs = translate(args.run_dir, args.sentences, beam=args.beam, length_penalty=args.length_penalty,
-                        device=args.device, attention=args.attention)
+                        device=args.device, attention=args.attention, unknown=unknown)
     for source, output in zip(args.sentences, outputs):
         print(f"{source} => {output}")
     if args.attention:
         print(f"attention: {args.attention}")
-    unknown = unknown_words(args.run_dir, args.sentences)
     if unknown:
         print(f"note: the model never saw {', '.join(map(repr, unknown))}; they were read as <unk>",
               file=sys.stderr)
