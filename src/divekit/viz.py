@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Render to memory, then write atomically: a reader never sees half a PNG."""
-    from divekit.engine.checkpoint import atomic_write_bytes
+    from divekit.io import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")

@@ -69,7 +69,7 @@ class SentencePieceTokenizer:
         return str(self.processor.DecodePieces(list(pieces)))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        from divekit.engine.checkpoint import atomic_write_bytes
+        from divekit.io import atomic_write_bytes
 
         atomic_write_bytes(path, self.model_bytes)
         return Path(path)

@@ -10,7 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from divekit.engine.checkpoint import atomic_write_text
+from divekit.io import atomic_write_text
 
 
 class ProgressBar:

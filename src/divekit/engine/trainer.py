@@ -26,7 +26,6 @@ from divekit.engine import distributed as D
 from divekit.engine.callbacks import ProgressBar, TensorBoardLogger, write_csv
 from divekit.engine.checkpoint import (
     CheckpointDir,
-    atomic_write_json,
     load_weights,
     plain_cpu,
     rng_state,
@@ -36,6 +35,7 @@ from divekit.engine.device import autocast, to_device
 from divekit.engine.optim import build_optimizer, build_scheduler
 from divekit.engine.strategies import STRATEGIES, make_strategy
 from divekit.errors import DivekitError, TrainingDiverged
+from divekit.io import atomic_write_json
 
 
 @runtime_checkable

@@ -27,7 +27,8 @@ from divekit.data.batch_augment import BatchAugment
 from divekit.data.loader import TensorBatchLoader
 from divekit.data.vision import ImageClassificationData, load_image_file, resize_images
 from divekit.engine.batch_size import choose_batch_size
-from divekit.engine.checkpoint import atomic_write_text, load_weights
+from divekit.engine.checkpoint import load_weights
+from divekit.io import atomic_write_text
 from divekit.engine.device import resolve_device
 from divekit.engine.finetune import TORCHVISION_PREFIX, torchvision_classifier
 from divekit.engine.trainer import TrainConfig, Trainer, option

@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 from torch import nn
 
 from divekit import __version__
-from divekit.engine.checkpoint import CheckpointDir, atomic_write_json
+from divekit.engine.checkpoint import CheckpointDir
+from divekit.io import atomic_write_json
 from divekit.errors import DivekitError
 
 C = TypeVar("C")

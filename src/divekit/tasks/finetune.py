@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from divekit.engine import finetune as ft
-from divekit.engine.checkpoint import atomic_write_text
+from divekit.io import atomic_write_text
 from divekit.engine.trainer import option
 from divekit.errors import DivekitError
 from divekit.tasks import classify

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from divekit.data import dataset_info
 from divekit.data.text import SAMPLERS, TOKEN_MODES, SeqDataLoader, Vocab, corpus_lines, tokenize
-from divekit.engine.checkpoint import atomic_write_bytes, atomic_write_json, load_weights
+from divekit.engine.checkpoint import load_weights
+from divekit.io import atomic_write_bytes, atomic_write_json
 from divekit.engine.device import resolve_device
 from divekit.engine.trainer import TrainConfig, Trainer, option
 from divekit.errors import DivekitError

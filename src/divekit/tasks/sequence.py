@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divekit.data.loader import TensorBatchLoader
-from divekit.engine.checkpoint import atomic_write_json
+from divekit.io import atomic_write_json
 from divekit.engine.trainer import TrainConfig, Trainer
 from divekit.errors import DivekitError
 

@@ -39,7 +39,8 @@ from divekit.data.translation import (
     decoder_inputs,
     encode_sentences,
 )
-from divekit.engine.checkpoint import atomic_write_json, atomic_write_text, load_weights
+from divekit.engine.checkpoint import load_weights
+from divekit.io import atomic_write_json, atomic_write_text
 from divekit.engine.device import resolve_device
 from divekit.engine.trainer import TrainConfig, Trainer, option
 from divekit.errors import DivekitError

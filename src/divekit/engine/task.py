@@ -1,0 +1,219 @@
+"""The seam between a job (classification, detection, a language model, ...) and the engine.
+
+A :class:`Task` says what a batch means; the :class:`~divekit.engine.trainer.Trainer` owns
+everything else: devices, AMP, the optimizer and schedule, gradient clipping, distribution,
+checkpoints, the validation loop and the callbacks. A new job is one small subclass::
+
+    class Regression(Task, name="regression"):
+        Config = RegressionConfig                       # a frozen TrainConfig subclass
+
+        def train_data(self):  return TensorBatchLoader(self.x, self.y, batch_size=32, shuffle=True)
+        def val_data(self):    return TensorBatchLoader(self.xv, self.yv, batch_size=256)
+        def build_model(self): return nn.Linear(4, 1)
+
+        def training_step(self, model, batch):
+            x, y = batch
+            loss = F.mse_loss(model(x), y)
+            return loss, {"loss": loss.detach()}
+
+        def validation_step(self, model, batch):
+            x, y = batch
+            return {"sq_err": F.mse_loss(model(x), y, reduction="sum"), "count": y.numel()}
+
+        def validation_end(self, sums):
+            return {"mse": sums["sq_err"] / sums["count"]}
+
+The five methods above the last are required (``validation_end`` has a default). Every other
+hook exists here as a documented no-op, so the whole life cycle reads in this one file and a
+misspelled hook is an error: defining ``on_epoc_end`` fails when the class is created.
+
+Life cycle, as the Trainer calls it::
+
+    model = build_model(); groups = param_groups(model)
+    for epoch:  on_epoch_start(model, epoch)
+                for batch in train_data(): loss, logs = training_step(model, batch)
+                on_validation_start(model)
+                sums = Σ validation_step(model, batch)   (tensors and numbers add; lists join)
+                metrics = validation_end(sums)
+                row = summarize({train_*, val_*, ...})
+                on_epoch_end(model, epoch, run, metrics)   (rank 0, with a run directory)
+    checkpoints hold checkpoint_state() per rank; resume calls restore_checkpoint_state.
+    `divekit evaluate` runs the same validation loop, then on_evaluate(model, run, metrics).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor, nn
+
+from divekit.errors import DivekitError
+
+if TYPE_CHECKING:
+    from divekit.engine.run import Run
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+class Task:
+    """One training job. Subclass it with ``class MyTask(Task, name="my_task")``.
+
+    ``config`` is the task's frozen config dataclass (:attr:`Config`). ``record`` is what a run
+    directory's ``config.json`` saved (``run_record()`` and more) when the task is rebuilt to
+    evaluate or predict; it lets ``build_model`` size the model without loading the data.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any, record: dict[str, Any] | None = None):
+        self.config = config
+        self.record = record or {}
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        hooks = {n for n in vars(Task) if n.startswith("on_")}
+        unknown = sorted(n for n in vars(cls) if n.startswith("on_") and n not in hooks)
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__} defines {', '.join(unknown)}, which is not a Task hook; "
+                f"the hooks are {', '.join(sorted(hooks))}"
+            )
+        for method in ("training_step", "validation_step", "validation_end", "on_epoch_end"):
+            _check_signature(cls, method)
+        if name is not None:
+            cls.name = name
+            _TASKS[name] = cls
+
+    # ------------------------------------------------------------------ required
+    def train_data(self) -> Iterable:
+        """The training batches of one epoch (iterable with ``len``). Under data parallelism it
+        must offer ``shard(rank, world_size)`` and ``global_batch_size(i)``, as
+        :class:`~divekit.data.loader.TensorBatchLoader` does."""
+        raise NotImplementedError(f"{type(self).__name__} must define train_data()")
+
+    def val_data(self) -> Iterable | None:
+        """The validation batches, or ``None`` for a task without validation."""
+        raise NotImplementedError(f"{type(self).__name__} must define val_data()")
+
+    def build_model(self) -> nn.Module:
+        """A fresh model (on the CPU; the Trainer moves it)."""
+        raise NotImplementedError(f"{type(self).__name__} must define build_model()")
+
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The *mean* loss over ``batch`` (already on the device) and metrics to log, each a
+        mean over the batch (the Trainer averages them over the epoch, weighted by
+        :meth:`batch_size`)."""
+        raise NotImplementedError(f"{type(self).__name__} must define training_step()")
+
+    def validation_step(self, model: nn.Module, batch: Any) -> dict[str, Any]:
+        """Sums and counts of one validation batch. The Trainer adds tensors and numbers over
+        the batches (and the ranks), joins lists, and hands the totals to
+        :meth:`validation_end`. It runs the model in eval mode under ``inference_mode``."""
+        raise NotImplementedError(f"{type(self).__name__} must define validation_step()")
+
+    def validation_end(self, sums: dict[str, Any]) -> dict[str, Any]:
+        """The epoch's validation metrics from the totals. Numbers are logged as ``val_NAME``;
+        other values (predictions, confusion matrices) only reach :meth:`on_epoch_end` and
+        :meth:`on_evaluate`. Default: each total divided by ``sums["count"]``."""
+        if "count" not in sums:
+            raise DivekitError(f"{type(self).__name__}.validation_step returns no 'count'; "
+                               "return one or define validation_end")
+        count = max(float(sums["count"]), 1.0)
+        return {k: float(v) / count for k, v in sums.items() if k != "count"}
+
+    # ------------------------------------------------------------------ optional hooks
+    def param_groups(self, model: nn.Module) -> Iterable:
+        """What the optimizer updates: ``model.parameters()``, or groups with their own ``lr``
+        (fine-tuning: a new head at 10× the rate, frozen stages left out)."""
+        return model.parameters()
+
+    def batch_size(self, batch: Any) -> int:
+        """Samples in ``batch``, the weight of its metrics (a language model counts tokens)."""
+        return len(batch[0])
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        """Before the first training step of ``epoch`` (1-based): reset carried state."""
+
+    def on_validation_start(self, model: nn.Module) -> None:
+        """Before the first validation batch (a language model resets its carried state)."""
+
+    def summarize(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The epoch's log row with derived columns added (perplexity = exp(loss))."""
+        return row
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, run: Run, metrics: dict[str, Any]) -> None:
+        """After the epoch's checkpoint, on rank 0 of a run with a directory: the job's pictures
+        and reports, from the validation results in ``metrics`` (:meth:`validation_end`)."""
+
+    def on_evaluate(self, model: nn.Module, run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
+        """After ``divekit evaluate``'s validation loop: write reports into ``run.dir`` and return
+        extra entries for the result (a picture's path)."""
+        return {}
+
+    def checkpoint_state(self) -> Any:
+        """State of the task's own that a resume needs (a carried hidden state): ``None``, or
+        tensors, numbers and strings in dicts, lists and tuples. Saved once per rank."""
+        return None
+
+    def restore_checkpoint_state(self, model: nn.Module, state: Any) -> None:
+        """Take back what :meth:`checkpoint_state` saved (on the CPU; move it to ``model``'s
+        device), at the point it was saved."""
+
+    def run_record(self) -> dict[str, Any]:
+        """Facts of the data that rebuilding the model needs (classes, vocabulary size, input
+        statistics), saved in ``config.json`` beside the config and given back as
+        :attr:`record`."""
+        return {}
+
+    def save_extras(self, run_dir: Any) -> None:
+        """Write the task's extra files into a new run directory (vocabularies, tokenizers)."""
+
+    def load_extras(self, run_dir: Any) -> None:
+        """Read back what :meth:`save_extras` wrote, when the task is rebuilt from a run."""
+
+    def predict(self, model: nn.Module, inputs: Sequence[Any], **options: Any) -> list[dict[str, Any]]:
+        """The job's inference on user inputs (image files, sentences), one result per input."""
+        raise DivekitError(f"{type(self).__name__} runs do not support predict")
+
+
+def _check_signature(cls: type, method: str) -> None:
+    """A hook overridden with the wrong number of arguments fails at class creation."""
+    if method not in vars(cls):
+        return
+    want = len(inspect.signature(getattr(Task, method)).parameters)
+    params = inspect.signature(vars(cls)[method]).parameters.values()
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return
+    have = len([p for p in params if p.default is p.empty])
+    if have != want:
+        raise TypeError(f"{cls.__name__}.{method} takes {have} arguments; Task.{method} "
+                        f"takes {want} ({', '.join(inspect.signature(getattr(Task, method)).parameters)})")
+
+
+def task_class(name: str) -> type[Task]:
+    """The Task registered as ``name``: classes register when defined, the built-in ones (and
+    any package's) through the ``divekit.tasks`` entry points."""
+    if name not in _TASKS:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="divekit.tasks"):
+            if ep.name == name:
+                ep.load()
+                break
+    if name not in _TASKS:
+        known = sorted({*_TASKS, *(ep.name for ep in _entry_points())})
+        raise DivekitError(f"no task {name!r}; known tasks: {', '.join(known)}")
+    return _TASKS[name]
+
+
+def _entry_points() -> list[Any]:
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group="divekit.tasks"))
+
+
+def list_tasks() -> list[str]:
+    return sorted({*_TASKS, *(ep.name for ep in _entry_points())})
