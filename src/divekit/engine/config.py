@@ -1,0 +1,159 @@
+"""The configs every task shares: the loop's (:class:`TrainConfig`), a task's common options
+(:class:`TaskConfig`) and the launcher's (:class:`LaunchConfig`).
+
+Configs are frozen dataclasses; every field is a ``divekit train`` option (see
+:mod:`divekit.config`). A task's config extends :class:`TaskConfig` and adds its checks by
+overriding :meth:`TrainConfig.checks`; :meth:`TrainConfig.validate` runs them all, so every value
+is checked once, where it enters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from divekit.config import option
+from divekit.engine.strategies import STRATEGIES
+from divekit.errors import DivekitError
+
+Check = tuple[bool, str]
+
+
+def finite(x: float | None) -> bool:
+    return x is None or (isinstance(x, int | float) and math.isfinite(x))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the loop needs. Every field becomes a ``divekit train`` option
+    (``grad_clip`` → ``--grad-clip``)."""
+
+    epochs: int = option(10, "total epochs (with --resume: the total to reach)")
+    lr: float = option(0.05, "learning rate")
+    optimizer: str = option("sgd", "optimizer", choices=["sgd", "adam", "adamw"])
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(0.0, "L2 weight decay")
+    scheduler: str = option(
+        "none", "learning-rate schedule", choices=["none", "cosine", "step", "onecycle"]
+    )
+    warmup_epochs: float = option(0.0, "linear learning-rate warm-up, in epochs")
+    grad_clip: float | None = option(None, "clip the gradients' global norm to this value")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    amp: bool = option(False, "bfloat16 mixed precision (autocast)")
+    channels_last: bool | None = option(
+        None, "channels_last (NHWC) memory format; default: on for models with 2-D convolutions, "
+        "where oneDNN and cuDNN run faster in it")
+    seed: int = option(0, "random seed (data split, shuffling, initialisation)")
+    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
+    quiet: bool = option(False, "no progress bars")
+    tensorboard: bool = option(False, "also write TensorBoard event files")
+    checkpoint_every: int | None = option(
+        None, "also checkpoint every K optimizer steps (mid-epoch; resumes exactly)", metavar="K"
+    )
+    callbacks: str | None = option(
+        None, "extra Trainer callbacks, comma-separated MODULE:CLASS (each built with no "
+        "arguments), after the default ones", metavar="LIST",
+    )
+    # data parallelism (see divekit.engine.strategies and the README)
+    strategy: str = option(
+        "ddp", "how workers combine gradients: ddp (DistributedDataParallel), allreduce "
+        "(divekit's ring all-reduce) or ps (parameter server on rank 0)", choices=list(STRATEGIES),
+    )
+    scale_lr: str = option(
+        "none", "linear: multiply --lr by the number of workers (pair it with --warmup-epochs)",
+        choices=["none", "linear"],
+    )
+    sync_bn: bool = option(False, "BatchNorm statistics over the global batch (SyncBatchNorm; CUDA)")
+    profile_comm: bool = option(False, "log the bytes each worker sends per step (metrics.csv)")
+    dist_timeout: float = option(
+        300.0, "seconds to wait for the other processes (rendezvous, collectives) before failing",
+        metavar="S",
+    )
+
+    def checks(self) -> list[Check]:
+        """``(ok, message)`` pairs; a subclass returns ``super().checks() + [...]``."""
+        return [
+            (isinstance(self.epochs, int) and self.epochs >= 1,
+             f"--epochs must be at least 1, got {self.epochs}"),
+            (finite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
+            (finite(self.momentum) and 0 <= self.momentum < 1,
+             f"--momentum must be in [0, 1), got {self.momentum}"),
+            (finite(self.weight_decay) and self.weight_decay >= 0,
+             f"--weight-decay must be 0 or more, got {self.weight_decay}"),
+            (finite(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs,
+             f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs}"),
+            (self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0),
+             f"--grad-clip must be a positive number, got {self.grad_clip}"),
+            (self.threads is None or self.threads >= 1,
+             f"--threads must be at least 1, got {self.threads}"),
+            (self.checkpoint_every is None or self.checkpoint_every >= 1,
+             f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"),
+            (finite(self.dist_timeout) and self.dist_timeout > 0,
+             f"--dist-timeout must be positive, got {self.dist_timeout}"),
+            (self.strategy in STRATEGIES,
+             f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
+            (self.scale_lr in ("none", "linear"), f"--scale-lr must be none or linear, got {self.scale_lr!r}"),
+        ]
+
+    def validate(self) -> None:
+        """Raise :class:`DivekitError` with the first failing check's message."""
+        for ok, message in self.checks():
+            if not ok:
+                raise DivekitError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TaskConfig(TrainConfig):
+    """What every task has besides the loop: the model, the data and the run directory."""
+
+    model: str = option("", "model name (see `divekit models`)", cli=False)
+    data: str = option("", "dataset name (see `divekit datasets`)", metavar="NAME")
+    batch_size: int = option(128, "minibatch size (per worker)", metavar="N")
+    data_dir: str | None = option(None, "folder with the dataset's files, when you have them", metavar="DIR")
+    download: bool = option(False, "download missing files (hash-checked)")
+    limit: int | None = option(None, "use only the first N training samples (quick runs)", metavar="N")
+    out: str | None = option(None, "run directory (default: runs/MODEL-DATA, numbered if taken)", metavar="DIR")
+    resume: bool = option(False, "continue the run in --out (or the newest runs/MODEL-DATA*)")
+
+    def checks(self) -> list[Check]:
+        bs = self.batch_size
+        return super().checks() + [
+            (bs == "auto" or (isinstance(bs, int) and bs >= 1),
+             f"--batch-size must be at least 1, got {bs!r}"),
+            (self.limit is None or self.limit >= 1, f"--limit must be at least 1, got {self.limit}"),
+        ]
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.model}-{self.data}"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Options only the launcher reads (``--nproc N`` starts N workers through
+    ``torch.distributed.run``); the workers never see them."""
+
+    nproc: int = option(
+        1, "worker processes on this machine; N > 1 launches them through torch.distributed.run "
+        "(like `torchrun --nproc-per-node N`); --batch-size stays per worker", metavar="N",
+    )
+    max_restarts: int = option(
+        0, "with --nproc: restart the workers up to N times after a failure, from the last "
+        "checkpoint", metavar="N",
+    )
+    port: int | None = option(
+        None, "with --nproc: rendezvous port on 127.0.0.1 (default: a free one)", metavar="PORT"
+    )
+
+    def validate(self) -> None:
+        if self.nproc < 1:
+            raise DivekitError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.max_restarts < 0:
+            raise DivekitError(f"--max-restarts must be 0 or more, got {self.max_restarts}")
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise DivekitError(f"--port must be in 1..65535, got {self.port}")
