@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -10,22 +11,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from divekit.data.loader import TensorBatchLoader
-from divekit.engine import TrainConfig, Trainer
+from divekit.engine import Callback, Task, TrainConfig, Trainer
 from divekit.engine.checkpoint import CheckpointDir
 from divekit.engine.optim import lr_multiplier
 from divekit.errors import DivekitError, TrainingDiverged
 
 
-class ToyTask:
+class ToyTask(Task):
     """A small classifier with dropout and BatchNorm, so RNG and buffers both matter."""
 
     def __init__(self, n: int = 96, poison_at: int | None = None):
+        super().__init__(TrainConfig())
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, 8, generator=g)
         self.y = (self.x[:, 0] + self.x[:, 1] > 0).long()
         self.poison_at, self.calls = poison_at, 0
 
-    def model(self) -> nn.Module:
+    def build_model(self) -> nn.Module:
         return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3),
                              nn.Linear(16, 2))
 
@@ -35,7 +37,7 @@ class ToyTask:
     def val_data(self):
         return TensorBatchLoader(self.x, self.y, batch_size=50)
 
-    def step(self, model, batch):
+    def training_step(self, model, batch):
         x, y = batch
         self.calls += 1
         logits = model(x)
@@ -44,11 +46,9 @@ class ToyTask:
             loss = loss * float("nan")
         return loss, {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
 
-    def evaluate(self, model, loader):
-        model.eval()
-        with torch.no_grad():
-            losses = [F.cross_entropy(model(x), y, reduction="sum") for x, y in loader]
-        return {"loss": (sum(losses) / len(self.y)).item()}
+    def validation_step(self, model, batch):
+        x, y = batch
+        return {"loss": F.cross_entropy(model(x), y, reduction="sum"), "count": len(y)}
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -66,7 +66,7 @@ def test_two_epochs_plus_resume_equals_four_straight(tmp_path, scheduler):
         Trainer(ToyTask(), TrainConfig(**{**cfg.to_dict(), "epochs": 2}), tmp_path / "b").fit()
     else:  # a schedule spans the planned total: a 4-epoch run stopped after epoch 2
         stopped = Trainer(ToyTask(), TrainConfig(**cfg.to_dict()), tmp_path / "b")
-        stopped.config.epochs = 2
+        stopped.config = dataclasses.replace(stopped.config, epochs=2)
         stopped.fit()
     resumed = Trainer(ToyTask(), cfg, tmp_path / "b")
     resumed.fit(resume=True)
@@ -116,7 +116,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ck.torch, "save", boom)
-    trainer.config.epochs = 2
+    trainer.config = dataclasses.replace(trainer.config, epochs=2)
     with pytest.raises(OSError):
         trainer.fit()
     latest = CheckpointDir(tmp_path).latest()
@@ -186,9 +186,9 @@ class CountingTask(ToyTask):
         super().__init__()
         self.count, self.bad, self.events = torch.zeros((), dtype=torch.long), bad, []
 
-    def step(self, model, batch):
+    def training_step(self, model, batch):
         self.count += 1
-        return super().step(model, batch)
+        return super().training_step(model, batch)
 
     def on_epoch_start(self, model, epoch):
         self.events.append(("epoch_start", epoch))

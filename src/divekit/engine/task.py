@@ -162,6 +162,10 @@ class Task:
         """Take back what :meth:`checkpoint_state` saved (on the CPU; move it to ``model``'s
         device), at the point it was saved."""
 
+    def prepare(self) -> None:
+        """Before a new run's record is written: settle options that depend on the data or the
+        machine (``--batch-size auto``) by replacing ``self.config``."""
+
     def run_record(self) -> dict[str, Any]:
         """Facts of the data that rebuilding the model needs (classes, vocabulary size, input
         statistics), saved in ``config.json`` beside the config and given back as

@@ -23,118 +23,18 @@ import torch
 from torch import Tensor, nn
 
 from divekit.engine import distributed as D
-from divekit.engine.callbacks import ProgressBar, TensorBoardLogger, write_csv
-from divekit.engine.checkpoint import (
-    CheckpointDir,
-    load_weights,
-    plain_cpu,
-    rng_state,
-    set_rng_state,
-)
+from divekit.engine.callbacks import Callback, default_callbacks
+from divekit.engine.checkpoint import CheckpointDir, load_weights, plain_cpu, rng_state, set_rng_state
+from divekit.engine.config import TrainConfig
 from divekit.engine.device import autocast, to_device
 from divekit.engine.optim import build_optimizer, build_scheduler
-from divekit.engine.strategies import STRATEGIES, make_strategy
+from divekit.engine.run import Run
+from divekit.engine.strategies import make_strategy
+from divekit.engine.task import Task
 from divekit.errors import DivekitError, TrainingDiverged
 from divekit.io import atomic_write_json
 
-
-@runtime_checkable
-class Task(Protocol):
-    """The seam between a job (classification, detection, ...) and the loop.
-
-    Optional methods the Trainer calls when a task has them:
-    ``param_groups(model)`` (per-group learning rates), ``batch_size(batch)`` (samples in a
-    batch, default ``len(batch[0])``), ``on_epoch_start(model, epoch)`` (e.g. reset a hidden
-    state), ``summarize(row)`` (derived metrics such as perplexity = exp(loss), added to the
-    epoch's row), ``on_epoch_end(model, epoch, run_dir)`` (pictures of the job).
-
-    A task that keeps state of its own between steps (a carried hidden state) makes resume
-    exact with ``checkpoint_state()`` and ``restore_checkpoint_state(model, state)``. Every
-    checkpoint stores what ``checkpoint_state()`` returns — ``None``, or tensors, numbers and
-    strings in dicts, lists and tuples (copied to the CPU; the file loads with
-    ``weights_only=True``) — once per rank, in rank order. Resuming gives each rank its own
-    entry back (on the CPU: move it to ``model``'s device) at the point it was taken: after
-    ``on_epoch_start`` and the loader's skip for a mid-epoch checkpoint, before the next epoch's
-    ``on_epoch_start`` for an epoch-end one. It is not called when the checkpoint has no entry
-    (written before the task had the methods) or was written by another number of workers.
-
-    ``step`` returns the *mean* loss over its batch: under data parallelism the Trainer weights
-    it by the batch's share of the global batch (see :mod:`divekit.engine.strategies`), and
-    ``train_data()`` must then be shardable (``shard(rank, world_size)``, as
-    :class:`~divekit.data.loader.TensorBatchLoader`). Only rank 0 runs ``evaluate`` and
-    ``on_epoch_end``.
-    """
-
-    def train_data(self) -> Iterable: ...
-    def val_data(self) -> Iterable | None: ...
-    def model(self) -> nn.Module: ...
-    def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]: ...
-    def evaluate(self, model: nn.Module, loader: Iterable) -> dict[str, float]: ...
-
-
-def option(default: Any, help: str, **extra: Any) -> Any:
-    """A config field with the help text the CLI shows (``choices=``, ``metavar=``, ``cli=False``)."""
-    return field(default=default, metadata={"help": help, **extra})
-
-
-@dataclass
-class TrainConfig:
-    """What the loop needs; a task's config extends it with data and model options.
-
-    Every field becomes a ``divekit train`` option (``grad_clip`` → ``--grad-clip``).
-    """
-
-    epochs: int = option(10, "total epochs (with --resume: the total to reach)")
-    lr: float = option(0.05, "learning rate")
-    optimizer: str = option("sgd", "optimizer", choices=["sgd", "adam", "adamw"])
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(0.0, "L2 weight decay")
-    scheduler: str = option(
-        "none", "learning-rate schedule", choices=["none", "cosine", "step", "onecycle"]
-    )
-    warmup_epochs: float = option(0.0, "linear learning-rate warm-up, in epochs")
-    grad_clip: float | None = option(None, "clip the gradients' global norm to this value")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    amp: bool = option(False, "bfloat16 mixed precision (autocast)")
-    channels_last: bool | None = option(
-        None, "channels_last (NHWC) memory format; default: on for models with 2-D convolutions, "
-        "where oneDNN and cuDNN run faster in it")
-    seed: int = option(0, "random seed (data split, shuffling, initialisation)")
-    threads: int | None = option(None, "CPU threads for PyTorch (default: PyTorch's choice)")
-    quiet: bool = option(False, "no progress bars")
-    tensorboard: bool = option(False, "also write TensorBoard event files")
-    checkpoint_every: int | None = option(
-        None, "also checkpoint every K optimizer steps (mid-epoch; resumes exactly)", metavar="K"
-    )
-    # data parallelism (see divekit.engine.strategies and the README)
-    nproc: int = option(
-        1, "worker processes on this machine; N > 1 launches them through torch.distributed.run "
-        "(like `torchrun --nproc-per-node N`); --batch-size stays per worker", metavar="N",
-    )
-    strategy: str = option(
-        "ddp", "how workers combine gradients: ddp (DistributedDataParallel), allreduce "
-        "(divekit's ring all-reduce) or ps (parameter server on rank 0)", choices=list(STRATEGIES),
-    )
-    scale_lr: str = option(
-        "none", "linear: multiply --lr by the number of workers (pair it with --warmup-epochs)",
-        choices=["none", "linear"],
-    )
-    sync_bn: bool = option(False, "BatchNorm statistics over the global batch (SyncBatchNorm; CUDA)")
-    profile_comm: bool = option(False, "log the bytes each worker sends per step (metrics.csv)")
-    max_restarts: int = option(
-        0, "with --nproc: restart the workers up to N times after a failure, from the last "
-        "checkpoint", metavar="N",
-    )
-    port: int | None = option(
-        None, "with --nproc: rendezvous port on 127.0.0.1 (default: a free one)", metavar="PORT"
-    )
-    dist_timeout: float = option(
-        300.0, "seconds to wait for the other processes (rendezvous, collectives) before failing",
-        metavar="S",
-    )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["Task", "TrainConfig", "Trainer", "run_validation", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -144,34 +44,51 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """``Trainer(task, config, run_dir).fit(resume=False)`` → the per-epoch history.
+    """``Trainer(task, config, run_dir, callbacks=[...]).fit(resume=False)`` → the history.
 
-    With a ``run_dir`` every epoch writes ``metrics.csv``, ``curves.png`` and a checkpoint
-    (and every ``checkpoint_every`` steps a mid-epoch one); ``fit(resume=True)`` continues from
-    the newest checkpoint to ``config.epochs`` and gives bit-identical weights to an
-    uninterrupted run on the CPU.
+    The Trainer owns the loop: devices, AMP, gradient clipping, the optimizer and schedule,
+    distribution, the validation loop (:func:`run_validation`) and the callbacks
+    (:mod:`divekit.engine.callbacks`: progress bar, checkpoints, metrics.csv, curves.png,
+    TensorBoard). With a ``run_dir`` every epoch writes a checkpoint (and every
+    ``checkpoint_every`` steps a mid-epoch one); ``fit(resume=True)`` continues from the newest
+    checkpoint to ``config.epochs`` and gives bit-identical weights to an uninterrupted run on
+    the CPU.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) each process trains on its shard of every global
-    batch with ``config.strategy``; only rank 0 evaluates and writes, and the logged training
-    metrics are reduced over all ranks.
+    batch with ``config.strategy``; validation runs on each rank's shard of the validation data
+    and the sums are added over the ranks (rank 0 validates alone when the data cannot be
+    sharded); only rank 0 writes.
     """
 
-    def __init__(self, task: Task, config: TrainConfig, run_dir: str | Path | None = None):
+    def __init__(self, task: Task, config: TrainConfig | None = None,
+                 run_dir: str | Path | None = None, callbacks: list[Callback] | None = None):
+        if not isinstance(task, Task):
+            raise TypeError(f"Trainer needs a divekit.engine.task.Task, got {type(task).__name__}")
+        config = config if config is not None else task.config
+        config.validate()
         self.task, self.config = task, config
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run = Run(self.run_dir, config, task=task) if self.run_dir is not None else None
+        self.callbacks = default_callbacks(config) + list(callbacks or [])
         self.device = D.worker_device(config.device, D.env_from_launcher())
         self.env, self._owns_group = D.init_process_group(self.device, config.dist_timeout)
         if config.threads:
             torch.set_num_threads(config.threads)
         seed_everything(config.seed)
         self.model = self._build_model()
+        if self.run is not None:
+            self.run.model = self.model
         self.counter = D.CommCounter() if config.profile_comm else None
         self.strategy = make_strategy(config.strategy, self.model, self.env, self.counter)
         self.optimizer = self._build_optimizer()
         self.train_loader = task.train_data()
         self.val_loader = task.val_data()
+        self.val_sharded = False
         if self.env.enabled:
             self._shard(self.train_loader)
+            if self.val_loader is not None and hasattr(self.val_loader, "shard"):
+                self.val_loader.shard(self.env.rank, self.env.world_size)
+                self.val_sharded = True
         self.steps_per_epoch = len(self.train_loader)  # type: ignore[arg-type]
         if self.steps_per_epoch == 0:
             raise DivekitError("the training data yields no batches (empty dataset?)")
@@ -187,10 +104,14 @@ class Trainer:
         self.partial: dict[str, Any] | None = None
         self.task_resume: tuple[Any] | None = None  # (task state,) to restore mid-epoch
         self.checkpoints = CheckpointDir(self.run_dir) if self.run_dir else None
+        # the running epoch's metric sums (weighted by batch size), samples and start time
+        self.sums: dict[str, Tensor] = {}
+        self.seen = 0
+        self.t0 = 0.0
 
     def _build_model(self) -> nn.Module:
         cfg = self.config
-        model = self.task.model()
+        model = self.task.build_model()
         if cfg.sync_bn and self.env.enabled:
             if self.device.type != "cuda":
                 raise DivekitError(
@@ -207,15 +128,11 @@ class Trainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
-        groups = (self.task.param_groups(self.model) if hasattr(self.task, "param_groups")
-                  else self.model.parameters())
-        optimizer = build_optimizer(groups, cfg.optimizer, cfg.lr,
+        optimizer = build_optimizer(self.task.param_groups(self.model), cfg.optimizer, cfg.lr,
                                     weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         if cfg.scale_lr == "linear":  # Goyal et al.: k times the batch, k times the rate
             for group in optimizer.param_groups:
                 group["lr"] *= self.env.world_size
-        elif cfg.scale_lr != "none":
-            raise DivekitError(f"--scale-lr must be none or linear, got {cfg.scale_lr!r}")
         return optimizer
 
     def _shard(self, loader: Any) -> None:
@@ -229,6 +146,11 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.env.is_main
+
+    @property
+    def writes(self) -> bool:
+        """True on the process that writes the run directory's files (rank 0, with a run)."""
+        return self.run_dir is not None and self.is_main
 
     # ---------------------------------------------------------------- resume
     def restore(self) -> bool:
@@ -259,23 +181,25 @@ class Trainer:
         """Give the task its rank's entry back (see :class:`Task`): now at an epoch boundary,
         in :meth:`_train_epoch` after ``on_epoch_start`` when the checkpoint is mid-epoch."""
         self.task_resume = None
-        if (not hasattr(self.task, "restore_checkpoint_state") or not isinstance(entries, list)
-                or len(entries) != self.env.world_size):
+        if not isinstance(entries, list) or len(entries) != self.env.world_size:
             return
         if self.step_in_epoch:
             self.task_resume = (entries[self.env.rank],)
         else:
             self.task.restore_checkpoint_state(self.model, entries[self.env.rank])
 
-    def _save(self, step_in_epoch: int = 0, partial: dict[str, Any] | None = None) -> None:
-        """Checkpoint (rank 0 writes; every rank contributes its RNG and task state)."""
+    def save_checkpoint(self, step_in_epoch: int = 0) -> None:
+        """Checkpoint now: at the end of epoch ``self.epoch``, or after ``step_in_epoch`` steps
+        of it. Every rank calls it (each contributes its RNG and task state); rank 0 writes."""
         if self.checkpoints is None:
             return
-        has_task_state = hasattr(self.task, "checkpoint_state")
-        mine = None
-        if has_task_state:
-            what = f"{type(self.task).__name__}.checkpoint_state()"
-            mine = plain_cpu(self.task.checkpoint_state(), what)
+        partial = None
+        if step_in_epoch:
+            total, count = self._global_sums(self.sums, self.seen)
+            partial = {"sums": {k: v.detach().cpu() for k, v in total.items()}, "seen": count,
+                       "seconds": time.perf_counter() - self.t0}
+        what = f"{type(self.task).__name__}.checkpoint_state()"
+        mine = plain_cpu(self.task.checkpoint_state(), what)
         rngs, task_states = None, [mine]
         if self.env.enabled:
             ranks = D.all_gather_object((rng_state(), mine))
@@ -292,11 +216,10 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "history": self.history,
+            "task_state": task_states,
         }
         if rngs is not None:
             state["rng_ranks"] = rngs
-        if has_task_state:
-            state["task_state"] = task_states
         if partial is not None:
             state["partial"] = partial
         name = f"epoch-{done:04d}" + (f"-step-{step_in_epoch:06d}" if step_in_epoch else "")
@@ -321,69 +244,68 @@ class Trainer:
         record["distributed"] = info
         atomic_write_json(path, record)
 
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
     # ---------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
         cfg = self.config
         if resume and not self.restore():
             raise DivekitError(f"nothing to resume: no checkpoint in {self.run_dir}")
-        if self.epoch >= cfg.epochs and not self.step_in_epoch and not cfg.quiet and self.is_main:
-            print(f"already trained for {self.epoch} epochs (--epochs {cfg.epochs}); nothing to do")
-        writes = self.run_dir is not None and self.is_main
-        if writes:
+        if self.writes:
             self._record_scaling()
-        tb = TensorBoardLogger(self.run_dir / "tensorboard") if cfg.tensorboard and writes else None
-        progress = ProgressBar(enabled=not cfg.quiet and self.is_main)
         try:
+            self._call("on_fit_start")
             while self.epoch < cfg.epochs:
                 self.epoch += 1
-                row = self._train_epoch(progress)
-                row.update(self._validate())
-                if hasattr(self.task, "summarize"):
-                    row = self.task.summarize(row)
+                row = self._train_epoch()
+                metrics = self.validate()
+                self._call("on_validation_end", metrics)
+                row.update({f"val_{k}": float(v) for k, v in metrics.items() if _is_scalar(v)})
+                row = self.task.summarize(row)
                 row["lr"] = float(self.optimizer.param_groups[0]["lr"])
                 row["samples_per_s"] = row.pop("samples_per_s")  # column order of metrics.csv
-                row["seconds"] = time.perf_counter() - row.pop("_t0")
+                row["seconds"] = time.perf_counter() - self.t0
                 row.update(row.pop("_comm", {}))
                 self.history.append(row)
-                progress.end_epoch(row)
-                self._save()
-                if writes:
-                    self._write_logs()
-                if tb is not None:
-                    tb.log(row)
+                self._call("on_epoch_end", row)
+                if self.writes:
+                    assert self.run is not None
+                    self.task.on_epoch_end(self.model, self.epoch, self.run, metrics)
         finally:
-            if tb is not None:
-                tb.close()
+            self._call("on_fit_end")
             if self._owns_group:
                 D.destroy_process_group()
                 self._owns_group = False
         return self.history
 
-    def _write_logs(self) -> None:
-        assert self.run_dir is not None
-        write_csv(self.run_dir / "metrics.csv", self.history)
-        from divekit.viz import plot_curves
-
-        plot_curves(self.history, self.run_dir / "curves.png")
-        if hasattr(self.task, "on_epoch_end"):
-            self.task.on_epoch_end(self.model, self.epoch, self.run_dir)
-
-    def _validate(self) -> dict[str, float]:
-        """Rank 0 evaluates the whole validation set (any metric stays exact); others wait."""
+    def validate(self) -> dict[str, Any]:
+        """The task's validation metrics on the whole validation set ({} without one)."""
         if self.val_loader is None:
             return {}
-        val: dict[str, float] = {}
-        if self.is_main:
-            with autocast(self.device, self.config.amp):
-                val = {f"val_{k}": float(v) for k, v in
-                       self.task.evaluate(self.model, self.val_loader).items()}
-        return D.broadcast_object(val) if self.env.enabled else val
+        if self.val_sharded or not self.env.enabled:
+            return run_validation(self.task, self.model, self.val_loader, self.device,
+                                  amp=self.config.amp, channels_last=self.channels_last,
+                                  reduce=self.val_sharded)
+        metrics: dict[str, Any] = {}
+        if self.is_main:  # data that cannot be sharded: rank 0 validates, the others wait
+            metrics = run_validation(self.task, self.model, self.val_loader, self.device,
+                                     amp=self.config.amp, channels_last=self.channels_last)
+        return D.broadcast_object(metrics)
 
-    def _train_epoch(self, progress: ProgressBar) -> dict[str, Any]:
-        cfg, task, loader = self.config, self.task, self.train_loader
+    def running_metrics(self) -> dict[str, float]:
+        """The running epoch's mean training metrics so far, and samples per second."""
+        seen = max(self.seen, 1)
+        shown = {k: (s / seen).item() for k, s in self.sums.items()}
+        rate = self.seen * self.env.world_size / max(time.perf_counter() - self.t0, 1e-9)
+        return {**shown, "samples/s": round(rate)}
+
+    def _train_epoch(self) -> dict[str, Any]:
+        task, loader = self.task, self.train_loader
         start, partial = self.step_in_epoch, self.partial or {}
-        self.step_in_epoch, self.partial = 0, None
-        t0 = time.perf_counter() - float(partial.get("seconds", 0.0))
+        self.partial = None
+        self.t0 = time.perf_counter() - float(partial.get("seconds", 0.0))
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(self.epoch)
         batches: Iterable = loader
@@ -395,43 +317,33 @@ class Trainer:
 
                 batches = itertools.islice(iter(loader), start, None)
         self.strategy.train_model.train()
-        if hasattr(task, "on_epoch_start"):
-            task.on_epoch_start(self.model, self.epoch)
+        task.on_epoch_start(self.model, self.epoch)
         if self.task_resume is not None:  # a mid-epoch checkpoint's task state, where it was taken
-            task.restore_checkpoint_state(self.model, self.task_resume[0])  # type: ignore[attr-defined]
+            task.restore_checkpoint_state(self.model, self.task_resume[0])
             self.task_resume = None
-        sums, seen = self._partial_sums(partial)
+        self.sums, self.seen = self._partial_sums(partial)
         if self.counter is not None:
             self.counter.reset()
-        progress.start_epoch(self.epoch, cfg.epochs, self.steps_per_epoch)
-        progress.update(start, {})
-        last_shown = start
+        self._call("on_epoch_start", self.epoch)
+        self.step_in_epoch = 0
         for i, batch in enumerate(batches, start=start):
-            n, metrics = self._step(batch, i)
-            seen += n
-            for k, v in metrics.items():
+            n, logs = self._step(batch, i)
+            self.seen += n
+            for k, v in logs.items():
                 if n:
                     v = v.detach().float() * n
-                    sums[k] = sums[k] + v if k in sums else v
-            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 \
-                    and i + 1 < self.steps_per_epoch:
-                self._save_mid_epoch(i + 1, sums, seen, t0)
-            _maybe_crash(self.global_step, self.env)
-            if progress.enabled and (i + 1 - last_shown >= 10 or i + 1 == self.steps_per_epoch):
-                rate = seen * self.env.world_size / max(time.perf_counter() - t0, 1e-9)
-                shown = {k: (s / max(seen, 1)).item() for k, s in sums.items()}
-                progress.update(i + 1 - last_shown, {**shown, "samples/s": round(rate)})
-                last_shown = i + 1
-        return self._epoch_row(sums, seen, t0)
+                    self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self._call("on_train_batch_end", i, logs)
+        return self._epoch_row(self.sums, self.seen, self.t0)
 
     def _step(self, batch: Any, index: int) -> tuple[int, dict[str, Tensor]]:
         """One optimizer step on this rank's share of global batch ``index``."""
         cfg, task = self.config, self.task
         batch = to_device(batch, self.device, self.channels_last)
-        n = task.batch_size(batch) if hasattr(task, "batch_size") else len(batch[0])
+        n = task.batch_size(batch)
         self.strategy.before_forward()
         with autocast(self.device, cfg.amp):
-            loss, metrics = task.step(self.strategy.train_model, batch)
+            loss, logs = task.training_step(self.strategy.train_model, batch)
         if n and not torch.isfinite(loss.detach()):
             raise self._diverged(loss, index)
         if self.env.enabled:
@@ -452,7 +364,7 @@ class Trainer:
         self.global_step += 1
         if self.counter is not None:
             self.counter.steps += 1
-        return n, metrics
+        return n, logs
 
     def _partial_sums(self, partial: dict[str, Any]) -> tuple[dict[str, Tensor], int]:
         """The metric sums of a resumed epoch: rank 0 carries the saved global sums."""
@@ -470,22 +382,12 @@ class Trainer:
         total = D.all_reduce_sum(packed)
         return {k: total[j + 1].float() for j, k in enumerate(keys)}, int(round(total[0].item()))
 
-    def _save_mid_epoch(self, step_in_epoch: int, sums: dict[str, Tensor], seen: int,
-                        t0: float) -> None:
-        if self.checkpoints is None:
-            return
-        total, count = self._global_sums(sums, seen)
-        partial = {"sums": {k: v.detach().cpu() for k, v in total.items()}, "seen": count,
-                   "seconds": time.perf_counter() - t0}
-        self._save(step_in_epoch, partial)
-
     def _epoch_row(self, sums: dict[str, Tensor], seen: int, t0: float) -> dict[str, Any]:
         train_seconds = time.perf_counter() - t0
         sums, seen = self._global_sums(sums, seen)
         row: dict[str, Any] = {"epoch": self.epoch}
         row.update({f"train_{k}": (s / seen).item() for k, s in sums.items()})
         row["samples_per_s"] = seen / max(train_seconds, 1e-9)
-        row["_t0"] = t0
         if self.counter is not None:
             row["_comm"] = self._comm_columns()
         return row
@@ -513,13 +415,58 @@ class Trainer:
         )
 
 
-def _maybe_crash(global_step: int, env: D.DistEnv) -> None:
-    """Test hook for fault tolerance: ``DIVEKIT_CRASH_AT_STEP=K`` kills one worker after
-    global step K, under torch.distributed's elastic agent and in its first attempt only
-    (``TORCHELASTIC_RESTART_COUNT`` is 0), like a machine failure. ``DIVEKIT_CRASH_RANK`` picks
-    the rank (default: the last)."""
-    at = os.environ.get("DIVEKIT_CRASH_AT_STEP")
-    if not at or global_step != int(at) or os.environ.get("TORCHELASTIC_RESTART_COUNT") != "0":
-        return
-    if env.rank == int(os.environ.get("DIVEKIT_CRASH_RANK", env.world_size - 1)):
-        os.kill(os.getpid(), signal.SIGKILL)
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, int | float) or (isinstance(v, Tensor) and v.numel() == 1)
+
+
+def _accumulate(sums: dict[str, Any], out: dict[str, Any]) -> None:
+    """Tensors and numbers add up; lists join."""
+    for k, v in out.items():
+        if isinstance(v, list):
+            sums.setdefault(k, []).extend(v)
+        elif isinstance(v, Tensor):
+            v = v.detach()
+            sums[k] = sums[k] + v if k in sums else v.clone()
+        else:
+            sums[k] = sums.get(k, 0) + v
+
+
+def _reduce_over_ranks(sums: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Add every rank's totals (tensors and numbers in one all-reduce) and join their lists."""
+    keys = sorted(k for k, v in sums.items() if not isinstance(v, list))
+    if keys:
+        flat = [torch.as_tensor(sums[k], device=device, dtype=torch.float64).reshape(-1) for k in keys]
+        total = D.all_reduce_sum(torch.cat(flat))
+        offset = 0
+        for k, part in zip(keys, flat):
+            value = total[offset: offset + part.numel()]
+            offset += part.numel()
+            old = sums[k]
+            sums[k] = (value.reshape(old.shape).to(old.dtype) if isinstance(old, Tensor)
+                       else type(old)(value.item()))
+    lists = sorted(k for k, v in sums.items() if isinstance(v, list))
+    if lists:
+        gathered = D.all_gather_object({k: sums[k] for k in lists})
+        for k in lists:
+            sums[k] = [item for part in gathered for item in part[k]]
+    return sums
+
+
+def run_validation(task: Task, model: nn.Module, loader: Iterable, device: torch.device, *,
+                   amp: bool = False, channels_last: bool = False,
+                   reduce: bool = False) -> dict[str, Any]:
+    """The validation loop every task shares: eval mode, ``inference_mode``, AMP, device moves,
+    the batches' sums (over the ranks too with ``reduce``), then ``task.validation_end``."""
+    was_training = model.training
+    model.eval()
+    task.on_validation_start(model)
+    sums: dict[str, Any] = {}
+    try:
+        with torch.inference_mode(), autocast(device, amp):
+            for batch in loader:
+                _accumulate(sums, task.validation_step(model, to_device(batch, device, channels_last)))
+    finally:
+        model.train(was_training)
+    if reduce:
+        sums = _reduce_over_ranks(sums, device)
+    return task.validation_end(sums)
