@@ -1,0 +1,235 @@
+"""``divekit hw simulate`` and ``divekit hw sweep``: the zoo (or a SCALE-Sim topology) on a
+systolic array."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+
+from divekit.errors import DivekitError
+
+EXAMPLES = """\
+examples:
+  divekit hw simulate resnet18 --input-shape 3,224,224 --array 256x256 --clock-ghz 0.7
+  divekit hw simulate resnet50 --input-shape 3,224,224 --batch 8 --plot batching.png
+  divekit hw simulate lenet --mode cycle --array 16x16 --dataflow os
+  divekit hw simulate --topology alexnet.csv --config scale.cfg --csv COMPUTE_REPORT.csv
+  divekit hw sweep resnet18 --input-shape 3,224,224 --plot sweep.png
+"""
+
+
+def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    hw = sub.add_parser("hw", parents=[parent], help="systolic-array simulation of the zoo",
+                        description="Map a model's convolution and linear layers onto a "
+                        "TPU-like systolic array: cycles, folds, utilisation per layer.",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hw.set_defaults(handler=_cmd_hw_help(hw))
+    actions = hw.add_subparsers(dest="hw_action", metavar="ACTION")
+
+    p = actions.add_parser(
+        "simulate", parents=[parent], help="per-layer cycles and utilisation of a model",
+        description="Trace MODEL with forward hooks, lower every conv (im2col) and linear layer "
+        "to matrix products and run them on the array; or run a SCALE-Sim topology "
+        "(--topology, with SCALE-Sim v2's conventions).")
+    p.add_argument("model", nargs="?", help="model name (see `divekit models`)")
+    _model_options(p)
+    p.add_argument("--array", default="128x128", metavar="RxC",
+                   help="array rows x columns (default: 128x128)")
+    p.add_argument("--dataflow", default="ws", choices=["ws", "os", "is"],
+                   help="weight-, output- or input-stationary (default: ws)")
+    p.add_argument("--bandwidth-gbs", type=float, metavar="B",
+                   help="memory bandwidth in GB/s: a layer takes the longer of compute and "
+                   "moving its 8-bit operands once")
+    p.add_argument("--mode", default="analytic", choices=["analytic", "cycle"],
+                   help="closed-form cycles, or the cycle-accurate simulator on the layers' real "
+                   "operands (small models and arrays) (default: analytic)")
+    p.add_argument("--overlap", action="store_true",
+                   help="overlap each fold's drain with the next fold's fill (double-buffered; "
+                   "SCALE-Sim v1 did this for os)")
+    p.add_argument("--csv", metavar="FILE", help="write the per-layer table (topology runs: "
+                   "SCALE-Sim's COMPUTE_REPORT.csv columns)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="draw utilisation and per-sample latency against batch size")
+    p.add_argument("--topology", metavar="CSV", help="a SCALE-Sim topology (conv or GEMM form)")
+    p.add_argument("--config", metavar="CFG",
+                   help="a SCALE-Sim .cfg for --topology (array size and dataflow)")
+    p.set_defaults(handler=cmd_simulate)
+
+    p = actions.add_parser(
+        "sweep", parents=[parent], help="compare array shapes and dataflows on a model",
+        description="Total cycles, utilisation and latency of MODEL on square and non-square "
+        "arrays under ws, os and is, in one table and one picture.")
+    p.add_argument("model", help="model name (see `divekit models`)")
+    _model_options(p)
+    p.add_argument("--arrays", default="32x32,64x64,128x128,256x256,32x128,128x32,64x256,256x64",
+                   metavar="LIST", help="comma-separated RxC shapes (default: 32x32 ... 256x256 "
+                   "and four non-square)")
+    p.add_argument("--dataflows", default="ws,os,is", metavar="LIST",
+                   help="comma-separated dataflows (default: ws,os,is)")
+    p.add_argument("--plot", metavar="PNG", help="picture (default: MODEL-sweep.png)")
+    p.set_defaults(handler=cmd_sweep)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", metavar="C,H,W", help="input (default: the model's own)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--num-classes", type=int, default=10, help="output classes (default: 10)")
+    p.add_argument("--clock-ghz", type=float, default=1.0, metavar="F",
+                   help="array clock in GHz (default: 1.0; TPU v1: 0.7)")
+
+
+def _cmd_hw_help(parser: argparse.ArgumentParser):
+    def handler(args: argparse.Namespace) -> None:
+        parser.print_help()
+        raise DivekitError("hw needs an action: simulate or sweep")
+    return handler
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    if args.batch <= 0:
+        raise DivekitError(f"--batch must be positive, got {args.batch}")
+    if args.clock_ghz <= 0:
+        raise DivekitError(f"--clock-ghz must be positive, got {args.clock_ghz}")
+    if getattr(args, "bandwidth_gbs", None) is not None and args.bandwidth_gbs <= 0:
+        raise DivekitError(f"--bandwidth-gbs must be positive, got {args.bandwidth_gbs}")
+
+
+def _build(args: argparse.Namespace):
+    """The model and its C,H,W input shape."""
+    from divekit.models import create_model, model_info
+    from divekit.models.summary import parse_shape
+
+    info = model_info(args.model)
+    if info.input_shape is None:
+        raise DivekitError(f"hw works on image models; {args.model!r} is a {info.task} model")
+    shape = parse_shape(args.input_shape) if args.input_shape else info.input_shape
+    return create_model(args.model, num_classes=args.num_classes, in_channels=shape[0]), shape
+
+
+def _output_path(path: str, inputs: list[str | None]) -> Path:
+    out = Path(path)
+    for given in inputs:
+        if given and out.resolve() == Path(given).resolve():
+            raise DivekitError(f"refusing to overwrite the input file {given}")
+    if not out.parent.exists():
+        raise DivekitError(f"folder {out.parent} does not exist (for {path})")
+    return out
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from divekit.hardware.analytic import ArraySpec, parse_array
+
+    _check_positive(args)
+    if args.topology:
+        _simulate_topology(args)
+        return
+    if not args.model:
+        raise DivekitError("hw simulate needs a MODEL or --topology FILE.csv")
+    from divekit.hardware.zoo import format_result, simulate_model
+
+    array = ArraySpec(*parse_array(args.array), args.dataflow)
+    model, shape = _build(args)
+    result = simulate_model(model, shape, array, batch=args.batch, mode=args.mode,
+                            overlap=args.overlap)
+    title = (f"{args.model} on a {array.rows}x{array.cols} {array.dataflow} array, input "
+             f"({args.batch}, {', '.join(map(str, shape))}), {args.mode} mode")
+    print(format_result(result, title=title, clock_ghz=args.clock_ghz,
+                        bandwidth_gbs=args.bandwidth_gbs))
+    if args.csv:
+        _write_layer_csv(_output_path(args.csv, []), result, args.clock_ghz, args.bandwidth_gbs)
+        print(f"csv: {args.csv}")
+    if args.plot:
+        from divekit.hardware.explore import batch_curve, plot_batching
+        from divekit.hardware.zoo import trace_model
+
+        out = _output_path(args.plot, [])
+        traced, _ = trace_model(model, shape)
+        points = batch_curve(traced, array, args.clock_ghz, overlap=args.overlap)
+        plot_batching(points, out, f"{args.model} on {array.rows}x{array.cols} "
+                      f"{array.dataflow} at {args.clock_ghz:g} GHz")
+        print(f"plot: {args.plot}")
+
+
+def _write_layer_csv(path: Path, result, clock_ghz: float, bandwidth_gbs: float | None) -> None:
+    from divekit.hardware.scalesim_io import atomic_write
+    from divekit.hardware.zoo import layer_time
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["layer", "kind", "M", "K", "N", "groups", "folds", "cycles", "macs",
+                "utilisation", "mapping_efficiency", "time_s", "bound"])
+    for layer in result.layers:
+        t, bound = layer_time(layer, clock_ghz, bandwidth_gbs)
+        s = layer.shape
+        w.writerow([layer.name, layer.kind, s.m, s.k, s.n, s.groups, layer.folds, layer.cycles,
+                    layer.macs, f"{layer.utilisation:.6f}",
+                    f"{layer.stats.mapping_efficiency:.6f}", f"{t:.9g}", bound])
+    atomic_write(path, buf.getvalue())
+
+
+def _simulate_topology(args: argparse.Namespace) -> None:
+    from divekit.hardware.analytic import ArraySpec, parse_array
+    from divekit.hardware.scalesim_io import (
+        read_config,
+        read_topology,
+        simulate_topology,
+        write_compute_report,
+    )
+
+    if args.model:
+        raise DivekitError("give either a MODEL or --topology, not both")
+    if args.mode != "analytic" or args.overlap:
+        raise DivekitError("--topology runs follow SCALE-Sim v2 (analytic, no overlap); drop "
+                           "--mode cycle / --overlap")
+    layers = read_topology(args.topology)
+    array = (read_config(args.config) if args.config
+             else ArraySpec(*parse_array(args.array), args.dataflow))
+    stats = simulate_topology(layers, array)
+    rows = [("layer", "ofmap", "GEMM (MxK·KxN)", "folds", "cycles", "overall util %",
+             "map eff %", "compute util %", "time us")]
+    for layer, s in zip(layers, stats):
+        rows.append((layer.name, f"{layer.ofmap[0]}x{layer.ofmap[1]}",
+                     f"{s.m}x{s.k}·{s.k}x{s.n}", f"{s.folds:,}", f"{s.cycles:,}",
+                     f"{100 * s.utilisation:.2f}", f"{100 * s.mapping_efficiency:.2f}",
+                     f"{100 * s.compute_util:.2f}", f"{s.cycles / (args.clock_ghz * 1e3):.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"{Path(args.topology).name} on a {array.rows}x{array.cols} {array.dataflow} array "
+          "(SCALE-Sim v2 conventions, stall-free)")
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) if j < 3 else c.rjust(w)
+                        for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    total = sum(s.cycles for s in stats)
+    macs = sum(s.macs for s in stats)
+    print(f"\ntotal: {len(stats)} layers, {macs:,} MACs, {total:,} cycles, utilisation "
+          f"{100 * macs / (array.pes * total):.2f}%")
+    if args.csv:
+        write_compute_report(_output_path(args.csv, [args.topology, args.config]), stats)
+        print(f"csv: {args.csv}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from divekit.hardware.analytic import DATAFLOWS, parse_array
+    from divekit.hardware.explore import format_points, plot_sweep, sweep
+    from divekit.hardware.zoo import trace_model
+
+    _check_positive(args)
+    arrays = tuple(parse_array(a.strip()) for a in args.arrays.split(",") if a.strip())
+    dataflows = tuple(d.strip().lower() for d in args.dataflows.split(",") if d.strip())
+    bad = [d for d in dataflows if d not in DATAFLOWS]
+    if bad or not dataflows or not arrays:
+        raise DivekitError(f"--dataflows must list some of {', '.join(DATAFLOWS)}, got "
+                           f"{args.dataflows!r}" if bad or not dataflows
+                           else f"--arrays lists no shape: {args.arrays!r}")
+    model, shape = _build(args)
+    traced, _ = trace_model(model, shape)
+    points = sweep(traced, args.clock_ghz, args.batch, arrays, dataflows)
+    print(format_points(points, f"{args.model}, input ({args.batch}, "
+                        f"{', '.join(map(str, shape))}), at {args.clock_ghz:g} GHz"))
+    plot = args.plot or f"{args.model}-sweep.png"
+    plot_sweep(points, _output_path(plot, []),
+               f"{args.model} (batch {args.batch}): utilisation by array and dataflow")
+    print(f"plot: {plot}")

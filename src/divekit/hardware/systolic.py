@@ -1,0 +1,278 @@
+"""A cycle-accurate R×C systolic array that really computes ``A @ B``.
+
+Each cycle moves every operand one processing element (PE) further, vectorised over the whole
+grid with numpy (one array operation per cycle, never a Python loop over PEs). The folds (tiles)
+of a product run the same timeline on different data, so a batch of folds is simulated side by
+side as a leading axis; the array runs them one after another, so the total is the sum of the
+per-fold timelines (see :mod:`divekit.hardware.analytic` for the closed forms they must equal).
+
+Dataflows (``A`` is M×K, ``B`` is K×N):
+
+* ``ws`` weight-stationary: a K×N tile of ``B`` is shifted in from the top, one row per cycle
+  (``R`` cycles of preload). Rows of ``A`` then enter from the left edge, row ``i`` of the array
+  skewed by ``i`` cycles, move right one PE per cycle; partial sums move down one PE per cycle
+  and leave the bottom row as finished outputs (fill and skew ``R - 1`` and ``C - 1`` cycles).
+* ``is`` input-stationary: the same machine with the roles swapped, ``(A B)ᵀ = Bᵀ Aᵀ``: a K×M tile
+  of ``Aᵀ`` is preloaded and the columns of ``B`` stream through.
+* ``os`` output-stationary: each PE owns one output. Rows of ``A`` enter from the left, columns
+  of ``B`` from the top, both skewed; after the last multiply-accumulate the ``R`` rows of
+  results are shifted out of the bottom (drain, ``R`` cycles).
+
+Every operand carries a tag (its index along the streamed dimension); outputs are scattered into
+the result by tag, and the loops stop when every output has left the array, so the cycle counts
+are measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from divekit.errors import DivekitError
+from divekit.hardware.analytic import CONVENTIONS, ArraySpec, GemmStats, spatio_temporal
+
+_CHUNK_ELEMS = 2**24  # folds simulated side by side: at most ~16M float64 of output buffer
+
+
+@dataclass(frozen=True)
+class FoldTimeline:
+    """Measured phases of one fold: ``fill`` (preload, ws/is), ``run`` (until the last output
+    leaves the array for ws/is; until the last multiply-accumulate for os), ``drain`` (os)."""
+
+    fill: int
+    run: int
+    drain: int
+
+    @property
+    def total(self) -> int:
+        return self.fill + self.run + self.drain
+
+
+@dataclass(frozen=True)
+class SimResult:
+    output: np.ndarray  # (M, N) float64
+    stats: GemmStats
+    timeline: FoldTimeline
+
+
+def _pad(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    out = np.zeros((rows, cols), dtype=np.float64)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def _skew(x: np.ndarray) -> np.ndarray:
+    """(F, T, L) → (F, T + L - 1, L) with lane ``l`` delayed by ``l`` cycles (zeros elsewhere)."""
+    f, t, lanes = x.shape
+    out = np.zeros((f, t + lanes - 1, lanes), dtype=np.float64)
+    out[:, np.arange(t)[:, None] + np.arange(lanes)[None, :], np.arange(lanes)] = x
+    return out
+
+
+def _skew_tags(t: int, lanes: int) -> np.ndarray:
+    """(T + L - 1, L) int: the streamed index held by lane ``l`` at cycle ``s`` (``s - l``), or -1."""
+    s = np.arange(t + lanes - 1)[:, None] - np.arange(lanes)[None, :]
+    return np.where((s >= 0) & (s < t), s, -1)
+
+
+def _ws_chunk(a_tiles: np.ndarray, w_tiles: np.ndarray, w_valid: np.ndarray
+              ) -> tuple[np.ndarray, int, int, int]:
+    """Weight-stationary run of F folds side by side.
+
+    a_tiles (F, T, R): the streamed rows of each fold; w_tiles (F, R, C): stationary tiles;
+    w_valid (F, R, C): which PEs hold real (unpadded) weights. Returns (out (F, T, C), preload
+    cycles, stream cycles, useful MACs).
+    """
+    f, t, r = a_tiles.shape
+    c = w_tiles.shape[2]
+    # Preload: rows enter at the top and shift down; the last row goes in first.
+    w = np.zeros((f, r, c))
+    fill = 0
+    while fill < r:
+        w[:, 1:] = w[:, :-1]
+        w[:, 0] = w_tiles[:, r - 1 - fill]
+        fill += 1
+    x = _skew(a_tiles)  # (F, T+R-1, R): what the left edge of row i sees at each cycle
+    x_tag = _skew_tags(t, r)  # (T+R-1, R)
+    a = np.zeros((f, r, c))
+    a_tag = np.full((r, c), -1)
+    psum = np.zeros((f, r, c))
+    out = np.zeros((f, t, c))
+    valid_count = w_valid.sum(axis=0)  # (R, C): folds in which each PE holds a real weight
+    cols = np.arange(c)
+    emitted, needed, macs, s = 0, t * c, 0, 0
+    while emitted < needed:
+        a[:, :, 1:] = a[:, :, :-1]  # operands move one PE to the right
+        a_tag[:, 1:] = a_tag[:, :-1]
+        if s < x.shape[1]:
+            a[:, :, 0] = x[:, s]
+            a_tag[:, 0] = x_tag[s]
+        else:
+            a[:, :, 0] = 0.0
+            a_tag[:, 0] = -1
+        prod = a * w
+        psum[:, 1:] = psum[:, :-1] + prod[:, 1:]  # partial sums move one PE down
+        psum[:, 0] = prod[:, 0]
+        live = a_tag >= 0
+        macs += int(valid_count[live].sum())
+        bottom = a_tag[r - 1]  # the streamed index of the sum leaving each column
+        done = bottom >= 0
+        if done.any():
+            out[:, bottom[done], cols[done]] = psum[:, r - 1, done]
+            emitted += int(done.sum())
+        s += 1
+    return out, fill, s, macs
+
+
+def _os_chunk(a_tiles: np.ndarray, b_tiles: np.ndarray, valid: np.ndarray
+              ) -> tuple[np.ndarray, int, int, int]:
+    """Output-stationary run of F folds side by side.
+
+    a_tiles (F, R, K), b_tiles (F, K, C), valid (F, R, C): PEs that own a real output. Returns
+    (out (F, R, C), compute cycles, drain cycles, useful MACs).
+    """
+    f, r, k = a_tiles.shape
+    c = b_tiles.shape[2]
+    xa = _skew(a_tiles.transpose(0, 2, 1))  # (F, K+R-1, R): left edge of row i
+    xb = _skew(b_tiles)  # (F, K+C-1, C): top edge of column j
+    ta, tb = _skew_tags(k, r), _skew_tags(k, c)
+    a = np.zeros((f, r, c))
+    b = np.zeros((f, r, c))
+    a_tag = np.full((r, c), -1)
+    b_tag = np.full((r, c), -1)
+    acc = np.zeros((f, r, c))
+    valid_count = valid.sum(axis=0)  # (R, C)
+    done, needed, macs, s = 0, r * c * k, 0, 0
+    while done < needed:
+        a[:, :, 1:] = a[:, :, :-1]  # A moves right
+        a_tag[:, 1:] = a_tag[:, :-1]
+        b[:, 1:] = b[:, :-1]  # B moves down
+        b_tag[1:] = b_tag[:-1]
+        in_a, in_b = s < xa.shape[1], s < xb.shape[1]
+        a[:, :, 0] = xa[:, s] if in_a else 0.0
+        a_tag[:, 0] = ta[s] if in_a else -1
+        b[:, 0] = xb[:, s] if in_b else 0.0
+        b_tag[0] = tb[s] if in_b else -1
+        live = (a_tag >= 0) & (b_tag >= 0)
+        if np.any(a_tag[live] != b_tag[live]):
+            raise RuntimeError("output-stationary operands out of step")  # a simulator bug
+        acc += a * b
+        done += int(live.sum())
+        macs += int(valid_count[live].sum())
+        s += 1
+    # Drain: finished outputs shift down one row per cycle and leave the bottom edge.
+    out = np.zeros((f, r, c))
+    row_tag = np.arange(r)
+    drained = 0
+    while drained < r:
+        out[:, row_tag[r - 1]] = acc[:, r - 1]
+        acc[:, 1:] = acc[:, :-1]
+        row_tag[1:] = row_tag[:-1].copy()
+        acc[:, 0] = 0.0
+        drained += 1
+    return out, s, drained, macs
+
+
+def _chunks(n_folds: int, per_fold_elems: int) -> list[slice]:
+    size = max(1, _CHUNK_ELEMS // max(per_fold_elems, 1))
+    return [slice(i, min(i + size, n_folds)) for i in range(0, n_folds, size)]
+
+
+def _run_ws(a: np.ndarray, b: np.ndarray, r: int, c: int) -> tuple[np.ndarray, int, int, int]:
+    """(M×K)·(K×N) weight-stationary: returns (product, preload, stream, MACs)."""
+    m, k = a.shape
+    n = b.shape[1]
+    fr, fc = math.ceil(k / r), math.ceil(n / c)
+    ap = _pad(a, m, fr * r).reshape(m, fr, r).transpose(1, 0, 2)  # (fr, M, R)
+    bp = _pad(b, fr * r, fc * c).reshape(fr, r, fc, c).transpose(0, 2, 1, 3)  # (fr, fc, R, C)
+    vp = _pad(np.ones((k, n)), fr * r, fc * c).reshape(fr, r, fc, c).transpose(0, 2, 1, 3)
+    w_tiles = bp.reshape(fr * fc, r, c)
+    w_valid = vp.reshape(fr * fc, r, c) > 0
+    fold_kr = np.repeat(np.arange(fr), fc)  # fold f = (kr, nc) with kr = f // fc
+    out = np.zeros((fr * fc, m, c))
+    timings = set()
+    macs = 0
+    for sl in _chunks(fr * fc, m * (c + r)):
+        o, fill, run, mc = _ws_chunk(ap[fold_kr[sl]], w_tiles[sl], w_valid[sl])
+        out[sl] = o
+        timings.add((fill, run))
+        macs += mc
+    if len(timings) != 1:
+        raise RuntimeError(f"folds ran different timelines: {timings}")  # a simulator bug
+    fill, run = timings.pop()
+    product = out.reshape(fr, fc, m, c).sum(axis=0).transpose(1, 0, 2).reshape(m, fc * c)
+    return product[:, :n], fill, run, macs
+
+
+def _run_os(a: np.ndarray, b: np.ndarray, r: int, c: int) -> tuple[np.ndarray, int, int, int]:
+    """(M×K)·(K×N) output-stationary: returns (product, compute, drain, MACs)."""
+    m, k = a.shape
+    n = b.shape[1]
+    fr, fc = math.ceil(m / r), math.ceil(n / c)
+    ap = _pad(a, fr * r, k).reshape(fr, r, k)  # (fr, R, K)
+    bp = _pad(b, k, fc * c).reshape(k, fc, c).transpose(1, 0, 2)  # (fc, K, C)
+    vp = _pad(np.ones((m, n)), fr * r, fc * c).reshape(fr, r, fc, c).transpose(0, 2, 1, 3)
+    valid = vp.reshape(fr * fc, r, c) > 0
+    fold_mr, fold_nc = np.repeat(np.arange(fr), fc), np.tile(np.arange(fc), fr)
+    out = np.zeros((fr * fc, r, c))
+    timings = set()
+    macs = 0
+    for sl in _chunks(fr * fc, k * (r + c) + r * c):
+        o, run, drain, mc = _os_chunk(ap[fold_mr[sl]], bp[fold_nc[sl]], valid[sl])
+        out[sl] = o
+        timings.add((run, drain))
+        macs += mc
+    if len(timings) != 1:
+        raise RuntimeError(f"folds ran different timelines: {timings}")  # a simulator bug
+    run, drain = timings.pop()
+    product = out.reshape(fr, fc, r, c).transpose(0, 2, 1, 3).reshape(fr * r, fc * c)
+    return product[:m, :n], run, drain, macs
+
+
+def simulate(a: np.ndarray | object, b: np.ndarray | object, array: ArraySpec, *,
+             convention: str = "native", overlap: bool = False) -> SimResult:
+    """Run ``a @ b`` (M×K by K×N, float64) cycle by cycle on ``array``.
+
+    cycles = folds × fold timeline (native); with ``overlap`` the next fold's preload (ws/is) or
+    start (os) hides under the previous fold's tail: ``F·run + fill + drain``; SCALE-Sim v2
+    convention: ``F·(fill + run) - 1`` (os: drain not counted). Utilisation = counted useful MACs /
+    (R·C·cycles).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or 0 in a.shape + b.shape:
+        raise DivekitError(f"cannot multiply shapes {a.shape} and {b.shape}")
+    if convention not in CONVENTIONS:
+        raise DivekitError(f"convention must be one of {', '.join(CONVENTIONS)}")
+    r, c, df = array.rows, array.cols, array.dataflow
+    m, k = a.shape
+    n = b.shape[1]
+    if df == "ws":
+        product, fill, run, macs = _run_ws(a, b, r, c)
+        timeline = FoldTimeline(fill=fill, run=run, drain=0)
+    elif df == "is":
+        product_t, fill, run, macs = _run_ws(b.T, a.T, r, c)  # (A B)ᵀ = Bᵀ Aᵀ, Aᵀ stationary
+        product = product_t.T
+        timeline = FoldTimeline(fill=fill, run=run, drain=0)
+    else:
+        product, run, drain, macs = _run_os(a, b, r, c)
+        timeline = FoldTimeline(fill=0, run=run, drain=drain)
+    sr, sc, t = spatio_temporal(m, n, k, df)
+    folds = math.ceil(sr / r) * math.ceil(sc / c)
+    if convention == "scalesim":
+        cycles = folds * (timeline.fill + timeline.run) - 1
+        c_f = timeline.run if df == "os" else timeline.fill + timeline.run + c - 1
+    else:
+        if overlap:
+            cycles = folds * timeline.run + timeline.fill + timeline.drain
+        else:
+            cycles = folds * timeline.total
+        c_f = timeline.total
+    stats = GemmStats(
+        m=m, n=n, k=k, rows=r, cols=c, dataflow=df, folds=folds, cycles=cycles, macs=macs,
+        mapping_efficiency=sr * sc / (folds * r * c), utilisation=macs / (r * c * cycles) if cycles else float("nan"),
+        compute_util=sr * sc * t / (folds * r * c * c_f),
+    )
+    return SimResult(output=product, stats=stats, timeline=timeline)

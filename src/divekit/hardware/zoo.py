@@ -1,0 +1,251 @@
+"""A model on the array: trace every conv and linear layer, map each to its matrix products.
+
+One forward pass with hooks records each ``nn.Conv2d`` and ``nn.Linear`` call's input shape; the
+layer becomes ``groups`` products ``(M×K)·(K×N)`` (:mod:`divekit.hardware.lowering`), each run on
+the array analytically or cycle by cycle. Everything else (normalisation, activations, pooling,
+reshapes) runs on the vector unit and is only listed.
+
+Per layer: cycles = groups × cycles of one product; utilisation = MACs / (PEs × cycles); time =
+cycles / clock. With a memory bandwidth, a layer also needs ``bytes / bandwidth`` seconds to
+move its operands once (8-bit: ``M·K + K·N + M·N`` bytes per product) and takes the longer of
+the two (a roofline per layer).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from divekit.errors import DivekitError
+from divekit.hardware.analytic import ArraySpec, GemmStats, gemm_cycles
+from divekit.hardware.lowering import GemmShape, conv2d_gemm_shape, im2col
+from divekit.hardware.systolic import simulate
+
+MODES = ("analytic", "cycle")
+
+
+@dataclass
+class TracedLayer:
+    name: str
+    kind: str  # "conv" or "linear"
+    shape: GemmShape  # per sample batch 1 (M scales with the batch)
+    operands: tuple[torch.Tensor, torch.Tensor] | None = None  # group 0's (M×K, K×N), cycle mode
+
+
+@dataclass
+class LayerResult:
+    name: str
+    kind: str
+    shape: GemmShape  # at the simulated batch
+    stats: GemmStats  # one of the ``groups`` identical products
+
+    @property
+    def cycles(self) -> int:
+        return self.stats.cycles * self.shape.groups
+
+    @property
+    def folds(self) -> int:
+        return self.stats.folds * self.shape.groups
+
+    @property
+    def macs(self) -> int:
+        return self.shape.macs
+
+    @property
+    def utilisation(self) -> float:
+        return self.macs / (self.stats.rows * self.stats.cols * self.cycles)
+
+    def bytes_moved(self, bytes_per_elem: int = 1) -> int:
+        s = self.shape
+        return s.groups * (s.m * s.k + s.k * s.n + s.m * s.n) * bytes_per_elem
+
+
+@dataclass
+class ModelResult:
+    array: ArraySpec
+    batch: int
+    layers: list[LayerResult]
+    vector_layers: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
+
+    @property
+    def cycles(self) -> int:
+        return sum(layer.cycles for layer in self.layers)
+
+    @property
+    def macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    @property
+    def utilisation(self) -> float:
+        return self.macs / (self.array.pes * self.cycles)
+
+
+def trace_model(model: nn.Module, input_shape: tuple[int, ...], *, batch: int = 1,
+                keep_operands: bool = False) -> tuple[list[TracedLayer], list[tuple[str, str]]]:
+    """Run one random input of ``(batch, *input_shape)`` through ``model`` and record its conv and
+    linear layers (as products) and its other leaf layers. A shape the model rejects raises a
+    :class:`DivekitError` that names the innermost layer that failed."""
+    traced: list[TracedLayer] = []
+    others: list[tuple[str, str]] = []
+    stack: list[str] = []
+    calls: Counter[str] = Counter()
+
+    def pre_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            stack.append(name)
+        return hook
+
+    def post_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            stack.pop()
+            if list(module.children()):
+                return
+            calls[name] += 1
+            label = name if calls[name] == 1 else f"{name}#{calls[name]}"
+            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+            if isinstance(module, nn.Conv2d) and x is not None and x.dim() == 4:
+                _trace_conv(module, x, label, traced, keep_operands)
+            elif isinstance(module, nn.Linear) and x is not None:
+                m = x.numel() // x.shape[-1]
+                ops = None
+                if keep_operands:
+                    ops = (x.reshape(m, -1).double(), module.weight.detach().T.double())
+                traced.append(TracedLayer(label, "linear", GemmShape(
+                    m=max(m // batch, 1), n=module.out_features, k=module.in_features), ops))
+            else:
+                others.append((label, type(module).__name__))
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        name = name or type(model).__name__
+        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        handles.append(module.register_forward_hook(post_hook(name)))
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(torch.randn(batch, *input_shape))
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        where = stack[-1] if stack else type(model).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shape = ",".join(map(str, input_shape))
+        raise DivekitError(f"input shape {shape} rejected at layer {where!r}: {first}") from None
+    finally:
+        for h in handles:
+            h.remove()
+    if not traced:
+        raise DivekitError(f"{type(model).__name__} has no convolution or linear layer to map "
+                           "onto a systolic array")
+    return traced, others
+
+
+def _trace_conv(module: nn.Conv2d, x: torch.Tensor, label: str, traced: list[TracedLayer],
+                keep_operands: bool) -> None:
+    if isinstance(module.padding, str):  # "same"/"valid": the effective symmetric padding
+        pad = tuple(0 if module.padding == "valid" else d * (k - 1) // 2
+                    for k, d in zip(module.kernel_size, module.dilation))
+    else:
+        pad = tuple(module.padding)
+    shape = conv2d_gemm_shape((1, *x.shape[1:]), module.out_channels, module.kernel_size,
+                              module.stride, pad, module.dilation, module.groups)
+    ops = None
+    if keep_operands:
+        c_g, n_g = x.shape[1] // module.groups, module.out_channels // module.groups
+        a = im2col(x[:, :c_g].double(), module.kernel_size, module.stride, pad, module.dilation)
+        w = module.weight.detach()[:n_g].reshape(n_g, -1).T.double()
+        ops = (a, w)
+    traced.append(TracedLayer(label, "conv", shape, ops))
+
+
+def at_batch(shape: GemmShape, batch: int) -> GemmShape:
+    """The same layer with M scaled to ``batch`` samples (M = batch · pixels or rows)."""
+    return GemmShape(m=shape.m * batch, n=shape.n, k=shape.k, groups=shape.groups)
+
+
+def map_layers(traced: list[TracedLayer], array: ArraySpec, *, batch: int = 1,
+               mode: str = "analytic", overlap: bool = False) -> list[LayerResult]:
+    """Cycles of each traced layer: closed form, or the cycle-accurate simulator on the layer's
+    own operands (group 0; the other groups are the same timeline), checked against matmul."""
+    if mode not in MODES:
+        raise DivekitError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    results = []
+    for layer in traced:
+        shape = at_batch(layer.shape, batch)
+        if mode == "cycle":
+            if layer.operands is None:
+                raise DivekitError("cycle mode needs the layers traced with keep_operands=True")
+            a, w = layer.operands
+            sim = simulate(a.numpy(), w.numpy(), array, overlap=overlap)
+            expected = (a @ w).numpy()
+            if not np.allclose(sim.output, expected, rtol=1e-9, atol=1e-9):
+                raise RuntimeError(f"systolic result differs from matmul at {layer.name}")
+            stats = sim.stats
+        else:
+            stats = gemm_cycles(shape.m, shape.n, shape.k, array, overlap=overlap)
+        results.append(LayerResult(layer.name, layer.kind, shape, stats))
+    return results
+
+
+def simulate_model(model: nn.Module, input_shape: tuple[int, ...], array: ArraySpec, *,
+                   batch: int = 1, mode: str = "analytic", overlap: bool = False) -> ModelResult:
+    """Trace ``model`` on ``input_shape`` and map every conv/linear layer onto ``array``."""
+    if batch <= 0:
+        raise DivekitError(f"--batch must be positive, got {batch}")
+    cycle = mode == "cycle"
+    traced, others = trace_model(model, input_shape, batch=batch if cycle else 1,
+                                 keep_operands=cycle)
+    layers = map_layers(traced, array, batch=1 if cycle else batch, mode=mode, overlap=overlap)
+    if cycle:  # traced at the real batch already: report the shapes at that batch
+        layers = [LayerResult(r.name, r.kind, at_batch(t.shape, batch), r.stats)
+                  for r, t in zip(layers, traced)]
+    return ModelResult(array=array, batch=batch, layers=layers, vector_layers=others)
+
+
+def layer_time(layer: LayerResult, clock_ghz: float, bandwidth_gbs: float | None
+               ) -> tuple[float, str]:
+    """Seconds for the layer and what bounds it: cycles / clock, or bytes / bandwidth."""
+    compute = layer.cycles / (clock_ghz * 1e9)
+    if bandwidth_gbs is None:
+        return compute, "compute"
+    memory = layer.bytes_moved() / (bandwidth_gbs * 1e9)
+    return (memory, "memory") if memory > compute else (compute, "compute")
+
+
+def format_result(result: ModelResult, *, title: str, clock_ghz: float,
+                  bandwidth_gbs: float | None = None) -> str:
+    """The per-layer table, totals, and the layers left to the vector unit."""
+    rows = [("layer", "GEMM (MxK·KxN)", "folds", "cycles", "util %", "map eff %", "time us")]
+    total_time = 0.0
+    for layer in result.layers:
+        t, bound = layer_time(layer, clock_ghz, bandwidth_gbs)
+        total_time += t
+        rows.append((layer.name, str(layer.shape), f"{layer.folds:,}", f"{layer.cycles:,}",
+                     f"{100 * layer.utilisation:.1f}",
+                     f"{100 * layer.stats.mapping_efficiency:.1f}",
+                     f"{t * 1e6:.2f}" + ("" if bound == "compute" else " (mem)")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [title]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
+                               for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    arr = result.array
+    peak = 2 * arr.pes * clock_ghz * 1e9
+    achieved = 2 * result.macs / total_time if total_time else 0.0
+    lines.append("")
+    lines.append(f"total: {len(result.layers)} layers, {result.macs:,} MACs, "
+                 f"{result.cycles:,} cycles, utilisation {100 * result.utilisation:.1f}%, "
+                 f"{total_time * 1e3:.3f} ms at {clock_ghz:g} GHz "
+                 f"({total_time * 1e3 / result.batch:.3f} ms per sample)")
+    lines.append(f"throughput: {achieved / 1e12:.2f} of {peak / 1e12:.2f} peak TOPS "
+                 f"({arr.rows}x{arr.cols} MACs x 2 ops x {clock_ghz:g} GHz)")
+    if result.vector_layers:
+        kinds = Counter(kind for _, kind in result.vector_layers)
+        shown = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+        lines.append(f"vector unit (not on the array): {shown}")
+    return "\n".join(lines)
