@@ -24,6 +24,7 @@ from divekit.models import (  # noqa: E402,F401  isort: skip
     yolo,
     centernet,
     rcnn,
+    bert,
 )
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]

@@ -1,0 +1,293 @@
+"""BERT (Devlin et al. 2019) as the course builds it (d2l 15.8), sized by a :class:`BertConfig`.
+
+BERT is a Transformer *encoder* only. Every input is one sentence or a pair, written
+``[CLS] a₁ … aₘ [SEP] b₁ … bₙ [SEP]`` (:func:`get_tokens_and_segments`), and the input of the
+first block is the sum of three embeddings followed by a layer norm:
+
+    X = LayerNorm(E_token[x_t] + E_segment[s_t] + P[t])        t = 0 … T-1
+
+where ``P`` is a *learnable* position embedding (a parameter that trains, unlike the course's,
+which adds ``pos_embedding.data`` and so never receives a gradient). Each block is post-norm::
+
+    Y = LayerNorm(X + Dropout(MultiHeadAttention(X, X, X, valid_lens)))
+    Z = LayerNorm(Y + Dropout(W₂ act(W₁ Y + b₁) + b₂))
+
+Attention runs through :class:`~divekit.models.attention.MultiHeadAttention`, whose fast path is
+PyTorch's fused ``scaled_dot_product_attention``; ``valid_lens`` (``(B,)``) hides the padding
+keys of each row. Two pretraining heads sit on top:
+
+* :class:`MaskLM` — the masked language model: at the positions ``pred_positions`` it predicts
+  the original token, ``softmax(W_d LayerNorm(act(W_t h)) + b)``.
+* :class:`NextSentencePred` — next-sentence prediction, a 2-way classifier on the pooled
+  ``[CLS]`` vector ``tanh(W_p h_0 + b_p)`` (the model's ``hidden``).
+
+The parameter names follow the course (``token_embedding``, ``blks.0.attention.W_q``,
+``addnorm1``, ``ffn.dense1``, ``mlm.mlp``, ``nsp.output``, ``hidden``); one table in
+:mod:`divekit.models.bert_checkpoint` maps a standard BERT checkpoint onto them, so
+:func:`load_pretrained` reads Hugging Face directories (``bert-base-uncased``,
+``all-MiniLM-L6-v2``) without a conversion script.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from divekit.errors import DivekitError
+from divekit.models.attention import MultiHeadAttention
+from divekit.models.registry import register_model
+
+ACTIVATIONS = {
+    "gelu": nn.GELU,  # exact erf GELU: BERT's "gelu"
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+}
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The sizes of a BERT. Defaults are BERT-base's (12 layers, 768 hidden, 12 heads)."""
+
+    vocab_size: int = 30522
+    num_layers: int = 12
+    num_hiddens: int = 768
+    num_heads: int = 12
+    ffn_num_hiddens: int = 3072
+    max_len: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    activation: str = "gelu"
+
+    def __post_init__(self) -> None:
+        ints = ("vocab_size", "num_layers", "num_hiddens", "num_heads", "ffn_num_hiddens",
+                "max_len", "type_vocab_size")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise DivekitError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_hiddens % self.num_heads:
+            raise DivekitError(f"BertConfig.num_hiddens {self.num_hiddens} must be a multiple of "
+                               f"num_heads {self.num_heads}")
+        if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
+            raise DivekitError(f"BertConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.layer_norm_eps, int | float) and 0 < self.layer_norm_eps < 1):
+            raise DivekitError(f"BertConfig.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps!r}")
+        if self.activation not in ACTIVATIONS:
+            raise DivekitError(f"BertConfig.activation {self.activation!r} is not one of "
+                               f"{', '.join(ACTIVATIONS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def get_tokens_and_segments(tokens_a: list[Any], tokens_b: list[Any] | None = None,
+                            cls: Any = "<cls>", sep: Any = "<sep>") -> tuple[list[Any], list[int]]:
+    """``[cls] a [sep]`` (segment 0) and ``b [sep]`` (segment 1): the course's BERT input.
+
+    ``cls`` and ``sep`` default to the course's token strings; pass ids (``tokenizer.cls_id``)
+    to build id sequences the same way."""
+    tokens = [cls, *tokens_a, sep]
+    segments = [0] * len(tokens)
+    if tokens_b is not None:
+        tokens += [*tokens_b, sep]
+        segments += [1] * (len(tokens_b) + 1)
+    return tokens, segments
+
+
+class PositionWiseFFN(nn.Module):
+    """``dense2(act(dense1(X)))`` at every position: ``(B, T, d) → (B, T, d)``."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, activation: str = "gelu"):
+        super().__init__()
+        self.dense1 = nn.Linear(num_hiddens, ffn_num_hiddens)
+        self.act = ACTIVATIONS[activation]()
+        self.dense2 = nn.Linear(ffn_num_hiddens, num_hiddens)
+
+    def forward(self, X: Tensor) -> Tensor:
+        return self.dense2(self.act(self.dense1(X)))
+
+
+class AddNorm(nn.Module):
+    """``LayerNorm(X + dropout(Y))``: the residual connection, then layer normalisation."""
+
+    def __init__(self, num_hiddens: int, dropout: float, eps: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(num_hiddens, eps=eps)
+
+    def forward(self, X: Tensor, Y: Tensor) -> Tensor:
+        return self.ln(X + self.dropout(Y))
+
+
+class TransformerEncoderBlock(nn.Module):
+    """One post-norm encoder block: self-attention, then the position-wise FFN."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        c = config
+        self.attention = MultiHeadAttention(c.num_hiddens, c.num_heads, c.dropout, bias=True,
+                                            query_size=c.num_hiddens, key_size=c.num_hiddens,
+                                            value_size=c.num_hiddens)
+        self.addnorm1 = AddNorm(c.num_hiddens, c.dropout, c.layer_norm_eps)
+        self.ffn = PositionWiseFFN(c.num_hiddens, c.ffn_num_hiddens, c.activation)
+        self.addnorm2 = AddNorm(c.num_hiddens, c.dropout, c.layer_norm_eps)
+
+    def forward(self, X: Tensor, valid_lens: Tensor | None) -> Tensor:
+        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))  # (B, T, H)
+        return self.addnorm2(Y, self.ffn(Y))
+
+
+class BERTEncoder(nn.Module):
+    """Token, segment and position embeddings, then ``num_layers`` encoder blocks.
+
+    ``forward(tokens (B, T), segments (B, T), valid_lens (B,) or None) → (B, T, H)``, the last
+    hidden states. Positions at and after ``valid_lens[b]`` are padding: no key attends to them.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        c = self.config = config
+        self.token_embedding = nn.Embedding(c.vocab_size, c.num_hiddens)
+        self.segment_embedding = nn.Embedding(c.type_vocab_size, c.num_hiddens)
+        self.pos_embedding = nn.Parameter(torch.empty(c.max_len, c.num_hiddens))  # P, (L, H)
+        self.embed_norm = nn.LayerNorm(c.num_hiddens, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+        self.blks = nn.ModuleList(TransformerEncoderBlock(c) for _ in range(c.num_layers))
+
+    def forward(self, tokens: Tensor, segments: Tensor | None = None,
+                valid_lens: Tensor | None = None) -> Tensor:
+        if tokens.dim() != 2:
+            raise DivekitError(f"tokens must be (batch, seq) token ids, got shape {tuple(tokens.shape)}")
+        t = tokens.shape[1]
+        if t > self.config.max_len:
+            raise DivekitError(f"sequence of {t} tokens is longer than max_len {self.config.max_len}")
+        if segments is None:
+            segments = torch.zeros_like(tokens)
+        X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
+        X = self.dropout(self.embed_norm(X + self.pos_embedding[:t]))  # P broadcasts over B
+        if valid_lens is not None and bool((valid_lens >= t).all()):
+            valid_lens = None  # no padding: the unmasked (fastest) attention kernel
+        for blk in self.blks:
+            X = blk(X, valid_lens)
+        return X
+
+
+class MaskLM(nn.Module):
+    """The masked-language-model head: ``(B, T, H), (B, P) positions → (B, P, vocab)`` logits.
+
+    ``mlp`` is ``Linear → act → LayerNorm → Linear(vocab)``, BERT's ``cls.predictions``."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        c = config
+        self.mlp = nn.Sequential(
+            nn.Linear(c.num_hiddens, c.num_hiddens), ACTIVATIONS[c.activation](),
+            nn.LayerNorm(c.num_hiddens, eps=c.layer_norm_eps), nn.Linear(c.num_hiddens, c.vocab_size),
+        )
+
+    def forward(self, X: Tensor, pred_positions: Tensor) -> Tensor:
+        # Gather h[b, pred_positions[b, p]] for every b and p in one indexing op.
+        index = pred_positions.unsqueeze(-1).expand(-1, -1, X.shape[-1])  # (B, P, H)
+        masked_X = torch.gather(X, 1, index)  # (B, P, H)
+        return self.mlp(masked_X)  # (B, P, V)
+
+
+class NextSentencePred(nn.Module):
+    """The next-sentence head: pooled ``[CLS]`` features ``(B, H) → (B, 2)`` logits
+    (class 1: b follows a; class 0: b is a random sentence)."""
+
+    def __init__(self, num_hiddens: int):
+        super().__init__()
+        self.output = nn.Linear(num_hiddens, 2)
+
+    def forward(self, X: Tensor) -> Tensor:
+        return self.output(X)
+
+
+class BERTModel(nn.Module):
+    """The encoder with both pretraining heads.
+
+    ``forward(tokens, segments, valid_lens=None, pred_positions=None)`` returns
+    ``(encoded (B, T, H), mlm_logits (B, P, V) or None, nsp_logits (B, 2))`` as the course's.
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = BERTEncoder(config)
+        self.hidden = nn.Sequential(nn.Linear(config.num_hiddens, config.num_hiddens), nn.Tanh())
+        self.mlm = MaskLM(config)
+        self.nsp = NextSentencePred(config.num_hiddens)
+        self.apply(_init_weights)
+        nn.init.normal_(self.encoder.pos_embedding, std=0.02)
+
+    def forward(self, tokens: Tensor, segments: Tensor | None = None,
+                valid_lens: Tensor | None = None, pred_positions: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None, Tensor]:
+        encoded = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
+        mlm_logits = self.mlm(encoded, pred_positions) if pred_positions is not None else None
+        nsp_logits = self.nsp(self.hidden(encoded[:, 0, :]))  # from the [CLS] position
+        return encoded, mlm_logits, nsp_logits
+
+
+def _init_weights(module: nn.Module) -> None:
+    """BERT's initialisation: N(0, 0.02) weights, zero biases, unit layer norms."""
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def mlm_loss(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
+    """The masked-LM loss ``Σ w_i CE(logits_i, y_i) / Σ w_i``.
+
+    The weights multiply the per-position losses *before* any mean, so a weight-0 (padding)
+    prediction adds nothing to the loss or its gradient. (The course averages first and then
+    multiplies, which leaves the mask without effect.)"""
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                reduction="none")  # (B·P,)
+    w = weights.reshape(-1).to(per_token.dtype)
+    return (per_token * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def _build(config: BertConfig, overrides: dict[str, Any]) -> BERTModel:
+    from dataclasses import replace
+
+    return BERTModel(replace(config, **overrides))
+
+
+@register_model("bert_small", input_shape=None, task="bert_pretrain")
+def bert_small(**overrides: Any) -> BERTModel:
+    """BERT as the course pretrains it: 2 layers, 128 hidden, 2 heads, FFN 256."""
+    small = BertConfig(num_layers=2, num_hiddens=128, num_heads=2, ffn_num_hiddens=256,
+                       max_len=512, dropout=0.2)
+    return _build(small, overrides)
+
+
+@register_model("bert_base", input_shape=None, task="bert_pretrain")
+def bert_base(**overrides: Any) -> BERTModel:
+    """BERT-base: 12 layers, 768 hidden, 12 heads, FFN 3072 (110M parameters)."""
+    return _build(BertConfig(), overrides)
+
+
+def load_pretrained(directory: Any) -> tuple[BERTModel, Any]:
+    """``(model, tokenizer)`` from a BERT checkpoint directory, a divekit pretraining run or
+    ``'minilm'``; see :func:`divekit.models.bert_checkpoint.load_pretrained`."""
+    from divekit.models.bert_checkpoint import load_pretrained as _load
+
+    return _load(directory)
+
+
+__all__ = [
+    "BERTEncoder", "BERTModel", "BertConfig", "MaskLM", "NextSentencePred",
+    "get_tokens_and_segments", "load_pretrained", "mlm_loss",
+]
