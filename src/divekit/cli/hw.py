@@ -130,6 +130,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from divekit.hardware.zoo import format_result, simulate_model
 
     array = ArraySpec(*parse_array(args.array), args.dataflow)
+    out_csv = _output_path(args.csv, []) if args.csv else None
+    out_png = _output_path(args.plot, []) if args.plot else None
     model, shape = _build(args)
     result = simulate_model(model, shape, array, batch=args.batch, mode=args.mode,
                             overlap=args.overlap)
@@ -137,17 +139,16 @@ def cmd_simulate(args: argparse.Namespace) -> None:
              f"({args.batch}, {', '.join(map(str, shape))}), {args.mode} mode")
     print(format_result(result, title=title, clock_ghz=args.clock_ghz,
                         bandwidth_gbs=args.bandwidth_gbs))
-    if args.csv:
-        _write_layer_csv(_output_path(args.csv, []), result, args.clock_ghz, args.bandwidth_gbs)
+    if out_csv is not None:
+        _write_layer_csv(out_csv, result, args.clock_ghz, args.bandwidth_gbs)
         print(f"csv: {args.csv}")
-    if args.plot:
+    if out_png is not None:
         from divekit.hardware.explore import batch_curve, plot_batching
         from divekit.hardware.zoo import trace_model
 
-        out = _output_path(args.plot, [])
         traced, _ = trace_model(model, shape)
         points = batch_curve(traced, array, args.clock_ghz, overlap=args.overlap)
-        plot_batching(points, out, f"{args.model} on {array.rows}x{array.cols} "
+        plot_batching(points, out_png, f"{args.model} on {array.rows}x{array.cols} "
                       f"{array.dataflow} at {args.clock_ghz:g} GHz")
         print(f"plot: {args.plot}")
 
@@ -183,6 +184,7 @@ def _simulate_topology(args: argparse.Namespace) -> None:
     if args.mode != "analytic" or args.overlap:
         raise DivekitError("--topology runs follow SCALE-Sim v2 (analytic, no overlap); drop "
                            "--mode cycle / --overlap")
+    out_csv = _output_path(args.csv, [args.topology, args.config]) if args.csv else None
     layers = read_topology(args.topology)
     array = (read_config(args.config) if args.config
              else ArraySpec(*parse_array(args.array), args.dataflow))
@@ -206,8 +208,8 @@ def _simulate_topology(args: argparse.Namespace) -> None:
     macs = sum(s.macs for s in stats)
     print(f"\ntotal: {len(stats)} layers, {macs:,} MACs, {total:,} cycles, utilisation "
           f"{100 * macs / (array.pes * total):.2f}%")
-    if args.csv:
-        write_compute_report(_output_path(args.csv, [args.topology, args.config]), stats)
+    if out_csv is not None:
+        write_compute_report(out_csv, stats)
         print(f"csv: {args.csv}")
 
 
@@ -224,12 +226,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         raise DivekitError(f"--dataflows must list some of {', '.join(DATAFLOWS)}, got "
                            f"{args.dataflows!r}" if bad or not dataflows
                            else f"--arrays lists no shape: {args.arrays!r}")
+    plot = args.plot or f"{args.model}-sweep.png"
+    out_png = _output_path(plot, [])
     model, shape = _build(args)
     traced, _ = trace_model(model, shape)
     points = sweep(traced, args.clock_ghz, args.batch, arrays, dataflows)
     print(format_points(points, f"{args.model}, input ({args.batch}, "
                         f"{', '.join(map(str, shape))}), at {args.clock_ghz:g} GHz"))
-    plot = args.plot or f"{args.model}-sweep.png"
-    plot_sweep(points, _output_path(plot, []),
+    plot_sweep(points, out_png,
                f"{args.model} (batch {args.batch}): utilisation by array and dataflow")
     print(f"plot: {plot}")
