@@ -25,6 +25,7 @@ from divekit.models import (  # noqa: E402,F401  isort: skip
     centernet,
     rcnn,
     bert,
+    fcn,
 )
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]

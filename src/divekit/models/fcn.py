@@ -1,0 +1,97 @@
+"""Fully convolutional network (Long et al. 2015) as the course builds it (d2l 14.11).
+
+A CNN's body keeps the spatial layout; FCN drops the classifier's global pooling and dense
+layer, compresses the body's channels to the number of classes with a 1×1 convolution, and
+enlarges the map back to the input's height and width with one transposed convolution,
+initialised as bilinear upsampling (:func:`~divekit.ops.conv.bilinear_kernel`). A pixel's class
+scores live in the channels: ``(N, 3, H, W) → body → (N, C_b, H/s, W/s) → 1×1 conv
+→ (N, K, H/s, W/s) → transposed conv → (N, K, H, W)``.
+
+For ResNet-18 the body's stride ``s`` is 32 and the transposed convolution is the course's
+kernel 64, padding 16, stride 32; any other body (``backbone``: a registered classifier, whose
+``features`` become the body) gets kernel ``2s``, padding ``s/2``, stride ``s`` for its own
+stride, measured once on a probe input.
+
+Inputs whose sides are not multiples of ``s`` are zero-padded on the bottom and right and the
+scores cropped back, so every pixel of any image gets a score.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from divekit.errors import DivekitError
+from divekit.models.registry import create_model, model_info, register_model
+from divekit.ops.conv import bilinear_kernel
+
+
+def probe_body(body: nn.Module, in_channels: int, size: int = 224) -> tuple[int, int]:
+    """The body's output channels and stride, from one forward pass on a ``size × size`` probe."""
+    was_training = body.training
+    body.eval()
+    try:
+        with torch.no_grad():
+            p = next(body.parameters(), None)
+            x = torch.zeros(1, in_channels, size, size, device=p.device if p is not None else None)
+            y = body(x)
+    finally:
+        body.train(was_training)
+    if y.ndim != 4 or y.shape[-1] < 1:
+        raise DivekitError(f"the body must give (N, C, H, W) maps, got {tuple(y.shape)}")
+    stride = round(size / y.shape[-1])
+    return int(y.shape[1]), max(1, stride)
+
+
+class FCN(nn.Module):
+    """``features`` (the body) then ``head`` (``final_conv``, ``transpose_conv``): per-pixel logits."""
+
+    def __init__(self, body: nn.Module, num_classes: int, *, in_channels: int = 3):
+        super().__init__()
+        body_channels, self.stride = probe_body(body, in_channels)
+        s = self.stride
+        self.features = body
+        transpose = nn.ConvTranspose2d(num_classes, num_classes, kernel_size=2 * s,
+                                       padding=s // 2, stride=s)
+        with torch.no_grad():
+            transpose.weight.copy_(bilinear_kernel(num_classes, num_classes, 2 * s))
+            transpose.bias.zero_()
+        self.head = nn.Sequential(OrderedDict(
+            final_conv=nn.Conv2d(body_channels, num_classes, kernel_size=1),
+            transpose_conv=transpose,
+        ))
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        H, W = x.shape[-2:]
+        s = self.stride
+        pad_h, pad_w = -H % s, -W % s
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        y = self.head(self.features(x))  # (N, K, H', W'), H' >= H
+        return y[..., :H, :W]
+
+
+def fcn(backbone: str | nn.Module = "resnet18", *, num_classes: int = 21,
+        in_channels: int = 3) -> FCN:
+    """An FCN on ``backbone``: a registered classifier's name (its ``features`` are the body) or
+    a body module."""
+    if isinstance(backbone, str):
+        info = model_info(backbone)
+        if info.task != "classify":
+            raise DivekitError(f"--backbone {backbone!r} is a {info.task} model; choose a classifier "
+                               "(see `divekit models`)")
+        body = create_model(backbone, num_classes=num_classes, in_channels=in_channels).features
+    else:
+        body = backbone
+    return FCN(body, num_classes, in_channels=in_channels)
+
+
+@register_model("fcn_resnet18", input_shape=(3, 320, 480), task="segment")
+def fcn_resnet18(*, num_classes: int = 21, in_channels: int = 3,
+                 backbone: str | nn.Module = "resnet18") -> FCN:
+    """FCN (Long et al. 2015): ResNet-18 body, 1x1 conv to classes, 32x bilinear transposed conv."""
+    return fcn(backbone, num_classes=num_classes, in_channels=in_channels)
