@@ -27,7 +27,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def trained_lenet_run(tmp_path_factory) -> Path:
     """A tiny LeNet (with BatchNorm) run on the embedded digits: 2 epochs on 400 images."""
-    from divekit.tasks.classify import ClassifyConfig, train
+    from divekit.tasks import train
+    from divekit.tasks.classify import ClassifyConfig
 
     out = tmp_path_factory.mktemp("runs") / "lenet-digits"
     train(ClassifyConfig(model="lenet_bn", data="digits", epochs=2, limit=400, batch_size=32,

@@ -185,9 +185,9 @@ def test_cutmix_weight_is_the_fraction_of_pixels_kept():
 def test_batch_mix_refuses_negative_alpha_and_the_loss_takes_soft_targets(tmp_path):
     with pytest.raises(DivekitError, match="--mixup"):
         BatchMix(10, mixup_alpha=-1)
-    from divekit.tasks import classify
+    from divekit.tasks import classify, train
 
-    result = classify.train(classify.ClassifyConfig(
+    result = train(classify.ClassifyConfig(
         model="lenet_bn", data="digits", epochs=2, limit=160, batch_size=32, lr=0.1,
         augment="crop:0.7-1,jitter:0.3", mixup=0.4, cutmix=1.0, quiet=True, device="cpu",
         out=str(tmp_path / "mix"), seed=3))
@@ -214,7 +214,7 @@ def test_skewed_data_tools_balance_sampling_weights_and_confusion_matrix():
     from sklearn.utils.class_weight import compute_class_weight
 
     from divekit.data.loader import TensorBatchLoader
-    from divekit.tasks import classify
+    from divekit.tasks import classify, train
 
     labels = torch.tensor([0] * 900 + [1] * 100)
     weights = 1.0 / torch.bincount(labels).double()[labels]

@@ -262,10 +262,10 @@ def test_batched_augmentation_trains_and_resumes_bit_identically(tmp_path, capsy
 
 
 def test_batch_and_sample_modes_both_learn(tmp_path):
-    from divekit.tasks import classify
+    from divekit.tasks import classify, train
 
     for mode in ("batch", "sample"):
-        result = classify.train(classify.ClassifyConfig(
+        result = train(classify.ClassifyConfig(
             model="lenet_bn", data="digits", epochs=2, limit=320, batch_size=32, lr=0.1,
             augment="standard", augment_mode=mode, quiet=True, device="cpu", seed=0,
             out=str(tmp_path / mode)))

@@ -13,7 +13,7 @@ from PIL import Image
 from divekit.cli import main
 from divekit.engine.checkpoint import CheckpointDir, load_weights
 from divekit.models import create_model
-from divekit.tasks import classify
+from divekit.tasks import classify, evaluate, predict, train
 
 
 def _metrics(run_dir):
@@ -34,7 +34,7 @@ def test_run_directory_holds_everything(trained_lenet_run):
 
 
 def test_evaluate_reports_accuracy_per_class(trained_lenet_run):
-    metrics = classify.evaluate(trained_lenet_run, device="cpu")
+    metrics = evaluate(trained_lenet_run, device="cpu")
     assert 0.0 <= metrics["acc"] <= 1.0
     assert set(metrics["per_class_acc"]) == {str(i) for i in range(10)}
     # the confusion matrix counts the same predictions the accuracy does
@@ -61,7 +61,7 @@ def test_predict_converts_any_image_like_training(trained_lenet_run, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 23, 4), dtype=np.uint8)).save(rgba)
     gray = tmp_path / "big.jpg"
     Image.fromarray(np.zeros((300, 200), dtype=np.uint8)).save(gray)
-    results = classify.predict(trained_lenet_run, [rgba, gray], top_k=3, device="cpu")
+    results = predict(trained_lenet_run, [rgba, gray], top_k=3, device="cpu")
     assert [len(r["predictions"]) for r in results] == [3, 3]
     probs = [p for _, p in results[0]["predictions"]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
@@ -91,12 +91,12 @@ def test_fresh_run_refuses_to_overwrite(tmp_path, capsys, trained_lenet_run):
 def test_too_small_input_names_the_layer_and_suggests_resize():
     cfg = classify.ClassifyConfig(model="lenet", data="digits", resize=8, limit=50, quiet=True)
     with pytest.raises(Exception, match=r"fails at layer .*--resize 28"):
-        classify.ClassificationTask(cfg).model()
+        classify.ClassificationTask(cfg).build_model()
 
 
 @pytest.mark.slow
 def test_resnet18_digits_demo_reaches_95_percent(tmp_path):
-    result = classify.train(classify.ClassifyConfig(
+    result = train(classify.ClassifyConfig(
         model="resnet18", data="digits", epochs=6, batch_size=64, lr=0.05, scheduler="cosine",
         quiet=True, out=str(tmp_path / "demo")))
     assert result.final["val_acc"] >= 0.95
@@ -108,7 +108,7 @@ def test_loss_falls_over_a_short_run(trained_lenet_run):
 
 
 def test_bf16_autocast_and_channels_last_train_on_the_cpu(tmp_path):
-    result = classify.train(classify.ClassifyConfig(
+    result = train(classify.ClassifyConfig(
         model="resnet18", data="digits", epochs=1, limit=64, batch_size=32, amp=True,
         channels_last=True, quiet=True, device="cpu", out=str(tmp_path / "amp")))
     assert result.final["train_loss"] == pytest.approx(result.final["train_loss"])  # finite
@@ -117,7 +117,7 @@ def test_bf16_autocast_and_channels_last_train_on_the_cpu(tmp_path):
 
 def test_tensorboard_event_files(tmp_path):
     pytest.importorskip("tensorboard")
-    classify.train(classify.ClassifyConfig(
+    train(classify.ClassifyConfig(
         model="lenet", data="digits", epochs=1, limit=64, tensorboard=True, quiet=True,
         device="cpu", out=str(tmp_path / "tb")))
     assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))

@@ -219,7 +219,8 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(tmp_path, monkeypat
     assert record["distributed"]["batch_size_per_worker"] == 16
 
     # an uninterrupted single process with the global batch reaches the same weights
-    from divekit.tasks.classify import ClassifyConfig, train
+    from divekit.tasks import train
+    from divekit.tasks.classify import ClassifyConfig
 
     single = train(ClassifyConfig(model="lenet", batch_size=32, quiet=True, out=str(tmp_path / "one"),
                                   **common))

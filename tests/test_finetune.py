@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -13,14 +14,14 @@ from divekit.engine import finetune as ft
 from divekit.engine.trainer import Trainer
 from divekit.errors import DivekitError
 from divekit.models import create_model, list_models
-from divekit.tasks import classify
+from divekit.tasks import classify, evaluate
 from divekit.tasks.finetune import (
     FinetuneConfig,
     FinetuneTask,
     finetune,
     resolve_source,
-    transfer_experiment,
 )
+from divekit.tasks.experiments import transfer_experiment
 
 
 def _config(source, **kw) -> FinetuneConfig:
@@ -31,13 +32,13 @@ def _config(source, **kw) -> FinetuneConfig:
 
 def _task(cfg: FinetuneConfig) -> FinetuneTask:
     source = resolve_source(cfg.source, cfg.arch)
-    cfg.model, cfg.resize = source.model_name, 28
-    return FinetuneTask(cfg, source)
+    return FinetuneTask(dataclasses.replace(cfg, model=source.model_name, resize=28), source)
 
 
 def test_frozen_parameters_stay_bit_identical_while_the_head_learns(trained_lenet_run):
     cfg = _config(trained_lenet_run, freeze=2, weight_decay=0.01, momentum=0.9)
-    trainer = Trainer(_task(cfg), cfg)
+    task = _task(cfg)
+    trainer = Trainer(task, task.config)
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     running = trainer.model.features[1].moving_mean.clone()  # BatchNorm of a frozen stage
     trainer.fit()
@@ -52,7 +53,8 @@ def test_frozen_parameters_stay_bit_identical_while_the_head_learns(trained_lene
 
 def test_the_head_learns_at_ten_times_the_base_rate_and_layers_decay(trained_lenet_run):
     cfg = _config(trained_lenet_run, lr=0.02, freeze=1, head_lr_mult=10, lr_decay=0.5)
-    trainer = Trainer(_task(cfg), cfg)
+    task = _task(cfg)
+    trainer = Trainer(task, task.config)
     groups = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert groups["head"] == pytest.approx(10 * 0.02)
     stages = [n for n, m in trainer.model.features.named_children() if list(m.parameters())]
@@ -64,12 +66,12 @@ def test_the_head_learns_at_ten_times_the_base_rate_and_layers_decay(trained_len
 
 def test_features_are_copied_and_the_head_is_fresh_for_the_new_classes(trained_lenet_run):
     task = _task(_config(trained_lenet_run))
-    model = task.model()
+    model = task.build_model()
     source = create_model("lenet_bn", num_classes=10, in_channels=1)
     from divekit.engine.checkpoint import load_weights
-    from divekit.tasks.common import latest_weights
+    from divekit.engine.run import Run
 
-    load_weights(source, latest_weights(trained_lenet_run))
+    load_weights(source, Run(trained_lenet_run, None).latest_weights())
     for (k, a), b in zip(model.features.state_dict().items(), source.features.state_dict().values()):
         assert torch.equal(a, b), k
     assert model.head[-1].out_features == 5
@@ -152,7 +154,7 @@ def test_cli_finetune_from_a_run_directory(trained_lenet_run, tmp_path, capsys):
                  "--shots", "6", "--epochs", "2", "--freeze", "2", "--batch-size", "10",
                  "--device", "cpu", "--quiet", "--out", str(out)])
     assert code == 0 and "run directory" in capsys.readouterr().out
-    metrics = classify.evaluate(out, device="cpu")
+    metrics = evaluate(out, device="cpu")
     assert set(metrics["per_class_acc"]) == {"5", "6", "7", "8", "9"}
     assert main(["finetune", str(trained_lenet_run), "--freeze", "99", "--out", str(tmp_path / "x"),
                  "--quiet", "--device", "cpu"]) == 2

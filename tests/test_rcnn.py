@@ -20,7 +20,8 @@ from divekit.models.rcnn import (
     load_state_file,
     targets_to_labels,
 )
-from divekit.tasks import detect
+from divekit.engine.run import load_run, make_config, train
+from divekit.tasks.detect import DetectConfig, DetectionTask
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -268,24 +269,28 @@ def test_a_few_steps_lower_the_fasterrcnn_loss(scenes):
     assert losses[-1] < 0.6 * losses[0]
 
 
+def _through_the_task(tmp_path, data: DetectionData, **values):
+    """Train through the detection task, the model's recipe (Adam) filling in the optimizer."""
+    cfg = make_config(DetectConfig, {"image_size": 64, "out": str(tmp_path / "run"), "quiet": True,
+                                     "threads": 1, "pictures": 0, "device": "cpu", **values})
+    assert cfg.optimizer == "adam" and cfg.weight_decay == 0.0
+    return train(DetectionTask(cfg, data=data))
+
+
 def test_fasterrcnn_runs_through_the_task(tmp_path):
-    cfg = detect.DetectConfig(model="fasterrcnn_mobilenet", epochs=1, batch_size=8, image_size=64,
-                              optimizer="adam", lr=1e-3, weight_decay=0.0, out=str(tmp_path / "run"),
-                              quiet=True, threads=1, pictures=0, device="cpu")
-    result = detect.train(cfg, data=_tiny_data(8, 2, 64))
+    result = _through_the_task(tmp_path, _tiny_data(8, 2, 64), model="fasterrcnn_mobilenet", epochs=1,
+                               batch_size=8)
     final = result.final
     assert np.isfinite(final["train_loss"]) and np.isfinite(final["val_loss"])
     assert 0 <= final["val_map50"] <= 1 and "val_loss_objectness" in final
-    model, _ = detect.load_trained(result.run_dir)
+    model = load_run(result.run_dir).model
     _check_rows(model.detect(_tiny_data(1, 1, 64).val_images), 1, 3)
 
 
 @pytest.mark.slow
 def test_fasterrcnn_training_through_the_task_lowers_the_loss(tmp_path):
-    cfg = detect.DetectConfig(model="fasterrcnn_mobilenet", epochs=2, batch_size=8, image_size=64,
-                              optimizer="adam", lr=1e-3, weight_decay=0.0, out=str(tmp_path / "run"),
-                              quiet=True, threads=1, pictures=1, device="cpu")
-    result = detect.train(cfg, data=_tiny_data(16, 4, 64))
+    result = _through_the_task(tmp_path, _tiny_data(16, 4, 64), model="fasterrcnn_mobilenet", epochs=2,
+                               batch_size=8, pictures=1)
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
     assert 0 <= result.final["val_map50"] <= 1
@@ -294,10 +299,15 @@ def test_fasterrcnn_training_through_the_task_lowers_the_loss(tmp_path):
 
 @pytest.mark.slow
 def test_maskrcnn_training_through_the_task_lowers_the_loss(tmp_path):
-    cfg = detect.DetectConfig(model="maskrcnn", epochs=3, batch_size=2, image_size=64, optimizer="adam",
-                              lr=1e-4, weight_decay=0.0, out=str(tmp_path / "run"), quiet=True, threads=1,
-                              pictures=0, device="cpu")
-    result = detect.train(cfg, data=_tiny_data(8, 2, 64))
+    result = _through_the_task(tmp_path, _tiny_data(8, 2, 64), model="maskrcnn", epochs=3, batch_size=2)
+    assert result.history[0]["lr"] <= 1e-4  # Mask R-CNN's recipe: the smaller step
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
     assert "val_loss_mask" in result.final and 0 <= result.final["val_map50"] <= 1
+
+
+def test_maskrcnn_needs_a_dataset_with_masks():
+    tx, ty = make_shapes(4, 64, seed=1)
+    data = DetectionData(tx, ty, tx, ty, list(SHAPE_CLASSES), "banana-like")
+    with pytest.raises(DivekitError, match="maskrcnn' learns instance masks.*has none"):
+        DetectionTask(make_config(DetectConfig, {"model": "maskrcnn", "image_size": 64}), data=data)

@@ -1,20 +1,33 @@
 """The translation task end to end on the embedded numbers-fr pairs: training (loss falls,
-BLEU reported), exact resume, evaluate, translate with greedy and beam search, attention
-pictures, and one-line errors."""
+BLEU reported), exact resume (at an epoch and mid-epoch), evaluate, translate with greedy and
+beam search, attention pictures, and one-line errors."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
+import random
 
 import pytest
 import torch
 
 from divekit.cli import main
-from divekit.engine.checkpoint import CheckpointDir, load_weights
-from divekit.tasks import translate as mt
+from divekit.engine.checkpoint import CheckpointDir
+from divekit.engine.run import evaluate, load_run, make_config, train
+from divekit.errors import DivekitError
+from divekit.models import model_info
+from divekit.tasks.translate import TranslateConfig, TranslationTask, translate
 
-TINY = dict(data="numbers-fr", max_examples=1500, batch_size=64, hidden=32, embed=16, ffn=64, heads=2,
-            layers=1, dropout=0.1, bleu_examples=60, quiet=True, device="cpu")
+TINY = dict(data="numbers-fr", max_examples=1500, batch_size=64, bleu_examples=60, quiet=True,
+            device="cpu")
+SIZES = {"transformer": dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2, num_blks=1, dropout=0.1),
+         "seq2seq": dict(embed_size=16, num_hiddens=32, num_layers=1, dropout=0.1)}
+SIZES["seq2seq_attention"] = SIZES["seq2seq"]
+
+
+def config(model: str, **values) -> TranslateConfig:
+    return make_config(TranslateConfig, {"model": model, **TINY, **SIZES[model], **values})
 
 
 def _rows(run):
@@ -22,10 +35,15 @@ def _rows(run):
         return list(csv.DictReader(f))
 
 
+def _same_weights(a, b):
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
 @pytest.fixture(scope="module")
 def transformer_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mt") / "run"
-    mt.train(mt.Config(model="transformer", epochs=3, lr=0.005, out=str(out), **TINY))
+    train(TranslationTask(config("transformer", epochs=3, lr=0.005, out=str(out))))
     return out
 
 
@@ -41,63 +59,166 @@ def test_training_lowers_the_loss_and_reports_bleu(transformer_run):
 
 
 def test_evaluate_and_translate_greedy_and_beam(transformer_run, tmp_path, capsys):
-    metrics = mt.evaluate(transformer_run, device="cpu", beam=3)
+    metrics = evaluate(transformer_run, device="cpu", bleu_beam=3)
     assert {"loss", "acc", "bleu", "bleu_beam3"} <= set(metrics)
     assert 0 <= metrics["bleu"] <= 100 and 0 <= metrics["acc"] <= 1
-    greedy = mt.translate(transformer_run, ["I have two cats.", "we bought forty-one horses !"], device="cpu")
-    beam = mt.translate(transformer_run, ["I have two cats.", "we bought forty-one horses !"], beam=4, device="cpu")
-    assert len(greedy) == len(beam) == 2 and all(isinstance(s, str) and s for s in greedy + beam)
+    assert metrics["bleu"] == pytest.approx(float(_rows(transformer_run)[-1]["val_bleu"]), abs=1e-3)
+    run = load_run(transformer_run)
+    sentences = ["I have two cats.", "we bought forty-one horses !"]
+    greedy, beam = translate(run, sentences), translate(run, sentences, beam=4)
+    assert len(greedy.outputs) == len(beam.outputs) == 2
+    assert all(isinstance(s, str) and s for s in greedy.outputs + beam.outputs)
+    assert greedy.unknown == [] and greedy.attention is None
     assert main(["translate", str(transformer_run), "i have two cats .", "zzz 3", "--beam", "2",
                  "--attention", str(tmp_path / "att.png"), "--device", "cpu"]) == 0
     out = capsys.readouterr()
     assert "i have two cats . =>" in out.out and (tmp_path / "att.png").stat().st_size > 1000
     assert "'zzz'" in out.err and "<unk>" in out.err
     assert main(["evaluate", str(transformer_run), "--device", "cpu"]) == 0
-    assert "BLEU" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith("validation: loss ")
 
 
-def test_resume_continues_bit_identically(tmp_path, capsys):
-    cfg = dict(TINY, max_examples=400, bleu_examples=0)
-    mt.train(mt.Config(model="transformer", epochs=2, out=str(tmp_path / "a"), **cfg))
-    mt.train(mt.Config(model="transformer", epochs=1, out=str(tmp_path / "b"), **cfg))
-    mt.train(mt.Config(model="transformer", epochs=2, out=str(tmp_path / "b"), resume=True, **cfg))
-    weights = []
-    for run in ("a", "b"):
-        model, *_ = mt.load_trained(tmp_path / run)
-        load_weights(model, CheckpointDir(tmp_path / run).latest() / "model.safetensors")
-        weights.append(model.state_dict())
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+def test_translate_returns_the_attention_of_the_last_blocks_heads(transformer_run):
+    result = translate(load_run(transformer_run), ["i have two cats ."], attention=True)
+    attn = result.attention
+    n_out = len(result.outputs[0].split()) + 1  # with <eos>
+    assert attn.weights.shape == (2, n_out, len(attn.src_tokens)) and attn.titles == ["head 1", "head 2"]
+    assert attn.out_tokens[-1] == "<eos>" and attn.src_tokens[-1] == "<eos>"
+    torch.testing.assert_close(attn.weights.sum(-1), torch.ones(2, n_out))  # each row sums to 1
+
+
+def test_predict_translates_each_sentence(transformer_run, capsys):
+    assert main(["predict", str(transformer_run), "i have two cats .", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("i have two cats . => ")
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    cfg = dict(max_examples=400, bleu_examples=0)
+    train(TranslationTask(config("transformer", epochs=2, out=str(tmp_path / "a"), **cfg)))
+    train(TranslationTask(config("transformer", epochs=1, out=str(tmp_path / "b"), **cfg)))
+    train(TranslationTask(config("transformer", epochs=2, out=str(tmp_path / "b"), resume=True, **cfg)))
+    _same_weights(load_run(tmp_path / "a").model, load_run(tmp_path / "b").model)
+
+
+class _Crashing(TranslationTask):
+    """Fails at the ``fail_at``-th training step, as a killed job would."""
+
+    def __init__(self, config, record=None, fail_at=None):
+        super().__init__(config, record)
+        self.fail_at, self.calls = fail_at, 0
+
+    def training_step(self, model, batch):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("simulated crash")
+        return super().training_step(model, batch)
+
+
+def test_mid_epoch_resume_continues_bit_identically(tmp_path):
+    # 360 training pairs in batches of 64: 6 steps an epoch; a checkpoint every 4 steps
+    cfg = dict(max_examples=400, bleu_examples=20, epochs=2, checkpoint_every=4)
+    straight = train(TranslationTask(config("transformer", out=str(tmp_path / "a"), **cfg)))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_Crashing(config("transformer", out=str(tmp_path / "b"), **cfg), fail_at=6 + 3))
+    assert CheckpointDir(tmp_path / "b").latest().name == "epoch-0001-step-000002"
+    resumed = train(TranslationTask(config("transformer", out=str(tmp_path / "b"), resume=True, **cfg)))
+    _same_weights(straight.model, resumed.model)
+    assert [r["train_loss"] for r in straight.history] == [r["train_loss"] for r in resumed.history]
+    assert (tmp_path / "a" / "translations.txt").read_text() == (tmp_path / "b" / "translations.txt").read_text()
 
 
 @pytest.mark.parametrize("model", ["seq2seq", "seq2seq_attention"])
 def test_the_gru_models_train_and_draw_attention_where_they_have_it(model, tmp_path):
     out = tmp_path / model
-    result = mt.train(mt.Config(model=model, epochs=2, lr=0.01, out=str(out), **dict(TINY, max_examples=600)))
+    result = train(TranslationTask(config(model, epochs=2, lr=0.01, out=str(out), max_examples=600)))
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    run = load_run(out)
     if model == "seq2seq_attention":
-        mt.translate(out, ["i have two cats ."], device="cpu", attention=tmp_path / "a.png")
+        attn = translate(run, ["i have two cats ."], attention=True).attention
+        assert attn.weights.ndim == 2 and attn.titles is None
+        assert main(["translate", str(out), "i have two cats .", "--attention", str(tmp_path / "a.png"),
+                     "--device", "cpu"]) == 0
         assert (tmp_path / "a.png").stat().st_size > 1000
     else:
-        with pytest.raises(Exception, match="no attention to draw"):
-            mt.translate(out, ["i have two cats ."], device="cpu", attention=tmp_path / "a.png")
+        with pytest.raises(DivekitError, match="no attention to draw"):
+            translate(run, ["i have two cats ."], attention=True)
+
+
+def test_validation_lists_are_ordered_by_pair_whatever_the_sharding():
+    """Ranks join their lists in rank order; validation_end sorts them back by pair index."""
+    task = TranslationTask(config("transformer", bleu_examples=50))
+    refs = [" ".join(t) for _, t in task.data.val_pairs[:50]]
+    hyps = [" ".join(r.split()[:-1]) for r in refs]  # each reference without its last word
+    sums = {"loss_sum": torch.tensor(9.0), "correct": torch.tensor(6), "tokens": torch.tensor(12),
+            "bleu_index": list(range(50)), "sources": [f"s{i}" for i in range(50)],
+            "references": refs, "hypotheses": hyps}
+    expected = task.validation_end(sums)
+    shuffled = list(range(50))
+    random.Random(0).shuffle(shuffled)
+    mixed = {**sums, **{k: [sums[k][i] for i in shuffled]
+                        for k in ("bleu_index", "sources", "references", "hypotheses")}}
+    assert task.validation_end(mixed) == expected
+    assert expected["loss"] == 0.75 and expected["acc"] == 0.5 and 0 < expected["bleu"] < 100
+    assert expected["translations"][0] == ("s0", hyps[0], refs[0])
+
+
+def test_the_model_sizes_are_the_familys_config_and_the_lr_its_recipe():
+    cfg = make_config(TranslateConfig, {"model": "transformer"})
+    assert (cfg.lr, cfg.optimizer, cfg.epochs, cfg.batch_size, cfg.grad_clip) == (0.0015, "adam", 10, 128, 1.0)
+    for gru in ("seq2seq", "seq2seq_attention"):
+        assert make_config(TranslateConfig, {"model": gru}).lr == 0.005
+    assert make_config(TranslateConfig, {"model": "transformer", "lr": 0.01}).lr == 0.01
+    cfg = make_config(TranslateConfig, {"model": "transformer", "num_heads": 2, "num_hiddens": 8})
+    model = TranslationTask(cfg).build_model()
+    assert model.encoder.num_hiddens == 8 and model.decoder.blks[0].attention1.num_heads == 2
+    for name in ("transformer", "seq2seq"):  # the config's defaults are the builder's
+        info = model_info(name)
+        builder = {k: p.default for k, p in inspect.signature(info.builder).parameters.items()
+                   if p.default is not p.empty}
+        assert info.model_options() == builder
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"num_steps": 1}, "--num-steps"), ({"val_fraction": float("nan")}, "--val-fraction"),
+    ({"val_fraction": 0.5}, "--val-fraction"), ({"bleu_examples": -1}, "--bleu-examples"),
+    ({"bleu_beam": 0}, "--bleu-beam"), ({"min_freq": 0}, "--min-freq"),
+    ({"max_examples": 1}, "--max-examples"), ({"grad_clip": float("nan")}, "--grad-clip"),
+    ({"num_hiddens": 30, "num_heads": 4}, "--hidden 30 must be a multiple of --heads 4"),
+    ({"dropout": float("nan")}, "--dropout"), ({"num_blks": 0}, "--layers"),
+    ({"data": "digits"}, "holds no sentence pairs"),
+])
+def test_bad_values_are_refused_naming_the_option(values, needle):
+    with pytest.raises(DivekitError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        make_config(TranslateConfig, {"model": "transformer", **values})
+
+
+def test_a_model_of_another_task_is_refused():
+    with pytest.raises(DivekitError, match="not a translation model"):
+        TranslateConfig(model="lenet").validate()
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["train", "transformer", "--data", "digits"], "holds no sentence pairs"),
     (["train", "transformer", "--hidden", "30", "--heads", "4"], "multiple of --heads"),
     (["train", "transformer", "--num-steps", "1"], "--num-steps"),
+    (["train", "seq2seq", "--embed", "0"], "--embed"),
     (["train", "transformer", "--data", "fra-eng", "--data-dir", "/nonexistent"], "fra"),
 ])
 def test_bad_options_are_one_line_errors(argv, needle, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "x"), "--quiet"]) != 0
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()  # nothing written for a run that never started
 
 
-def test_translate_refuses_empty_sentences_and_other_runs(transformer_run, tmp_path, capsys):
+def test_translate_refuses_empty_sentences_and_other_runs(transformer_run, capsys):
     assert main(["translate", str(transformer_run), "  "]) == 2
     assert "non-empty sentence" in capsys.readouterr().err
     assert main(["translate", str(transformer_run), "hi", "--beam", "0"]) == 2
     assert "--beam" in capsys.readouterr().err
-    assert main(["predict", str(transformer_run), "x.png"]) == 2
-    assert "divekit translate" in capsys.readouterr().err
+    run = load_run(transformer_run)
+    other = dataclasses.replace(run, task=None)
+    with pytest.raises(DivekitError, match="not a translation run"):
+        translate(other, ["hi"])

@@ -19,7 +19,8 @@ from divekit.errors import DivekitError
 from divekit.models import create_model, model_info
 from divekit.models.centernet import centernet_targets, focal_loss
 from divekit.models.yolo import YoloGrid, pack_detections, responsible_boxes, yolo_targets
-from divekit.tasks import detect
+from divekit.engine.run import make_config, train
+from divekit.tasks.detect import DetectConfig, DetectionTask
 
 MODELS = ["yolo_grid", "centernet_tiny"]
 
@@ -322,9 +323,10 @@ def test_overfits_a_fixed_batch(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_short_training_through_the_task_lowers_the_loss(tmp_path, tiny_shapes, name):
-    cfg = detect.DetectConfig(model=name, epochs=3, batch_size=16, image_size=64, optimizer="adam", lr=2e-3,
-                              out=str(tmp_path / "run"), quiet=True, threads=1, pictures=1)
-    result = detect.train(cfg, data=tiny_shapes)
+    cfg = make_config(DetectConfig, {"model": name, "epochs": 3, "batch_size": 16, "image_size": 64,
+                                     "optimizer": "adam", "lr": 2e-3, "out": str(tmp_path / "run"),
+                                     "quiet": True, "threads": 1, "pictures": 1})
+    result = train(DetectionTask(cfg, data=tiny_shapes))
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
     assert 0 <= result.final["val_map50"] <= 1

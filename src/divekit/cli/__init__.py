@@ -7,12 +7,31 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib
+import logging
 import os
 import sys
 import typing
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
+
+from divekit.config import add_config_options, typed_options
+
+# the command-line modules of each area: extra commands (add_commands), and for the tasks they
+# name (TASKS) how `divekit evaluate` and `predict` print their results
+AREA_MODULES = ["divekit.cli.vision", "divekit.cli.detect", "divekit.cli.text",
+                "divekit.cli.translate", "divekit.cli.dense", "divekit.cli.bert", "divekit.cli.hw"]
+
+
+def area_modules() -> list[ModuleType]:
+    from importlib.util import find_spec
+
+    return [importlib.import_module(m) for m in AREA_MODULES if find_spec(m) is not None]
+
+
+def area_for(task: str) -> ModuleType | None:
+    return next((m for m in area_modules() if task in getattr(m, "TASKS", ())), None)
 
 EXAMPLES = """\
 examples:
@@ -39,38 +58,6 @@ def _parent() -> argparse.ArgumentParser:
     return p
 
 
-def _option_type(hint: Any) -> type | None:
-    """``int | None`` → int; bool → None (a flag)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    inner = args[0]
-    return None if inner is bool else inner
-
-
-def _is_auto_flag(hint: Any) -> bool:
-    """``bool | None``: on, off, or decided by the run (``--x`` / ``--no-x`` / neither)."""
-    return type(None) in typing.get_args(hint) and bool in typing.get_args(hint)
-
-
-def add_config_options(p: argparse.ArgumentParser, config_cls: type) -> None:
-    """One option per config field; defaults are SUPPRESSed so --resume can tell what was typed."""
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        meta = dict(f.metadata)
-        if meta.pop("cli", True) is False:
-            continue
-        help_text = meta.pop("help", "")
-        flag = "--" + f.name.replace("_", "-")
-        kind = meta.pop("type", None) or _option_type(hints[f.name])
-        if kind is None and _is_auto_flag(hints[f.name]):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=help_text)
-        elif kind is None:
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
-        else:
-            shown = "" if f.default is None else f" (default: {f.default})"
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text + shown, **meta)
-
-
 def _train_model_name(argv: Sequence[str]) -> str | None:
     """The MODEL of ``divekit [--debug] train MODEL ...``, before the full parse."""
     rest = [a for a in argv if a != "--debug"]
@@ -79,7 +66,7 @@ def _train_model_name(argv: Sequence[str]) -> str | None:
     return None
 
 
-def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
+def build_parser(train_model: str | None = None) -> argparse.ArgumentParser:
     parent = _parent()
     parser = OneLineParser(
         prog="divekit", parents=[parent],
@@ -115,16 +102,14 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
         "checkpoint into the run directory; --resume continues exactly where a run stopped.",
     )
     p.add_argument("model", help="model name (see `divekit models`); its task decides the options")
-    if train_config is None:
-        from divekit.tasks.classify import Config as train_config
-    add_config_options(p, train_config)
+    _add_train_options(p, train_model)
 
     p = sub.add_parser("evaluate", parents=[parent], help="validation metrics of a run",
                        description="Load a run's newest checkpoint and evaluate it on the validation split.")
     p.add_argument("run_dir", help="a run directory written by `divekit train`")
     p.add_argument("--data-dir", help="where the dataset's files are, if not where training found them")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--tta", choices=["none", "flip"],
+    p.add_argument("--tta", choices=["none", "flip"], default=argparse.SUPPRESS,
                    help="classifiers: test-time augmentation (default: the run's own setting)")
 
     p = sub.add_parser("predict", parents=[parent], help="run a trained model on input files",
@@ -133,20 +118,43 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
                        "the top-k classes with probabilities.")
     p.add_argument("run_dir", help="a run directory written by `divekit train`")
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files (any size or mode)")
-    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: 3)")
-    p.add_argument("-o", "--output", metavar="DIR",
+    p.add_argument("--top-k", type=int, default=argparse.SUPPRESS,
+                   help="classifiers: classes to show per image (default: 3)")
+    p.add_argument("-o", "--output", metavar="DIR", default=argparse.SUPPRESS,
                    help="folder for annotated pictures (detection, segmentation)")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--threshold", type=float, default=argparse.SUPPRESS,
                    help="detection: minimum confidence to draw a box (default: 0.5)")
-    p.add_argument("--nms-iou", type=float, default=0.5,
+    p.add_argument("--nms-iou", type=float, default=argparse.SUPPRESS,
                    help="detection: IoU above which NMS drops the weaker box (default: 0.5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
-    from divekit.tasks import command_modules
-
-    for module in command_modules():
-        module.add_commands(sub, parent)
+    for module in area_modules():
+        if hasattr(module, "add_commands"):
+            module.add_commands(sub, parent)
     return parser
+
+
+def _add_train_options(p: argparse.ArgumentParser, model: str | None) -> None:
+    """The options of MODEL's task, of its family's hyper-parameters, and of the launcher."""
+    from divekit.engine.config import LaunchConfig
+
+    config_cls, family = _train_classes(model)
+    add_config_options(p, config_cls)
+    if family is not None:
+        add_config_options(p, family, group_title=f"{model} hyper-parameters")
+    add_config_options(p, LaunchConfig, group_title="launching workers")
+
+
+def _train_classes(model: str | None) -> tuple[type, type | None]:
+    """The task config and the model-family config of ``divekit train MODEL``."""
+    from divekit.models import model_info
+    from divekit.tasks import task_for
+
+    if model is None:
+        from divekit.tasks.classify import ClassifyConfig
+
+        return ClassifyConfig, None
+    return task_for(model).Config, model_info(model).config
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -197,70 +205,78 @@ def cmd_summary(args: argparse.Namespace) -> None:
     print(format_table(rows, title=f"{args.model} on input (1, {', '.join(map(str, shape))})"))
 
 
-def _train_config(config_cls: type, args: argparse.Namespace) -> Any:
-    from divekit.errors import DivekitError
-    from divekit.tasks.common import choose_run_dir, config_from_dict, load_run_config
+def train_config(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The task config and the launch config of ``divekit train``: what was typed, over the
+    saved run's options with ``--resume``, over the model's recipe for the dataset."""
+    import dataclasses
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "handler")}
-    if not given.get("resume"):
-        return config_from_dict(config_cls, given)
-    model = given["model"]
-    data = given.get("data", config_cls.data)
-    run_dir = choose_run_dir(given.get("out"), f"{model}-{data}", resume=True)
-    saved = load_run_config(run_dir)["config"]
-    if saved.get("model") != model:
-        raise DivekitError(f"{run_dir} trained {saved.get('model')!r}, not {model!r}")
-    return config_from_dict(config_cls, {**saved, **given, "out": str(run_dir), "resume": True})
+    from divekit.config import known_values
+    from divekit.engine.config import LaunchConfig
+    from divekit.engine.run import make_config, resume_values
+
+    config_cls, _ = _train_classes(args.model)
+    typed = typed_options(args)
+    launch = LaunchConfig(**known_values(LaunchConfig, typed))
+    launch.validate()
+    typed = {k: v for k, v in typed.items() if k not in {f.name for f in dataclasses.fields(LaunchConfig)}}
+    if typed.get("resume"):
+        defaults = config_cls(model=args.model)
+        name = f"{args.model}-{typed.get('data', defaults.data)}"
+        typed = resume_values(config_cls, typed, name)
+    return make_config(config_cls, typed), launch
+
+
+def print_final(result: Any) -> None:
+    final = result.final
+    if final:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items()
+                          if k.startswith(("train_", "val_")) and isinstance(v, float))
+        print(f"epoch {final['epoch']}: {shown}")
+    print(f"run directory: {result.run_dir}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from divekit.engine import launch
-    from divekit.models import model_info
-    from divekit.tasks import task_module
+    from divekit.engine.run import train
+    from divekit.tasks import task_for
 
-    module = task_module(model_info(args.model).task)
-    cfg = _train_config(module.Config, args)
-    if launch.should_spawn(cfg):  # --nproc N: the same command on N processes (torchrun)
-        launch.spawn(cfg)
+    cfg, launch_cfg = train_config(args)
+    if launch.should_spawn(launch_cfg):  # --nproc N: the same command on N processes (torchrun)
+        launch.spawn(cfg, launch_cfg)
         return
     with launch.worker(cfg) as cfg:  # under torchrun: process group and one run directory
-        result = module.train(cfg)
+        result = train(task_for(cfg.model)(cfg))
         if not launch.is_main_process():
             return
-    final = result.final
-    if final:
-        shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in final.items() if k.startswith(("train_", "val_"))
-        )
-        print(f"epoch {final['epoch']}: {shown}")
-    print(f"run directory: {result.run_dir}")
+    print_final(result)
     print(f"curves: {result.run_dir / 'curves.png'}")
 
 
-def _run_module(run_dir: str):
-    from divekit.tasks import task_module
-    from divekit.tasks.common import load_run_config
-
-    return task_module(load_run_config(run_dir).get("task", "classify"))
+def _format_metrics(task: str, metrics: dict[str, Any]) -> str:
+    module = area_for(task)
+    if module is not None and hasattr(module, "format_metrics"):
+        return module.format_metrics(metrics)
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    _run_module(args.run_dir).cli_evaluate(args)
+    from divekit.engine.run import evaluate, read_record
+
+    task = str(read_record(args.run_dir).get("task", "classify"))
+    overrides = {k: getattr(args, k) for k in ("data_dir", "tta") if getattr(args, k, None) is not None}
+    print(_format_metrics(task, evaluate(args.run_dir, device=args.device, **overrides)))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    _run_module(args.run_dir).cli_predict(args)
+    from divekit.engine.run import predict, read_record
 
-
-def _train_config_class(argv: Sequence[str]) -> type | None:
-    """``divekit train MODEL`` takes the options of MODEL's task."""
-    name = _train_model_name(argv)
-    if name is None:
-        return None
-    from divekit.models import model_info
-    from divekit.tasks import task_module
-
-    return task_module(model_info(name).task).Config
+    task = str(read_record(args.run_dir).get("task", "classify"))
+    options = {k: v for k, v in vars(args).items()
+               if k in ("top_k", "output", "threshold", "nms_iou")}
+    module = area_for(task)
+    results = predict(args.run_dir, args.inputs, device=args.device, **options)
+    for item in results:
+        print(module.format_prediction(item) if module is not None else item)
 
 
 COMMANDS = {
@@ -273,6 +289,24 @@ COMMANDS = {
 }
 
 
+def _show_library_notes() -> None:
+    """The library logs what a user should know (``--batch-size auto: 100 (...)``); print it."""
+    logger = logging.getLogger("divekit")
+    if not any(isinstance(h, _Notes) for h in logger.handlers):
+        logger.addHandler(_Notes())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+class _Notes(logging.Handler):
+    """Library log lines on the standard output as it is now (rank 0 only)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if os.environ.get("RANK", "0") == "0":
+            print(record.getMessage(), file=sys.stderr if record.levelno >= logging.WARNING
+                  else sys.stdout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("DIVEKIT_DEBUG"))
@@ -282,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_allocator()  # reuse freed tensor memory instead of page-faulting it back each step
 
     try:
-        parser = build_parser(_train_config_class(argv))
+        _show_library_notes()
+        parser = build_parser(_train_model_name(argv))
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from divekit.config import option
@@ -119,6 +119,9 @@ class TaskConfig(TrainConfig):
     limit: int | None = option(None, "use only the first N training samples (quick runs)", metavar="N")
     out: str | None = option(None, "run directory (default: runs/MODEL-DATA, numbered if taken)", metavar="DIR")
     resume: bool = option(False, "continue the run in --out (or the newest runs/MODEL-DATA*)")
+    # the model family's hyper-parameters (its config dataclass, see divekit.models.registry),
+    # named as the builder's arguments; the CLI adds one option per field
+    model_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
     def checks(self) -> list[Check]:
         bs = self.batch_size

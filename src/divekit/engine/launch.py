@@ -35,8 +35,8 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
-def should_spawn(cfg: Any) -> bool:
-    return getattr(cfg, "nproc", 1) > 1 and not D.launched_by_torchrun()
+def should_spawn(launch: Any) -> bool:
+    return launch.nproc > 1 and not D.launched_by_torchrun()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -79,15 +79,23 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def config_argv(cfg: Any) -> list[str]:
-    """The ``divekit train`` options that reproduce ``cfg`` (fields that differ from defaults)."""
+    """The ``divekit train`` options that reproduce ``cfg`` exactly: every option is spelled
+    out (a recipe default must not come back in place of what the config holds)."""
+    import typing
+
+    hints = typing.get_type_hints(type(cfg))
+    tri_state = {n for n, h in hints.items() if type(None) in typing.get_args(h)
+                 and bool in typing.get_args(h)}
     argv: list[str] = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.metadata.get("cli", True) is False or value == f.default or value is None:
+    values = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+              if f.metadata.get("cli", True) is not False]
+    values += list(getattr(cfg, "model_options", {}).items())
+    for name, value in values:
+        if value is None:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag] if value else []
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):  # a tri-state (bool | None) option says off as --no-X
+            argv += [flag] if value else ([f"--no-{flag[2:]}"] if name in tri_state else [])
         elif isinstance(value, (list, tuple)):
             argv += [flag, ",".join(map(str, value))]
         else:
@@ -95,29 +103,25 @@ def config_argv(cfg: Any) -> list[str]:
     return argv
 
 
-def _run_name(cfg: Any) -> str:
-    return f"{cfg.model}-{getattr(cfg, 'data', 'run')}"
-
-
-def spawn(cfg: Any) -> None:
-    """Run ``cfg`` on ``cfg.nproc`` local processes through torch.distributed's elastic agent."""
+def spawn(cfg: Any, launch_cfg: Any) -> None:
+    """Run ``cfg`` on ``launch_cfg.nproc`` local processes through torch.distributed's elastic
+    agent (``launch_cfg``: a :class:`divekit.engine.config.LaunchConfig`)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from divekit.tasks.common import choose_run_dir
+    from divekit.engine.run import choose_run_dir
 
-    if cfg.port is not None and not port_is_free(cfg.port):
-        raise DivekitError(f"port {cfg.port} is in use on 127.0.0.1; pick another --port or "
+    if launch_cfg.port is not None and not port_is_free(launch_cfg.port):
+        raise DivekitError(f"port {launch_cfg.port} is in use on 127.0.0.1; pick another --port or "
                            "leave it out to use a free one")
-    if cfg.max_restarts < 0:
-        raise DivekitError(f"--max-restarts must be 0 or more, got {cfg.max_restarts}")
-    if hasattr(cfg, "out"):  # every worker must write to the one run directory chosen here
-        out = choose_run_dir(cfg.out, _run_name(cfg), getattr(cfg, "resume", False))
-        cfg = dataclasses.replace(cfg, out=str(out))
-    endpoint = f"127.0.0.1:{cfg.port if cfg.port is not None else 0}"
+    launch_cfg.validate()
+    # every worker must write to the one run directory chosen here
+    out = choose_run_dir(cfg.out, cfg.run_name, cfg.resume)
+    cfg = dataclasses.replace(cfg, out=str(out))
+    endpoint = f"127.0.0.1:{launch_cfg.port if launch_cfg.port is not None else 0}"
     launch = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=cfg.max_restarts,
+        min_nodes=1, max_nodes=1, nproc_per_node=launch_cfg.nproc, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=launch_cfg.max_restarts,
         monitor_interval=0.2, rdzv_configs={"timeout": int(cfg.dist_timeout)},
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N processes share the cores
@@ -173,11 +177,11 @@ def worker(cfg: Any) -> Iterator[Any]:
 
 def _choose(cfg: Any) -> tuple[str, bool]:
     from divekit.engine.checkpoint import CheckpointDir
-    from divekit.tasks.common import choose_run_dir
+    from divekit.engine.run import choose_run_dir
 
     if restart_count() > 0:  # a restarted attempt: continue the run the failed one left
         if cfg.out is not None:
             return cfg.out, CheckpointDir(cfg.out).latest() is not None
         with contextlib.suppress(DivekitError):
-            return str(choose_run_dir(None, _run_name(cfg), True)), True
-    return str(choose_run_dir(cfg.out, _run_name(cfg), cfg.resume)), bool(cfg.resume)
+            return str(choose_run_dir(None, cfg.run_name, True)), True
+    return str(choose_run_dir(cfg.out, cfg.run_name, cfg.resume)), bool(cfg.resume)

@@ -142,6 +142,33 @@ def resume_values(config_cls: type, typed: dict[str, Any], run_name: str) -> dic
     return {**known_values(config_cls, saved), **typed, "out": str(run_dir), "resume": True}
 
 
+# ------------------------------------------------------------------------ configs
+def make_config(config_cls: type, values: dict[str, Any]) -> Any:
+    """A task config from what the user gave, with the model's recommended recipe for the
+    dataset under it (:meth:`divekit.models.ModelInfo.recipe`): a value given always wins.
+    Options of the model family's config (``num_hiddens``, ...) go into ``model_options``."""
+    from divekit.config import field_names
+    from divekit.models import model_info
+
+    values = dict(values)
+    if not values.get("model"):
+        raise DivekitError("no model given")
+    info = model_info(values["model"])
+    family = field_names(info.config) if info.config is not None else set()
+    given = {k: values.pop(k) for k in list(values) if k in family}
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    data = values.get("data") or defaults.get("data")
+    merged = {**info.recipe(data), **values}
+    merged["model_options"] = {**merged.get("model_options", {}), **given}
+    try:
+        info.model_options(merged["model_options"])
+    except TypeError as e:
+        raise DivekitError(f"model {info.name!r}: {e}") from None
+    config = config_from_dict(config_cls, merged)
+    config.validate()
+    return config
+
+
 # ------------------------------------------------------------------------ training
 def train(task: Task, callbacks: list[Callback] | None = None) -> TrainResult:
     """Train ``task`` in a run directory chosen from its config (``out``, ``resume``)."""
@@ -199,7 +226,14 @@ def evaluate(run_dir: str | Path, *, device: str = "auto", **overrides: Any) -> 
     model_device = next(run.model.parameters()).device
     metrics = run_validation(run.task, run.model, loader, model_device)
     extra = run.task.on_evaluate(run.model, run, metrics)
-    return {**metrics, **extra}
+    scalars = {k: float(v) for k, v in metrics.items() if _is_scalar(v)}
+    return {**scalars, **extra}
+
+
+def _is_scalar(v: Any) -> bool:
+    from torch import Tensor
+
+    return isinstance(v, int | float) or (isinstance(v, Tensor) and v.numel() == 1)
 
 
 def predict(run_dir: str | Path, inputs: list[Any], *, device: str = "auto",

@@ -34,6 +34,7 @@ from divekit.errors import DivekitError
 from divekit.hardware.analytic import CONVENTIONS, ArraySpec, GemmStats, spatio_temporal
 
 _CHUNK_ELEMS = 2**24  # folds simulated side by side: at most ~16M float64 of output buffer
+_CHUNK_PE = 2**17  # ... and at most ~128K PEs of state, so each per-cycle array stays in cache
 
 
 @dataclass(frozen=True)
@@ -96,33 +97,39 @@ def _ws_chunk(a_tiles: np.ndarray, w_tiles: np.ndarray, w_valid: np.ndarray
         fill += 1
     x = _skew(a_tiles)  # (F, T+R-1, R): what the left edge of row i sees at each cycle
     x_tag = _skew_tags(t, r)  # (T+R-1, R)
-    a = np.zeros((f, r, c))
+    # Registers are double-buffered (this cycle's from last cycle's), as in hardware.
+    a, a_next = np.zeros((f, r, c)), np.zeros((f, r, c))
+    psum, psum_next = np.zeros((f, r, c)), np.zeros((f, r, c))
+    prod = np.empty((f, r, c))
     a_tag = np.full((r, c), -1)
-    psum = np.zeros((f, r, c))
-    out = np.zeros((f, t, c))
+    steps = t + r + c - 1  # room for the output FIFO; the loop below decides when it is done
+    fifo = np.zeros((f, steps, c))  # what leaves the bottom edge, cycle by cycle
+    fifo_tag = np.full((steps, c), -1)
     valid_count = w_valid.sum(axis=0)  # (R, C): folds in which each PE holds a real weight
-    cols = np.arange(c)
     emitted, needed, macs, s = 0, t * c, 0, 0
     while emitted < needed:
-        a[:, :, 1:] = a[:, :, :-1]  # operands move one PE to the right
-        a_tag[:, 1:] = a_tag[:, :-1]
+        a_next[:, :, 1:] = a[:, :, :-1]  # operands move one PE to the right
+        a_tag[:, 1:] = a_tag[:, :-1].copy()
         if s < x.shape[1]:
-            a[:, :, 0] = x[:, s]
+            a_next[:, :, 0] = x[:, s]
             a_tag[:, 0] = x_tag[s]
         else:
-            a[:, :, 0] = 0.0
+            a_next[:, :, 0] = 0.0
             a_tag[:, 0] = -1
-        prod = a * w
-        psum[:, 1:] = psum[:, :-1] + prod[:, 1:]  # partial sums move one PE down
-        psum[:, 0] = prod[:, 0]
+        a, a_next = a_next, a
+        np.multiply(a, w, out=prod)
+        np.add(psum[:, :-1], prod[:, 1:], out=psum_next[:, 1:])  # partial sums move one PE down
+        psum_next[:, 0] = prod[:, 0]
+        psum, psum_next = psum_next, psum
         live = a_tag >= 0
         macs += int(valid_count[live].sum())
-        bottom = a_tag[r - 1]  # the streamed index of the sum leaving each column
-        done = bottom >= 0
-        if done.any():
-            out[:, bottom[done], cols[done]] = psum[:, r - 1, done]
-            emitted += int(done.sum())
+        fifo[:, s] = psum[:, r - 1]  # sums leave the bottom row into the output FIFO
+        fifo_tag[s] = a_tag[r - 1]  # ... tagged with the streamed row they belong to
+        emitted += int(np.count_nonzero(a_tag[r - 1] >= 0))
         s += 1
+    when, col = np.nonzero(fifo_tag >= 0)  # de-skew the FIFO into rows: out[t, j]
+    out = np.zeros((f, t, c))
+    out[:, fifo_tag[when, col], col] = fifo[:, when, col]
     return out, fill, s, macs
 
 
@@ -138,27 +145,30 @@ def _os_chunk(a_tiles: np.ndarray, b_tiles: np.ndarray, valid: np.ndarray
     xa = _skew(a_tiles.transpose(0, 2, 1))  # (F, K+R-1, R): left edge of row i
     xb = _skew(b_tiles)  # (F, K+C-1, C): top edge of column j
     ta, tb = _skew_tags(k, r), _skew_tags(k, c)
-    a = np.zeros((f, r, c))
-    b = np.zeros((f, r, c))
+    # Operand registers are double-buffered (this cycle's from last cycle's), as in hardware.
+    a, a_next = np.zeros((f, r, c)), np.zeros((f, r, c))
+    b, b_next = np.zeros((f, r, c)), np.zeros((f, r, c))
+    prod = np.empty((f, r, c))
     a_tag = np.full((r, c), -1)
     b_tag = np.full((r, c), -1)
     acc = np.zeros((f, r, c))
     valid_count = valid.sum(axis=0)  # (R, C)
     done, needed, macs, s = 0, r * c * k, 0, 0
     while done < needed:
-        a[:, :, 1:] = a[:, :, :-1]  # A moves right
-        a_tag[:, 1:] = a_tag[:, :-1]
-        b[:, 1:] = b[:, :-1]  # B moves down
-        b_tag[1:] = b_tag[:-1]
         in_a, in_b = s < xa.shape[1], s < xb.shape[1]
-        a[:, :, 0] = xa[:, s] if in_a else 0.0
+        a_next[:, :, 1:] = a[:, :, :-1]  # A moves right
+        a_next[:, :, 0] = xa[:, s] if in_a else 0.0
+        b_next[:, 1:] = b[:, :-1]  # B moves down
+        b_next[:, 0] = xb[:, s] if in_b else 0.0
+        a, a_next, b, b_next = a_next, a, b_next, b
+        a_tag[:, 1:] = a_tag[:, :-1].copy()
         a_tag[:, 0] = ta[s] if in_a else -1
-        b[:, 0] = xb[:, s] if in_b else 0.0
+        b_tag[1:] = b_tag[:-1].copy()
         b_tag[0] = tb[s] if in_b else -1
         live = (a_tag >= 0) & (b_tag >= 0)
         if np.any(a_tag[live] != b_tag[live]):
             raise RuntimeError("output-stationary operands out of step")  # a simulator bug
-        acc += a * b
+        acc += np.multiply(a, b, out=prod)
         done += int(live.sum())
         macs += int(valid_count[live].sum())
         s += 1
@@ -175,8 +185,8 @@ def _os_chunk(a_tiles: np.ndarray, b_tiles: np.ndarray, valid: np.ndarray
     return out, s, drained, macs
 
 
-def _chunks(n_folds: int, per_fold_elems: int) -> list[slice]:
-    size = max(1, _CHUNK_ELEMS // max(per_fold_elems, 1))
+def _chunks(n_folds: int, per_fold_elems: int, pes: int) -> list[slice]:
+    size = max(1, min(_CHUNK_ELEMS // max(per_fold_elems, 1), _CHUNK_PE // pes))
     return [slice(i, min(i + size, n_folds)) for i in range(0, n_folds, size)]
 
 
@@ -194,7 +204,7 @@ def _run_ws(a: np.ndarray, b: np.ndarray, r: int, c: int) -> tuple[np.ndarray, i
     out = np.zeros((fr * fc, m, c))
     timings = set()
     macs = 0
-    for sl in _chunks(fr * fc, m * (c + r)):
+    for sl in _chunks(fr * fc, m * (c + r), r * c):
         o, fill, run, mc = _ws_chunk(ap[fold_kr[sl]], w_tiles[sl], w_valid[sl])
         out[sl] = o
         timings.add((fill, run))
@@ -219,7 +229,7 @@ def _run_os(a: np.ndarray, b: np.ndarray, r: int, c: int) -> tuple[np.ndarray, i
     out = np.zeros((fr * fc, r, c))
     timings = set()
     macs = 0
-    for sl in _chunks(fr * fc, k * (r + c) + r * c):
+    for sl in _chunks(fr * fc, k * (r + c) + r * c, r * c):
         o, run, drain, mc = _os_chunk(ap[fold_mr[sl]], bp[fold_nc[sl]], valid[sl])
         out[sl] = o
         timings.add((run, drain))

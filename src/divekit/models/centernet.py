@@ -38,12 +38,15 @@ occasional second peak on a large object: on shapes at 96 px it left mAP@0.5 unc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from divekit.config import option
 from divekit.errors import DivekitError
-from divekit.models.detector import Detector, real_rows
+from divekit.models.detector import ADAM_RECIPE, Detector, real_rows
 from divekit.models.registry import register_model
 from divekit.models.yolo import check_images, check_labels, conv_bn, pack_detections
 from divekit.ops.boxes import box_corner_to_center
@@ -220,7 +223,23 @@ class CenterNetTiny(Detector):
         return pack_detections(boxes, scores, classes, c, nms_iou, self.max_detections)
 
 
-@register_model("centernet_tiny", input_shape=(3, 128, 128), task="detect")
+@dataclass(frozen=True)
+class CenterNetConfig:
+    """``centernet_tiny``'s hyper-parameters, named as the builder's arguments (``--width``,
+    ``--max-detections`` on ``divekit train centernet_tiny``)."""
+
+    width: int = option(64, "channels of the neck and of the heat-map, size and offset heads",
+                        metavar="C")
+    max_detections: int = option(100, "peaks kept per image when decoding", metavar="K")
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--width", self.width), ("--max-detections", self.max_detections)):
+            if not (isinstance(value, int) and value >= 1):
+                raise DivekitError(f"{flag} must be an integer of at least 1, got {value!r}")
+
+
+@register_model("centernet_tiny", input_shape=(3, 128, 128), task="detect", config=CenterNetConfig,
+                recipes=ADAM_RECIPE)
 def centernet_tiny(*, num_classes: int = 1, in_channels: int = 3, width: int = 64,
                    max_detections: int = 100) -> CenterNetTiny:
     """CenterNet-style anchor-free detector: stride-4 class heat maps, box size and offset heads."""

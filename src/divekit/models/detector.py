@@ -12,6 +12,10 @@ rely on nothing else, so a new detector is one file in ``divekit.models``:
   normalised by width and height, class −1 on padding and suppressed rows. mAP, the
   validation pictures and ``predict`` read only this.
 
+A builder takes ``num_classes`` and ``in_channels`` (and ``image_size`` when the network depends
+on it, as YOLO's grid does) plus its family's hyper-parameters, and registers with
+``task="detect"`` and a training recipe (:data:`ADAM_RECIPE` for those here).
+
 Labels everywhere are the course's banana format: ``(N, G, 5)`` rows
 ``[class, x1, y1, x2, y2]`` with normalised corners, padding rows all −1; masks, when a
 dataset has them, are ``(N, G, H, W)`` with one binary mask per label row.
@@ -22,6 +26,11 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
+
+
+# How the detectors here train from random initialisation: Adam at 1e-3 (tiny SSD on shapes at
+# 96 px, 8 epochs: mAP@0.5 0.989, against 0.697 with the course's SGD at 0.2; README).
+ADAM_RECIPE: dict[str, dict[str, Any]] = {"*": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}}
 
 
 class Detector(nn.Module):

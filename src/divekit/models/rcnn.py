@@ -80,8 +80,12 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
 from divekit.errors import DivekitError
-from divekit.models.detector import Detector
+from divekit.models.detector import ADAM_RECIPE, Detector
 from divekit.models.registry import register_model
+
+# From random initialisation on the CPU: Adam, as every detector here; Mask R-CNN's mask head
+# wants the smaller step.
+MASK_RCNN_RECIPE = {"*": {**ADAM_RECIPE["*"], "lr": 1e-4}}
 
 # Keys of the class-specific layers, re-initialised when weights come from another class set.
 PREDICTOR_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")
@@ -184,8 +188,6 @@ class TorchvisionRCNN(Detector):
         self.net = net
         self.num_classes = num_classes
         self.needs_masks = with_masks
-        # from random init on the CPU: Adam (Mask R-CNN's mask head wants the smaller step)
-        self.train_defaults = {"optimizer": "adam", "lr": 1e-4 if with_masks else 1e-3, "weight_decay": 0.0}
 
     def _images(self, x: Tensor) -> list[Tensor]:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -357,7 +359,7 @@ def _build(builder: Callable[..., GeneralizedRCNN], enum: Any, name: str, num_cl
     return TorchvisionRCNN(net, num_classes, with_masks=with_masks)
 
 
-@register_model("fasterrcnn_mobilenet", input_shape=(3, 128, 128), task="detect")
+@register_model("fasterrcnn_mobilenet", input_shape=(3, 128, 128), task="detect", recipes=ADAM_RECIPE)
 def fasterrcnn_mobilenet(*, num_classes: int = 1, in_channels: int = 3, image_size: int = 128,
                          weights: str | None = None, **overrides: Any) -> TorchvisionRCNN:
     """Faster R-CNN, MobileNetV3-Large FPN backbone (torchvision; d2l 14.8.3), for small images."""
@@ -365,7 +367,7 @@ def fasterrcnn_mobilenet(*, num_classes: int = 1, in_channels: int = 3, image_si
                   "fasterrcnn_mobilenet", num_classes, in_channels, image_size, weights, False, overrides)
 
 
-@register_model("maskrcnn", input_shape=(3, 128, 128), task="detect")
+@register_model("maskrcnn", input_shape=(3, 128, 128), task="detect", recipes=MASK_RCNN_RECIPE)
 def maskrcnn(*, num_classes: int = 1, in_channels: int = 3, image_size: int = 128,
              weights: str | None = None, **overrides: Any) -> TorchvisionRCNN:
     """Mask R-CNN, ResNet-50 FPN backbone (torchvision; d2l 14.8.4): boxes and instance masks."""

@@ -5,8 +5,10 @@ Builders register themselves with :func:`register_model`; the CLI never hard-cod
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -20,6 +22,26 @@ class ModelInfo:
     description: str
     input_shape: tuple[int, int, int] | None  # default (C, H, W) input; None for sequence models
     task: str  # "classify", "detect", "language_model", ...
+    # the family's hyper-parameters: a frozen dataclass whose fields are the builder's keyword
+    # arguments (the CLI's `divekit train MODEL` options come from it); None: none to set
+    config: type | None = None
+    # the recommended training recipe, as timm's pretrained configs and torchvision's reference
+    # recipes carry it: dataset name (or "*" for any) -> training options (optimizer, lr, ...)
+    recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def recipe(self, data: str | None) -> dict[str, Any]:
+        """The training options recommended for ``data``: the ``"*"`` entry, updated with the
+        dataset's own."""
+        return {**self.recipes.get("*", {}), **(self.recipes.get(data, {}) if data else {})}
+
+    def model_options(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The builder's keyword arguments from :attr:`config`, with ``values`` on top
+        (checked by the config dataclass; unknown names refused)."""
+        if self.config is None:
+            if values:
+                raise ValueError(f"model {self.name!r} takes no options, got {sorted(values)}")
+            return {}
+        return dataclasses.asdict(self.config(**(values or {})))
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -31,8 +53,14 @@ def register_model(
     input_shape: tuple[int, int, int] | None = (1, 28, 28),
     task: str = "classify",
     description: str | None = None,
+    config: type | None = None,
+    recipes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a builder under ``name`` (default: the function's name).
+
+    ``config`` is the family's hyper-parameter dataclass (fields named as the builder's
+    arguments) and ``recipes`` its recommended training options per dataset (see
+    :class:`ModelInfo`).
 
     The description defaults to the first line of the builder's docstring.
     """
@@ -42,7 +70,8 @@ def register_model(
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[key] = ModelInfo(key, fn, description or (doc[0] if doc else ""), input_shape, task)
+        _REGISTRY[key] = ModelInfo(key, fn, description or (doc[0] if doc else ""), input_shape,
+                                   task, config, dict(recipes or {}))
         return fn
 
     return wrap

@@ -14,10 +14,13 @@ in, which is how the parity tests check the equations against cuDNN's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from divekit.config import option
 from divekit.errors import DivekitError
 from divekit.models.registry import register_model
 
@@ -457,6 +460,44 @@ class RNNLM(nn.Module):
 # ----------------------------------------------------------------------------- builders
 
 
+@dataclass(frozen=True)
+class RNNConfig:
+    """The recurrent language models' hyper-parameters, named as the builders' arguments; each
+    is a ``divekit train`` option (the course's ``--hidden``/``--layers``/``--embed`` too)."""
+
+    num_hiddens: int = option(256, "hidden units per layer", aliases=["--hidden"], metavar="H")
+    num_layers: int = option(1, "stacked recurrent layers (a deep RNN)", aliases=["--layers"],
+                             metavar="L")
+    bidirectional: bool = option(False, "read the text both ways (cannot generate text)")
+    embed_size: int | None = option(
+        None, "an embedding of this size instead of one-hot inputs (use it for word tokens)",
+        aliases=["--embed"], metavar="E",
+    )
+
+    def __post_init__(self) -> None:
+        sizes = {"--num-hiddens": self.num_hiddens, "--num-layers": self.num_layers}
+        if self.embed_size is not None:
+            sizes["--embed-size"] = self.embed_size
+        for flag, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DivekitError(f"{flag} must be a whole number >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GRUScratchConfig(RNNConfig):
+    """:class:`RNNConfig` and the scratch GRU's choice of reset gate."""
+
+    reset_after: bool = option(
+        False, "reset after the hidden matmul (nn.GRU's variant) instead of the course's before"
+    )
+
+
+# The recommended training of the character-level models (the README's GRU on The Time Machine):
+# Adam at 0.005 (the course's SGD needs lr 1) and gradient clipping θ = 1,
+# g ← min(1, θ/‖g‖) g, which keeps one exploding step from ruining the run.
+RECIPES = {"*": {"optimizer": "adam", "lr": 0.005, "momentum": 0.0, "grad_clip": 1.0}}
+
+
 def _language_model(
     cell_type, *, vocab_size, num_hiddens, num_layers, bidirectional, embed_size, **cell_kw
 ) -> RNNLM:
@@ -469,7 +510,8 @@ def _language_model(
     return RNNLM(cell, vocab_size, embed_size=embed_size)
 
 
-@register_model("rnn_scratch", input_shape=None, task="language_model")
+@register_model("rnn_scratch", input_shape=None, task="language_model", config=RNNConfig,
+                recipes=RECIPES)
 def rnn_scratch(
     *,
     vocab_size: int,
@@ -489,7 +531,8 @@ def rnn_scratch(
     )
 
 
-@register_model("gru_scratch", input_shape=None, task="language_model")
+@register_model("gru_scratch", input_shape=None, task="language_model",
+                config=GRUScratchConfig, recipes=RECIPES)
 def gru_scratch(
     *,
     vocab_size: int,
@@ -511,7 +554,8 @@ def gru_scratch(
     )
 
 
-@register_model("lstm_scratch", input_shape=None, task="language_model")
+@register_model("lstm_scratch", input_shape=None, task="language_model", config=RNNConfig,
+                recipes=RECIPES)
 def lstm_scratch(
     *,
     vocab_size: int,
@@ -540,7 +584,8 @@ def _concise(torch_type):
     return make
 
 
-@register_model("rnn", input_shape=None, task="language_model")
+@register_model("rnn", input_shape=None, task="language_model", config=RNNConfig,
+                recipes=RECIPES)
 def rnn(
     *,
     vocab_size: int,
@@ -560,7 +605,8 @@ def rnn(
     )
 
 
-@register_model("gru", input_shape=None, task="language_model")
+@register_model("gru", input_shape=None, task="language_model", config=RNNConfig,
+                recipes=RECIPES)
 def gru(
     *,
     vocab_size: int,
@@ -580,7 +626,8 @@ def gru(
     )
 
 
-@register_model("lstm", input_shape=None, task="language_model")
+@register_model("lstm", input_shape=None, task="language_model", config=RNNConfig,
+                recipes=RECIPES)
 def lstm(
     *,
     vocab_size: int,

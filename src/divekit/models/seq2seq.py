@@ -15,13 +15,60 @@ Shapes follow the course: the GRU encoder returns time-major ``outputs (T, B, H)
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from divekit.config import flag_name, option
+from divekit.errors import DivekitError
 from divekit.models.attention import AdditiveAttention
 from divekit.models.registry import register_model
+
+# the course's recipe for its seq2seq models (d2l 10.7): Adam at 0.005, 10 epochs of 128 pairs
+GRU_RECIPES = {"*": {"optimizer": "adam", "lr": 0.005, "epochs": 10, "batch_size": 128}}
+
+
+def option_flag(config: Any, name: str) -> str:
+    """The flag a user typed for field ``name``: its course alias (``--hidden``) if it has one."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(config)}[name]
+    return (meta.get("aliases") or [flag_name(name)])[0]
+
+
+def check_sizes(config: Any) -> None:
+    """Every ``int`` field of a family config is a size (at least 1), ``dropout`` a probability
+    in [0, 1): raise :class:`DivekitError` naming the flag and the value otherwise."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "dropout":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and 0 <= value < 1
+            ):
+                raise DivekitError(f"{option_flag(config, f.name)} must be in [0, 1), got {value!r}")
+        elif isinstance(f.default, int) and not isinstance(f.default, bool):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DivekitError(
+                    f"{option_flag(config, f.name)} must be a positive integer, got {value!r}"
+                )
+
+
+@dataclass(frozen=True)
+class Seq2SeqConfig:
+    """The sizes of the GRU encoder-decoders, named as :func:`seq2seq`'s arguments; the course's
+    flags (``--embed``, ``--hidden``, ``--layers``) are aliases."""
+
+    embed_size: int = option(256, "embedding size of source and target tokens",
+                             aliases=["--embed"], metavar="E")
+    num_hiddens: int = option(256, "GRU hidden units", aliases=["--hidden"], metavar="H")
+    num_layers: int = option(2, "GRU layers in the encoder and in the decoder",
+                             aliases=["--layers"], metavar="L")
+    dropout: float = option(0.2, "dropout between GRU layers (with --layers 2 or more)")
+
+    def __post_init__(self) -> None:
+        check_sizes(self)
 
 
 def init_seq2seq(module: nn.Module) -> None:
@@ -141,7 +188,8 @@ class EncoderDecoder(nn.Module):
         return self.decoder.reorder_state(state, index)
 
 
-@register_model("seq2seq", input_shape=None, task="translate")
+@register_model("seq2seq", input_shape=None, task="translate", config=Seq2SeqConfig,
+                recipes=GRU_RECIPES)
 def seq2seq(*, src_vocab_size: int, tgt_vocab_size: int, embed_size: int = 256, num_hiddens: int = 256,
             num_layers: int = 2, dropout: float = 0.2) -> EncoderDecoder:
     """RNN encoder-decoder (GRU; the context is the encoder's final state)."""
@@ -149,7 +197,8 @@ def seq2seq(*, src_vocab_size: int, tgt_vocab_size: int, embed_size: int = 256, 
                           Seq2SeqDecoder(tgt_vocab_size, embed_size, num_hiddens, num_layers, dropout))
 
 
-@register_model("seq2seq_attention", input_shape=None, task="translate")
+@register_model("seq2seq_attention", input_shape=None, task="translate", config=Seq2SeqConfig,
+                recipes=GRU_RECIPES)
 def seq2seq_attention(*, src_vocab_size: int, tgt_vocab_size: int, embed_size: int = 256,
                       num_hiddens: int = 256, num_layers: int = 2, dropout: float = 0.2) -> EncoderDecoder:
     """GRU encoder-decoder with Bahdanau (additive) attention over the source."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divekit.errors import DivekitError
-from divekit.models.detector import Detector
+from divekit.models.detector import ADAM_RECIPE, Detector
 from divekit.models.registry import register_model
 from divekit.ops.anchors import multibox_detection, multibox_prior, multibox_target
 
@@ -76,8 +76,8 @@ class TinySSD(Detector):
     as the predictions are.
     """
 
-    # Adam 1e-3 (the detection task's default) reaches mAP@0.5 0.97 on shapes in 8 epochs; the
-    # course's SGD 0.2 (``--optimizer sgd --lr 0.2 --momentum 0 --weight-decay 5e-4``) trains too.
+    # Adam 1e-3 (its recipe) reaches mAP@0.5 0.99 on shapes in 8 epochs; the course's SGD 0.2
+    # (``--optimizer sgd --lr 0.2 --momentum 0 --weight-decay 5e-4``) trains too, to 0.70.
 
     def __init__(self, num_classes: int, in_channels: int = 3,
                  sizes: Sequence[Sequence[float]] = SIZES, ratios: Sequence[Sequence[float]] = RATIOS):
@@ -132,7 +132,7 @@ class TinySSD(Detector):
         return multibox_detection(probs, bbox_preds.float(), anchors.float(), nms_threshold=nms_iou)
 
 
-@register_model("tiny_ssd", input_shape=(3, 256, 256), task="detect")
+@register_model("tiny_ssd", input_shape=(3, 256, 256), task="detect", recipes=ADAM_RECIPE)
 def tiny_ssd(*, num_classes: int = 1, in_channels: int = 3,
              sizes: Sequence[Sequence[float]] = SIZES,
              ratios: Sequence[Sequence[float]] = RATIOS) -> TinySSD:

@@ -19,13 +19,16 @@ teacher-forced pass in evaluation mode see the future; here the switch is whethe
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from divekit.config import option
+from divekit.errors import DivekitError
 from divekit.models.attention import MultiHeadAttention, PositionalEncoding
 from divekit.models.registry import register_model
-from divekit.models.seq2seq import EncoderDecoder
+from divekit.models.seq2seq import EncoderDecoder, check_sizes
 
 
 def scaled_embedding(vocab_size: int, num_hiddens: int) -> nn.Embedding:
@@ -180,7 +183,36 @@ class Transformer(EncoderDecoder):
     """A Transformer encoder-decoder; ``encode`` / ``decode_step`` as every seq2seq model."""
 
 
-@register_model("transformer", input_shape=None, task="translate")
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The Transformer's sizes, named as :func:`transformer`'s arguments; the course's flags
+    (``--hidden``, ``--ffn``, ``--heads``, ``--layers``) are aliases. The heads split the width
+    ``d`` evenly (``d / heads`` each), so ``num_hiddens`` must be a multiple of ``num_heads``."""
+
+    num_hiddens: int = option(256, "model width d: embeddings, attention and block outputs",
+                              aliases=["--hidden"], metavar="H")
+    ffn_num_hiddens: int = option(64, "hidden units of the position-wise feed-forward network",
+                                  aliases=["--ffn"], metavar="N")
+    num_heads: int = option(4, "attention heads", aliases=["--heads"], metavar="N")
+    num_blks: int = option(2, "blocks in the encoder and in the decoder", aliases=["--layers"],
+                           metavar="L")
+    dropout: float = option(0.2, "dropout")
+    use_bias: bool = option(False, "biases in the attention projections (every block then equals "
+                            "torch.nn's Transformer layers)")
+
+    def __post_init__(self) -> None:
+        check_sizes(self)
+        if self.num_hiddens % self.num_heads:
+            raise DivekitError(f"--hidden {self.num_hiddens} must be a multiple of --heads "
+                               f"{self.num_heads}")
+
+
+# the course's recipe (d2l 11.7): Adam at 0.0015, 10 epochs of 128 pairs
+TRANSFORMER_RECIPES = {"*": {"optimizer": "adam", "lr": 0.0015, "epochs": 10, "batch_size": 128}}
+
+
+@register_model("transformer", input_shape=None, task="translate", config=TransformerConfig,
+                recipes=TRANSFORMER_RECIPES)
 def transformer(*, src_vocab_size: int, tgt_vocab_size: int, num_hiddens: int = 256,
                 ffn_num_hiddens: int = 64, num_heads: int = 4, num_blks: int = 2, dropout: float = 0.2,
                 use_bias: bool = False) -> Transformer:

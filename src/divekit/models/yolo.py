@@ -36,13 +36,16 @@ for every class; boxes are clipped to the image, per-class NMS drops duplicates 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import torchvision  # type: ignore[import-untyped]
 from torch import Tensor, nn
 
+from divekit.config import option
 from divekit.errors import DivekitError
-from divekit.models.detector import Detector, real_rows
+from divekit.models.detector import ADAM_RECIPE, Detector, real_rows
 from divekit.models.registry import register_model
 from divekit.ops.boxes import box_center_to_corner, box_corner_to_center, box_iou
 
@@ -241,7 +244,25 @@ class YoloGrid(Detector):
                                c, nms_iou, self.max_detections, self.min_score)
 
 
-@register_model("yolo_grid", input_shape=(3, 128, 128), task="detect")
+@dataclass(frozen=True)
+class YoloConfig:
+    """``yolo_grid``'s hyper-parameters, named as the builder's arguments (``--grid-size``,
+    ``--boxes-per-cell`` on ``divekit train yolo_grid``)."""
+
+    grid_size: int | None = option(None, "cells per side of the grid, S (default: image size / 16)",
+                                   metavar="S")
+    boxes_per_cell: int = option(2, "boxes each grid cell predicts, B", metavar="B")
+
+    def __post_init__(self) -> None:
+        s, b = self.grid_size, self.boxes_per_cell
+        if s is not None and not (isinstance(s, int) and s >= 2):
+            raise DivekitError(f"--grid-size must be an integer of at least 2, got {s!r}")
+        if not (isinstance(b, int) and b >= 1):
+            raise DivekitError(f"--boxes-per-cell must be an integer of at least 1, got {b!r}")
+
+
+@register_model("yolo_grid", input_shape=(3, 128, 128), task="detect", config=YoloConfig,
+                recipes=ADAM_RECIPE)
 def yolo_grid(*, num_classes: int = 1, in_channels: int = 3, image_size: int = 128,
               grid_size: int | None = None, boxes_per_cell: int = 2, rescore: bool = True) -> YoloGrid:
     """YOLO v1-style grid detector: S×S cells (S = image_size / 16), B boxes and class scores per cell."""

@@ -1,38 +1,40 @@
-"""Tasks: one module per job. Each builds data, model, loss and metrics from a config and
-hands them to the engine, and holds the job's inference.
+"""Tasks: one module per job, each one :class:`~divekit.engine.task.Task` subclass with its
+config, data, model building, steps and metrics.
 
-A task module exposes ``Config`` (a dataclass whose fields become ``divekit train`` options),
-``train(config)``, and optionally ``evaluate(run_dir, ...)``, ``predict(...)`` and
-``add_commands(subparsers)`` for commands of its own (``divekit generate``, ...).
+The built-in tasks (and any package's) are found by name through the ``divekit.tasks`` entry
+points (``pyproject.toml``); a model's registered task names the one that trains it. Training,
+evaluating and predicting are the engine's, the same for every task::
+
+    from divekit.tasks import train, evaluate, predict
+    result = train({"model": "resnet18", "data": "digits", "epochs": 5})
+    evaluate(result.run_dir)
+    predict(result.run_dir, ["seven.png"], top_k=3)
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from typing import Any
 
-from divekit.errors import DivekitError
+from divekit.engine.run import TrainResult, evaluate, load_run, make_config, predict
+from divekit.engine.run import train as _train_task
+from divekit.engine.task import Task, task_class
+from divekit.models import model_info
 
-# model task (as registered in divekit.models) -> module implementing it
-TASK_MODULES: dict[str, str] = {
-    "classify": "divekit.tasks.classify",
-    "detect": "divekit.tasks.detect",
-    "language_model": "divekit.tasks.language_model",
-    "translate": "divekit.tasks.translate",
-}
+__all__ = ["evaluate", "load_run", "predict", "task_for", "train"]
 
 
-def task_module(task: str) -> ModuleType:
-    try:
-        return importlib.import_module(TASK_MODULES[task])
-    except KeyError:
-        raise DivekitError(f"no training task for {task!r} models yet") from None
+def task_for(model: str) -> type[Task]:
+    """The Task class that trains ``model`` (its registered task)."""
+    name = model_info(model).task
+    return task_class(name)
 
 
-# modules adding commands of their own to the CLI through add_commands(subparsers, parent)
-COMMAND_MODULES: list[str] = ["divekit.tasks.finetune", "divekit.tasks.language_model",
-                              "divekit.tasks.sequence", "divekit.tasks.translate"]
-
-
-def command_modules() -> list[ModuleType]:
-    return [importlib.import_module(name) for name in COMMAND_MODULES]
+def train(config: Any, callbacks: list | None = None) -> TrainResult:
+    """Train from a config dataclass, or from a dict of options (``model`` and ``data`` at
+    least) completed by the model's recommended recipe; writes a run directory."""
+    if isinstance(config, dict):
+        cls = task_for(config.get("model") or "")
+        config = make_config(cls.Config, config)
+    else:
+        cls = task_for(config.model) if not config.model.startswith("torchvision:") else task_class("classify")
+    return _train_task(cls(config), callbacks)

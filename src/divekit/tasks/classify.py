@@ -1,19 +1,21 @@
-"""Image classification: data + model + cross-entropy, trained by the engine.
+"""Image classification: data, model, cross-entropy and accuracy, on the engine's seam.
 
-Python users call the same functions the CLI calls::
+Python users train, evaluate and predict through the same calls the CLI makes::
 
-    from divekit.tasks import classify
-    result = classify.train(classify.ClassifyConfig(model="resnet18", data="digits", epochs=6))
-    classify.evaluate(result.run_dir)
-    classify.predict(result.run_dir, ["seven.png"], top_k=3)
+    from divekit.tasks import train, evaluate, predict
+    result = train({"model": "resnet18", "data": "digits", "epochs": 5})
+    evaluate(result.run_dir)
+    predict(result.run_dir, ["seven.png"], top_k=3)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +23,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from divekit.config import option
 from divekit.data import dataset_info, load_dataset
 from divekit.data.augment import Augment, BatchMix, SampleTransform
 from divekit.data.batch_augment import BatchAugment
 from divekit.data.loader import TensorBatchLoader
 from divekit.data.vision import ImageClassificationData, load_image_file, resize_images
 from divekit.engine.batch_size import choose_batch_size
-from divekit.engine.checkpoint import load_weights
-from divekit.io import atomic_write_text
+from divekit.engine.config import Check, TaskConfig
 from divekit.engine.device import resolve_device
 from divekit.engine.finetune import TORCHVISION_PREFIX, torchvision_classifier
-from divekit.engine.trainer import TrainConfig, Trainer, option
+from divekit.engine.task import Task
 from divekit.errors import DivekitError
+from divekit.io import atomic_write_text
 from divekit.models import create_model, model_info
 from divekit.models.summary import layer_table
-from divekit.tasks.common import (
-    TrainResult,
-    choose_run_dir,
-    config_from_dict,
-    latest_weights,
-    load_run_config,
-    save_run_config,
-)
+
+log = logging.getLogger(__name__)
 
 MIN_SIZE = 28  # every zoo model takes 28×28 and up; smaller datasets are upsampled to this
 
@@ -57,8 +54,16 @@ def parse_batch_size(text: str) -> int | str:
         raise DivekitError(f"--batch-size must be a positive integer or auto, got {text!r}") from None
 
 
-@dataclass
-class ClassifyConfig(TrainConfig):
+def _augment_check(spec: str) -> Check:
+    try:
+        Augment(spec)
+    except DivekitError as e:
+        return False, str(e)
+    return True, ""
+
+
+@dataclass(frozen=True)
+class ClassifyConfig(TaskConfig):
     model: str = option("lenet", "model name (see `divekit models`)", cli=False)
     data: str = option("digits", "dataset name (see `divekit datasets`)", metavar="NAME")
     batch_size: int | str = option(
@@ -71,9 +76,6 @@ class ClassifyConfig(TrainConfig):
     )
     no_cap: bool = option(False, "--batch-size auto: skip the cap of 10 × the number of classes")
     resize: int | None = option(None, "resize images to N×N once, before training", metavar="N")
-    data_dir: str | None = option(None, "folder with the dataset's files, when you have them", metavar="DIR")
-    download: bool = option(False, "download missing files (hash-checked)")
-    limit: int | None = option(None, "use only the first N training samples (quick runs)", metavar="N")
     workers: int = option(0, "data-loading processes for per-sample transforms", metavar="N")
     label_smoothing: float = option(0.0, "cross-entropy label smoothing")
     augment: str = option(
@@ -98,28 +100,19 @@ class ClassifyConfig(TrainConfig):
     )
     shots: int | None = option(None, "keep only N training images per class (few-shot, by --seed)", metavar="N")
     normalize: bool = option(True, "standardise inputs with the training set's mean and std", cli=False)
-    out: str | None = option(None, "run directory (default: runs/MODEL-DATA, numbered if taken)", metavar="DIR")
-    resume: bool = option(False, "continue the run in --out (or the newest runs/MODEL-DATA*)")
 
-    def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
-             f"--batch-size must be at least 1 or auto, got {self.batch_size!r}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+    def checks(self) -> list[Check]:
+        return super().checks() + [
             (self.resize is None or self.resize >= 1, f"--resize must be positive, got {self.resize}"),
             (self.workers >= 0, f"--workers must be 0 or more, got {self.workers}"),
-            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix take α ≥ 0 (0 = off)"),
             (self.shots is None or self.shots >= 1, f"--shots must be at least 1, got {self.shots}"),
             (self.tta in ("none", "flip"), f"--tta must be none or flip, got {self.tta!r}"),
             (self.augment_mode in ("batch", "sample"),
              f"--augment-mode must be batch or sample, got {self.augment_mode!r}"),
+            _augment_check(self.augment),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise DivekitError(message)
-        Augment(self.augment)  # an unknown augmentation fails here, listing the valid ones
 
 
 def load_data(cfg: ClassifyConfig) -> ImageClassificationData:
@@ -213,115 +206,177 @@ def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> T
     return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
 
 
-class ClassificationTask:
-    """Cross-entropy on logits (hard or soft targets); accuracy as the metric.
+class ClassificationTask(Task, name="classify"):
+    """Cross-entropy on logits (hard or soft targets); accuracy, per-class accuracy and the
+    confusion matrix as the metrics.
 
-    ``norm`` overrides the data's own ``(mean, std)`` (a fine-tuned model keeps its source's).
+    Rebuilt from a run (``record``), the classes, input size and the training set's
+    normalisation come from the record, so evaluating or predicting loads no training data
+    (evaluate loads the validation split only). ``norm`` overrides the data's own
+    ``(mean, std)``: a fine-tuned model keeps its source's.
     """
 
-    def __init__(self, cfg: ClassifyConfig, data: ImageClassificationData | None = None,
-                 norm: tuple[Sequence[float], Sequence[float]] | None = None):
-        cfg.validate()
-        if not cfg.model.startswith(TORCHVISION_PREFIX):
-            info = model_info(cfg.model)
-            if info.task != "classify":
-                raise DivekitError(f"model {cfg.model!r} is a {info.task} model, not a classifier")
-        self.cfg = cfg
-        self.data = data if data is not None else load_data(cfg)
-        d = self.data
-        mean, std = norm if norm is not None else (d.mean, d.std)
-        self.mean = torch.tensor(mean if cfg.normalize else (0.0,) * d.in_channels, dtype=torch.float32)
-        self.std = torch.tensor(std if cfg.normalize else (1.0,) * d.in_channels, dtype=torch.float32)
-        self.train_x = self.normalize(d.train_images)
-        self.val_x = self.normalize(d.val_images)
-        self.augment = Augment(cfg.augment, train=True)
-        # batched augmentation runs in step(), on the device, before normalisation
-        self.batch_augment = (BatchAugment(cfg.augment) if cfg.augment_mode == "batch"
-                              and not self.augment.is_identity else None)
-        self.mix = BatchMix(d.num_classes, cfg.mixup, cfg.cutmix)
-        counts = class_counts(d.train_labels, d.num_classes).double()
-        # w_c = n / (K n_c), sklearn's "balanced"; a class absent from training gets weight 0
-        w = torch.where(counts > 0, counts.sum() / (d.num_classes * counts.clamp(min=1)), 0.0)
-        self.loss_weight = w.float() if cfg.class_weights else None
+    Config = ClassifyConfig
 
-    def normalize(self, x: Tensor, device: torch.device | None = None) -> Tensor:
-        mean, std = self.mean.view(-1, 1, 1), self.std.view(-1, 1, 1)
-        if device is not None:
-            mean, std = mean.to(device), std.to(device)
+    def __init__(self, config: ClassifyConfig, record: dict[str, Any] | None = None, *,
+                 norm: tuple[Sequence[float], Sequence[float]] | None = None):
+        super().__init__(config, record)
+        if not config.model.startswith(TORCHVISION_PREFIX):
+            info = model_info(config.model)
+            if info.task != "classify":
+                raise DivekitError(f"model {config.model!r} is a {info.task} model, not a classifier")
+        self._norm = norm
+        self.batch_augment = (BatchAugment(config.augment) if config.augment_mode == "batch"
+                              and not Augment(config.augment).is_identity else None)
+
+    # ------------------------------------------------------------ data (loaded on first use)
+    @cached_property
+    def data(self) -> ImageClassificationData:
+        return load_data(self.config)
+
+    @cached_property
+    def facts(self) -> dict[str, Any]:
+        """Classes, channels, image size and normalisation: from the run, else from the data."""
+        if self.record.get("classes") is not None:
+            return {k: self.record[k] for k in ("classes", "in_channels", "image_size", "mean", "std")}
+        d = self.data
+        mean, std = self.input_norm() or (d.mean, d.std)
+        if not self.config.normalize:
+            mean, std = (0.0,) * d.in_channels, (1.0,) * d.in_channels
+        return {"classes": list(d.classes), "in_channels": d.in_channels,
+                "image_size": list(d.image_size), "mean": list(mean), "std": list(std)}
+
+    def input_norm(self) -> tuple[Sequence[float], Sequence[float]] | None:
+        """``(mean, std)`` to standardise inputs with, if not the training data's own."""
+        return self._norm
+
+    def normalize(self, x: Tensor) -> Tensor:
+        mean = torch.tensor(self.facts["mean"], dtype=torch.float32, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.facts["std"], dtype=torch.float32, device=x.device).view(-1, 1, 1)
         return (x - mean) / std
 
     def _normalize_batch(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return self.normalize(batch[0]), batch[1]
 
-    def model(self) -> nn.Module:
-        model = build_classifier(self.cfg.model, self.data.num_classes, self.data.in_channels)
-        check_input_fits(model, self.cfg.model, (self.data.in_channels, *self.data.image_size))
-        return model
-
     def train_data(self) -> TensorBatchLoader:
-        cfg, labels = self.cfg, self.data.train_labels
+        cfg, labels = self.config, self.data.train_labels
         weights = None
         if cfg.balance:  # each class drawn with probability 1/K: weight 1 / n_c per sample
             weights = 1.0 / class_counts(labels, self.data.num_classes).double()[labels]
         common = dict(batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, weights=weights)
-        if self.augment.is_identity:
-            return TensorBatchLoader(self.train_x, labels, **common)  # the fast path
-        if self.batch_augment is not None:  # raw [0, 1] images; step() augments and normalises
+        augment = Augment(cfg.augment, train=True)
+        if augment.is_identity:
+            return TensorBatchLoader(self.normalize(self.data.train_images), labels, **common)
+        if self.batch_augment is not None:  # raw [0, 1] images; training_step augments them
             return TensorBatchLoader(self.data.train_images, labels, **common)
         return TensorBatchLoader(
             self.data.train_images, labels, **common, workers=cfg.workers,
-            sample_transform=SampleTransform(self.augment), batch_transform=self._normalize_batch,
+            sample_transform=SampleTransform(augment), batch_transform=self._normalize_batch,
         )
 
     def val_data(self) -> TensorBatchLoader:
-        bs = self.cfg.batch_size if isinstance(self.cfg.batch_size, int) else 256
-        return TensorBatchLoader(self.val_x, self.data.val_labels, batch_size=max(bs, 256))
+        bs = self.config.batch_size if isinstance(self.config.batch_size, int) else 256
+        return TensorBatchLoader(self.normalize(self.data.val_images), self.data.val_labels,
+                                 batch_size=max(bs, 256))
 
-    def step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    # ------------------------------------------------------------ model
+    def build_model(self) -> nn.Module:
+        f = self.facts
+        model = build_classifier(self.config.model, len(f["classes"]), f["in_channels"])
+        check_input_fits(model, self.config.model, (f["in_channels"], *f["image_size"]))
+        return model
+
+    def prepare(self) -> None:
+        """``--batch-size auto`` → the largest batch that fits, logged with the reason."""
+        cfg, d = self.config, self.data
+        if cfg.batch_size != "auto":
+            return
+        choice = choose_batch_size(
+            self.build_model(), (d.in_channels, *d.image_size), d.num_classes,
+            device=resolve_device(cfg.device), memory_budget=cfg.memory_budget, cap=not cfg.no_cap,
+            max_batch=max(2, len(d.train_labels)), optimizer=cfg.optimizer,
+        )
+        log.info("--batch-size auto: %d (%s)", choice.batch_size, choice.reason)
+        self.config = dataclasses.replace(cfg, batch_size=choice.batch_size)
+
+    def run_record(self) -> dict[str, Any]:
+        d = self.data
+        return {**self.facts, "train_samples": len(d.train_labels), "val_samples": len(d.val_labels)}
+
+    # ------------------------------------------------------------ steps
+    @cached_property
+    def mix(self) -> BatchMix:
+        return BatchMix(len(self.facts["classes"]), self.config.mixup, self.config.cutmix)
+
+    @cached_property
+    def loss_weight(self) -> Tensor | None:
+        """``w_c = n / (K n_c)``, sklearn's "balanced"; a class absent from training gets 0."""
+        if not self.config.class_weights:
+            return None
+        k = self.data.num_classes
+        counts = class_counts(self.data.train_labels, k).double()
+        return torch.where(counts > 0, counts.sum() / (k * counts.clamp(min=1)), 0.0).float()
+
+    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         x, y = batch
         if self.batch_augment is not None:
             channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            x = self.normalize(self.batch_augment(x), device=x.device)
+            x = self.normalize(self.batch_augment(x))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
         if self.mix.enabled:
             x, y = self.mix(x, y)  # soft targets (N, K)
         logits = model(x)
         weight = self.loss_weight.to(logits.device) if self.loss_weight is not None else None
-        loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=self.cfg.label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=self.config.label_smoothing)
         hard = y.argmax(dim=1) if y.is_floating_point() else y
         acc = (logits.argmax(dim=1) == hard).float().mean()
         return loss, {"loss": loss.detach(), "acc": acc}
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Iterable) -> dict[str, float]:
-        model.eval()
+    def validation_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Any]:
+        x, y = batch
+        scores = class_scores(model, x, self.config.tta)
+        predicted = scores.argmax(dim=1)
+        return {"loss": F.cross_entropy(scores, y, reduction="sum"),
+                "correct": (predicted == y).sum(), "count": len(y),
+                "predictions": [predicted.cpu()], "labels": [y.cpu()]}
+
+    def validation_end(self, sums: dict[str, Any]) -> dict[str, Any]:
+        n = max(sums["count"], 1)
+        return {"loss": float(sums["loss"]) / n, "acc": float(sums["correct"]) / n,
+                "predictions": torch.cat(sums["predictions"]), "labels": torch.cat(sums["labels"])}
+
+    # ------------------------------------------------------------ reports and inference
+    def on_epoch_end(self, model: nn.Module, epoch: int, run: Any, metrics: dict[str, Any]) -> None:
+        if epoch == self.config.epochs and "predictions" in metrics:
+            self.on_evaluate(model, run, metrics)
+
+    def on_evaluate(self, model: nn.Module, run: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+        """``per_class.csv`` and ``confusion_matrix.png`` in the run directory."""
+        classes = self.facts["classes"]
+        report = class_report(metrics["predictions"], metrics["labels"], classes)
+        picture = write_class_report(report, Path(run.dir), classes)
+        return {"per_class_acc": report["per_class_acc"], "confusion_matrix_png": str(picture)}
+
+    def predict(self, model: nn.Module, inputs: Sequence[Any], *, top_k: int = 3) -> list[dict[str, Any]]:
+        """Top-k classes of image files of any size and mode, converted as training did."""
+        if not inputs:
+            raise DivekitError("no image files given")
+        if top_k < 1:
+            raise DivekitError(f"--top-k must be at least 1, got {top_k}")
+        f = self.facts
+        x = torch.stack([load_image_file(p, f["in_channels"], tuple(f["image_size"])) for p in inputs])
         device = next(model.parameters()).device
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        n = 0
-        predictions, labels = [], []
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            scores = class_scores(model, x, self.cfg.tta)
-            loss_sum += F.cross_entropy(scores, y, reduction="sum")
-            predictions.append(scores.argmax(dim=1))
-            labels.append(y)
-            correct += (predictions[-1] == y).sum()
-            n += len(y)
-        # kept for the class report, so the last epoch does not run the validation set twice
-        self.last_eval = (torch.cat(predictions).cpu(), torch.cat(labels).cpu())
-        return {"loss": (loss_sum / n).item(), "acc": (correct / n).item()}
-
-    def on_epoch_end(self, model: nn.Module, epoch: int, run_dir: Path) -> None:
-        if epoch == self.cfg.epochs:
-            predictions, labels = getattr(self, "last_eval", (None, None))
-            if predictions is None or len(predictions) != len(self.data.val_labels):
-                predictions = predict_tensor(model, self.val_x, tta=self.cfg.tta)
-                labels = self.data.val_labels
-            report = class_report(predictions, labels, self.data.classes)
-            write_class_report(report, run_dir, self.data.classes)
-
+        with torch.inference_mode():
+            probs = class_scores(model, self.normalize(x.to(device)), self.config.tta).softmax(1).cpu()
+        if not torch.isfinite(probs).all():
+            raise DivekitError("the model's outputs are not finite (its weights hold NaN or inf); "
+                               "retrain it or resume from an earlier checkpoint")
+        top = probs.topk(min(top_k, len(f["classes"])), dim=1)
+        return [{"image": str(path),
+                 "predictions": [(f["classes"][i], p) for p, i in
+                                 zip(top.values[r].tolist(), top.indices[r].tolist())]}
+                for r, path in enumerate(inputs)]
 
 def class_scores(model: nn.Module, x: Tensor, tta: str = "none") -> Tensor:
     """Logits; with ``tta='flip'`` the log of the mean of the image's and its mirror's
@@ -342,65 +397,6 @@ def check_input_fits(model: nn.Module, name: str, shape: tuple[int, int, int]) -
         default = None if name.startswith(TORCHVISION_PREFIX) else model_info(name).input_shape
         hint = f"; pass --resize {default[1]} (the model's default input)" if default else ""
         raise DivekitError(f"{name}: {e}{hint}") from None
-
-
-def resolve_batch_size(task: ClassificationTask) -> None:
-    """``--batch-size auto`` → a number, printed with the reason; stored in the config."""
-    cfg, d = task.cfg, task.data
-    if cfg.batch_size != "auto":
-        return
-    choice = choose_batch_size(
-        task.model(), (d.in_channels, *d.image_size), d.num_classes,
-        device=resolve_device(cfg.device), memory_budget=cfg.memory_budget, cap=not cfg.no_cap,
-        max_batch=max(2, len(d.train_labels)), optimizer=cfg.optimizer,
-    )
-    print(f"--batch-size auto: {choice.batch_size} ({choice.reason})")
-    cfg.batch_size = choice.batch_size
-
-
-def run_record(task: ClassificationTask) -> dict[str, Any]:
-    d = task.data
-    return {
-        "classes": d.classes, "in_channels": d.in_channels, "image_size": list(d.image_size),
-        "mean": task.mean.tolist(), "std": task.std.tolist(),
-        "train_samples": len(d.train_labels), "val_samples": len(d.val_labels),
-    }
-
-
-def fit(task: ClassificationTask, run_dir: Path, extra: dict[str, Any] | None = None) -> TrainResult:
-    """Write the run's config, then train ``task`` in ``run_dir`` (resuming if asked)."""
-    cfg = task.cfg
-    resolve_batch_size(task)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_run_config(run_dir, "classify", cfg, {**run_record(task), **(extra or {})})
-    trainer = Trainer(task, cfg, run_dir)
-    history = trainer.fit(resume=cfg.resume)
-    return TrainResult(run_dir, history, trainer.model)
-
-
-def train(config: ClassifyConfig | dict[str, Any]) -> TrainResult:
-    """Train a classifier; writes a run directory and returns its history and model."""
-    cfg = config if isinstance(config, ClassifyConfig) else config_from_dict(ClassifyConfig, config)
-    cfg.validate()
-    run_dir = choose_run_dir(cfg.out, f"{cfg.model}-{cfg.data}", cfg.resume)
-    return fit(ClassificationTask(cfg), run_dir)
-
-
-def load_trained(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a run directory with its newest weights, and the run's saved record."""
-    record = load_run_config(run_dir)
-    if record.get("task") != "classify":
-        raise DivekitError(f"{run_dir} is a {record.get('task')!r} run, not a classification run")
-    model = build_classifier(record["config"]["model"], len(record["classes"]), record["in_channels"])
-    load_weights(model, latest_weights(run_dir))
-    return model.to(resolve_device(device)).eval(), record
-
-
-def run_config(record: dict[str, Any], **overrides: Any) -> ClassifyConfig:
-    """The run's saved options as a ClassifyConfig (a fine-tuning run's extra ones dropped)."""
-    names = {f.name for f in dataclasses.fields(ClassifyConfig)}
-    values = {k: v for k, v in record["config"].items() if k in names}
-    return config_from_dict(ClassifyConfig, {**values, **overrides})
 
 
 def class_report(predictions: Tensor, labels: Tensor, classes: Sequence[str]) -> dict[str, Any]:
@@ -426,80 +422,3 @@ def write_class_report(report: dict[str, Any], run_dir: Path, classes: Sequence[
     return plot_confusion_matrix(matrix, classes, run_dir / "confusion_matrix.png")
 
 
-def evaluate(run_dir: str | Path, *, data_dir: str | None = None, device: str = "auto",
-             tta: str | None = None) -> dict[str, Any]:
-    """Validation loss, accuracy and per-class accuracy of a run's newest checkpoint; writes
-    ``per_class.csv`` and ``confusion_matrix.png`` into the run directory."""
-    model, record = load_trained(run_dir, device)
-    overrides: dict[str, Any] = {"resume": False, "out": None, "device": device, "augment": "none",
-                                 "batch_size": 256, "mixup": 0.0, "cutmix": 0.0}
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
-    if tta is not None:
-        overrides["tta"] = tta
-    cfg = run_config(record, **overrides)
-    task = ClassificationTask(cfg, norm=(record["mean"], record["std"]))
-    metrics: dict[str, Any] = task.evaluate(model, task.val_data())
-    report = class_report(*task.last_eval, task.data.classes)
-    metrics["per_class_acc"] = report["per_class_acc"]
-    metrics["confusion_matrix_png"] = str(write_class_report(report, Path(run_dir), task.data.classes))
-    return metrics
-
-
-@torch.no_grad()
-def predict_tensor(model: nn.Module, x: Tensor, batch_size: int = 512, tta: str = "none") -> Tensor:
-    device = next(model.parameters()).device
-    model.eval()
-    out = [class_scores(model, x[i : i + batch_size].to(device), tta).argmax(1).cpu()
-           for i in range(0, len(x), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
-
-
-def predict(
-    run_dir: str | Path, images: Sequence[str | Path], *, top_k: int = 3, device: str = "auto"
-) -> list[dict[str, Any]]:
-    """Classify image files of any size and mode, converted as training did."""
-    if not images:
-        raise DivekitError("no image files given")
-    if top_k < 1:
-        raise DivekitError(f"--top-k must be at least 1, got {top_k}")
-    model, record = load_trained(run_dir, device)
-    classes = record["classes"]
-    size = tuple(record["image_size"])
-    x = torch.stack([load_image_file(p, record["in_channels"], size) for p in images])
-    mean = torch.tensor(record["mean"]).view(-1, 1, 1)
-    std = torch.tensor(record["std"]).view(-1, 1, 1)
-    tta = record["config"].get("tta", "none")
-    with torch.no_grad():
-        scores = class_scores(model, ((x - mean) / std).to(next(model.parameters()).device), tta)
-        probs = scores.softmax(1).cpu()
-    k = min(top_k, len(classes))
-    top = probs.topk(k, dim=1)
-    return [
-        {
-            "image": str(path),
-            "predictions": [(classes[i], p) for p, i in zip(top.values[r].tolist(), top.indices[r].tolist())],
-        }
-        for r, path in enumerate(images)
-    ]
-
-
-Config = ClassifyConfig
-
-
-def cli_evaluate(args) -> None:
-    metrics = evaluate(args.run_dir, data_dir=args.data_dir, device=args.device,
-                       tta=getattr(args, "tta", None))
-    per_class = metrics.pop("per_class_acc", {})
-    picture = metrics.pop("confusion_matrix_png", None)
-    print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    if per_class:
-        print("per-class accuracy: " + ", ".join(f"{c}: {a:.3f}" for c, a in per_class.items()))
-    if picture:
-        print(f"confusion matrix: {picture}")
-
-
-def cli_predict(args) -> None:
-    for item in predict(args.run_dir, args.inputs, top_k=args.top_k, device=args.device):
-        shown = ", ".join(f"{c} {p:.3f}" for c, p in item["predictions"])
-        print(f"{item['image']}: {shown}")

@@ -1,81 +1,57 @@
-"""Object detection with anchor boxes (d2l 14.7): data + tiny SSD + multibox loss, by the engine.
+"""Object detection (d2l 14.7–14.8): boxes and classes of objects, on the engine's seam.
 
-::
+Every detector speaks :class:`~divekit.models.detector.Detector`'s interface, so this one task
+trains, validates and runs all of them::
 
-    from divekit.tasks import detect
-    result = detect.train(detect.DetectConfig(model="tiny_ssd", data="shapes", epochs=20))
-    detect.evaluate(result.run_dir)          # loss, class_err, bbox_mae, map50
-    detect.predict(result.run_dir, ["street.jpg"], output="out/")
+    from divekit.tasks import train, evaluate, predict
+    result = train({"model": "tiny_ssd", "data": "shapes", "epochs": 8, "image_size": 96})
+    evaluate(result.run_dir)          # the loss parts, map50 (VOC, IoU 0.5), map (COCO)
+    predict(result.run_dir, ["street.jpg"], output="out/")
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from divekit.config import option
 from divekit.data import dataset_info, load_dataset
 from divekit.data.detection import DetectionData
 from divekit.data.loader import TensorBatchLoader
 from divekit.data.vision import load_image_file, resize_images
-from divekit.engine.checkpoint import load_weights
-from divekit.engine.device import resolve_device
-from divekit.engine.trainer import TrainConfig, Trainer, option
+from divekit.engine.config import Check, TaskConfig, finite
+from divekit.engine.task import Task
 from divekit.errors import DivekitError
 from divekit.models import create_model, list_models, model_info
 from divekit.ops.map import coco_mean_average_precision, mean_average_precision
-from divekit.tasks.common import (
-    TrainResult,
-    choose_run_dir,
-    config_from_dict,
-    latest_weights,
-    load_run_config,
-    save_run_config,
-)
+
+PICTURE_THRESHOLD = 0.5  # the validation pictures draw boxes scoring at least this
 
 
-@dataclass
-class DetectConfig(TrainConfig):
+@dataclass(frozen=True)
+class DetectConfig(TaskConfig):
     model: str = option("tiny_ssd", "model name (see `divekit models`)", cli=False)
     data: str = option("shapes", "dataset name (see `divekit datasets`)", metavar="NAME")
-    batch_size: int = option(32, "minibatch size")
+    batch_size: int = option(32, "minibatch size (per worker)", metavar="N")
     image_size: int = option(128, "train and predict on N×N images (shapes are drawn at N)", metavar="N")
-    limit: int | None = option(None, "use only the first N training images (quick runs)", metavar="N")
-    data_dir: str | None = option(None, "folder with the dataset's files, when you have them", metavar="DIR")
-    download: bool = option(False, "download missing files (hash-checked)")
-    optimizer: str | None = option(None, "optimizer (default: the model's own; adam for every detector so far)",
-                                   choices=["sgd", "adam", "adamw"])
-    lr: float | None = option(None, "learning rate (default: the model's own: 1e-3, maskrcnn 1e-4)")
-    weight_decay: float | None = option(None, "L2 weight decay (default: the model's own)")
     nms_iou: float = option(0.5, "evaluation: IoU above which NMS drops the weaker box")
     pictures: int = option(4, "validation pictures with boxes written each epoch", metavar="N")
-    out: str | None = option(None, "run directory (default: runs/MODEL-DATA, numbered if taken)", metavar="DIR")
-    resume: bool = option(False, "continue the run in --out (or the newest runs/MODEL-DATA*)")
 
-    def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.weight_decay is None or self.weight_decay >= 0,
-             f"--weight-decay must be 0 or more, got {self.weight_decay}"),
-            (self.image_size >= 32, f"--image-size must be at least 32, got {self.image_size}"),
-            (self.limit is None or self.limit >= 1, f"--limit must be at least 1, got {self.limit}"),
-            (0 < self.nms_iou <= 1, f"--nms-iou must be in (0, 1], got {self.nms_iou}"),
-            (self.pictures >= 0, f"--pictures must be 0 or more, got {self.pictures}"),
+    def checks(self) -> list[Check]:
+        return super().checks() + [
+            (isinstance(self.image_size, int) and self.image_size >= 32,
+             f"--image-size must be at least 32, got {self.image_size}"),
+            (finite(self.nms_iou) and 0 < self.nms_iou <= 1, f"--nms-iou must be in (0, 1], got {self.nms_iou}"),
+            (isinstance(self.pictures, int) and self.pictures >= 0,
+             f"--pictures must be 0 or more, got {self.pictures}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise DivekitError(message)
-
-
-Config = DetectConfig
-FALLBACK_HYPERPARAMETERS = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
 
 
 def load_data(cfg: DetectConfig) -> DetectionData:
@@ -96,8 +72,7 @@ def check_labels(labels: Tensor, num_classes: int, name: str) -> None:
         raise DivekitError(f"{name} must be (images, objects, 5) rows [class, x1, y1, x2, y2], "
                            f"got shape {tuple(labels.shape)}")
     cls, boxes = labels[..., 0], labels[..., 1:]
-    padding = (labels == -1).all(dim=-1)
-    real = ~padding
+    real = ~(labels == -1).all(dim=-1)
 
     def first(bad: Tensor) -> tuple[int, int] | None:
         bad = bad & real
@@ -121,203 +96,186 @@ def check_labels(labels: Tensor, num_classes: int, name: str) -> None:
                            "the image's width and height, in [0, 1]")
 
 
-def build_detector(name: str, classes: Sequence[str], image_size: int) -> nn.Module:
-    """A registered detector for ``classes`` on ``image_size``-pixel square images."""
-    info = model_info(name)
-    if info.task != "detect":
-        raise DivekitError(f"model {name!r} is a {info.task} model, not a detector "
-                           f"(detectors: {', '.join(list_models('detect'))})")
-    kwargs: dict[str, Any] = {"num_classes": len(classes), "in_channels": 3}
-    if "image_size" in inspect.signature(info.builder).parameters:
-        kwargs["image_size"] = image_size
-    return create_model(name, **kwargs)
-
-
 def detections(model: nn.Module, x: Tensor, nms_iou: float = 0.5) -> Tensor:
     """``(N, K, 6)`` rows ``[class, confidence, x1, y1, x2, y2]`` (class -1: none)."""
-    return _unwrap(model).detect(x, nms_iou)
+    inner = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+    return inner.detect(x, nms_iou)
 
 
-def _unwrap(model: nn.Module) -> Any:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-
-
-def as_prediction_dicts(rows: Tensor) -> list[dict[str, Tensor]]:
-    """``(N, A, 6)`` detections → torchmetrics-style dicts, one per image."""
-    out = []
-    for r in rows.cpu():
-        keep = r[:, 0] >= 0
-        out.append({"boxes": r[keep, 2:], "scores": r[keep, 1], "labels": r[keep, 0].long()})
-    return out
-
-
-def as_target_dicts(labels: Tensor) -> list[dict[str, Tensor]]:
-    out = []
-    for y in labels.cpu():
-        keep = y[:, 0] >= 0
-        out.append({"boxes": y[keep, 1:], "labels": y[keep, 0].long()})
-    return out
-
-
-class DetectionTask:
-    """Multibox loss; training metrics class error and box MAE; evaluation adds mAP@0.5."""
-
-    def __init__(self, cfg: DetectConfig, data: DetectionData | None = None):
-        cfg.validate()
-        self.cfg = cfg
-        self.data = data if data is not None else load_data(cfg)
-        check_labels(self.data.train_labels, self.data.num_classes, "train labels")
-        check_labels(self.data.val_labels, self.data.num_classes, "val labels")
-        self._model: nn.Module | None = build_detector(cfg.model, self.data.classes, cfg.image_size)
-        self.needs_masks = bool(getattr(self._model, "needs_masks", False))
-        # hyper-parameters left unset take the detector's own (SGD 0.2 suits tiny SSD, not an R-CNN)
-        for key, value in {**FALLBACK_HYPERPARAMETERS, **getattr(self._model, "train_defaults", {})}.items():
-            if getattr(cfg, key) is None:
-                setattr(cfg, key, value)
-        if self.needs_masks and self.data.train_masks is None:
-            raise DivekitError(f"model {cfg.model!r} learns instance masks, and dataset "
-                               f"{self.data.name!r} has none (use --data shapes)")
-
-    def model(self) -> nn.Module:
-        model, self._model = self._model, None
-        return model if model is not None else build_detector(self.cfg.model, self.data.classes,
-                                                              self.cfg.image_size)
-
-    def _tensors(self, split: str) -> tuple[Tensor, ...]:
-        images, labels = getattr(self.data, f"{split}_images"), getattr(self.data, f"{split}_labels")
-        masks = getattr(self.data, f"{split}_masks") if self.needs_masks else None
-        return (images, labels) if masks is None else (images, labels, masks)
-
-    def train_data(self) -> TensorBatchLoader:
-        return TensorBatchLoader(*self._tensors("train"), batch_size=self.cfg.batch_size,
-                                 shuffle=True, seed=self.cfg.seed)
-
-    def val_data(self) -> TensorBatchLoader:
-        return TensorBatchLoader(*self._tensors("val"), batch_size=max(self.cfg.batch_size, 64))
-
-    def step(self, model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
-        x, y, *masks = batch
-        return model(x, y, *masks)
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Iterable) -> dict[str, float]:
-        model.eval()
-        device = next(model.parameters()).device
-        sums: dict[str, float] = {}
-        n = 0
-        preds: list[dict[str, Tensor]] = []
-        targets: list[dict[str, Tensor]] = []
-        for batch in loader:
-            x, y, *masks = (t.to(device) for t in batch)
-            _, metrics = model(x, y, *masks)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(x)
-            n += len(x)
-            preds += as_prediction_dicts(detections(model, x, self.cfg.nms_iou))
-            targets += as_target_dicts(y)
-        result = {k: v / max(n, 1) for k, v in sums.items()}
-        result["map50"] = float(mean_average_precision(preds, targets, 0.5)["map"])
-        result["map"] = float(coco_mean_average_precision(preds, targets)["map"])  # COCO @[.5:.95]
-        return result
-
-    def on_epoch_end(self, model: nn.Module, epoch: int, run_dir: Path) -> None:
-        k = min(self.cfg.pictures, len(self.data.val_images))
-        if k == 0:
-            return
-        device = next(model.parameters()).device
-        model.eval()
-        with torch.no_grad():
-            rows = detections(model, self.data.val_images[:k].to(device), self.cfg.nms_iou).cpu()
-        from divekit.viz import plot_detections
-
-        plot_detections(self.data.val_images[:k], [_boxes_above(r, 0.5) for r in rows],
-                        self.data.classes, run_dir / "pictures" / f"val-epoch-{epoch:04d}.png")
-
-
-def _boxes_above(rows: Tensor, threshold: float) -> Tensor:
+def boxes_above(rows: Tensor, threshold: float) -> Tensor:
     """Rows ``[class, score, x1, y1, x2, y2]`` of one image with class ≥ 0 and score ≥ threshold."""
     return rows[(rows[:, 0] >= 0) & (rows[:, 1] >= threshold)]
 
 
-def train(config: DetectConfig | dict[str, Any], data: DetectionData | None = None) -> TrainResult:
-    """Train a detector (on ``data`` when given, else ``config.data``); writes a run directory
-    and returns its history and model."""
-    cfg = config if isinstance(config, DetectConfig) else config_from_dict(DetectConfig, config)
-    cfg.validate()
-    run_dir = choose_run_dir(cfg.out, f"{cfg.model}-{cfg.data}", cfg.resume)
-    task = DetectionTask(cfg, data)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_run_config(run_dir, "detect", cfg, {
-        "classes": task.data.classes, "image_size": cfg.image_size,
-        "train_samples": len(task.data.train_images), "val_samples": len(task.data.val_images),
-    })
-    trainer = Trainer(task, cfg, run_dir)
-    history = trainer.fit(resume=cfg.resume)
-    return TrainResult(run_dir, history, trainer.model)
+def picture_paths(images: Sequence[str | Path], output: str | Path) -> list[Path]:
+    """``output/<stem>.pred.png`` per image; a name already taken (two inputs with one stem, or
+    an input file itself) gets ``<stem>-2.pred.png``, ``-3``, ...: no input is ever replaced."""
+    taken = {Path(p).resolve() for p in images}
+    paths = []
+    for image in images:
+        stem, n = Path(image).stem, 1
+        while (path := Path(output) / f"{stem}{'' if n == 1 else f'-{n}'}.pred.png").resolve() in taken:
+            n += 1
+        taken.add(path.resolve())
+        paths.append(path)
+    return paths
 
 
-def load_trained(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The detector of a run directory with its newest weights, and the run's record."""
-    record = load_run_config(run_dir)
-    if record.get("task") != "detect":
-        raise DivekitError(f"{run_dir} is a {record.get('task')!r} run, not a detection run")
-    model = build_detector(record["config"]["model"], record["classes"], int(record["image_size"]))
-    load_weights(model, latest_weights(run_dir))
-    return model.to(resolve_device(device)).eval(), record
+class DetectionTask(Task, name="detect"):
+    """The detector's own loss (its parts logged as metrics); validation adds mAP@0.5 (VOC
+    all-point) and COCO mAP@[.5:.95] over the images' detections.
 
+    Rebuilt from a run (``record``), the classes come from the record, so predicting loads no
+    data. ``data`` trains on a :class:`DetectionData` already in memory instead of
+    ``config.data``.
+    """
 
-def evaluate(run_dir: str | Path, *, data_dir: str | None = None, device: str = "auto") -> dict[str, float]:
-    """Validation loss (and its parts), mAP@0.5 and COCO mAP@[.5:.95] of a run's newest checkpoint."""
-    model, record = load_trained(run_dir, device)
-    values = {**record["config"], "resume": False, "out": None, "device": device}
-    if data_dir is not None:
-        values["data_dir"] = data_dir
-    task = DetectionTask(config_from_dict(DetectConfig, values))
-    return task.evaluate(model, task.val_data())
+    Config = DetectConfig
 
+    def __init__(self, config: DetectConfig, record: dict[str, Any] | None = None, *,
+                 data: DetectionData | None = None):
+        super().__init__(config, record)
+        info = model_info(config.model)
+        if info.task != "detect":
+            raise DivekitError(f"model {config.model!r} is a {info.task} model, not a detector "
+                               f"(detectors: {', '.join(list_models('detect'))})")
+        if data is not None:
+            self.__dict__["data"] = self._checked(data)
 
-def predict(run_dir: str | Path, images: Sequence[str | Path], *, threshold: float = 0.5,
-            nms_iou: float = 0.5, output: str | Path | None = None,
-            device: str = "auto") -> list[dict[str, Any]]:
-    """Detect objects in image files; with ``output`` draw each image's labelled boxes and
-    scores into ``output/<name>.png``. Boxes are in the image's pixels."""
-    if not images:
-        raise DivekitError("no image files given")
-    if not 0 <= threshold <= 1:
-        raise DivekitError(f"--threshold must be in [0, 1], got {threshold}")
-    if not 0 < nms_iou <= 1:
-        raise DivekitError(f"--nms-iou must be in (0, 1], got {nms_iou}")
-    model, record = load_trained(run_dir, device)
-    classes, size = record["classes"], int(record["image_size"])
-    originals = [load_image_file(p, 3) for p in images]
-    x = torch.stack([resize_images(img, size) for img in originals])
-    with torch.no_grad():
-        rows = detections(model, x.to(next(model.parameters()).device), nms_iou).cpu()
-    results = []
-    for path, img, r in zip(images, originals, rows):
-        kept = _boxes_above(r, threshold)
-        h, w = img.shape[-2:]
-        scale = torch.tensor([w, h, w, h], dtype=kept.dtype)
-        item: dict[str, Any] = {"image": str(path), "detections": [
-            (classes[int(c)], float(s), [round(v, 1) for v in (b * scale).tolist()])
-            for c, s, b in zip(kept[:, 0], kept[:, 1], kept[:, 2:])
-        ]}
-        if output is not None:
-            from divekit.viz import plot_detections
+    # ------------------------------------------------------------ data (loaded on first use)
+    @cached_property
+    def data(self) -> DetectionData:
+        return self._checked(load_data(self.config))
 
-            item["picture"] = str(plot_detections([img], [kept], classes,
-                                                  Path(output) / f"{Path(path).stem}.png", ncols=1))
-        results.append(item)
-    return results
+    def _checked(self, data: DetectionData) -> DetectionData:
+        check_labels(data.train_labels, data.num_classes, "train labels")
+        check_labels(data.val_labels, data.num_classes, "val labels")
+        if self.needs_masks and data.train_masks is None:
+            raise DivekitError(f"model {self.config.model!r} learns instance masks, and dataset "
+                               f"{data.name!r} has none (use --data shapes)")
+        return data
 
+    @cached_property
+    def classes(self) -> list[str]:
+        if self.record.get("classes") is not None:
+            return list(self.record["classes"])
+        return list(self.data.classes)
 
-def cli_evaluate(args) -> None:
-    metrics = evaluate(args.run_dir, data_dir=args.data_dir, device=args.device)
-    print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    @cached_property
+    def needs_masks(self) -> bool:
+        """Whether the detector learns instance masks (Mask R-CNN); asked of a model built on
+        the meta device, which allocates nothing and draws no random numbers."""
+        with torch.device("meta"):
+            return bool(getattr(self._build(num_classes=1), "needs_masks", False))
 
+    def _tensors(self, split: str) -> list[Tensor]:
+        d = self.data
+        masks = getattr(d, f"{split}_masks") if self.needs_masks else None
+        tensors = [getattr(d, f"{split}_images"), getattr(d, f"{split}_labels")]
+        return tensors if masks is None else [*tensors, masks]
 
-def cli_predict(args) -> None:
-    for item in predict(args.run_dir, args.inputs, threshold=args.threshold, nms_iou=args.nms_iou,
-                        output=args.output, device=args.device):
-        shown = "; ".join(f"{c} {s:.3f} at {b}" for c, s, b in item["detections"]) or "no objects"
-        print(f"{item['image']}: {shown}" + (f" -> {item['picture']}" if "picture" in item else ""))
+    def train_data(self) -> TensorBatchLoader:
+        return TensorBatchLoader(*self._tensors("train"), batch_size=self.config.batch_size,
+                                 shuffle=True, seed=self.config.seed)
+
+    def val_data(self) -> TensorBatchLoader:
+        """Validation batches end with each image's index, so the detections come back in the
+        images' order however the batches were shared among workers."""
+        tensors = self._tensors("val")
+        return TensorBatchLoader(*tensors, torch.arange(len(tensors[0])),
+                                 batch_size=max(self.config.batch_size, 64))
+
+    def run_record(self) -> dict[str, Any]:
+        d = self.data
+        return {"classes": list(d.classes), "image_size": self.config.image_size,
+                "train_samples": len(d.train_images), "val_samples": len(d.val_images)}
+
+    # ------------------------------------------------------------ model
+    def _build(self, num_classes: int) -> nn.Module:
+        name = self.config.model
+        info = model_info(name)
+        kwargs: dict[str, Any] = {**info.model_options(self.config.model_options),
+                                  "num_classes": num_classes, "in_channels": 3}
+        if "image_size" in inspect.signature(info.builder).parameters:  # YOLO's grid, R-CNN's anchors
+            kwargs["image_size"] = self.config.image_size
+        return create_model(name, **kwargs)
+
+    def build_model(self) -> nn.Module:
+        return self._build(len(self.classes))
+
+    # ------------------------------------------------------------ steps
+    def training_step(self, model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
+        x, y, *masks = batch
+        return model(x, y, *masks)
+
+    def validation_step(self, model: nn.Module, batch: tuple[Tensor, ...]) -> dict[str, Any]:
+        """The loss parts summed over the batch, and each image's detections and ground truth."""
+        x, y, *masks, index = batch
+        _, parts = model(x, y, *masks)
+        n = len(x)
+        rows = detections(model, x, self.config.nms_iou).float().cpu()
+        y = y.cpu()
+        return {**{k: v.detach().float() * n for k, v in parts.items()}, "count": n,
+                "index": [index.cpu()],
+                "detections": [r[r[:, 0] >= 0] for r in rows],
+                "truths": [t[t[:, 0] >= 0] for t in y]}
+
+    def validation_end(self, sums: dict[str, Any]) -> dict[str, Any]:
+        """Mean loss parts, ``map50`` (IoU 0.5, VOC all-point) and ``map`` (COCO @[.5:.95]);
+        ``detections``: each validation image's rows, in the images' order."""
+        lists = ("index", "detections", "truths")
+        n = max(float(sums.get("count", 0)), 1.0)
+        metrics: dict[str, Any] = {k: float(v) / n for k, v in sums.items()
+                                   if k not in lists and k != "count"}
+        order = torch.cat(sums["index"]).argsort().tolist() if sums.get("index") else []
+        dets = [sums["detections"][i] for i in order]
+        truths = [sums["truths"][i] for i in order]
+        preds = [{"boxes": d[:, 2:], "scores": d[:, 1], "labels": d[:, 0].long()} for d in dets]
+        targets = [{"boxes": t[:, 1:], "labels": t[:, 0].long()} for t in truths]
+        metrics["map50"] = float(mean_average_precision(preds, targets, 0.5)["map"])
+        metrics["map"] = float(coco_mean_average_precision(preds, targets)["map"])
+        metrics["detections"] = dets
+        return metrics
+
+    # ------------------------------------------------------------ pictures and inference
+    def on_epoch_end(self, model: nn.Module, epoch: int, run: Any, metrics: dict[str, Any]) -> None:
+        """``pictures/val-epoch-NNNN.png``: the first validation images with their boxes."""
+        k = min(self.config.pictures, len(metrics.get("detections", [])))
+        if k == 0:
+            return
+        from divekit.viz import plot_detections
+
+        rows = [boxes_above(r, PICTURE_THRESHOLD) for r in metrics["detections"][:k]]
+        plot_detections(self.data.val_images[:k], rows, self.classes,
+                        Path(run.dir) / "pictures" / f"val-epoch-{epoch:04d}.png")
+
+    def predict(self, model: nn.Module, inputs: Sequence[Any], *, threshold: float = 0.5,
+                nms_iou: float = 0.5, output: str | Path | None = None) -> list[dict[str, Any]]:
+        """Objects in image files of any size: ``{"image", "detections": [(class, score,
+        [x1, y1, x2, y2] in the image's pixels)], "picture"}``; with ``output`` each image with
+        its labelled boxes goes to ``output/<stem>.pred.png`` (see :func:`picture_paths`)."""
+        if not inputs:
+            raise DivekitError("no image files given")
+        if not (finite(threshold) and 0 <= threshold <= 1):
+            raise DivekitError(f"--threshold must be in [0, 1], got {threshold}")
+        if not (finite(nms_iou) and 0 < nms_iou <= 1):
+            raise DivekitError(f"--nms-iou must be in (0, 1], got {nms_iou}")
+        originals = [load_image_file(p, 3) for p in inputs]
+        x = torch.stack([resize_images(img, self.config.image_size) for img in originals])
+        with torch.inference_mode():
+            rows = detections(model, x.to(next(model.parameters()).device), nms_iou).float().cpu()
+        pictures = picture_paths(inputs, output) if output is not None else [None] * len(inputs)
+        results = []
+        for path, img, r, picture in zip(inputs, originals, rows, pictures):
+            kept = boxes_above(r, threshold)
+            h, w = img.shape[-2:]
+            scale = torch.tensor([w, h, w, h], dtype=kept.dtype)
+            found = [(self.classes[int(c)], float(s), [round(v, 1) for v in (b * scale).tolist()])
+                     for c, s, b in zip(kept[:, 0], kept[:, 1], kept[:, 2:])]
+            if picture is not None:
+                from divekit.viz import plot_detections
+
+                picture = plot_detections([img], [kept], self.classes, picture, ncols=1)
+            results.append({"image": str(path), "detections": found,
+                            "picture": None if picture is None else str(picture)})
+        return results

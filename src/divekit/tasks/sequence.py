@@ -17,8 +17,8 @@ compared on the same test targets (``t ≥ n_train``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,44 +26,61 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from divekit.config import option
 from divekit.data.loader import TensorBatchLoader
-from divekit.io import atomic_write_json
-from divekit.engine.trainer import TrainConfig, Trainer
+from divekit.engine.config import TaskConfig, finite
+from divekit.engine.task import Task
+from divekit.engine.trainer import Trainer
 from divekit.errors import DivekitError
+from divekit.io import atomic_write_json
 
 STEPS = (1, 4, 16, 64)
 
 
-@dataclass
+def parse_steps(text: str) -> tuple[int, ...]:
+    """``"1,4,16"`` → ``(1, 4, 16)``: the k of the k-step predictions, as typed."""
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise DivekitError(f"--steps takes comma-separated integers such as 1,4,16,64, got {text!r}") from None
+
+
+@dataclass(frozen=True)
 class SequenceConfig:
-    T: int = 1000  # series length
-    tau: int = 4  # lagged features of the autoregressive MLP
-    noise: float = 0.2  # σ of the Gaussian noise
-    n_train: int = 600  # training examples (the rest is the test part)
-    epochs: int = 5  # MLP epochs (the course's)
-    rnn_epochs: int = 10
-    hidden: int = 16  # the GRU's latent state size
-    window: int = 32  # the GRU's training subsequences
-    batch_size: int = 16
-    lr: float = 0.01
-    steps: tuple[int, ...] = field(default=STEPS)
-    seed: int = 0
-    device: str = "cpu"
-    out: str | None = "runs/sequence"
+    """The experiment's options; each is a ``divekit sequence`` option unless marked not."""
+
+    T: int = option(1000, "series length", aliases=["-T"])
+    tau: int = option(4, "lagged features of the MLP")
+    noise: float = option(0.2, "σ of the Gaussian noise", cli=False)
+    n_train: int = option(600, "training examples")
+    epochs: int = option(5, "MLP epochs")  # the course's
+    rnn_epochs: int = option(10, "GRU epochs")
+    hidden: int = option(16, "GRU state size")
+    window: int = option(32, "the GRU's training subsequences", cli=False)
+    batch_size: int = option(16, "minibatch size", cli=False)
+    lr: float = option(0.01, "Adam learning rate")
+    steps: tuple[int, ...] = option(STEPS, "k of the k-step predictions", type=parse_steps,
+                                    metavar="K,K,...")
+    seed: int = option(0, "random seed")
+    device: str = option("cpu", "cpu, cuda or auto")
+    out: str | None = option("runs/sequence", "output folder", aliases=["-o"], metavar="DIR")
 
     def validate(self) -> None:
+        steps = self.steps
         checks = [
             (self.tau >= 1, f"--tau must be at least 1, got {self.tau}"),
             (self.epochs >= 1 and self.rnn_epochs >= 1, "--epochs and --rnn-epochs must be at least 1"),
             (self.hidden >= 1 and self.batch_size >= 1 and self.window >= 2,
              "--hidden, --batch-size must be >= 1 and --window >= 2"),
-            (self.lr > 0 and self.noise >= 0, "--lr must be positive and --noise non-negative"),
-            (bool(self.steps) and min(self.steps) >= 1, f"--steps must be positive, got {self.steps}"),
+            (finite(self.lr) and self.lr > 0 and finite(self.noise) and self.noise >= 0,
+             f"--lr must be positive and --noise non-negative, got {self.lr} and {self.noise}"),
+            (bool(steps) and min(steps) >= 1, f"--steps must be positive, got {steps}"),
             (self.tau + self.window < self.n_train < self.T,
              f"need tau + window < n_train < T, got tau={self.tau}, window={self.window}, "
              f"n_train={self.n_train}, T={self.T}"),
-            (max(self.steps) < self.T - self.n_train,
-             f"the largest k ({max(self.steps)}) must be shorter than the test part ({self.T - self.n_train})"),
+            (bool(steps) and max(steps) < self.T - self.n_train,
+             f"the largest k ({max(steps, default=0)}) must be shorter than the test part "
+             f"({self.T - self.n_train})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -100,38 +117,55 @@ class LatentRNN(nn.Module):
         return self.head(out).squeeze(-1).T, state  # (B, L)
 
 
-class RegressionTask:
-    """Squared loss on ``(inputs, targets)`` pairs; ``model(x)`` may return ``(ŷ, state)``."""
+class RegressionTask(Task, name="sequence_regression"):
+    """Squared loss ``(ŷ - y)²`` on ``(inputs, targets)`` pairs, for a model from ``build``;
+    ``model(x)`` may return ``(ŷ, state)`` (a recurrent one). ``val``: optional held-out pairs,
+    reported as their mean squared error."""
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, batch_size: int, seed: int):
-        self._model, self.x, self.y = model, x, y
-        self.batch, self.seed = batch_size, seed
+    Config = TaskConfig
 
-    def model(self) -> nn.Module:
-        return self._model
+    def __init__(self, config: TaskConfig, build: Callable[[], nn.Module], x: Tensor, y: Tensor,
+                 val: tuple[Tensor, Tensor] | None = None):
+        super().__init__(config)
+        self.build, self.x, self.y, self.val = build, x, y, val
+
+    def build_model(self) -> nn.Module:
+        return self.build()
 
     def train_data(self) -> TensorBatchLoader:
-        return TensorBatchLoader(self.x, self.y, batch_size=self.batch, shuffle=True, seed=self.seed)
+        cfg = self.config
+        return TensorBatchLoader(self.x, self.y, batch_size=cfg.batch_size, shuffle=True,
+                                 seed=cfg.seed)
 
-    def val_data(self) -> None:
-        return None
+    def val_data(self) -> TensorBatchLoader | None:
+        if self.val is None:
+            return None
+        return TensorBatchLoader(*self.val, batch_size=max(len(self.val[0]), 1))
 
-    def step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        x, y = batch
+    @staticmethod
+    def _prediction(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         out = model(x)
-        pred = out[0] if isinstance(out, tuple) else out
-        loss = F.mse_loss(pred.reshape(y.shape), y)
+        return (out[0] if isinstance(out, tuple) else out).reshape(y.shape)
+
+    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        x, y = batch
+        loss = F.mse_loss(self._prediction(model, x, y), y)
         return loss, {"loss": loss.detach()}
 
-    def evaluate(self, model: nn.Module, loader: Iterable) -> dict[str, float]:
-        return {}
+    def validation_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Any]:
+        x, y = batch
+        return {"mse": F.mse_loss(self._prediction(model, x, y), y, reduction="sum"),
+                "count": y.numel()}
 
 
-def _fit(model: nn.Module, x: Tensor, y: Tensor, cfg: SequenceConfig, epochs: int) -> list[dict[str, Any]]:
-    train_cfg = TrainConfig(epochs=epochs, lr=cfg.lr, optimizer="adam", seed=cfg.seed,
-                            device=cfg.device, quiet=True)
-    trainer = Trainer(RegressionTask(model, x, y, cfg.batch_size, cfg.seed), train_cfg)
-    return trainer.fit()
+def _fit(build: Callable[[], nn.Module], x: Tensor, y: Tensor, cfg: SequenceConfig,
+         epochs: int) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Train a fresh ``build()`` with Adam through the Trainer: the model and its history."""
+    train_cfg = TaskConfig(epochs=epochs, lr=cfg.lr, optimizer="adam", batch_size=cfg.batch_size,
+                           seed=cfg.seed, device=cfg.device, quiet=True)
+    trainer = Trainer(RegressionTask(train_cfg, build, x, y), train_cfg)
+    history = trainer.fit()
+    return trainer.model, history
 
 
 def mlp(tau: int) -> nn.Module:
@@ -196,14 +230,13 @@ def run(cfg: SequenceConfig | None = None) -> dict[str, Any]:
     cfg.validate()
     time, x = sine_series(cfg.T, cfg.noise, cfg.seed)
     features, labels = lagged_features(x, cfg.tau)
-    torch.manual_seed(cfg.seed)
-    net = mlp(cfg.tau)
     n = cfg.n_train
-    mlp_history = _fit(net, features[:n], labels[:n].unsqueeze(1), cfg, cfg.epochs)
+    net, mlp_history = _fit(lambda: mlp(cfg.tau), features[:n], labels[:n].unsqueeze(1), cfg,
+                            cfg.epochs)
     starts = torch.arange(n - cfg.window)  # GRU windows inside the training part
     index = starts[:, None] + torch.arange(cfg.window)  # (N, L)
-    latent = LatentRNN(cfg.hidden)
-    rnn_history = _fit(latent, x[index], x[index + 1], cfg, cfg.rnn_epochs)
+    latent, rnn_history = _fit(lambda: LatentRNN(cfg.hidden), x[index], x[index + 1], cfg,
+                               cfg.rnn_epochs)
     net, latent = net.cpu().eval(), latent.cpu().eval()
     mlp_preds, rnn_preds = mlp_k_step(net, x, cfg.tau, cfg.steps), rnn_k_step(latent, x, cfg.steps)
     result = {
@@ -234,10 +267,13 @@ def multistep(net: nn.Module, x: Tensor, tau: int, n_train: int) -> Tensor:
 
 def plot_k_step(result: dict[str, Any], path: str | Path) -> Path:
     """Three panels: data with 1-step and multistep predictions; MLP k-step; GRU k-step."""
-    from divekit.viz import plt, save_figure
+    from matplotlib.figure import Figure
+
+    from divekit.viz import save_figure
 
     cfg, t, x = result["config"], result["time"], result["x"]
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    fig = Figure(figsize=(7, 8), layout="tight")
+    axes = fig.subplots(3, 1, sharex=True)
     axes[0].plot(t, x, color="0.7", lw=1, label="data")
     axes[0].plot(t, result["mlp_preds"][1], lw=1, label="MLP 1-step")
     axes[0].plot(t, result["mlp_multistep"], lw=1.5, label=f"MLP multistep (from t={cfg['n_train']})")
@@ -254,54 +290,4 @@ def plot_k_step(result: dict[str, Any], path: str | Path) -> Path:
         ax.legend(fontsize=7, loc="lower left", ncol=2)
     axes[0].set_title("noisy sine: x_t = sin(0.01 t) + N(0, 0.2²)", fontsize=10)
     axes[2].set_xlabel("time")
-    fig.tight_layout()
     return save_figure(fig, path)
-
-
-def format_table(result: dict[str, Any]) -> str:
-    mse = result["mse"]
-    lines = [f"test MSE (t ≥ {result['config']['n_train']}; noise variance {result['noise_variance']:.3f})",
-             f"{'k':>4}  {'MLP τ=' + str(result['config']['tau']):>10}  {'GRU':>8}"]
-    lines += [f"{k:>4}  {mse['mlp'][k]:>10.4f}  {mse['rnn'][k]:>8.4f}" for k in mse["mlp"]]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _parse_steps(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise DivekitError(f"--steps takes comma-separated integers such as 1,4,16,64, got {text!r}") from None
-
-
-def add_commands(sub, parent) -> None:
-    d = SequenceConfig()
-    p = sub.add_parser(
-        "sequence", parents=[parent], help="autoregression vs a latent-variable RNN on a noisy sine",
-        description="Train an MLP on τ lagged values and a GRU on x_t = sin(0.01 t) + N(0, 0.2²), "
-        "predict 1, 4, 16 and 64 steps ahead, print the test MSEs and save the plot as DIR/kstep.png.",
-    )
-    p.add_argument("--tau", type=int, default=d.tau, help=f"lagged features of the MLP (default: {d.tau})")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"MLP epochs (default: {d.epochs})")
-    p.add_argument("--rnn-epochs", type=int, default=d.rnn_epochs, help=f"GRU epochs (default: {d.rnn_epochs})")
-    p.add_argument("--hidden", type=int, default=d.hidden, help=f"GRU state size (default: {d.hidden})")
-    p.add_argument("-T", type=int, default=d.T, dest="T", help=f"series length (default: {d.T})")
-    p.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default: {d.n_train})")
-    p.add_argument("--steps", type=_parse_steps, default=d.steps, metavar="K,K,...",
-                   help="k of the k-step predictions (default: 1,4,16,64)")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    p.add_argument("-o", "--out", default=d.out, metavar="DIR", help=f"output folder (default: {d.out})")
-    p.set_defaults(handler=_cmd_sequence)
-
-
-def _cmd_sequence(args) -> None:
-    cfg = SequenceConfig(T=args.T, tau=args.tau, epochs=args.epochs, rnn_epochs=args.rnn_epochs,
-                         hidden=args.hidden, n_train=args.n_train, steps=args.steps, lr=args.lr,
-                         seed=args.seed, device=args.device, out=args.out)
-    result = run(cfg)
-    print(format_table(result))
-    print(f"plot: {result['plot']}")
