@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import pathlib
 import socket
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from divekit.cli import main
 from divekit.data.loader import TensorBatchLoader, shard_bounds
-from divekit.engine import TrainConfig, Trainer
+from divekit.engine import Task, TrainConfig, Trainer
 from divekit.engine import distributed as D
 from divekit.engine.checkpoint import CheckpointDir, load_weights
 from divekit.engine.launch import free_port
@@ -142,16 +144,17 @@ def test_world_larger_than_the_dataset_is_a_clear_error():
 
 
 # ----------------------------------------------------------------- mid-epoch checkpoints
-class DropoutTask:
+class DropoutTask(Task):
     """Dropout and BatchNorm, so RNG and buffers both matter; can fail at a chosen step."""
 
     def __init__(self, fail_at: int | None = None):
+        super().__init__(TrainConfig())
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(90, 8, generator=g)
         self.y = (self.x[:, 0] > 0).long()
         self.fail_at, self.calls = fail_at, 0
 
-    def model(self) -> nn.Module:
+    def build_model(self) -> nn.Module:
         return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3),
                              nn.Linear(16, 2))
 
@@ -161,7 +164,7 @@ class DropoutTask:
     def val_data(self):
         return None
 
-    def step(self, model, batch):
+    def training_step(self, model, batch):
         self.calls += 1
         if self.fail_at is not None and self.calls == self.fail_at:
             raise RuntimeError("simulated crash")
@@ -169,7 +172,7 @@ class DropoutTask:
         loss = F.cross_entropy(model(x), y)
         return loss, {"loss": loss.detach()}
 
-    def evaluate(self, model, loader):
+    def validation_step(self, model, batch):
         return {}
 
 
@@ -200,9 +203,12 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(tmp_path, monkeypat
     # rank 1 is killed after global step 7 (epoch 2) in the first attempt only
     monkeypatch.setenv("DIVEKIT_CRASH_AT_STEP", "7")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    tests_dir = str(pathlib.Path(__file__).parent)  # the workers import faults.KillWorker
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
     flags = [a for k, v in common.items() for a in (f"--{k}", str(v))]
     code = main(["train", "lenet", *flags, "--batch-size", "16", "--nproc", "2",
                  "--max-restarts", "1", "--checkpoint-every", "4", "--profile-comm", "--quiet",
+                 "--callbacks", "faults:KillWorker",
                  "--out", str(out)])
     captured = capfd.readouterr()
     assert code == 0, captured.err[-2000:]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from divekit.data.loader import TensorBatchLoader
-from divekit.engine import TrainConfig, Trainer
+from divekit.engine import Task, TrainConfig, Trainer
 from divekit.engine.launch import spawn_local
 
 STRATEGIES = ("ddp", "allreduce", "ps")
@@ -21,32 +21,41 @@ PER_WORKER = 8
 SIZES = (75, 49)
 
 
-class MLPTask:
-    """Softmax regression through one hidden layer on fixed random data (no BatchNorm)."""
+class MLPTask(Task):
+    """Softmax regression through one hidden layer on fixed random data (no BatchNorm); its
+    validation set (the training data, 7 per batch) is split across the ranks and summed."""
 
     def __init__(self, n: int, batch_size: int):
+        super().__init__(TrainConfig())
         g = torch.Generator().manual_seed(n)
         self.x = torch.randn(n, 6, generator=g)
         self.y = torch.randint(0, 3, (n,), generator=g)
         self.per_batch = batch_size
 
-    def model(self) -> nn.Module:
+    def build_model(self) -> nn.Module:
         return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
     def train_data(self):
         return TensorBatchLoader(self.x, self.y, batch_size=self.per_batch, shuffle=True, seed=7)
 
     def val_data(self):
-        return None
+        return TensorBatchLoader(self.x, self.y, batch_size=7)
 
-    def step(self, model, batch):
+    def training_step(self, model, batch):
         x, y = batch
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
 
-    def evaluate(self, model, loader):
-        return {}
+    def validation_step(self, model, batch):
+        x, y = batch
+        logits = model(x)
+        return {"loss": F.cross_entropy(logits, y, reduction="sum"), "count": len(y),
+                "correct": [int(c) for c in (logits.argmax(1) == y)]}
+
+    def validation_end(self, sums):
+        return {"loss": float(sums["loss"]) / sums["count"],
+                "acc": sum(sums["correct"]) / len(sums["correct"]), "seen": len(sums["correct"])}
 
 
 def _config(strategy: str = "ddp") -> TrainConfig:
@@ -84,8 +93,11 @@ def test_two_workers_equal_one_process_with_the_global_batch(two_process_runs, s
         row = run["history"][0]
         assert row["train_loss"] == pytest.approx(single_history[0]["train_loss"], abs=1e-5)
         assert row["train_acc"] == pytest.approx(single_history[0]["train_acc"], abs=1e-6)
+        # validation: each rank's share of every batch, sums and lists joined over the ranks
+        assert row["val_seen"] == n
+        assert row["val_loss"] == pytest.approx(single_history[0]["val_loss"], abs=1e-5)
+        assert row["val_acc"] == pytest.approx(single_history[0]["val_acc"], abs=1e-9)
     # the weights did move: the comparison is not between two untouched initialisations
-    fresh = MLPTask(n, 1).model()
     torch.manual_seed(1)
-    fresh = MLPTask(n, 1).model()
+    fresh = MLPTask(n, 1).build_model()
     assert not torch.allclose(fresh[0].weight, reference["0.weight"], atol=1e-3)
