@@ -1,4 +1,6 @@
-"""Every picture divekit draws. Matplotlib with the Agg backend: no screen needed."""
+"""Every picture divekit draws, with Matplotlib's object API: a :class:`~matplotlib.figure.Figure`
+renders through the Agg canvas with no screen and no global backend switch, so importing divekit
+in a notebook leaves its backend alone."""
 
 from __future__ import annotations
 
@@ -7,10 +9,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _subplots(nrows: int = 1, ncols: int = 1, **kw):
+    """``plt.subplots`` without pyplot: a Figure (Agg canvas) and its axes."""
+    fig = Figure(figsize=kw.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kw)
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
@@ -19,7 +26,6 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
@@ -36,7 +42,7 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "
                 if key.startswith(prefix) and key[len(prefix) :] not in metrics:
                     metrics.append(key[len(prefix) :])
     metrics = metrics or ["loss"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
+    fig, axes = _subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
     epochs = [row["epoch"] for row in history]
     for ax, metric in zip(axes[0], metrics):
         for prefix, style in (("train_", "-o"), ("val_", "--s")):
@@ -65,7 +71,7 @@ def plot_image_grid(images: Sequence, path: str | os.PathLike, titles: Sequence[
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(scale * ncols, scale * nrows), squeeze=False)
+    fig, axes = _subplots(nrows, ncols, figsize=(scale * ncols, scale * nrows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -91,7 +97,7 @@ def plot_confusion_matrix(matrix, classes: Sequence[str], path: str | os.PathLik
     frac = counts / np.maximum(rows, 1)
     k = len(classes)
     size = max(3.5, 0.45 * k + 1.5)
-    fig, ax = plt.subplots(figsize=(size + 0.8, size))
+    fig, ax = _subplots(figsize=(size + 0.8, size))
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     if k <= 30:
         for i in range(k):
@@ -120,8 +126,8 @@ def plot_detections(images: Sequence, detections: Sequence, classes: Sequence[st
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(scale * ncols, scale * nrows), squeeze=False)
-    palette = plt.get_cmap("tab10")
+    fig, axes = _subplots(nrows, ncols, figsize=(scale * ncols, scale * nrows), squeeze=False)
+    palette = colormaps["tab10"]
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -132,7 +138,7 @@ def plot_detections(images: Sequence, detections: Sequence, classes: Sequence[st
         for row in detections[i].tolist():
             c, score, x1, y1, x2, y2 = row
             colour = palette(int(c) % 10)
-            ax.add_patch(plt.Rectangle((x1 * w, y1 * h), (x2 - x1) * w, (y2 - y1) * h,
+            ax.add_patch(Rectangle((x1 * w, y1 * h), (x2 - x1) * w, (y2 - y1) * h,
                                        fill=False, edgecolor=colour, linewidth=2))
             name = classes[int(c)] if 0 <= int(c) < len(classes) else str(int(c))
             ax.text(x1 * w, y1 * h, f"{name} {score:.2f}", fontsize=7, color="white",
@@ -160,7 +166,7 @@ def plot_attention(weights, path: str | os.PathLike, *, xlabel: str = "keys", yl
         raise ValueError(f"attention weights must be 2-, 3- or 4-D, got shape {w.shape}")
     rows, cols, q, k = w.shape
     cell = min(2.5, max(0.9, 0.22 * max(q, k)))
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 0.8, cell * rows), squeeze=False,
+    fig, axes = _subplots(rows, cols, figsize=(cell * cols + 0.8, cell * rows), squeeze=False,
                              sharex=True, sharey=True)
     vmax = float(w.max()) if w.size else 1.0
     image = None

@@ -318,8 +318,10 @@ def usable(boxes: Tensor, iou_threshold: float) -> bool:
             and 0.05 <= iou_threshold <= 0.95 and load() is not None)
 
 
-def grid_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Kept indices ``(K,)`` by decreasing score (ties: smaller index first), as torchvision."""
+def grid_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor | None:
+    """Kept indices ``(K,)`` by decreasing score (ties: smaller index first), as torchvision;
+    ``None`` when a box is not finite or inverted (the caller names it: this module imports
+    nothing of divekit's, so the dependency runs one way, from ``boxes`` to here)."""
     lib = load()
     assert lib is not None
     n = boxes.shape[0]
@@ -330,9 +332,7 @@ def grid_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if count == -1:
         raise MemoryError("grid_nms: out of memory")
     if count == -3:
-        from divekit.ops.boxes import validate_boxes
-
-        validate_boxes(boxes)  # names the offending box
+        return None
     if count < 0:  # coordinates spread too far for the grid's indices: torchvision's kernel
         import torchvision  # type: ignore[import-untyped]
 

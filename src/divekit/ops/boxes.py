@@ -195,8 +195,11 @@ def nms(
     _check_nms_args(boxes, scores, iou_threshold, method, values=not native)
     if method == "reference":
         return _nms_reference(boxes, scores, iou_threshold)
-    if native:
-        return _native_nms.grid_nms(boxes, scores, float(iou_threshold))
+    kept = _native_nms.grid_nms(boxes, scores, float(iou_threshold)) if native else None
+    if kept is not None:
+        return kept
+    if native:  # the kernel refused a box: name it
+        validate_boxes(boxes, "boxes")
     return torchvision.ops.nms(boxes, scores, float(iou_threshold))
 
 
