@@ -1,14 +1,19 @@
 # `make demo` and `make test` do all set-up on a fresh machine.
-PYTHON ?= python3.11
+# Python: the first of python3.13, python3.12, python3.11, python3 that is 3.11 or newer
+# (override with `make PYTHON=/path/to/python ...`).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all test-gpu lint bench clean
 
 $(PY):
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (divekit needs Python 3.11)"; exit 1; }
+	@test -n "$(PYTHON)" || { echo "error: no Python 3.11 or newer found (tried python3.13, python3.12, python3.11, python3)"; exit 1; }
+	@echo "using $(PYTHON) ($$($(PYTHON) -c 'import sys; print(sys.version.split()[0])'))"
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) pyproject.toml
@@ -17,14 +22,19 @@ $(STAMP): $(PY) pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/divekit train resnet18 --data digits --epochs 5 --batch-size 64 --lr 0.05 \
-		--optimizer sgd --scheduler cosine    # writes runs/resnet18-digits[-N]/, numbered if taken
+	$(VENV)/bin/divekit train resnet18 --data digits --epochs 5    # the model's recipe; writes runs/resnet18-digits[-N]/
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -p no:cacheprovider
 
 test-all: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -m ''
+
+# the GPU checks: one short run per task on CUDA with AMP and channels_last, evaluate/predict on
+# each, and the data-parallel strategies on CUDA tensors (each skips cleanly without a GPU)
+test-gpu: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider -m cuda -v tests/test_gpu.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
