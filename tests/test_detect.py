@@ -13,6 +13,7 @@ from PIL import Image
 from divekit.cli.detect import format_metrics, format_prediction
 from divekit.data import load_dataset
 from divekit.data.detection import SHAPE_COLOURS, DetectionData, make_shapes
+from divekit.engine import Trainer
 from divekit.engine.run import evaluate, load_run, make_config, predict, train
 from divekit.errors import DivekitError
 from divekit.models import create_model, model_info
@@ -230,3 +231,18 @@ def test_cli_refuses_a_banana_file_with_an_inverted_box(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "train labels[1, 0]" in err and "x1 < x2" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_resuming_a_detector_gives_the_weights_of_a_straight_run(tmp_path):
+    tx, ty = make_shapes(16, 64, seed=5)
+    vx, vy = make_shapes(4, 64, seed=6)
+    data = DetectionData(tx, ty, vx, vy, ["square", "disc", "triangle"], "shapes")
+    common = {"batch_size": 8, "pictures": 0}
+    straight = Trainer(DetectionTask(_config(epochs=2, **common), data=data))  # no run directory
+    straight.fit()
+    train(DetectionTask(_config(epochs=1, out=str(tmp_path / "b"), **common), data=data))
+    resumed = train(DetectionTask(_config(epochs=2, out=str(tmp_path / "b"), resume=True, **common),
+                                  data=data))
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert resumed.final["val_map"] == straight.history[-1]["val_map"]

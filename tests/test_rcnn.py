@@ -12,6 +12,7 @@ from torch import nn
 
 from divekit.data import load_dataset
 from divekit.data.detection import SHAPE_CLASSES, SHAPE_COLOURS, DetectionData, make_shapes
+from divekit.engine.run import load_run, make_config, train
 from divekit.errors import DivekitError
 from divekit.models import create_model, model_info
 from divekit.models.rcnn import (
@@ -20,7 +21,6 @@ from divekit.models.rcnn import (
     load_state_file,
     targets_to_labels,
 )
-from divekit.engine.run import load_run, make_config, train
 from divekit.tasks.detect import DetectConfig, DetectionTask
 
 

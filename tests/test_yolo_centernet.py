@@ -15,11 +15,11 @@ import torchvision
 from torch import Tensor
 
 from divekit.data.detection import DetectionData, make_shapes
+from divekit.engine.run import make_config, train
 from divekit.errors import DivekitError
 from divekit.models import create_model, model_info
 from divekit.models.centernet import centernet_targets, focal_loss
 from divekit.models.yolo import YoloGrid, pack_detections, responsible_boxes, yolo_targets
-from divekit.engine.run import make_config, train
 from divekit.tasks.detect import DetectConfig, DetectionTask
 
 MODELS = ["yolo_grid", "centernet_tiny"]

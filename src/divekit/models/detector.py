@@ -27,7 +27,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-
 # How the detectors here train from random initialisation: Adam at 1e-3 (tiny SSD on shapes at
 # 96 px, 8 epochs: mAP@0.5 0.989, against 0.697 with the course's SGD at 0.2; README).
 ADAM_RECIPE: dict[str, dict[str, Any]] = {"*": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}}
