@@ -1,0 +1,108 @@
+"""``divekit embed``: sentence embeddings and semantic search with a pretrained BERT; how
+``divekit evaluate`` prints a pretraining run."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+from divekit.errors import DivekitError
+
+TASKS = ("bert_pretrain",)
+
+EXAMPLES = """\
+examples:
+  divekit embed minilm "A man is eating food." "A man rides a horse."
+  divekit embed minilm -i sentences.txt -o emb.npy            one row per non-empty line
+  divekit embed minilm -i faq.txt --similar "how do I reset it" --top-k 3
+  divekit embed runs/bert_small-pydoc "a list comprehension" --pooling cls
+"""
+
+
+def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "embed", parents=[parent], help="sentence embeddings / semantic search with a BERT",
+        description="Embed texts with a BERT checkpoint directory (Hugging Face layout), a "
+        "divekit pretraining run, or minilm (all-MiniLM-L6-v2, embedded): the encoder's last "
+        "hidden states pooled over each text's tokens.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", help="a checkpoint directory, a run, or minilm")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed")
+    p.add_argument("-i", "--input", metavar="FILE", help="also embed every non-empty line of FILE")
+    p.add_argument("-o", "--output", metavar="NPY", help="write the (N, H) float32 embeddings as .npy")
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls"],
+                   help="mean over the tokens (sentence-transformers) or the [CLS] state (default: mean)")
+    p.add_argument("--normalize", action="store_true", help="scale every embedding to unit length")
+    p.add_argument("--similar", metavar="QUERY", help="rank the texts by cosine similarity to QUERY")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="with --similar: show K (default: 5)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per batch (default: 32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_embed)
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    texts = list(args.texts)
+    if args.input:
+        path = Path(args.input)
+        if not path.is_file():
+            raise DivekitError(f"--input {args.input!r} is not a file")
+        try:
+            texts += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise DivekitError(f"--input {args.input!r} is not UTF-8 text: {e}") from None
+    if not texts:
+        raise DivekitError("nothing to embed: give TEXT arguments or -i FILE with non-empty lines")
+    return texts
+
+
+def _check_output(args: argparse.Namespace) -> Path:
+    out = Path(args.output).resolve()
+    inputs = [Path(args.input).resolve()] if args.input else []
+    ckpt = Path(args.checkpoint)
+    if ckpt.is_dir():
+        inputs += [f.resolve() for f in ckpt.rglob("*") if f.is_file()]
+    if out in inputs:
+        raise DivekitError(f"-o {args.output!r} is one of the inputs; choose another file")
+    if out.is_dir():
+        raise DivekitError(f"-o {args.output!r} is a directory; give a .npy file name")
+    return out
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from divekit.tasks.embed import Embedder
+
+    texts = _texts(args)
+    out = _check_output(args) if args.output else None
+    if args.batch_size < 1:
+        raise DivekitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    embedder = Embedder(args.checkpoint, args.device)
+    progress = not args.quiet and len(texts) > 4 * args.batch_size and sys.stderr.isatty()
+    if args.similar is not None:
+        for i, score, text in embedder.most_similar(args.similar, texts, args.top_k, args.pooling,
+                                                    args.batch_size, progress):
+            print(f"{score:.4f}\t{i + 1}\t{text}")
+        return
+    E = embedder.embed(texts, args.pooling, args.batch_size, args.normalize, progress)
+    if out is not None:
+        import numpy as np
+
+        from divekit.io import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        np.save(buffer, E.numpy().astype(np.float32))
+        atomic_write_bytes(out, buffer.getvalue())
+        print(f"{len(texts)} embeddings of {E.shape[1]} dimensions ({args.pooling} pooling) -> {out}")
+        return
+    for text, e in zip(texts, E):
+        head = ", ".join(f"{v:+.4f}" for v in e[:4].tolist())
+        print(f"[{head}, ...] ({E.shape[1]} dims, norm {float(e.norm()):.3f})  {text}")
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """``divekit evaluate`` on a pretraining run: MLM and NSP loss and accuracy."""
+    keys = ("mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc")
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
