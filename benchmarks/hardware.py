@@ -2,9 +2,9 @@
 
 For each layer (a SCALE-Sim conv row or GEMM, on an array, under a dataflow) one run times:
 
-* ``scalesim run``: SCALE-Sim's whole stall-free single-layer run (``single_layer_sim.run``: operand,
-  prefetch and demand matrices, then its SRAM/DRAM model serving every demand row; checked to
-  stall 0 cycles; see :mod:`divekit.hardware.reference` for the numpy >= 2.4 caveat);
+* ``scalesim run``: SCALE-Sim's whole stall-free single-layer run (``single_layer_sim.run``:
+  operand, prefetch and demand matrices, then its SRAM/DRAM model serving every demand row;
+  checked to stall 0 cycles; see :mod:`divekit.hardware.reference` for the numpy >= 2.4 caveat);
 * ``scalesim compute``: only its compute stage (operand, prefetch and demand matrices), which is
   what decides the stall-free cycles (a lower bound on SCALE-Sim's time);
 * ``cycle``: divekit's cycle-accurate simulator moving random float64 operands through the grid

@@ -64,6 +64,11 @@ def _pad(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return out
 
 
+def _valid_count(rows_valid: np.ndarray, cols_valid: np.ndarray) -> np.ndarray:
+    """(F, R) and (F, C) bool → (R, C): in how many of the folds each PE holds real data."""
+    return rows_valid.T.astype(np.int64) @ cols_valid.astype(np.int64)
+
+
 def _skew(x: np.ndarray) -> np.ndarray:
     """(F, T, L) → (F, T + L - 1, L) with lane ``l`` delayed by ``l`` cycles (zeros elsewhere)."""
     f, t, lanes = x.shape
@@ -73,18 +78,18 @@ def _skew(x: np.ndarray) -> np.ndarray:
 
 
 def _skew_tags(t: int, lanes: int) -> np.ndarray:
-    """(T + L - 1, L) int: the streamed index held by lane ``l`` at cycle ``s`` (``s - l``), or -1."""
+    """(T + L - 1, L) int: the streamed index lane ``l`` holds at cycle ``s`` (``s - l``), or -1."""
     s = np.arange(t + lanes - 1)[:, None] - np.arange(lanes)[None, :]
     return np.where((s >= 0) & (s < t), s, -1)
 
 
-def _ws_chunk(a_tiles: np.ndarray, w_tiles: np.ndarray, w_valid: np.ndarray
+def _ws_chunk(a_tiles: np.ndarray, w_tiles: np.ndarray, valid_count: np.ndarray
               ) -> tuple[np.ndarray, int, int, int]:
     """Weight-stationary run of F folds side by side.
 
     a_tiles (F, T, R): the streamed rows of each fold; w_tiles (F, R, C): stationary tiles;
-    w_valid (F, R, C): which PEs hold real (unpadded) weights. Returns (out (F, T, C), preload
-    cycles, stream cycles, useful MACs).
+    valid_count (R, C): in how many folds each PE holds a real (unpadded) weight. Returns
+    (out (F, T, C), preload cycles, stream cycles, useful MACs).
     """
     f, t, r = a_tiles.shape
     c = w_tiles.shape[2]
@@ -105,7 +110,6 @@ def _ws_chunk(a_tiles: np.ndarray, w_tiles: np.ndarray, w_valid: np.ndarray
     steps = t + r + c - 1  # room for the output FIFO; the loop below decides when it is done
     fifo = np.zeros((f, steps, c))  # what leaves the bottom edge, cycle by cycle
     fifo_tag = np.full((steps, c), -1)
-    valid_count = w_valid.sum(axis=0)  # (R, C): folds in which each PE holds a real weight
     emitted, needed, macs, s = 0, t * c, 0, 0
     while emitted < needed:
         a_next[:, :, 1:] = a[:, :, :-1]  # operands move one PE to the right
@@ -133,11 +137,12 @@ def _ws_chunk(a_tiles: np.ndarray, w_tiles: np.ndarray, w_valid: np.ndarray
     return out, fill, s, macs
 
 
-def _os_chunk(a_tiles: np.ndarray, b_tiles: np.ndarray, valid: np.ndarray
+def _os_chunk(a_tiles: np.ndarray, b_tiles: np.ndarray, valid_count: np.ndarray
               ) -> tuple[np.ndarray, int, int, int]:
     """Output-stationary run of F folds side by side.
 
-    a_tiles (F, R, K), b_tiles (F, K, C), valid (F, R, C): PEs that own a real output. Returns
+    a_tiles (F, R, K), b_tiles (F, K, C), valid_count (R, C): in how many folds each PE owns a
+    real output. Returns
     (out (F, R, C), compute cycles, drain cycles, useful MACs).
     """
     f, r, k = a_tiles.shape
@@ -152,7 +157,6 @@ def _os_chunk(a_tiles: np.ndarray, b_tiles: np.ndarray, valid: np.ndarray
     a_tag = np.full((r, c), -1)
     b_tag = np.full((r, c), -1)
     acc = np.zeros((f, r, c))
-    valid_count = valid.sum(axis=0)  # (R, C)
     done, needed, macs, s = 0, r * c * k, 0, 0
     while done < needed:
         in_a, in_b = s < xa.shape[1], s < xb.shape[1]
@@ -197,15 +201,16 @@ def _run_ws(a: np.ndarray, b: np.ndarray, r: int, c: int) -> tuple[np.ndarray, i
     fr, fc = math.ceil(k / r), math.ceil(n / c)
     ap = _pad(a, m, fr * r).reshape(m, fr, r).transpose(1, 0, 2)  # (fr, M, R)
     bp = _pad(b, fr * r, fc * c).reshape(fr, r, fc, c).transpose(0, 2, 1, 3)  # (fr, fc, R, C)
-    vp = _pad(np.ones((k, n)), fr * r, fc * c).reshape(fr, r, fc, c).transpose(0, 2, 1, 3)
     w_tiles = bp.reshape(fr * fc, r, c)
-    w_valid = vp.reshape(fr * fc, r, c) > 0
-    fold_kr = np.repeat(np.arange(fr), fc)  # fold f = (kr, nc) with kr = f // fc
+    fold_kr, fold_nc = np.repeat(np.arange(fr), fc), np.tile(np.arange(fc), fr)  # f = (kr, nc)
+    rows_valid = (np.arange(fr * r) < k).reshape(fr, r)[fold_kr]  # (F, R)
+    cols_valid = (np.arange(fc * c) < n).reshape(fc, c)[fold_nc]  # (F, C)
     out = np.zeros((fr * fc, m, c))
     timings = set()
     macs = 0
     for sl in _chunks(fr * fc, m * (c + r), r * c):
-        o, fill, run, mc = _ws_chunk(ap[fold_kr[sl]], w_tiles[sl], w_valid[sl])
+        o, fill, run, mc = _ws_chunk(ap[fold_kr[sl]], w_tiles[sl],
+                                     _valid_count(rows_valid[sl], cols_valid[sl]))
         out[sl] = o
         timings.add((fill, run))
         macs += mc
@@ -223,14 +228,15 @@ def _run_os(a: np.ndarray, b: np.ndarray, r: int, c: int) -> tuple[np.ndarray, i
     fr, fc = math.ceil(m / r), math.ceil(n / c)
     ap = _pad(a, fr * r, k).reshape(fr, r, k)  # (fr, R, K)
     bp = _pad(b, k, fc * c).reshape(k, fc, c).transpose(1, 0, 2)  # (fc, K, C)
-    vp = _pad(np.ones((m, n)), fr * r, fc * c).reshape(fr, r, fc, c).transpose(0, 2, 1, 3)
-    valid = vp.reshape(fr * fc, r, c) > 0
     fold_mr, fold_nc = np.repeat(np.arange(fr), fc), np.tile(np.arange(fc), fr)
+    rows_valid = (np.arange(fr * r) < m).reshape(fr, r)[fold_mr]  # (F, R)
+    cols_valid = (np.arange(fc * c) < n).reshape(fc, c)[fold_nc]  # (F, C)
     out = np.zeros((fr * fc, r, c))
     timings = set()
     macs = 0
     for sl in _chunks(fr * fc, k * (r + c) + r * c, r * c):
-        o, run, drain, mc = _os_chunk(ap[fold_mr[sl]], bp[fold_nc[sl]], valid[sl])
+        o, run, drain, mc = _os_chunk(ap[fold_mr[sl]], bp[fold_nc[sl]],
+                                         _valid_count(rows_valid[sl], cols_valid[sl]))
         out[sl] = o
         timings.add((run, drain))
         macs += mc
@@ -282,7 +288,8 @@ def simulate(a: np.ndarray | object, b: np.ndarray | object, array: ArraySpec, *
         c_f = timeline.total
     stats = GemmStats(
         m=m, n=n, k=k, rows=r, cols=c, dataflow=df, folds=folds, cycles=cycles, macs=macs,
-        mapping_efficiency=sr * sc / (folds * r * c), utilisation=macs / (r * c * cycles) if cycles else float("nan"),
+        mapping_efficiency=sr * sc / (folds * r * c),
+        utilisation=macs / (r * c * cycles) if cycles else float("nan"),
         compute_util=sr * sc * t / (folds * r * c * c_f),
     )
     return SimResult(output=product, stats=stats, timeline=timeline)
