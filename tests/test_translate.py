@@ -19,7 +19,7 @@ from divekit.errors import DivekitError
 from divekit.models import model_info
 from divekit.tasks.translate import TranslateConfig, TranslationTask, translate
 
-TINY = dict(data="numbers-fr", max_examples=1500, batch_size=64, bleu_examples=60, quiet=True,
+TINY = dict(data="numbers-fr", max_examples=800, batch_size=64, bleu_examples=60, quiet=True,
             device="cpu")
 SIZES = {"transformer": dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2, num_blks=1, dropout=0.1),
          "seq2seq": dict(embed_size=16, num_hiddens=32, num_layers=1, dropout=0.1)}
@@ -93,7 +93,7 @@ def test_predict_translates_each_sentence(transformer_run, capsys):
 
 
 def test_resume_continues_bit_identically(tmp_path):
-    cfg = dict(max_examples=400, bleu_examples=0)
+    cfg = dict(max_examples=200, bleu_examples=0)  # 180 training pairs: 3 steps an epoch
     train(TranslationTask(config("transformer", epochs=2, out=str(tmp_path / "a"), **cfg)))
     train(TranslationTask(config("transformer", epochs=1, out=str(tmp_path / "b"), **cfg)))
     train(TranslationTask(config("transformer", epochs=2, out=str(tmp_path / "b"), resume=True, **cfg)))
@@ -115,8 +115,8 @@ class _Crashing(TranslationTask):
 
 
 def test_mid_epoch_resume_continues_bit_identically(tmp_path):
-    # 360 training pairs in batches of 64: 6 steps an epoch; a checkpoint every 4 steps
-    cfg = dict(max_examples=400, bleu_examples=20, epochs=2, checkpoint_every=4)
+    # 180 training pairs in batches of 32: 6 steps an epoch; a checkpoint every 4 steps
+    cfg = dict(max_examples=200, batch_size=32, bleu_examples=10, epochs=2, checkpoint_every=4)
     straight = train(TranslationTask(config("transformer", out=str(tmp_path / "a"), **cfg)))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(_Crashing(config("transformer", out=str(tmp_path / "b"), **cfg), fail_at=6 + 3))
@@ -130,7 +130,8 @@ def test_mid_epoch_resume_continues_bit_identically(tmp_path):
 @pytest.mark.parametrize("model", ["seq2seq", "seq2seq_attention"])
 def test_the_gru_models_train_and_draw_attention_where_they_have_it(model, tmp_path):
     out = tmp_path / model
-    result = train(TranslationTask(config(model, epochs=2, lr=0.01, out=str(out), max_examples=600)))
+    result = train(TranslationTask(config(model, epochs=2, lr=0.01, out=str(out), max_examples=300,
+                                   bleu_examples=20)))
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     run = load_run(out)
     if model == "seq2seq_attention":
