@@ -25,6 +25,16 @@ def finite(x: float | None) -> bool:
     return x is None or (isinstance(x, int | float) and math.isfinite(x))
 
 
+def check_call(fn: Any, *args: Any) -> Check:
+    """A check that passes when ``fn(*args)`` raises no :class:`DivekitError` (whose message
+    becomes the check's): for options parsed by their own code, such as an augmentation list."""
+    try:
+        fn(*args)
+    except DivekitError as e:
+        return False, str(e)
+    return True, ""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """What the loop needs. Every field becomes a ``divekit train`` option

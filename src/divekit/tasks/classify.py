@@ -30,7 +30,7 @@ from divekit.data.batch_augment import BatchAugment
 from divekit.data.loader import TensorBatchLoader
 from divekit.data.vision import ImageClassificationData, load_image_file, resize_images
 from divekit.engine.batch_size import choose_batch_size
-from divekit.engine.config import Check, TaskConfig
+from divekit.engine.config import Check, TaskConfig, check_call
 from divekit.engine.device import resolve_device
 from divekit.engine.finetune import TORCHVISION_PREFIX, torchvision_classifier
 from divekit.engine.task import Task
@@ -52,14 +52,6 @@ def parse_batch_size(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise DivekitError(f"--batch-size must be a positive integer or auto, got {text!r}") from None
-
-
-def _augment_check(spec: str) -> Check:
-    try:
-        Augment(spec)
-    except DivekitError as e:
-        return False, str(e)
-    return True, ""
 
 
 @dataclass(frozen=True)
@@ -111,7 +103,7 @@ class ClassifyConfig(TaskConfig):
             (self.tta in ("none", "flip"), f"--tta must be none or flip, got {self.tta!r}"),
             (self.augment_mode in ("batch", "sample"),
              f"--augment-mode must be batch or sample, got {self.augment_mode!r}"),
-            _augment_check(self.augment),
+            check_call(Augment, self.augment),
         ]
 
 
