@@ -96,8 +96,11 @@ def _check_positive(args: argparse.Namespace) -> None:
         raise DivekitError(f"--bandwidth-gbs must be positive, got {args.bandwidth_gbs}")
 
 
-def _build(args: argparse.Namespace):
-    """The model and its C,H,W input shape."""
+def _build(args: argparse.Namespace, weights: bool = False):
+    """The model and its C,H,W input shape. Without ``weights`` the model is built on the meta
+    device: tracing it propagates shapes only, which is all the analytic mode needs."""
+    import torch
+
     from divekit.models import create_model, model_info
     from divekit.models.summary import parse_shape
 
@@ -105,7 +108,9 @@ def _build(args: argparse.Namespace):
     if info.input_shape is None:
         raise DivekitError(f"hw works on image models; {args.model!r} is a {info.task} model")
     shape = parse_shape(args.input_shape) if args.input_shape else info.input_shape
-    return create_model(args.model, num_classes=args.num_classes, in_channels=shape[0]), shape
+    with torch.device("cpu" if weights else "meta"):
+        model = create_model(args.model, num_classes=args.num_classes, in_channels=shape[0])
+    return model, shape
 
 
 def _output_path(path: str, inputs: list[str | None]) -> Path:
@@ -132,7 +137,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     array = ArraySpec(*parse_array(args.array), args.dataflow)
     out_csv = _output_path(args.csv, []) if args.csv else None
     out_png = _output_path(args.plot, []) if args.plot else None
-    model, shape = _build(args)
+    model, shape = _build(args, weights=args.mode == "cycle")
     result = simulate_model(model, shape, array, batch=args.batch, mode=args.mode,
                             overlap=args.overlap)
     title = (f"{args.model} on a {array.rows}x{array.cols} {array.dataflow} array, input "

@@ -86,8 +86,9 @@ class ModelResult:
 
 def trace_model(model: nn.Module, input_shape: tuple[int, ...], *, batch: int = 1,
                 keep_operands: bool = False) -> tuple[list[TracedLayer], list[tuple[str, str]]]:
-    """Run one random input of ``(batch, *input_shape)`` through ``model`` and record its conv and
-    linear layers (as products) and its other leaf layers. A shape the model rejects raises a
+    """Run one random input of ``(batch, *input_shape)`` through ``model`` (on the model's device;
+    a model on ``meta`` only propagates shapes) and record its conv and linear layers (as
+    products) and its other leaf layers. A shape the model rejects raises a
     :class:`DivekitError` that names the innermost layer that failed."""
     traced: list[TracedLayer] = []
     others: list[tuple[str, str]] = []
@@ -125,10 +126,15 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...], *, batch: int = 
         name = name or type(model).__name__
         handles.append(module.register_forward_pre_hook(pre_hook(name)))
         handles.append(module.register_forward_hook(post_hook(name)))
+    # The model's own device: a model built on "meta" traces shapes without computing.
+    tensors = [*model.parameters(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if keep_operands and device.type == "meta":
+        raise DivekitError("cycle mode needs a model with real weights, not one on 'meta'")
     try:
         with torch.no_grad():
             model.eval()
-            model(torch.randn(batch, *input_shape))
+            model(torch.randn(batch, *input_shape, device=device))
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
         where = stack[-1] if stack else type(model).__name__
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
