@@ -1,0 +1,210 @@
+"""BERT benchmarks, each against a peer measured in the same run.
+
+1. Encoder forward tokens/s: divekit's encoder vs transformers' ``BertModel``, both loaded from
+   the same all-MiniLM-L6-v2 files, at 32 × 128 and 8 × 512 (padded batches; goal ≥ 1.0×).
+2. Pretraining steps/s: divekit's ``bert_small`` (training_step of the bert_pretrain task's loss)
+   vs the course's BERT written as the course writes it (d2l 15.8/15.10: ``-1e6`` masked softmax,
+   ``LazyLinear``, the ``.data`` position embedding, its loss), same batch (goal ≥ 1.3×).
+
+    python benchmarks/bert.py [--repeats N] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ----------------------------------------------------------------------------- the course's BERT
+def d2l_masked_softmax(X, valid_lens):
+    def _sequence_mask(X, valid_len, value=0):
+        maxlen = X.size(1)
+        mask = torch.arange(maxlen, dtype=torch.float32, device=X.device)[None, :] < valid_len[:, None]
+        X[~mask] = value
+        return X
+
+    if valid_lens is None:
+        return nn.functional.softmax(X, dim=-1)
+    shape = X.shape
+    if valid_lens.dim() == 1:
+        valid_lens = torch.repeat_interleave(valid_lens, shape[1])
+    else:
+        valid_lens = valid_lens.reshape(-1)
+    X = _sequence_mask(X.reshape(-1, shape[-1]), valid_lens, value=-1e6)
+    return nn.functional.softmax(X.reshape(shape), dim=-1)
+
+
+class D2LDotProductAttention(nn.Module):
+    def __init__(self, dropout):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries, keys, values, valid_lens=None):
+        d = queries.shape[-1]
+        scores = torch.bmm(queries, keys.transpose(1, 2)) / math.sqrt(d)
+        self.attention_weights = d2l_masked_softmax(scores, valid_lens)
+        return torch.bmm(self.dropout(self.attention_weights), values)
+
+
+class D2LMultiHeadAttention(nn.Module):
+    def __init__(self, num_hiddens, num_heads, dropout, bias=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attention = D2LDotProductAttention(dropout)
+        self.W_q = nn.LazyLinear(num_hiddens, bias=bias)
+        self.W_k = nn.LazyLinear(num_hiddens, bias=bias)
+        self.W_v = nn.LazyLinear(num_hiddens, bias=bias)
+        self.W_o = nn.LazyLinear(num_hiddens, bias=bias)
+
+    def transpose_qkv(self, X):
+        X = X.reshape(X.shape[0], X.shape[1], self.num_heads, -1).permute(0, 2, 1, 3)
+        return X.reshape(-1, X.shape[2], X.shape[3])
+
+    def transpose_output(self, X):
+        X = X.reshape(-1, self.num_heads, X.shape[1], X.shape[2]).permute(0, 2, 1, 3)
+        return X.reshape(X.shape[0], X.shape[1], -1)
+
+    def forward(self, queries, keys, values, valid_lens):
+        queries, keys, values = (self.transpose_qkv(self.W_q(queries)), self.transpose_qkv(self.W_k(keys)),
+                                 self.transpose_qkv(self.W_v(values)))
+        if valid_lens is not None:
+            valid_lens = torch.repeat_interleave(valid_lens, repeats=self.num_heads, dim=0)
+        return self.W_o(self.transpose_output(self.attention(queries, keys, values, valid_lens)))
+
+
+class D2LBlock(nn.Module):
+    def __init__(self, num_hiddens, ffn_num_hiddens, num_heads, dropout):
+        super().__init__()
+        self.attention = D2LMultiHeadAttention(num_hiddens, num_heads, dropout, True)
+        self.ln1, self.ln2 = nn.LayerNorm(num_hiddens), nn.LayerNorm(num_hiddens)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.dense1, self.dense2 = nn.LazyLinear(ffn_num_hiddens), nn.LazyLinear(num_hiddens)
+
+    def forward(self, X, valid_lens):
+        Y = self.ln1(self.drop1(self.attention(X, X, X, valid_lens)) + X)
+        return self.ln2(self.drop2(self.dense2(F.relu(self.dense1(Y)))) + Y)
+
+
+class D2LBERT(nn.Module):
+    def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks, dropout, max_len=1000):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
+        self.segment_embedding = nn.Embedding(2, num_hiddens)
+        self.blks = nn.ModuleList(D2LBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout)
+                                  for _ in range(num_blks))
+        self.pos_embedding = nn.Parameter(torch.randn(1, max_len, num_hiddens))
+        self.hidden = nn.Sequential(nn.LazyLinear(num_hiddens), nn.Tanh())
+        self.mlm = nn.Sequential(nn.LazyLinear(num_hiddens), nn.ReLU(), nn.LayerNorm(num_hiddens),
+                                 nn.LazyLinear(vocab_size))
+        self.nsp = nn.LazyLinear(2)
+
+    def forward(self, tokens, segments, valid_lens, pred_positions):
+        X = self.token_embedding(tokens) + self.segment_embedding(segments)
+        X = X + self.pos_embedding.data[:, : X.shape[1], :]
+        for blk in self.blks:
+            X = blk(X, valid_lens)
+        num_pred_positions = pred_positions.shape[1]
+        batch_idx = torch.repeat_interleave(torch.arange(X.shape[0]), num_pred_positions)
+        masked_X = X[batch_idx, pred_positions.reshape(-1)].reshape((X.shape[0], num_pred_positions, -1))
+        return X, self.mlm(masked_X), self.nsp(self.hidden(X[:, 0, :]))
+
+
+def d2l_step(net, loss, vocab_size, batch):
+    tokens_X, segments_X, valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y = batch
+    _, mlm_Y_hat, nsp_Y_hat = net(tokens_X, segments_X, valid_lens_x.reshape(-1), pred_positions_X)
+    mlm_l = loss(mlm_Y_hat.reshape(-1, vocab_size), mlm_Y.reshape(-1)) * mlm_weights_X.reshape(-1, 1)
+    mlm_l = mlm_l.sum() / (mlm_weights_X.sum() + 1e-8)
+    return mlm_l + loss(nsp_Y_hat, nsp_y)
+
+
+# ----------------------------------------------------------------------------- runs
+def encoder_forward(repeats: int) -> None:
+    from transformers import BertModel
+
+    from divekit.models.bert_checkpoint import load_pretrained, minilm_path
+
+    ours = load_pretrained("minilm")[0].encoder.eval()
+    hf = BertModel.from_pretrained(minilm_path(), attn_implementation="sdpa").eval()
+    for B, T in ((32, 128), (8, 512)):
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(1000, 30000, (B, T), generator=g)
+        segments = torch.zeros_like(tokens)
+        valid = torch.randint(T // 2, T + 1, (B,), generator=g)
+        valid[0] = T
+        mask = (torch.arange(T) < valid[:, None]).long()
+        with torch.inference_mode():
+            a = _time(lambda: ours(tokens, segments, valid), repeats)  # noqa: B023
+            b = _time(lambda: hf(input_ids=tokens, token_type_ids=segments, attention_mask=mask), repeats)  # noqa: B023
+        n = B * T
+        print(f"encoder forward {B}x{T}: divekit {n / a:,.0f} tok/s, transformers {n / b:,.0f} tok/s, "
+              f"ratio {b / a:.2f}x")
+
+
+def pretraining_steps(repeats: int) -> None:
+    from divekit.data.bert_pretrain import BertPretrainLoader, SentenceCorpus
+    from divekit.models import create_model
+    from divekit.models.bert import mlm_loss
+
+    vocab, B, T = 20256, 512, 64
+    g = torch.Generator().manual_seed(0)
+    paragraphs = [[torch.randint(5, vocab, (int(n),), generator=g).tolist()
+                   for n in torch.randint(8, 30, (4,), generator=g)] for _ in range(400)]
+    loader = BertPretrainLoader(SentenceCorpus.from_ids(paragraphs), batch_size=B, max_len=T,
+                                vocab_size=vocab, special_ids={"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
+    batch = next(iter(loader))
+    ours = create_model("bert_small", vocab_size=vocab, max_len=T).train()
+    opt = torch.optim.Adam(ours.parameters(), lr=0.01)
+
+    def step_ours():
+        tokens, segments, valid, pos, w, y, nsp_y = batch
+        _, mlm, nsp = ours(tokens, segments, valid, pos)
+        loss = mlm_loss(mlm, y, w) + F.cross_entropy(nsp, nsp_y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    course = D2LBERT(vocab, 128, 256, 2, 2, 0.2)
+    ce = nn.CrossEntropyLoss()
+    with torch.no_grad():
+        course(*batch[:2], batch[2], batch[3])  # materialise the LazyLinears
+    opt2 = torch.optim.Adam(course.parameters(), lr=0.01)
+
+    def step_course():
+        opt2.zero_grad()
+        d2l_step(course, ce, vocab, batch).backward()
+        opt2.step()
+
+    a, b = _time(step_ours, repeats), _time(step_course, repeats)
+    print(f"pretraining step bert_small {B}x{T}: divekit {1 / a:.2f} steps/s, course {1 / b:.2f} steps/s, "
+          f"ratio {b / a:.2f}x")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    encoder_forward(args.repeats)
+    pretraining_steps(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
