@@ -1,6 +1,6 @@
 """Language models train data-parallel too: 2 processes with B rows each equal 1 process with
 2B rows — with sequential sampling, where each process carries its own rows' hidden state, and
-a mid-epoch checkpoint gives each process its own rows' state back."""
+a mid-epoch checkpoint gives each process its own rows' state back; rank 0 validates alone."""
 
 from __future__ import annotations
 
@@ -13,15 +13,18 @@ from divekit.data.text import SeqDataLoader
 from divekit.engine import Trainer
 from divekit.engine.checkpoint import CheckpointDir
 from divekit.engine.launch import spawn_local
+from divekit.engine.run import make_config
+from divekit.engine.trainer import run_validation
 from divekit.errors import DivekitError
-from divekit.tasks import language_model as lm
+from divekit.tasks.language_model import LanguageModelTask, LMConfig
 
-SMALL = {"max_tokens": 2500, "num_steps": 10, "hidden": 12, "epochs": 2, "lr": 0.01,
-         "quiet": True, "device": "cpu", "seed": 3, "val_fraction": 0.0}
+SMALL = {"max_tokens": 2500, "num_steps": 10, "num_hiddens": 12, "epochs": 2, "lr": 0.01,
+         "quiet": True, "device": "cpu", "seed": 3, "val_fraction": 0.1}
 
 
-def _config(batch_size: int, sampling: str) -> lm.Config:
-    return lm.Config(model="gru", batch_size=batch_size, sampling=sampling, **SMALL)
+def _config(batch_size: int, sampling: str, **extra) -> LMConfig:
+    return make_config(LMConfig, {"model": "gru", "batch_size": batch_size, "sampling": sampling,
+                                  **SMALL, **extra})
 
 
 def test_shards_split_every_global_batch_into_disjoint_rows():
@@ -35,22 +38,22 @@ def test_shards_split_every_global_batch_into_disjoint_rows():
         SeqDataLoader(torch.arange(100), 8, 7).shard(0, 2)
 
 
-class _CrashingLM(lm.LanguageModelTask):
+class _CrashingLM(LanguageModelTask):
     def __init__(self, cfg, fail_at=None):
         super().__init__(cfg)
         self.fail_at, self.calls = fail_at, 0
 
-    def step(self, model, batch):
+    def training_step(self, model, batch):
         self.calls += 1
         if self.calls == self.fail_at:  # every rank at the same step, outside any collective
             raise RuntimeError("simulated crash")
-        return super().step(model, batch)
+        return super().training_step(model, batch)
 
 
 def _resume_mid_epoch(rank: int, out: Path) -> None:
     """Straight, and crashed in epoch 2 then resumed from its mid-epoch checkpoint."""
-    cfg = lm.Config(model="gru", batch_size=4, sampling="sequential", checkpoint_every=4,
-                    **{**SMALL, "max_tokens": 1200})  # 14 steps per epoch
+    cfg = _config(4, "sequential", checkpoint_every=4, max_tokens=1200,
+                  val_fraction=0.0)  # 14 steps per epoch
     straight = Trainer(_CrashingLM(cfg), cfg, out / "straight")
     straight.fit()
     crashed = Trainer(_CrashingLM(cfg, fail_at=straight.steps_per_epoch + 7), cfg, out / "crashed")
@@ -67,7 +70,7 @@ def _resume_mid_epoch(rank: int, out: Path) -> None:
 def _worker(rank: int, out: str) -> None:
     for sampling in ("sequential", "random"):
         cfg = _config(4, sampling)
-        trainer = Trainer(lm.LanguageModelTask(cfg), cfg)
+        trainer = Trainer(LanguageModelTask(cfg), cfg)
         history = trainer.fit()
         torch.save({"weights": trainer.model.state_dict(), "history": history},
                    Path(out) / f"{sampling}-rank{rank}.pt")
@@ -84,14 +87,19 @@ def two_process_runs(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
 def test_two_processes_equal_one_with_the_global_batch(two_process_runs, sampling):
     cfg = _config(8, sampling)
-    single = Trainer(lm.LanguageModelTask(cfg), cfg)
+    single = Trainer(LanguageModelTask(cfg), cfg)
     history = single.fit()
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+    task = LanguageModelTask(_config(4, sampling))
+    per_worker = run_validation(task, single.model, task.val_data(), torch.device("cpu"))
     for rank in (0, 1):
         run = torch.load(two_process_runs / f"{sampling}-rank{rank}.pt", weights_only=True)
         for k, v in single.model.state_dict().items():
             torch.testing.assert_close(run["weights"][k], v, rtol=0, atol=1e-5, msg=k)
         assert run["history"][-1]["train_loss"] == pytest.approx(history[-1]["train_loss"], abs=1e-5)
+        # rank 0 validates the whole held-out tail, as one process with its --batch-size would,
+        # and shares the result with the others
+        assert run["history"][-1]["val_loss"] == pytest.approx(per_worker["loss"], abs=1e-5)
 
 
 def test_two_process_mid_epoch_resume_is_bit_identical(two_process_runs):

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
+import inspect
 
 import pytest
 import torch
 from torch import nn
 
+from divekit.config import add_config_options
 from divekit.errors import DivekitError
 from divekit.models.registry import create_model, list_models, model_info
 from divekit.models.rnn import (
     RNNLM,
     GRUScratch,
+    GRUScratchConfig,
     LSTMScratch,
+    RNNConfig,
     RNNScratch,
     begin_state,
     detach_state,
@@ -134,6 +139,29 @@ def test_language_models_are_registered():
     for name in LM_NAMES:
         info = model_info(name)
         assert info.input_shape is None and info.description
+        assert info.recipe("pydoc")["grad_clip"] == 1.0  # clipping θ = 1 by default
+        # the family config's fields are the builder's keyword arguments, defaults included
+        options = info.model_options()
+        params = inspect.signature(info.builder).parameters
+        assert set(options) == set(params) - {"vocab_size"}
+        assert all(params[k].default == v for k, v in options.items())
+
+
+def test_family_options_keep_the_course_flags_and_are_checked():
+    parser = argparse.ArgumentParser()
+    add_config_options(parser, GRUScratchConfig)
+    typed = vars(parser.parse_args(["--hidden", "16", "--layers", "2", "--embed", "4",
+                                    "--bidirectional", "--reset-after"]))
+    assert typed == {"num_hiddens": 16, "num_layers": 2, "embed_size": 4, "bidirectional": True,
+                     "reset_after": True}
+    model = create_model("gru_scratch", vocab_size=9, **model_info("gru_scratch").model_options(typed))
+    assert model.cell.reset_after and model.cell.num_layers == 2 and model.embedding.embedding_dim == 4
+    for bad, flag in [({"num_hiddens": 0}, "--num-hiddens"), ({"num_layers": 1.5}, "--num-layers"),
+                      ({"embed_size": 0}, "--embed-size")]:
+        with pytest.raises(DivekitError, match=flag):
+            RNNConfig(**bad)
+    with pytest.raises(TypeError):  # an option another family has
+        model_info("gru").model_options({"reset_after": True})
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from divekit.cli import main
+from divekit.cli.text import format_sequence_table
+from divekit.engine import Trainer
+from divekit.engine.config import TaskConfig
 from divekit.errors import DivekitError
 from divekit.tasks import sequence as seq
 
@@ -93,7 +96,32 @@ def test_the_experiment_writes_the_plot_and_orders_the_errors(tmp_path):
     assert (tmp_path / "kstep.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "mse.json").read_text())
     assert saved["mse"]["mlp"]["1"] == pytest.approx(mlp[1])
-    assert "k" in seq.format_table(result)
+    table = format_sequence_table(result).splitlines()
+    assert table[0].startswith("test MSE") and len(table) == 2 + 4
+    assert table[2].split() == ["1", f"{mlp[1]:.4f}", f"{rnn[1]:.4f}"]
+
+
+def test_regression_task_fits_a_line_and_reports_its_mse():
+    x = torch.linspace(-1, 1, 64).unsqueeze(1)
+    y = 3 * x - 1
+    cfg = TaskConfig(epochs=30, lr=0.1, optimizer="adam", batch_size=16, device="cpu", quiet=True)
+    task = seq.RegressionTask(cfg, lambda: torch.nn.Linear(1, 1), x, y, val=(x, y))
+    history = Trainer(task, cfg).fit()
+    assert history[-1]["val_mse"] < 0.01 < history[0]["val_mse"]
+    out = seq.LatentRNN(4)(torch.randn(2, 5))  # a recurrent model's (ŷ, state) is taken apart
+    batch = (torch.randn(2, 5), torch.randn(2, 5))
+    loss, _ = task.training_step(lambda x: (out[0], out[1]), batch)
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(out[0], batch[1]).item())
+
+
+def test_bad_configs_are_refused():
+    for bad, message in [({"tau": 0}, "--tau"), ({"lr": math.nan}, "--lr"),
+                         ({"noise": -1.0}, "--noise"), ({"steps": ()}, "--steps"),
+                         ({"steps": (1, 500)}, "largest k")]:
+        with pytest.raises(DivekitError, match=message):
+            seq.SequenceConfig(**bad).validate()
+    with pytest.raises(DivekitError, match="--steps takes comma-separated integers"):
+        seq.parse_steps("1,x")
 
 
 def test_cli_prints_the_table_and_rejects_bad_options(tmp_path, capsys):

@@ -59,7 +59,8 @@ class LMConfig(TaskConfig):
     data: str = option("pydoc", "text corpus: pydoc (embedded) or timemachine", metavar="NAME")
     batch_size: int = option(32, "subsequences per minibatch (per worker)", metavar="N")
     grad_clip: float | None = option(
-        None, "clip the gradients' global norm to θ: g ← min(1, θ/‖g‖) g; 0 = off",
+        None, "clip the gradients' global norm to θ: g ← min(1, θ/‖g‖) g; 0 = off "
+        "(the recurrent models' recipe: 1)",
         aliases=["--clip"], type=clip_norm, metavar="θ",
     )
     token: str = option("char", "token unit", choices=list(TOKEN_MODES))

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -237,7 +237,7 @@ def run(cfg: SequenceConfig | None = None) -> dict[str, Any]:
     index = starts[:, None] + torch.arange(cfg.window)  # (N, L)
     latent, rnn_history = _fit(lambda: LatentRNN(cfg.hidden), x[index], x[index + 1], cfg,
                                cfg.rnn_epochs)
-    net, latent = net.cpu().eval(), latent.cpu().eval()
+    net, latent = net.cpu().eval(), cast(LatentRNN, latent.cpu().eval())
     mlp_preds, rnn_preds = mlp_k_step(net, x, cfg.tau, cfg.steps), rnn_k_step(latent, x, cfg.steps)
     result = {
         "config": asdict(cfg),
