@@ -246,7 +246,8 @@ def format_result(result: ModelResult, *, title: str, clock_ghz: float,
     lines.append("")
     lines.append(f"total: {len(result.layers)} layers, {result.macs:,} MACs, "
                  f"{result.cycles:,} cycles, utilisation {100 * result.utilisation:.1f}%, "
-                 f"{total_time * 1e3:.3f} ms at {clock_ghz:g} GHz "
+                 f"{total_time * 1e3:.3f} ms at {clock_ghz:g} GHz"
+                 + (f" and {bandwidth_gbs:g} GB/s " if bandwidth_gbs else " ") +
                  f"({total_time * 1e3 / result.batch:.3f} ms per sample)")
     lines.append(f"throughput: {achieved / 1e12:.2f} of {peak / 1e12:.2f} peak TOPS "
                  f"({arr.rows}x{arr.cols} MACs x 2 ops x {clock_ghz:g} GHz)")
