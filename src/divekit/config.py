@@ -48,8 +48,12 @@ def flag_name(name: str) -> str:
 
 
 def add_config_options(p: argparse.ArgumentParser, config_cls: type,
-                       skip: frozenset[str] = frozenset(), group_title: str | None = None) -> None:
-    """One option per field of ``config_cls`` (fields in ``skip`` and ``cli=False`` left out)."""
+                       skip: frozenset[str] = frozenset(), group_title: str | None = None,
+                       shown: dict[str, Any] | None = None, shown_note: str = "") -> None:
+    """One option per field of ``config_cls`` (fields in ``skip`` and ``cli=False`` left out).
+
+    ``shown`` replaces the defaults the help text shows (a model's recipe), each followed by
+    ``shown_note``."""
     hints = typing.get_type_hints(config_cls)
     target: Any = p.add_argument_group(group_title) if group_title else p
     for f in dataclasses.fields(config_cls):
@@ -66,8 +70,11 @@ def add_config_options(p: argparse.ArgumentParser, config_cls: type,
             target.add_argument(*flags, action="store_true", help=help_text, **common)
         else:
             default = f.default if f.default is not dataclasses.MISSING else None
-            shown = "" if default is None else f" (default: {default})"
-            target.add_argument(*flags, type=kind, help=help_text + shown, **common, **meta)
+            note = ""
+            if shown and f.name in shown:
+                default, note = shown[f.name], shown_note
+            text = "" if default is None else f" (default: {default}{note})"
+            target.add_argument(*flags, type=kind, help=help_text + text, **common, **meta)
 
 
 def field_names(cls: type) -> set[str]:

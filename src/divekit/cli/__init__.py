@@ -58,6 +58,16 @@ def _parent() -> argparse.ArgumentParser:
     return p
 
 
+def _option_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``--flag V`` or ``--flag=V`` in ``argv``, before the full parse."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def _train_model_name(argv: Sequence[str]) -> str | None:
     """The MODEL of ``divekit [--debug] train MODEL ...``, before the full parse."""
     rest = [a for a in argv if a != "--debug"]
@@ -66,7 +76,7 @@ def _train_model_name(argv: Sequence[str]) -> str | None:
     return None
 
 
-def build_parser(train_model: str | None = None) -> argparse.ArgumentParser:
+def build_parser(train_model: str | None = None, train_data: str | None = None) -> argparse.ArgumentParser:
     parent = _parent()
     parser = OneLineParser(
         prog="divekit", parents=[parent],
@@ -102,7 +112,7 @@ def build_parser(train_model: str | None = None) -> argparse.ArgumentParser:
         "checkpoint into the run directory; --resume continues exactly where a run stopped.",
     )
     p.add_argument("model", help="model name (see `divekit models`); its task decides the options")
-    _add_train_options(p, train_model)
+    _add_train_options(p, train_model, train_data)
 
     p = sub.add_parser("evaluate", parents=[parent], help="validation metrics of a run",
                        description="Load a run's newest checkpoint and evaluate it on the validation split.")
@@ -134,12 +144,18 @@ def build_parser(train_model: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_train_options(p: argparse.ArgumentParser, model: str | None) -> None:
+def _add_train_options(p: argparse.ArgumentParser, model: str | None, data: str | None) -> None:
     """The options of MODEL's task, of its family's hyper-parameters, and of the launcher."""
     from divekit.engine.config import LaunchConfig
 
     config_cls, family = _train_classes(model)
-    add_config_options(p, config_cls)
+    recipe: dict[str, Any] = {}
+    if model is not None:
+        from divekit.models import model_info
+
+        data = data or config_cls(model=model).data
+        recipe = model_info(model).recipe(data)
+    add_config_options(p, config_cls, shown=recipe, shown_note=f", {model}'s recipe")
     if family is not None:
         add_config_options(p, family, group_title=f"{model} hyper-parameters")
     add_config_options(p, LaunchConfig, group_title="launching workers")
@@ -317,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         _show_library_notes()
-        parser = build_parser(_train_model_name(argv))
+        parser = build_parser(_train_model_name(argv), _option_value(argv, "--data"))
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

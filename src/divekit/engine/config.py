@@ -35,6 +35,15 @@ def check_call(fn: Any, *args: Any) -> Check:
     return True, ""
 
 
+def clip_norm(text: str) -> float | None:
+    """``--grad-clip θ`` as typed: a norm, or 0 for no clipping at all (``None``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise DivekitError(f"--grad-clip must be a number (0 = off), got {text!r}") from None
+    return None if value == 0 else value
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """What the loop needs. Every field becomes a ``divekit train`` option
@@ -49,7 +58,10 @@ class TrainConfig:
         "none", "learning-rate schedule", choices=["none", "cosine", "step", "onecycle"]
     )
     warmup_epochs: float = option(0.0, "linear learning-rate warm-up, in epochs")
-    grad_clip: float | None = option(None, "clip the gradients' global norm to this value")
+    grad_clip: float | None = option(
+        None, "clip the gradients' global norm to θ: g ← min(1, θ/‖g‖) g; 0 = off",
+        aliases=["--clip"], type=clip_norm, metavar="θ",
+    )
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     amp: bool = option(False, "bfloat16 mixed precision (autocast)")
     channels_last: bool | None = option(
@@ -94,8 +106,8 @@ class TrainConfig:
              f"--weight-decay must be 0 or more, got {self.weight_decay}"),
             (finite(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs,
              f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs}"),
-            (self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0),
-             f"--grad-clip must be a positive number, got {self.grad_clip}"),
+            (self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip >= 0),
+             f"--grad-clip must be 0 (off) or a positive number, got {self.grad_clip}"),
             (self.threads is None or self.threads >= 1,
              f"--threads must be at least 1, got {self.threads}"),
             (self.checkpoint_every is None or self.checkpoint_every >= 1,

@@ -56,7 +56,9 @@ def lenet(*, num_classes: int = 10, in_channels: int = 1) -> Classifier:
     return model
 
 
-@register_model("lenet_bn", input_shape=(1, 28, 28))
+# SGD 0.1 with a cosine schedule: 98.9% on MNIST after 2 epochs (README)
+@register_model("lenet_bn", input_shape=(1, 28, 28),
+                recipes={"*": {"lr": 0.1, "batch_size": 64, "scheduler": "cosine"}})
 def lenet_bn(*, num_classes: int = 10, in_channels: int = 1) -> Classifier:
     """LeNet with batch normalization (Ioffe & Szegedy 2015), the course's scratch BatchNorm."""
     features = nn.Sequential(

@@ -126,19 +126,23 @@ def resnet(
     return model
 
 
-@register_model("resnet18", input_shape=(1, 96, 96))
+# SGD 0.05 with a cosine schedule and batches of 64: 98% on digits after 5 epochs (README)
+RESNET_RECIPES = {"*": {"optimizer": "sgd", "lr": 0.05, "batch_size": 64, "scheduler": "cosine"}}
+
+
+@register_model("resnet18", input_shape=(1, 96, 96), recipes=RESNET_RECIPES)
 def resnet18(*, num_classes: int = 10, in_channels: int = 1) -> Classifier:
     """ResNet-18 (He et al. 2016): residual blocks with BatchNorm, stages of (2, 2, 2, 2) blocks."""
     return resnet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels)
 
 
-@register_model("resnet34", input_shape=(1, 96, 96))
+@register_model("resnet34", input_shape=(1, 96, 96), recipes=RESNET_RECIPES)
 def resnet34(*, num_classes: int = 10, in_channels: int = 1) -> Classifier:
     """ResNet-34 (He et al. 2016): residual blocks with BatchNorm, stages of (3, 4, 6, 3) blocks."""
     return resnet((3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels)
 
 
-@register_model("resnet50", input_shape=(1, 96, 96))
+@register_model("resnet50", input_shape=(1, 96, 96), recipes=RESNET_RECIPES)
 def resnet50(*, num_classes: int = 10, in_channels: int = 1) -> Classifier:
     """ResNet-50 (He et al. 2016): bottleneck residual blocks (x4 expansion), stages (3, 4, 6, 3)."""
     return resnet((3, 4, 6, 3), block=Bottleneck, num_classes=num_classes, in_channels=in_channels)

@@ -45,12 +45,6 @@ VOCAB_FILE = "vocab.json"
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def clip_norm(text: str) -> float | None:
-    """``--grad-clip θ`` (``--clip θ``) as typed: a norm, or 0 for no clipping at all."""
-    value = float(text)
-    return None if value == 0 else value
-
-
 @dataclass(frozen=True)
 class LMConfig(TaskConfig):
     """A language model's options; the recurrent family's (``--hidden``, ...) and its recipe
@@ -58,11 +52,6 @@ class LMConfig(TaskConfig):
 
     data: str = option("pydoc", "text corpus: pydoc (embedded) or timemachine", metavar="NAME")
     batch_size: int = option(32, "subsequences per minibatch (per worker)", metavar="N")
-    grad_clip: float | None = option(
-        None, "clip the gradients' global norm to θ: g ← min(1, θ/‖g‖) g; 0 = off "
-        "(the recurrent models' recipe: 1)",
-        aliases=["--clip"], type=clip_norm, metavar="θ",
-    )
     token: str = option("char", "token unit", choices=list(TOKEN_MODES))
     tokenizer: str | None = option(
         None, "a SentencePiece model (from `divekit tokenizer train`) instead of --token",

@@ -48,7 +48,7 @@ from divekit.data.translation import (
     encode_sentences,
     preprocess_nmt,
 )
-from divekit.engine.config import TaskConfig, finite
+from divekit.engine.config import TaskConfig, clip_norm, finite
 from divekit.engine.task import Task
 from divekit.errors import DivekitError
 from divekit.io import atomic_write_json, atomic_write_text
@@ -80,8 +80,9 @@ class TranslateConfig(TaskConfig):
     bleu_beam: int = option(1, "also report BLEU of beam-search translations with this beam size "
                             "(val_bleu_beamK); 1 = greedy only", metavar="K")
     # the course clips every seq2seq model's gradients at norm 1
-    grad_clip: float | None = option(1.0, "clip the gradients' global norm to this value",
-                                     aliases=["--clip"])
+    grad_clip: float | None = option(
+        1.0, "clip the gradients' global norm to θ: g ← min(1, θ/‖g‖) g; 0 = off",
+        aliases=["--clip"], type=clip_norm, metavar="θ")
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
