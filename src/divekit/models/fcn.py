@@ -29,7 +29,7 @@ from divekit.models.registry import create_model, model_info, register_model
 from divekit.ops.conv import bilinear_kernel
 
 
-def probe_body(body: nn.Module, in_channels: int, size: int = 224) -> tuple[int, int]:
+def probe_body(body: nn.Module, in_channels: int, size: int = 64) -> tuple[int, int]:
     """The body's output channels and stride, from one forward pass on a ``size × size`` probe."""
     was_training = body.training
     body.eval()

@@ -283,9 +283,12 @@ class SegmentationTask(Task, name="segment"):
         return {"iou": metrics["iou"], "confusion_matrix_png": str(picture)}
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], *,
-                output_dir: str | Path | None = None, alpha: float = 0.5) -> list[dict[str, Any]]:
-        """Each image's class map; with ``output_dir`` a colour overlay with a legend per image,
+                output_dir: str | Path | None = None, output: str | Path | None = None,
+                alpha: float = 0.5) -> list[dict[str, Any]]:
+        """Each image's class map (``label_map``, ``(H, W)``) and class shares; with
+        ``output_dir`` (``output``, the CLI's ``-o``) a colour overlay with a legend per image,
         ``<stem>.seg.png`` (numbered when two inputs share a name; never an input file)."""
+        output_dir = output_dir if output_dir is not None else output
         if not inputs:
             raise DivekitError("no image files given")
         if not 0 <= alpha <= 1:

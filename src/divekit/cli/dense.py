@@ -1,0 +1,83 @@
+"""Dense vision on the command line: ``divekit stylize``, and what ``divekit evaluate`` and
+``divekit predict`` print for segmentation runs.
+
+Every command is one library call (:func:`divekit.tasks.stylize.stylize`,
+:func:`divekit.engine.run.evaluate`, :func:`divekit.engine.run.predict`); this module only
+parses and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from divekit.config import add_config_options, typed_options
+
+TASKS = ("segment",)
+
+EXAMPLES = """\
+examples:
+  divekit stylize astronaut chelsea -o astronaut-cat.png          embedded photos, 500 steps
+  divekit stylize photo.jpg painting.jpg -o out.png --weights vgg19-dcbb9e9d.pth
+  divekit stylize coffee rocket -o out.png --steps 200 --size 200x300 --save-every 50
+  divekit stylize photo.jpg style.jpg -o out.png --style-weight 1e4 --style-layers 0,5,10
+
+CONTENT and STYLE are image files, or the names of scikit-image's bundled photos
+(astronaut, coffee, chelsea, rocket, cat, camera, immunohistochemistry, retina,
+hubble_deep_field, coins, moon), so the command runs with no files at all.
+Besides -o it writes OUT.losses.png (content, style, TV and total loss per step) and
+OUT.panel.png (content, style and result side by side, titled with the weights used).
+Without --weights, torchvision's cached vgg19-dcbb9e9d.pth is used when present; otherwise the
+network has random weights (a warning says so): the losses still fall, but the picture only
+shows texture statistics of a random network.
+"""
+
+
+def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    from divekit.tasks.stylize import StylizeOptions
+
+    p = sub.add_parser(
+        "stylize", parents=[parent], help="neural style transfer (VGG-19 features)",
+        description="Synthesise an image with CONTENT's layout and STYLE's textures: the image "
+        "is the parameter, optimised by Adam against a frozen VGG-19's content loss (layer 25), "
+        "style loss (Gram matrices at layers 0, 5, 10, 19, 28) and total variation.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("content", help="content image file, or an embedded photo name (astronaut, ...)")
+    p.add_argument("style", help="style image file, or an embedded photo name (chelsea, ...)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.png", help="the result image")
+    add_config_options(p, StylizeOptions)
+    p.set_defaults(handler=cmd_stylize)
+
+
+def cmd_stylize(args: argparse.Namespace) -> None:
+    from divekit.tasks.stylize import stylize
+
+    options = typed_options(args, drop=("content", "style", "out"))
+    result = stylize(args.content, args.style, out=args.out, progress=True, **options)
+    h = result.history
+    print(f"{args.out}: {len(h['total'])} steps, {result.seconds_per_step:.3f} s/step, "
+          f"total loss {h['total'][0]:.4g} -> {h['total'][-1]:.4g} "
+          f"(content {h['content'][-1]:.4g}, style {h['style'][-1]:.4g}, tv {h['tv'][-1]:.4g}); "
+          f"{result.weights}")
+    for name, path in result.files.items():
+        if name != "image":
+            print(f"{name}: {path}")
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """``loss 0.21, pixel_acc 0.9612, mean_iou 0.7810; IoU background 0.95, square 0.80, ...``."""
+    head = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                     if isinstance(v, int | float) and not isinstance(v, bool))
+    iou = metrics.get("iou") or {}
+    per_class = ", ".join(f"{name} {v:.3f}" for name, v in iou.items() if not math.isnan(v))
+    picture = metrics.get("confusion_matrix_png")
+    return head + (f"; IoU {per_class}" if per_class else "") + (f"; {picture}" if picture else "")
+
+
+def format_prediction(item: dict[str, Any]) -> str:
+    """``photo.jpg: background 81.2%, cat 18.8% -> out/photo.seg.png``."""
+    shares = sorted(item["fractions"].items(), key=lambda kv: -kv[1])
+    shown = ", ".join(f"{name} {100 * share:.1f}%" for name, share in shares)
+    overlay = item.get("overlay")
+    return f"{item['image']}: {shown}" + (f" -> {overlay}" if overlay else "")
