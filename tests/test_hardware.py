@@ -229,3 +229,15 @@ def test_tpu_v1_dense_layer_batching():
     utils = [gemm_cycles(b, 4096, 4096, tpu).utilisation for b in (1, 8, 64, 512)]
     assert utils == sorted(utils) and utils[1] < 0.02 and utils[3] > 0.35
     assert math.isclose(2 * tpu.pes * 0.7e9 / 1e12, 91.75, rel_tol=1e-3)  # 92 peak TOPS
+
+
+def test_transposed_conv_is_one_product_per_group():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 6, 4, stride=2, padding=1,
+                                                               groups=2))
+    array = ArraySpec(4, 4, "os")
+    analytic = simulate_model(net, (3, 5, 5), array)
+    cycle = simulate_model(net, (3, 5, 5), array, mode="cycle")
+    _, convt = analytic.layers
+    assert (convt.kind, convt.shape.groups, convt.shape.m, convt.shape.k, convt.shape.n) == (
+        "convT", 2, 25, 2, 3 * 16)
+    assert [x.cycles for x in analytic.layers] == [x.cycles for x in cycle.layers]

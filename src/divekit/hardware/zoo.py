@@ -1,8 +1,9 @@
 """A model on the array: trace every conv and linear layer, map each to its matrix products.
 
-One forward pass with hooks records each ``nn.Conv2d`` and ``nn.Linear`` call's input shape; the
-layer becomes ``groups`` products ``(M×K)·(K×N)`` (:mod:`divekit.hardware.lowering`), each run on
-the array analytically or cycle by cycle. Everything else (normalisation, activations, pooling,
+One forward pass with hooks records each ``nn.Conv2d``, ``nn.ConvTranspose2d`` and ``nn.Linear``
+call's input shape; the layer becomes ``groups`` products ``(M×K)·(K×N)``
+(:mod:`divekit.hardware.lowering`; a transposed conv is ``(B·H·W × C_in)·(C_in × C_out·kh·kw)``
+followed by a col2im scatter-add), each run on the array analytically or cycle by cycle. Everything else (normalisation, activations, pooling,
 reshapes) runs on the vector unit and is only listed.
 
 Per layer: cycles = groups × cycles of one product; utilisation = MACs / (PEs × cycles); time =
@@ -31,7 +32,7 @@ MODES = ("analytic", "cycle")
 @dataclass
 class TracedLayer:
     name: str
-    kind: str  # "conv" or "linear"
+    kind: str  # "conv", "convT" or "linear"
     shape: GemmShape  # per sample batch 1 (M scales with the batch)
     operands: tuple[torch.Tensor, torch.Tensor] | None = None  # group 0's (M×K, K×N), cycle mode
 
@@ -110,6 +111,8 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...], *, batch: int = 
             x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
             if isinstance(module, nn.Conv2d) and x is not None and x.dim() == 4:
                 _trace_conv(module, x, label, traced, keep_operands)
+            elif isinstance(module, nn.ConvTranspose2d) and x is not None and x.dim() == 4:
+                _trace_conv_transpose(module, x, label, traced, keep_operands)
             elif isinstance(module, nn.Linear) and x is not None:
                 m = x.numel() // x.shape[-1]
                 ops = None
@@ -165,6 +168,22 @@ def _trace_conv(module: nn.Conv2d, x: torch.Tensor, label: str, traced: list[Tra
         w = module.weight.detach()[:n_g].reshape(n_g, -1).T.double()
         ops = (a, w)
     traced.append(TracedLayer(label, "conv", shape, ops))
+
+
+def _trace_conv_transpose(module: nn.ConvTranspose2d, x: torch.Tensor, label: str,
+                          traced: list[TracedLayer], keep_operands: bool) -> None:
+    """A transposed convolution is the product (B·H·W × C_in/g)·(C_in/g × C_out/g·kh·kw) per
+    group, whose rows are then scattered and summed into the output (col2im, vector unit)."""
+    b, c, h, w = x.shape
+    g = module.groups
+    c_g, n_g = c // g, module.out_channels // g
+    kh, kw = module.kernel_size
+    ops = None
+    if keep_operands:
+        a = x[:, :c_g].permute(0, 2, 3, 1).reshape(b * h * w, c_g).double()
+        ops = (a, module.weight.detach()[:c_g].reshape(c_g, -1).double())
+    traced.append(TracedLayer(label, "convT", GemmShape(m=h * w, n=n_g * kh * kw, k=c_g,
+                                                        groups=g), ops))
 
 
 def at_batch(shape: GemmShape, batch: int) -> GemmShape:
