@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from divekit.errors import DivekitError
 FIXTURES = Path(__file__).parent / "fixtures" / "hardware"
 
 
+@functools.cache
 def _registered() -> bool:
     from divekit.cli import build_parser
 

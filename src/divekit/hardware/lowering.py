@@ -45,7 +45,8 @@ class GemmShape:
         return f"{g}{self.m}x{self.k}·{self.k}x{self.n}"
 
 
-def _pair(v: int | tuple[int, ...]) -> Pair:
+def pair(v: int | tuple[int, ...]) -> Pair:
+    """``3`` → ``(3, 3)``; ``(3, 1)`` → ``(3, 1)``."""
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -94,7 +95,7 @@ def conv2d_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   groups: int = 1, matmul: Matmul = torch.matmul) -> torch.Tensor:
     """``F.conv2d`` computed as ``groups`` im2col products, each by ``matmul`` (the systolic
     simulator, or ``torch.matmul``). x (B, C_in, H, W), weight (C_out, C_in/g, kh, kw)."""
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
     b, c, _, _ = x.shape
     c_out, c_g, kh, kw = weight.shape
     if c % groups or c_out % groups or c // groups != c_g:

@@ -74,6 +74,7 @@ def read_topology(path: str | os.PathLike) -> list[TopologyLayer]:
     if not rows:
         raise DivekitError(f"topology {path} is empty")
     header = [h.lower() for h in _cells(rows[0][1])]
+    columns: tuple[str, ...]
     if [h.lower() for h in GEMM_COLUMNS[1:]] == header[1:4]:
         columns, gemm = GEMM_COLUMNS, True
     elif any("ifmap" in h for h in header):

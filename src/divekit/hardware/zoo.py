@@ -23,7 +23,7 @@ from torch import nn
 
 from divekit.errors import DivekitError
 from divekit.hardware.analytic import ArraySpec, GemmStats, gemm_cycles
-from divekit.hardware.lowering import GemmShape, conv2d_gemm_shape, im2col
+from divekit.hardware.lowering import GemmShape, im2col, pair
 from divekit.hardware.systolic import simulate
 
 MODES = ("analytic", "cycle")
@@ -109,8 +109,9 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...], *, batch: int = 
             calls[name] += 1
             label = name if calls[name] == 1 else f"{name}#{calls[name]}"
             x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            if isinstance(module, nn.Conv2d) and x is not None and x.dim() == 4:
-                _trace_conv(module, x, label, traced, keep_operands)
+            if (isinstance(module, nn.Conv2d) and x is not None and x.dim() == 4
+                    and isinstance(output, torch.Tensor)):
+                _trace_conv(module, x, output, label, traced, keep_operands)
             elif isinstance(module, nn.ConvTranspose2d) and x is not None and x.dim() == 4:
                 _trace_conv_transpose(module, x, label, traced, keep_operands)
             elif isinstance(module, nn.Linear) and x is not None:
@@ -152,21 +153,26 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...], *, batch: int = 
     return traced, others
 
 
-def _trace_conv(module: nn.Conv2d, x: torch.Tensor, label: str, traced: list[TracedLayer],
-                keep_operands: bool) -> None:
-    if isinstance(module.padding, str):  # "same"/"valid": the effective symmetric padding
-        pad = tuple(0 if module.padding == "valid" else d * (k - 1) // 2
-                    for k, d in zip(module.kernel_size, module.dilation))
-    else:
-        pad = tuple(module.padding)
-    shape = conv2d_gemm_shape((1, *x.shape[1:]), module.out_channels, module.kernel_size,
-                              module.stride, pad, module.dilation, module.groups)
+def _trace_conv(module: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, label: str,
+                traced: list[TracedLayer], keep_operands: bool) -> None:
+    """M from the output actually produced (B·H_out·W_out), K = C_in/g·kh·kw, N = C_out/g."""
+    kernel, stride, dilation = (pair(v) for v in (module.kernel_size, module.stride,
+                                                  module.dilation))
+    g = module.groups
+    c_g, n_g = x.shape[1] // g, module.out_channels // g
+    shape = GemmShape(m=y.shape[-2] * y.shape[-1], n=n_g, k=c_g * kernel[0] * kernel[1],
+                      groups=g)
     ops = None
     if keep_operands:
-        c_g, n_g = x.shape[1] // module.groups, module.out_channels // module.groups
-        a = im2col(x[:, :c_g].double(), module.kernel_size, module.stride, pad, module.dilation)
-        w = module.weight.detach()[:n_g].reshape(n_g, -1).T.double()
-        ops = (a, w)
+        if isinstance(module.padding, str):  # "valid", or "same" (odd kernels: symmetric)
+            pad = (0, 0) if module.padding == "valid" else (
+                dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2)
+        else:
+            pad = pair(module.padding)
+        a = im2col(x[:, :c_g].double(), kernel, stride, pad, dilation)
+        if a.shape[0] != y.shape[0] * shape.m:
+            raise DivekitError(f"cycle mode cannot lower {label}'s padding {module.padding!r}")
+        ops = (a, module.weight.detach()[:n_g].reshape(n_g, -1).T.double())
     traced.append(TracedLayer(label, "conv", shape, ops))
 
 
