@@ -1,0 +1,278 @@
+"""Dense vision throughput: FCN training and style transfer, divekit against the course's code.
+
+* FCN training images/s. Data: a VOC 2012 tree (``--voc DIR``; else a generated one in the
+  real format — JPEG images of 375x500 and palette label PNGs — in a temporary folder).
+  - course: the notebook's pipeline (d2l 14.9/14.11): images and RGB label images read into
+    memory, each image normalised on its own, ``VOCSegDataset.__getitem__`` cropping one sample
+    and mapping its label's colours to classes (``voc_label_indices`` with the 256³ table),
+    a ``DataLoader`` collating; the FCN built from torchvision's ResNet-18 children[:-2] +
+    1x1 conv + bilinear transposed conv, ``cross_entropy(reduction='none').mean(1).mean(1)``.
+  - divekit: ``SegmentationTask`` (the labels mapped to classes once at load; a batch is
+    index → crop → stack of uint8; normalisation and the loss on the batch) with
+    ``--backbone torchvision:resnet18`` (the same network), channels_last as the Trainer.
+  Same crop, batch size, optimizer (SGD 1e-3, weight decay 1e-3) and number of steps.
+* stylize seconds/step at 300x450 (``--size``): ``divekit.tasks.stylize.stylize`` against the
+  course's loop (torchvision ``vgg19().features`` truncated at layer 28, ``extract_features``,
+  ``compute_loss``, Adam on the image, StepLR), both with the same random VGG-19 weights.
+
+Rounds alternate course and divekit so that a busy machine slows both alike; the ratio is of
+the medians.
+
+    python benchmarks/dense.py                        # crop 160x240, batch 8, 6 steps; 300x450
+    python benchmarks/dense.py --crop 320x480 --batch 32 --steps 3 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from divekit.data.segmentation import VOC_BORDER, VOC_COLORMAP  # noqa: E402
+from divekit.ops.conv import bilinear_kernel  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- data
+def write_voc(root: Path, n: int, seed: int = 0) -> Path:
+    """``n`` train images of 375x500 (some 500x375) with palette labels, in VOC's layout."""
+    rng = np.random.default_rng(seed)
+    voc = root / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    pal[:21], pal[255] = VOC_COLORMAP, VOC_BORDER
+    names = []
+    for i in range(n):
+        h, w = (375, 500) if i % 3 else (500, 375)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        label = np.zeros((h, w), dtype=np.uint8)
+        for _ in range(3):
+            y, x = int(rng.integers(0, h - 100)), int(rng.integers(0, w - 100))
+            label[y : y + 90, x : x + 90] = 255
+            label[y + 2 : y + 88, x + 2 : x + 88] = int(rng.integers(1, 21))
+        name = f"bench_{i:04d}"
+        Image.fromarray(image).save(voc / "JPEGImages" / f"{name}.jpg", quality=90)
+        png = Image.fromarray(label, mode="P")
+        png.putpalette(pal.flatten().tolist())
+        png.save(voc / "SegmentationClass" / f"{name}.png")
+        names.append(name)
+    for split in ("train", "val"):
+        (voc / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(names[:n if split == "train" else 2]) + "\n")
+    return voc
+
+
+# ----------------------------------------------------------------------------- the course's FCN
+class CourseVOCSegDataset(torch.utils.data.Dataset):
+    """d2l's VOCSegDataset: per-sample crop and colour lookup in __getitem__."""
+
+    def __init__(self, voc_dir: Path, crop_size: tuple[int, int]):
+        from torchvision.io import ImageReadMode, read_image
+
+        self.transform = torchvision.transforms.Normalize(mean=[0.485, 0.456, 0.406],
+                                                          std=[0.229, 0.224, 0.225])
+        self.crop_size = crop_size
+        names = (voc_dir / "ImageSets/Segmentation/train.txt").read_text().split()
+        features = [read_image(str(voc_dir / "JPEGImages" / f"{n}.jpg")) for n in names]
+        labels = [read_image(str(voc_dir / "SegmentationClass" / f"{n}.png"), ImageReadMode.RGB)
+                  for n in names]
+        self.features = [self.transform(f.float() / 255) for f in self.filter(features)]
+        self.labels = self.filter(labels)
+        self.colormap2label = torch.zeros(256**3, dtype=torch.long)
+        for i, colormap in enumerate(VOC_COLORMAP):
+            self.colormap2label[(colormap[0] * 256 + colormap[1]) * 256 + colormap[2]] = i
+
+    def filter(self, imgs):
+        return [img for img in imgs if img.shape[1] >= self.crop_size[0] and img.shape[2] >= self.crop_size[1]]
+
+    def voc_label_indices(self, colormap):
+        colormap = colormap.permute(1, 2, 0).numpy().astype("int32")
+        idx = (colormap[:, :, 0] * 256 + colormap[:, :, 1]) * 256 + colormap[:, :, 2]
+        return self.colormap2label[idx]
+
+    def __getitem__(self, idx):
+        rect = torchvision.transforms.RandomCrop.get_params(self.features[idx], self.crop_size)
+        feature = torchvision.transforms.functional.crop(self.features[idx], *rect)
+        label = torchvision.transforms.functional.crop(self.labels[idx], *rect)
+        return feature, self.voc_label_indices(label)
+
+    def __len__(self):
+        return len(self.features)
+
+
+def course_fcn(num_classes: int = 21) -> nn.Module:
+    pretrained_net = torchvision.models.resnet18(weights=None)
+    net = nn.Sequential(*list(pretrained_net.children())[:-2])
+    net.add_module("final_conv", nn.Conv2d(512, num_classes, kernel_size=1))
+    net.add_module("transpose_conv", nn.ConvTranspose2d(num_classes, num_classes, kernel_size=64,
+                                                        padding=16, stride=32))
+    net.transpose_conv.weight.data.copy_(bilinear_kernel(num_classes, num_classes, 64))
+    return net
+
+
+def time_course_fcn(voc: Path, crop, batch: int, steps: int) -> float:
+    dataset = CourseVOCSegDataset(voc, crop)
+    loader = torch.utils.data.DataLoader(dataset, batch, shuffle=True, drop_last=True, num_workers=0)
+    net = course_fcn()
+    trainer = torch.optim.SGD(net.parameters(), lr=1e-3, weight_decay=1e-3)
+    done, t0 = 0, 0.0
+    while done <= steps:
+        for X, Y in loader:
+            if done == 1:
+                t0 = time.perf_counter()  # the first step warms up
+            if done > steps:
+                break
+            trainer.zero_grad()
+            loss = F.cross_entropy(net(X), Y, reduction="none").mean(1).mean(1)
+            loss.sum().backward()
+            trainer.step()
+            done += 1
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def time_divekit_fcn(voc: Path, crop, batch: int, steps: int) -> float:
+    from divekit.engine.device import to_device
+    from divekit.tasks.segment import SegmentationTask, SegmentConfig
+
+    cfg = SegmentConfig(model="fcn_resnet18", data="voc", data_dir=str(voc), batch_size=batch,
+                        crop=f"{crop[0]}x{crop[1]}", augment="none", backbone="torchvision:resnet18")
+    task = SegmentationTask(cfg)
+    model = task.build_model().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, weight_decay=1e-3)
+    loader = task.train_data()
+    done, t0, epoch = 0, 0.0, 0
+    while done <= steps:
+        epoch += 1
+        loader.set_epoch(epoch)
+        for batch_ in loader:
+            if done == 1:
+                t0 = time.perf_counter()
+            if done > steps:
+                break
+            loss, _ = task.training_step(model, to_device(batch_, torch.device("cpu"), True))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done += 1
+    return steps * batch / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- the course's loop
+def time_course_stylize(size, steps: int, state) -> float:
+    from divekit.tasks.stylize import load_input, preprocess
+
+    pretrained_net = torchvision.models.vgg19(weights=None)
+    pretrained_net.features.load_state_dict(state)
+    style_layers, content_layers = [0, 5, 10, 19, 28], [25]
+    net = nn.Sequential(*[pretrained_net.features[i] for i in range(max(content_layers + style_layers) + 1)])
+
+    def extract_features(X, content_layers, style_layers):
+        contents, styles = [], []
+        for i in range(len(net)):
+            X = net[i](X)
+            if i in style_layers:
+                styles.append(X)
+            if i in content_layers:
+                contents.append(X)
+        return contents, styles
+
+    def gram(X):
+        num_channels, n = X.shape[1], X.numel() // X.shape[1]
+        X = X.reshape((num_channels, n))
+        return torch.matmul(X, X.T) / (num_channels * n)
+
+    def tv_loss(Y_hat):
+        return 0.5 * (torch.abs(Y_hat[:, :, 1:, :] - Y_hat[:, :, :-1, :]).mean()
+                      + torch.abs(Y_hat[:, :, :, 1:] - Y_hat[:, :, :, :-1]).mean())
+
+    dev = torch.device("cpu")
+    content_X = preprocess(load_input("astronaut"), size, dev)
+    style_X = preprocess(load_input("chelsea"), size, dev)
+    contents_Y, _ = extract_features(content_X, content_layers, style_layers)
+    _, styles_Y = extract_features(style_X, content_layers, style_layers)
+    styles_Y_gram = [gram(Y) for Y in styles_Y]
+    X = nn.Parameter(content_X.clone())
+    trainer = torch.optim.Adam([X], lr=0.3)
+    scheduler = torch.optim.lr_scheduler.StepLR(trainer, 50, 0.8)
+    t0 = 0.0
+    for epoch in range(steps + 1):
+        if epoch == 1:
+            t0 = time.perf_counter()
+        trainer.zero_grad()
+        contents_Y_hat, styles_Y_hat = extract_features(X, content_layers, style_layers)
+        contents_l = [torch.square(a - b.detach()).mean() * 1 for a, b in zip(contents_Y_hat, contents_Y)]
+        styles_l = [torch.square(gram(a) - b.detach()).mean() * 1e3 for a, b in zip(styles_Y_hat, styles_Y_gram)]
+        tv_l = tv_loss(X) * 10
+        loss = sum(styles_l + contents_l + [tv_l])
+        loss.backward()
+        trainer.step()
+        scheduler.step()
+        float(loss.detach())  # the course's animator reads the losses every few epochs
+    return (time.perf_counter() - t0) / steps
+
+
+def time_divekit_stylize(size, steps: int, state) -> float:
+    from divekit.models.style import StyleFeatures, vgg19_features
+    from divekit.tasks.stylize import stylize
+
+    features = vgg19_features()
+    features.load_state_dict(state)
+    net = StyleFeatures(features)
+    stylize("astronaut", "chelsea", size=size, steps=1, net=net, device="cpu")  # warm-up
+    return stylize("astronaut", "chelsea", size=size, steps=steps, net=net, device="cpu").seconds_per_step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--voc", type=Path, help="a VOC2012 folder (default: a generated one)")
+    p.add_argument("--images", type=int, default=24, help="generated training images")
+    p.add_argument("--crop", default="160x240")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6, help="timed FCN steps per round")
+    p.add_argument("--size", default="300x450", help="stylize image size")
+    p.add_argument("--style-steps", type=int, default=5, help="timed stylize steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--skip", choices=["fcn", "stylize"], help="leave one benchmark out")
+    args = p.parse_args()
+    crop = tuple(int(v) for v in args.crop.split("x"))
+    size = tuple(int(v) for v in args.size.split("x"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.skip != "fcn":
+        with tempfile.TemporaryDirectory() as tmp:
+            voc = args.voc or write_voc(Path(tmp), args.images)
+            course, ours = [], []
+            for _ in range(args.rounds):
+                torch.manual_seed(0)
+                course.append(time_course_fcn(voc, crop, args.batch, args.steps))
+                torch.manual_seed(0)
+                ours.append(time_divekit_fcn(voc, crop, args.batch, args.steps))
+            c, o = statistics.median(course), statistics.median(ours)
+            print(f"FCN training, crop {args.crop}, batch {args.batch}: course {c:.2f} images/s, "
+                  f"divekit {o:.2f} images/s, {o / c:.2f}x  (rounds: course "
+                  f"{[round(v, 2) for v in course]}, divekit {[round(v, 2) for v in ours]})")
+    if args.skip != "stylize":
+        torch.manual_seed(0)
+        state = torchvision.models.vgg19(weights=None).features.state_dict()
+        course, ours = [], []
+        for _ in range(args.rounds):
+            course.append(time_course_stylize(size, args.style_steps, state))
+            ours.append(time_divekit_stylize(size, args.style_steps, state))
+        c, o = statistics.median(course), statistics.median(ours)
+        print(f"stylize {args.size}: course {c:.3f} s/step, divekit {o:.3f} s/step, {c / o:.2f}x  "
+              f"(rounds: course {[round(v, 3) for v in course]}, divekit {[round(v, 3) for v in ours]})")
+
+
+if __name__ == "__main__":
+    main()
