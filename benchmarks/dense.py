@@ -18,7 +18,7 @@
 Rounds alternate course and divekit so that a busy machine slows both alike; the ratio is of
 the medians.
 
-    python benchmarks/dense.py                        # crop 160x240, batch 8, 6 steps; 300x450
+    python benchmarks/dense.py                        # crop 160x224, batch 8, 6 steps; 300x450
     python benchmarks/dense.py --crop 320x480 --batch 32 --steps 3 --rounds 2
 """
 
@@ -238,7 +238,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--voc", type=Path, help="a VOC2012 folder (default: a generated one)")
     p.add_argument("--images", type=int, default=24, help="generated training images")
-    p.add_argument("--crop", default="160x240")
+    p.add_argument("--crop", default="160x224", help="training crop (multiples of 32, as the course's FCN needs)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=6, help="timed FCN steps per round")
     p.add_argument("--size", default="300x450", help="stylize image size")
