@@ -174,6 +174,22 @@ def test_fcn_head_is_bilinear_and_outputs_match_the_input_size():
         create_model("fcn_resnet18", num_classes=3, backbone="tiny_ssd")
 
 
+def test_backbone_weights_from_a_torchvision_file(tmp_path):
+    import torchvision
+
+    from divekit.tasks.segment import pretrained_body
+
+    torch.manual_seed(4)
+    net = torchvision.models.resnet18(weights=None, num_classes=7)
+    torch.save(net.state_dict(), tmp_path / "resnet18.pth")
+    body = pretrained_body("torchvision:resnet18", tmp_path / "resnet18.pth")
+    torch.testing.assert_close(body.stem[0].weight, net.conv1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(body.layer4[1].conv2.weight, net.layer4[1].conv2.weight, rtol=0, atol=0)
+    torch.save({"x": torch.zeros(2)}, tmp_path / "wrong.pth")
+    with pytest.raises(DivekitError):
+        pretrained_body("resnet18", tmp_path / "wrong.pth")
+
+
 def _task(**kw):
     cfg = SegmentConfig(model="fcn_resnet18", data="shapes-seg", image_size=32, limit=8,
                         batch_size=4, quiet=True, **kw)

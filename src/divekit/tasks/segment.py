@@ -39,7 +39,7 @@ from divekit.data.segmentation import (
     pad_batch,
     read_image_uint8,
 )
-from divekit.engine.config import Check, TaskConfig, finite
+from divekit.engine.config import Check, TaskConfig
 from divekit.engine.finetune import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -115,7 +115,6 @@ class SegmentConfig(TaskConfig):
             _augment_check(self.augment),
             (isinstance(self.image_size, int) and self.image_size >= 32,
              f"--image-size must be at least 32, got {self.image_size}"),
-            (finite(self.lr), f"--lr must be finite, got {self.lr}"),
         ]
 
 
