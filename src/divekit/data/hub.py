@@ -8,7 +8,8 @@ one-line :class:`~divekit.errors.DivekitError` messages, and archives whose memb
 outside the destination are refused before anything is written.
 
 A hash is written ``'sha1:<hex>'``, ``'md5:<hex>'`` or ``'sha256:<hex>'``; a bare hex string is
-taken by its length (40: sha1, as in the course; 32: md5; 64: sha256).
+taken by its length (40: sha1, as in the course; 32: md5; 64: sha256); ``'sha256:<hex>...'`` is
+a digest prefix (torchvision's weight files, see :mod:`divekit.data.pretrained`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ DATA_HUB: dict[str, tuple[str, str]] = {
 }
 
 _HASH_LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64}
+_MIN_PREFIX = 8  # hex digits of a digest prefix (torchvision names carry 8)
 _CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 
@@ -82,20 +84,33 @@ def data_home() -> Path:
 
 
 def parse_hash(spec: str) -> tuple[str, str]:
-    """``'md5:ab..'`` → ``('md5', 'ab..')``; a bare hex string is typed by its length."""
+    """``'md5:ab..'`` → ``('md5', 'ab..')``; a bare hex string is typed by its length.
+
+    ``'sha256:f37072fd...'`` (a named algorithm, at least 8 hex digits, then ``...``) is a
+    prefix of the digest, as torchvision's weight files carry in their names
+    (``resnet18-f37072fd.pth``); the digest returned is that prefix, and a file matches when its
+    digest starts with it (:func:`digest_matches`).
+    """
     algorithm, _, digest = spec.rpartition(":")
     digest = digest.strip().lower()
+    prefix = bool(algorithm) and digest.endswith("...")
+    digest = digest.removesuffix("...") if prefix else digest
     if not algorithm:
         algorithm = next((a for a, n in _HASH_LENGTHS.items() if n == len(digest)), "")
     algorithm = algorithm.lower()
-    if algorithm not in _HASH_LENGTHS or len(digest) != _HASH_LENGTHS[algorithm] or not re.fullmatch(
-        "[0-9a-f]+", digest
-    ):
+    full = _HASH_LENGTHS.get(algorithm, 0)
+    length_ok = _MIN_PREFIX <= len(digest) <= full if prefix else len(digest) == full
+    if not full or not length_ok or not re.fullmatch("[0-9a-f]+", digest):
         raise DivekitError(
-            f"bad hash {spec!r}; expected 'sha1:<40 hex>', 'md5:<32 hex>', 'sha256:<64 hex>' "
-            "or a bare 40-hex sha1"
+            f"bad hash {spec!r}; expected 'sha1:<40 hex>', 'md5:<32 hex>', 'sha256:<64 hex>', "
+            f"a bare 40-hex sha1, or a prefix 'sha256:<{_MIN_PREFIX}+ hex>...'"
         )
     return algorithm, digest
+
+
+def digest_matches(actual: str | None, expected: str) -> bool:
+    """Whether a hex digest is ``expected`` (a whole digest, or a prefix from :func:`parse_hash`)."""
+    return actual is not None and actual.startswith(expected)
 
 
 def file_digest(path: str | os.PathLike[str], algorithm: str = "sha1") -> str:
@@ -110,7 +125,7 @@ def file_digest(path: str | os.PathLike[str], algorithm: str = "sha1") -> str:
 def check_hash(path: str | os.PathLike[str], spec: str) -> bool:
     """Whether a file's content matches a hash spec."""
     algorithm, digest = parse_hash(spec)
-    return file_digest(path, algorithm) == digest
+    return digest_matches(file_digest(path, algorithm), digest)
 
 
 # ----------------------------------------------------------------------------- download
@@ -199,7 +214,7 @@ def _verify(name: str, url: str, spec: str | None, digest: str | None, path: Pat
     if spec is None:
         return
     algorithm, expected = parse_hash(spec)
-    if digest != expected:
+    if not digest_matches(digest, expected):
         raise DivekitError(
             f"{name}: {url} has {algorithm} {digest}, expected {expected} (corrupted or changed "
             f"upstream); nothing was saved; put a good copy at {str(path)!r} by hand"

@@ -10,12 +10,18 @@ Layout of ``RUN_DIR/checkpoint/``::
 A checkpoint is written into a temporary directory, renamed into place, and only then is
 ``latest`` replaced (also via rename), so a crash at any point leaves the previous checkpoint
 intact and ``latest`` never points at a partial one. ``state.pt`` holds only tensors and plain
-Python values and loads with ``torch.load(weights_only=True)``.
+Python values and loads with ``torch.load(weights_only=True)``
+(:func:`divekit.data.pretrained.load_plain`: a pickle asking for more is refused in one line).
+
+Every file of a checkpoint (``model.safetensors``, ``state.pt``, ``latest``) is written with mode
+``0600`` (:data:`FILE_MODE`): readable and writable by its owner only, whatever the umask, since
+weights and optimizer state can be as private as the data they were trained on. The
+``epoch-NNNN`` folders are ``0700`` (``mkdtemp``).
 """
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import random
 import shutil
@@ -25,14 +31,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from divekit.data.pretrained import load_plain
 from divekit.errors import DivekitError
-from divekit.io import atomic_write_text
+from divekit.io import atomic_write_bytes, atomic_write_text
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
+FILE_MODE = 0o600  # every file of a checkpoint: read and written by its owner only
 
 
 def rng_state() -> dict[str, Any]:
@@ -91,22 +100,34 @@ def plain_cpu(obj: Any, what: str = "the value") -> Any:
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """``model``'s state as safetensors, written atomically with mode :data:`FILE_MODE`."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path))
+    atomic_write_bytes(path, safetensors_bytes(tensors), mode=FILE_MODE)
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
+                 what: str = "the model") -> None:
+    """Load a safetensors file into ``model``; a file that does not fit (a key missing or
+    unexpected, or a tensor of another shape: a class list or vocabulary of another size than
+    the weights) is one line naming the key and both shapes."""
     path = Path(path)
     if not path.is_file():
         raise DivekitError(f"no weights file at {path}")
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
-        raise DivekitError(f"cannot read weights {path}: {e}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DivekitError(f"cannot read weights {path}: {first}") from None
+    own = model.state_dict()
+    shapes = [f"{k} is {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k, v in tensors.items() if k in own and v.shape != own[k].shape]
+    if shapes:
+        more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        raise DivekitError(f"weights {path} do not fit {what}: {shapes[0]}{more}")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if strict and (missing or unexpected):
         raise DivekitError(
-            f"weights {path} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"weights {path} do not fit {what}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 
 
@@ -129,7 +150,9 @@ class CheckpointDir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
         try:
             save_weights(model, tmp / WEIGHTS)
-            torch.save(state, tmp / STATE)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            atomic_write_bytes(tmp / STATE, buffer.getvalue(), mode=FILE_MODE)
             final = self.root / name
             if final.exists():
                 shutil.rmtree(final)
@@ -137,15 +160,14 @@ class CheckpointDir:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        atomic_write_text(self.root / "latest", name + "\n")
+        atomic_write_text(self.root / "latest", name + "\n", mode=FILE_MODE)
         self._prune(keep_name=name)
         return final
 
     def load_state(self, path: Path) -> dict[str, Any]:
-        try:
-            return torch.load(path / STATE, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DivekitError(f"cannot read checkpoint state {path / STATE}: {e}") from None
+        """``state.pt`` read with ``weights_only=True``: a pickle asking for anything but
+        tensors and plain values is refused in one line before any of it runs."""
+        return load_plain(path / STATE, "checkpoint state")
 
     def _prune(self, keep_name: str) -> None:
         done = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))

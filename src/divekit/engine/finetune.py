@@ -12,14 +12,13 @@ here works on both. "Freeze the first N stages" means the first N children of ``
 
 from __future__ import annotations
 
-import pickle
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from divekit.data import pretrained
 from divekit.errors import DivekitError
 from divekit.models.base import Classifier
 
@@ -85,28 +84,10 @@ def param_groups(model: nn.Module, lr: float, *, head_lr_mult: float = 10.0,
 # ----------------------------------------------------------------------------- weights
 def load_state_file(path: str | Path) -> dict[str, Tensor]:
     """A state dict from ``.safetensors`` or a ``torch.save`` file, loaded with
-    ``weights_only=True`` (nothing in the file is executed). ``{"state_dict": ...}`` and
-    ``{"model": ...}`` wrappers are unwrapped."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DivekitError(
-            f"{path} is not a plain state dict; refused without executing it (weights_only=True): {first}"
-        ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
-    ):
-        raise DivekitError(f"{path} does not hold a state dict (parameter name → tensor)")
-    return obj
+    ``weights_only=True`` (nothing in the file is executed; a pickle that asks for more is
+    refused in one line). ``{"state_dict": ...}`` and ``{"model": ...}`` wrappers are unwrapped.
+    See :func:`divekit.data.pretrained.load_state_file`."""
+    return pretrained.load_state_file(path)
 
 
 def load_matching(model: nn.Module, state: dict[str, Tensor], what: str) -> None:

@@ -120,7 +120,9 @@ def write_record(run_dir: Path, task: Task) -> None:
 
 
 def read_record(run_dir: str | Path) -> dict[str, Any]:
-    """A run's ``config.json``, checked to be a divekit record."""
+    """A run's ``config.json``, checked to be a divekit record: a JSON object whose ``config``
+    is an object and whose ``task``, ``divekit_version`` and ``command`` (when present) are
+    strings. Every failure is one line naming the file."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise DivekitError(f"{run_dir} is not a divekit run directory (no {CONFIG})")
@@ -128,9 +130,78 @@ def read_record(run_dir: str | Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DivekitError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-        raise DivekitError(f"{path} is not a divekit run record (an object with a 'config' object)")
+    if not isinstance(record, dict):
+        raise DivekitError(f"{path} is not a divekit run record: a JSON {_json_type(record)}, "
+                           "not an object")
+    if not isinstance(record.get("config"), dict):
+        got = "lacks 'config'" if "config" not in record else \
+            f"has a {_json_type(record['config'])} as 'config'"
+        raise DivekitError(f"{path} is not a divekit run record: it {got} (an object expected)")
+    check_record(record, {"task": str, "divekit_version": str, "command": str}, path,
+                 required=False)
     return record
+
+
+def check_record(record: dict[str, Any], keys: dict[str, Any], path: str | Path,
+                 required: bool = True) -> None:
+    """Refuse a record whose ``keys`` (name → type, as for ``isinstance``; ``float`` takes ints
+    too, ``int`` never takes a bool) are missing (when ``required``) or of another type: one
+    line naming the file, the key, the type found and the one expected."""
+    for key, types in keys.items():
+        if key not in record:
+            if required:
+                raise DivekitError(f"{path} lacks {key!r}, which a {record.get('task')} run needs")
+            continue
+        if not _is_a(record[key], types):
+            names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            raise DivekitError(f"{path}: {key!r} is a {_json_type(record[key])}, not a {names}")
+
+
+def _is_a(value: Any, types: Any) -> bool:
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _config_type_errors(config_cls: type, values: dict[str, Any]) -> list[str]:
+    """``key (found, expected)`` for each saved config value whose type its field refuses."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: judge nothing
+        return []
+    return [f"{k} is {v!r}, not {getattr(hints[k], '__name__', hints[k])}"
+            for k, v in values.items() if k in hints and not _fits_hint(v, hints[k])]
+
+
+def _fits_hint(value: Any, hint: Any) -> bool:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits_hint(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint in (bool, int, float, str):
+        return _is_a(value, hint)
+    if hint in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, list | tuple)  # JSON keeps tuples as lists
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True  # Any, callables and the rest: not judged here
 
 
 def resume_values(config_cls: type, typed: dict[str, Any], run_name: str) -> dict[str, Any]:
@@ -198,7 +269,13 @@ def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
     run_dir = Path(run_dir)
     record = read_record(run_dir)
     cls = task_class(str(record.get("task", "classify")))
+    # a task's facts in the record (classes, vocabulary sizes): class attribute record_keys,
+    # name → type, checked here so a bad record is one line and not a KeyError later
+    check_record(record, getattr(cls, "record_keys", None) or {}, run_dir / CONFIG)
     values = {**known_values(cls.Config, record["config"]), "resume": False, "out": None}
+    wrong = _config_type_errors(cls.Config, values)
+    if wrong:
+        raise DivekitError(f"{run_dir / CONFIG}: config {'; '.join(wrong[:3])}")
     try:
         config = config_from_dict(cls.Config, {**values, **overrides})
     except TypeError as e:
@@ -208,7 +285,9 @@ def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
     run = Run(run_dir, config, record, task)
     model = task.build_model()
     if weights:
-        load_weights(model, run.latest_weights())
+        # a class list or vocabulary that does not fit the weights: one line naming the key
+        # and both shapes (engine.checkpoint.load_weights)
+        load_weights(model, run.latest_weights(), what=f"the model built from {run_dir / CONFIG}")
     run.model = model.to(resolve_device(device)).eval()
     return run
 

@@ -51,10 +51,12 @@ for 800 px COCO photos), all overridable by keyword:
 * Mask R-CNN's mask logits layer starts at N(0, 0.001²) as in Detectron2 (torchvision's
   fan-out Kaiming init makes the first mask loss ≈ 10 with a few classes, and it diverges).
 
-Weights: random initialisation by default (no download, ever). ``weights=`` takes a
-torchvision weights name (``"DEFAULT"``, ``"COCO_V1"`` or the full enum name) only when its
-file is already in torch's hub cache, or the path of a saved state dict; the class-specific
-predictor layers are then replaced by fresh ones for C + 1 classes.
+Weights: random initialisation by default (no download). ``weights=`` takes a torchvision
+weights name (``"DEFAULT"``, ``"COCO_V1"`` or the full enum name) only when its file is
+already in torch's hub cache, read by :mod:`divekit.data.pretrained` (sha256 checked against
+the file name on every use, ``weights_only=True``; torchvision's own loader, which unpickles
+anything, is never called), or the path of a saved state dict (``weights_only=True`` too);
+the class-specific predictor layers are then replaced by fresh ones for C + 1 classes.
 """
 
 from __future__ import annotations
@@ -64,21 +66,26 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import (
+    FasterRCNN,
     FasterRCNN_MobileNet_V3_Large_FPN_Weights,
+    MaskRCNN,
     MaskRCNN_ResNet50_FPN_Weights,
     fasterrcnn_mobilenet_v3_large_fpn,
     maskrcnn_resnet50_fpn,
 )
+from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops.misc import FrozenBatchNorm2d
 
+from divekit.data import pretrained
 from divekit.errors import DivekitError
 from divekit.models.detector import ADAM_RECIPE, Detector
 from divekit.models.registry import register_model
@@ -285,14 +292,29 @@ def _weights_enum(enum: Any, name: str) -> Any:
                            f"{', '.join(m.name for m in enum)}, or a state-dict file") from None
 
 
-def _cached_weights(enum: Any, name: str) -> Any:
-    """The torchvision weights ``name`` if their file is already in torch's hub cache."""
+def _pretrained_net(enum: Any, name: str, settings: dict[str, Any]) -> GeneralizedRCNN:
+    """The network torchvision's builder makes for its weights ``name`` — FrozenBatchNorm2d in
+    the backbone (default eps, as the builder passes ``norm_layer`` bare), all but the top
+    ``trainable_backbone_layers`` (default 3) backbone stages frozen, its class count — with the
+    weights read by :func:`divekit.data.pretrained.torchvision_state` (hash checked on every
+    use, ``weights_only=True``), never by torchvision's loader."""
     weights = _weights_enum(enum, name)
-    file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
-    if not file.is_file():
-        raise DivekitError(f"weights {name!r} are not in {file.parent} and divekit does not download "
-                           f"them: fetch {weights.url} into that folder, or pass the file's path")
-    return weights
+    settings = dict(settings)
+    trainable = settings.pop("trainable_backbone_layers", 3)
+    classes = len(weights.meta["categories"])
+    if enum is MaskRCNN_ResNet50_FPN_Weights:
+        backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                       norm_layer=FrozenBatchNorm2d, trainable_layers=trainable)
+        net: GeneralizedRCNN = MaskRCNN(backbone, classes, **settings)
+    else:
+        backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True,
+                                      norm_layer=FrozenBatchNorm2d, trainable_layers=trainable)
+        anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+        net = FasterRCNN(backbone, classes, rpn_anchor_generator=anchors, **settings)
+    net.load_state_dict(pretrained.torchvision_state(weights, download_missing=False))
+    if weights == MaskRCNN_ResNet50_FPN_Weights.COCO_V1:
+        overwrite_eps(net, 0.0)  # as torchvision's builder: these legacy weights were trained so
+    return net
 
 
 def _is_path(weights: str) -> bool:
@@ -308,14 +330,7 @@ def load_state_file(net: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise DivekitError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise DivekitError(f"{path}: not a PyTorch state dict ({type(e).__name__}: {e})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise DivekitError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = pretrained.load_state_file(path)  # weights_only=True; a pickle asking more: one line
     state = {k.removeprefix("net."): v for k, v in state.items()}
     own = net.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
@@ -339,7 +354,7 @@ def _build(builder: Callable[..., GeneralizedRCNN], enum: Any, name: str, num_cl
     settings = {**small_image_settings(image_size), **overrides}
     named = weights is not None and not _is_path(weights)
     if named:
-        net = builder(weights=_cached_weights(enum, str(weights)), **settings)
+        net = _pretrained_net(enum, str(weights), settings)
     else:
         net = builder(weights=None, weights_backbone=None, num_classes=num_classes + 1, **settings)
     net.rpn.anchor_generator = scaled_anchors(net.rpn.anchor_generator, image_size)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from divekit.data import pretrained
 from divekit.errors import DivekitError
 
 log = logging.getLogger("divekit")
@@ -100,7 +101,7 @@ def resolve_vgg19(weights: str | os.PathLike[str] | None) -> tuple[nn.Sequential
             "IMAGENET1K_V1", "DEFAULT"):
         from torchvision.models import VGG19_Weights
 
-        state = VGG19_Weights[str(weights).upper()].get_state_dict(progress=True)
+        state = pretrained.torchvision_state(VGG19_Weights[str(weights).upper()])  # checked, weights_only
         features.load_state_dict(_features_state(state))
         return features, f"torchvision VGG19_Weights.{str(weights).upper()}"
     if weights is not None:

@@ -10,8 +10,10 @@ target's classes and trains it through the classification task (so ``divekit eva
   and is built with torchvision's own builder, split into ``features`` stages and ``head``
   (:func:`divekit.engine.finetune.torchvision_classifier`). We do not map torchvision's names
   onto our zoo: the zoo follows the course, whose blocks differ (e.g. its ResNet shortcut conv);
-* ``ARCH:WEIGHTS`` such as ``resnet18:IMAGENET1K_V1``: torchvision's published weights, which
-  are downloaded once (never by the tests).
+* ``ARCH:WEIGHTS`` such as ``resnet18:IMAGENET1K_V1``: torchvision's published weights,
+  downloaded once into torch's hub cache and read by :mod:`divekit.data.pretrained` (the
+  file's sha256 checked against its name before every use, ``weights_only=True``), never by
+  torchvision's own loader.
 
 Grayscale targets use RGB sources by summing the first convolution's filters over the colour
 channels; inputs are standardised with the source's statistics (ImageNet's for torchvision).
@@ -29,9 +31,11 @@ import torch
 from torch import nn
 
 from divekit.config import option
+from divekit.data import pretrained
 from divekit.engine import finetune as ft
+from divekit.engine.checkpoint import load_weights
 from divekit.engine.config import Check, finite
-from divekit.engine.run import Run, TrainResult, read_record, train
+from divekit.engine.run import CONFIG, Run, TrainResult, check_record, read_record, train
 from divekit.errors import DivekitError
 from divekit.tasks import classify
 
@@ -80,18 +84,23 @@ class Source:
 
 
 # ----------------------------------------------------------------------------- sources
+# what a classification run's config.json must hold to rebuild its classifier
+_CLASSIFY_RECORD = {"classes": list, "in_channels": int, "image_size": list, "mean": list,
+                    "std": list}
+
+
 def _from_run(path: Path, arch: str | None) -> Source:
     record = read_record(path)
     if record.get("task") != "classify":
         raise DivekitError(f"SOURCE {path} is a {record.get('task')!r} run, not a classifier")
+    check_record(record, {**_CLASSIFY_RECORD, "config": dict}, path / CONFIG)
+    check_record(record["config"], {"model": str}, path / CONFIG)
     name = record["config"]["model"]
     if arch is not None and arch not in (name, name.removeprefix(ft.TORCHVISION_PREFIX)):
         raise DivekitError(f"SOURCE {path} trained {name!r}; --arch {arch!r} does not match")
     model = classify.build_classifier(name, len(record["classes"]), record["in_channels"])
     weights = Run(path, None).latest_weights()
-    from safetensors.torch import load_file
-
-    ft.load_matching(model, load_file(str(weights)), f"SOURCE {weights} ({len(record['classes'])} classes)")
+    load_weights(model, weights, what=f"SOURCE {path}'s {CONFIG} ({len(record['classes'])} classes)")
     return Source(name, model, record["in_channels"], tuple(record["mean"]), tuple(record["std"]),
                   tuple(record["image_size"]), f"run {path} ({name}, classes {record['classes']})")
 
@@ -120,7 +129,8 @@ def _from_torchvision_name(spec: str) -> Source:
         raise DivekitError(f"unknown torchvision model {arch!r} in SOURCE {spec!r}") from None
     if tag not in enum.__members__:
         raise DivekitError(f"unknown weights {tag!r} for {arch}; choose one of: {', '.join(enum.__members__)}")
-    state = enum[tag].get_state_dict(progress=True)  # downloads once into torch's hub cache
+    # divekit's loader, never torchvision's: hash checked on every use, weights_only=True
+    state = pretrained.torchvision_state(enum[tag])
     return _from_state(arch, state, f"torchvision {spec}")
 
 
