@@ -19,6 +19,16 @@ Each row times divekit and its peer on the same inputs in the same process (medi
 
     python benchmarks/translation.py
     python benchmarks/translation.py --repeats 7
+
+``corpus``: the whole-corpus Transformer. Trains on every fra-eng pair but a fixed held-out
+2,000 (seed 0) for at most ``--budget-min`` minutes of training (tokenizer training and data
+preparation not counted; the clock stops the run mid-epoch), then translates the held-out
+sources greedily and with beam 4 and scores them with the ``sacrebleu`` package itself
+(13a, detokenized output against the raw lower-cased French references, ``lowercase=True``),
+with the course's four sentences. Results go to ``OUT/results.json``::
+
+    nice python benchmarks/translation.py corpus --tokenizer bpe:4000 --budget-min 45 --out runs/bpe
+    nice python benchmarks/translation.py corpus --budget-min 45 --out runs/words
 """
 
 from __future__ import annotations
@@ -154,7 +164,104 @@ def tensor_rows(repeats: int) -> None:
     row("transformer encoder", a_, b_, "d2l")
 
 
+COURSE_SENTENCES = [("go .", "va !"), ("i lost .", "j'ai perdu ."), ("he's calm .", "il est calme ."),
+                    ("i'm home .", "je suis chez moi .")]
+
+
+class BudgetReached(Exception):
+    pass
+
+
+def corpus_main(argv: list[str]) -> None:
+    import json
+    import sys
+
+    import sacrebleu
+
+    from divekit.data.translation import detokenize, split_indices
+    from divekit.engine.callbacks import Callback
+    from divekit.engine.run import make_config, train
+    from divekit.io import atomic_write_json
+    from divekit.tasks.translate import TranslateConfig, TranslationTask
+
+    p = argparse.ArgumentParser(prog="translation.py corpus")
+    p.add_argument("--tokenizer", default=None, help="bpe:N (default: words)")
+    p.add_argument("--budget-min", type=float, default=45.0)
+    p.add_argument("--num-steps", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.001)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-size", type=int, default=2000)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not FRA.is_file():
+        sys.exit(f"skipped: {FRA} not found")
+    values = {"model": "transformer", "data": "fra-eng", "data_dir": str(FRA.parent),
+              "val_size": args.val_size, "num_steps": args.num_steps, "epochs": 100,
+              "batch_size": args.batch_size, "lr": args.lr, "bleu_examples": 0, "dropout": 0.1,
+              "out": args.out, "tokenizer": args.tokenizer, "min_freq": 2}
+    cfg = make_config(TranslateConfig, values)
+    task = TranslationTask(cfg)
+    t0 = time.perf_counter()
+    data = task.data
+    prep_s = time.perf_counter() - t0
+    budget = args.budget_min * 60
+
+    class Budget(Callback):
+        def on_fit_start(self, trainer):
+            self.trainer, self.start, self.steps = trainer, time.perf_counter(), 0
+
+        def on_train_batch_end(self, trainer, index, logs):
+            self.steps += 1
+            if time.perf_counter() - self.start > budget:
+                raise BudgetReached
+
+    budget_cb = Budget()
+    try:
+        train(task, [budget_cb])
+    except BudgetReached:
+        pass
+    train_s = time.perf_counter() - budget_cb.start
+    model = budget_cb.trainer.model.eval()
+    import io
+
+    from divekit.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)  # the weights at the budget's end, for re-scoring
+    atomic_write_bytes(Path(args.out) / "budget_weights.pt", buf.getvalue())
+    # the held-out pairs' raw text, in the split's order (one pair per line with a tab)
+    lines = [ln.split("\t") for ln in FRA.read_text(encoding="utf-8").split("\n") if "\t" in ln]
+    _, val_idx = split_indices(len(lines), args.val_size / len(lines), cfg.seed)
+    assert len(val_idx) == len(data.val.src)
+    sources = [lines[i][0] for i in val_idx]
+    refs = [lines[i][1].replace("\u202f", " ").replace("\xa0", " ").lower() for i in val_idx]
+    results = {"tokenizer": args.tokenizer or "words", "train_pairs": len(data.train.src),
+               "src_vocab": len(data.src_vocab), "tgt_vocab": len(data.tgt_vocab),
+               "prep_s": prep_s, "train_s": train_s, "steps": budget_cb.steps,
+               "epochs": budget_cb.steps * args.batch_size / len(data.train.src),
+               "threads": args.threads, "num_steps": args.num_steps}
+    for beam in (1, 4):
+        t = time.perf_counter()
+        found = task.translate_sentences(model, sources, beam, batch_size=250)
+        hyps = [detokenize(h[0].text) if h else "" for h in found]
+        score = sacrebleu.corpus_bleu(hyps, [refs], lowercase=True)
+        results[f"sacrebleu_beam{beam}"] = score.score
+        results[f"decode_s_beam{beam}"] = time.perf_counter() - t
+        results[f"examples_beam{beam}"] = list(zip(sources[:10], hyps[:10], refs[:10]))
+    course = task.translate_sentences(model, [e for e, _ in COURSE_SENTENCES], 4)
+    results["course"] = [(e, h[0].text, f) for (e, f), h in zip(COURSE_SENTENCES, course)]
+    atomic_write_json(Path(args.out) / "results.json", results)
+    print(json.dumps({k: v for k, v in results.items() if not k.startswith("examples")}, indent=1))
+
+
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["corpus"]:
+        corpus_main(sys.argv[2:])
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5, help="interleaved runs per row (default: 5)")
     p.add_argument("--threads", type=int, default=1)

@@ -128,3 +128,32 @@ def test_index_state_keeps_structure():
     out = index_state(state, torch.tensor([2, 0]))
     assert out["a"].tolist() == [[4, 5], [0, 1]] and out["b"][0].tolist() == [2, 0]
     assert out["b"][1] is None and out["n"] == 5
+
+
+def test_n_best_lists_the_best_finished_hypotheses_in_order():
+    model = ToyDecoder(vocab=4, seed=3)
+    out = beam_search(model.step, model.init(2), 1, 0, 4, beam_size=3, batch_size=2, n_best=3)
+    for row in range(2):
+        hyps = out.nbest[row]
+        assert 1 <= len(hyps) <= 3 and hyps[0] == (out.tokens[row], out.scores[row], out.normalized[row])
+        norms = [h[2] for h in hyps]
+        assert norms == sorted(norms, reverse=True)
+        for seq, total, norm in hyps:  # each score is the sequence's own log-probability
+            assert total == pytest.approx(model.log_prob(seq, 1), abs=1e-5)
+            assert norm == pytest.approx(total / len(seq) ** 0.75)
+    with pytest.raises(DivekitError, match="n_best"):
+        beam_search(model.step, model.init(2), 1, 0, 4, beam_size=2, batch_size=2, n_best=3)
+
+
+def test_index_state_follows_dataclass_states():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class State:
+        h: torch.Tensor
+        lens: torch.Tensor | None
+        offset: int
+
+    s = State(torch.arange(6.0).reshape(3, 2), None, 4)
+    picked = index_state(s, torch.tensor([2, 0]))
+    assert picked.h.tolist() == [[4, 5], [0, 1]] and picked.lens is None and picked.offset == 4

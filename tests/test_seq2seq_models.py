@@ -31,7 +31,8 @@ def test_the_courses_encoder_and_decoder_shapes():
     outputs, state = enc(X)
     assert outputs.shape == (9, 4, 16) and state.shape == (2, 4, 16)
     dec = Seq2SeqDecoder(10, 8, 16, 2)
-    logits, (context, hidden) = dec(X, dec.init_state(enc(X)))
+    logits, new_state = dec(X, dec.init_state(enc(X)))
+    context, hidden = new_state.context, new_state.hidden
     assert logits.shape == (4, 9, 10) and context.shape == (4, 16) and hidden.shape == (2, 4, 16)
 
 
@@ -131,7 +132,7 @@ def test_decoder_block_equals_torch_transformer_decoder_layer():
     X, memory, lens = torch.randn(2, t, d), torch.randn(2, s, d), torch.tensor([5, 3])
     causal = nn.Transformer.generate_square_subsequent_mask(t)
     expected = ref(X, memory, tgt_mask=causal, memory_key_padding_mask=torch.arange(s) >= lens[:, None])
-    out, _ = ours(X, [memory, lens, [None]])
+    out, _ = ours(X, ours.init_cache(memory), lens)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -31,7 +31,7 @@ def config(model: str, **values) -> TranslateConfig:
 
 
 def _rows(run):
-    with open(run / "metrics.csv") as f:
+    with open(run / "metrics.csv", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -52,7 +52,7 @@ def test_training_lowers_the_loss_and_reports_bleu(transformer_run):
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert float(rows[-1]["train_loss"]) < 0.7 * float(rows[0]["train_loss"])
     assert float(rows[-1]["val_bleu"]) > float(rows[0]["val_bleu"]) >= 0
-    lines = (transformer_run / "translations.txt").read_text().splitlines()
+    lines = (transformer_run / "translations.txt").read_text(encoding="utf-8").splitlines()
     assert lines[0] == "source\toutput\treference" and len(lines) == 61
     for name in ("src_vocab.json", "tgt_vocab.json", "curves.png", "config.json"):
         assert (transformer_run / name).is_file()
@@ -124,7 +124,7 @@ def test_mid_epoch_resume_continues_bit_identically(tmp_path):
     resumed = train(TranslationTask(config("transformer", out=str(tmp_path / "b"), resume=True, **cfg)))
     _same_weights(straight.model, resumed.model)
     assert [r["train_loss"] for r in straight.history] == [r["train_loss"] for r in resumed.history]
-    assert (tmp_path / "a" / "translations.txt").read_text() == (tmp_path / "b" / "translations.txt").read_text()
+    assert (tmp_path / "a" / "translations.txt").read_text(encoding="utf-8") == (tmp_path / "b" / "translations.txt").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("model", ["seq2seq", "seq2seq_attention"])
@@ -223,3 +223,98 @@ def test_translate_refuses_empty_sentences_and_other_runs(transformer_run, capsy
     other = dataclasses.replace(run, task=None)
     with pytest.raises(DivekitError, match="not a translation run"):
         translate(other, ["hi"])
+
+
+# ----------------------------------------------------------------------------- translation as users run it
+
+
+def test_translate_reads_a_file_keeping_empty_lines(transformer_run, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("i have twenty-one cats .\n\nthree dogs .\n", encoding="utf-8")
+    assert main(["translate", str(transformer_run), "-i", str(src), "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""  # 3 outputs, the 2nd empty
+    expected = translate(load_run(transformer_run), ["i have twenty-one cats .", "three dogs ."])
+    assert [lines[0], lines[2]] == expected.outputs
+
+
+def test_translate_reads_standard_input(transformer_run, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("three dogs .\n"))
+    assert main(["translate", str(transformer_run)]) == 0
+    assert capsys.readouterr().out.splitlines() == translate(load_run(transformer_run),
+                                                             ["three dogs ."]).outputs
+
+
+def test_n_best_lists_hypotheses_best_first_with_normalised_scores(transformer_run, capsys):
+    assert main(["translate", str(transformer_run), "three dogs .", "--beam", "4",
+                 "--n-best", "3"]) == 0
+    rows = [line.split(" ||| ") for line in capsys.readouterr().out.splitlines()]
+    assert [r[0] for r in rows] == ["0", "0", "0"]
+    scores = [float(r[2]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and all(s <= 0 for s in scores)
+    best = translate(load_run(transformer_run), ["three dogs ."], beam=4).outputs[0]
+    assert rows[0][1] == best
+    found = translate(load_run(transformer_run), ["three dogs ."], beam=4, n_best=3).nbest[0]
+    assert [h.text for h in found] == [r[1] for r in rows]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["x", "--beam", "0"], "--beam must be at least 1"),
+    (["x", "--beam", "2", "--n-best", "3"], "--n-best 3 is larger than --beam 2"),
+    (["x", "--batch-size", "0"], "--batch-size"),
+    (["-i", "/nonexistent/in.txt"], "no such file"),
+])
+def test_bad_translate_options_are_one_line(transformer_run, capsys, argv, needle):
+    assert main(["translate", str(transformer_run), *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_only_unknown_words_get_a_one_line_note(transformer_run, capsys):
+    assert main(["translate", str(transformer_run), "zyzzyva quux"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("zyzzyva quux => ")
+    assert captured.err.count("\n") == 1 and "'zyzzyva', 'quux'" in captured.err
+
+
+def test_a_run_of_another_task_is_refused_in_one_line(tmp_path, capsys):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"task": "classify", "config": {}}),
+                                          encoding="utf-8")
+    assert main(["translate", str(tmp_path), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "'classify' run, not a translation run" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_tokenizer_file_that_is_not_sentencepiece_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "tok.model"
+    bad.write_bytes(b"not a sentencepiece model at all")
+    assert main(["train", "transformer", "--tokenizer", str(bad), "--out", str(tmp_path / "r"),
+                 "--quiet", "--epochs", "1", "--limit", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a SentencePiece model" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "transformer", "--tokenizer", "bpe:x", "--out", str(tmp_path / "s"),
+                 "--quiet"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_subword_translation_end_to_end(tmp_path, capsys):
+    """--tokenizer bpe:N: a SentencePiece model trained on the training pairs, saved with the
+    run; translations come back as words; evaluate reports BLEU and sacreBLEU."""
+    pytest.importorskip("sentencepiece")
+    out = tmp_path / "bpe"
+    cfg = config("transformer", epochs=2, lr=0.005, out=str(out), tokenizer="bpe:120",
+                 num_steps=24)
+    result = train(TranslationTask(cfg))
+    assert (out / "tokenizer.model").is_file()
+    run = load_run(out)
+    assert run.record["tokenizer_pieces"] == 120
+    text = translate(run, ["i have twenty-one cats ."]).outputs[0]
+    assert "▁" not in text and text.strip() == text
+    assert result.history[-1]["val_sacrebleu"] >= 0
+    assert main(["evaluate", str(out), "--device", "cpu"]) == 0
+    line = capsys.readouterr().out
+    assert "BLEU" in line and "sacreBLEU (13a, detokenized)" in line

@@ -542,3 +542,31 @@ def test_the_whole_real_file_is_cleaned_and_split_exactly_like_the_course():
     reference = course_preprocess(text)  # ~5 s: the course's character loop
     assert preprocess_nmt(text) == reference
     assert tokenize_nmt(preprocess_nmt(text)) == course_tokenize(reference)
+
+
+def test_every_text_file_of_the_translation_area_is_opened_with_an_encoding():
+    """The course opens fra.txt without an encoding (the locale's, not UTF-8, on Windows): every
+    open(), read_text() and write_text() of this area's modules names one (binary opens aside)."""
+    import ast
+    from pathlib import Path
+
+    import divekit
+
+    root = Path(divekit.__file__).parent
+    files = ["data/translation.py", "data/tokenizer.py", "tasks/translate.py", "cli/translate.py",
+             "ops/bleu.py", "ops/decoding.py", "models/kernel_regression.py"]
+    missing = []
+    for name in files:
+        tree = ast.parse((root / name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if called not in ("open", "read_text", "write_text"):
+                continue
+            mode = node.args[1] if called == "open" and len(node.args) > 1 else None
+            binary = isinstance(mode, ast.Constant) and "b" in str(mode.value)
+            if not binary and not any(k.arg == "encoding" for k in node.keywords):
+                missing.append(f"{name}:{node.lineno}")
+    assert missing == []

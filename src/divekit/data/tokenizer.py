@@ -62,8 +62,8 @@ class SentencePieceTokenizer:
         return list(self.processor.EncodeAsPieces(text))
 
     def encode_lines(self, lines: Sequence[str]) -> list[list[str]]:
-        """Like :func:`divekit.data.text.tokenize`: a list of pieces per line."""
-        return [self.encode(line) for line in lines]
+        """Like :func:`divekit.data.text.tokenize`: a list of pieces per line (one batched call)."""
+        return [list(p) for p in self.processor.Encode(list(lines), out_type=str)]
 
     def decode(self, pieces: Sequence[str]) -> str:
         return str(self.processor.DecodePieces(list(pieces)))
@@ -104,3 +104,24 @@ def train_tokenizer(
         message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise DivekitError(f"SentencePiece could not train a {vocab_size}-piece {model_type} model: {message}") from None
     return SentencePieceTokenizer(buf.getvalue(), f"<{model_type} {vocab_size}>")
+
+
+def parse_tokenizer_spec(spec: str) -> tuple[str, int] | None:
+    """``"bpe:8000"`` → ``("bpe", 8000)`` (any of :data:`MODEL_TYPES`); ``None`` for anything
+    else (then the spec names a model file). A malformed size raises :class:`DivekitError`."""
+    kind, sep, size = spec.partition(":")
+    if not sep or kind not in MODEL_TYPES:
+        return None
+    if not size.isdigit() or int(size) < 4:
+        raise DivekitError(f"--tokenizer {spec!r}: the size after '{kind}:' must be a whole number "
+                           "of pieces, at least 4 (e.g. bpe:8000)")
+    return kind, int(size)
+
+
+def tokenizer_from_spec(spec: str, lines: Sequence[str]) -> SentencePieceTokenizer:
+    """``"bpe:N"`` / ``"unigram:N"``: a model of N pieces trained on ``lines``; otherwise the
+    path of a trained SentencePiece model file."""
+    parsed = parse_tokenizer_spec(spec)
+    if parsed is None:
+        return SentencePieceTokenizer.load(spec)
+    return train_tokenizer(lines, parsed[1], model_type=parsed[0])

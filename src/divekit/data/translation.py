@@ -48,6 +48,7 @@ from divekit.data.loader import TensorBatchLoader
 from divekit.data.numbers_fr import NUMBERS_FR_SIZE, numbers_fr
 from divekit.data.registry import register_dataset
 from divekit.data.text import Vocab
+from divekit.data.tokenizer import tokenizer_from_spec
 from divekit.errors import DataNotFoundError, DivekitError, UnknownNameError
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -287,11 +288,31 @@ def decoder_inputs(tgt: Tensor, bos_index: int) -> Tensor:
     return torch.cat([bos, tgt[:, :-1]], dim=1)
 
 
+def sentence_tokens(sentences: Sequence[str], tokenizer: Any = None) -> list[list[str]]:
+    """Raw sentences cleaned and split as the training pairs were: words, or subword pieces."""
+    words = [_split_on_spaces(preprocess_nmt(s)) for s in sentences]
+    if tokenizer is None:
+        return words
+    return tokenizer.encode_lines([" ".join(w) for w in words])
+
+
+def tokens_to_text(tokens: Sequence[str], tokenizer: Any = None) -> str:
+    """The inverse of :func:`sentence_tokens` for one sentence: words joined by spaces, or
+    pieces decoded to words (the cleaned, lower-cased text)."""
+    return tokenizer.decode(list(tokens)) if tokenizer is not None else " ".join(tokens)
+
+
+def detokenize(text: str) -> str:
+    """Cleaned text back to ordinary spacing: no space before ``,`` and ``.`` (which
+    :func:`preprocess_nmt` put there); French keeps its space before ``!`` and ``?``."""
+    return re.sub(r" (?=[,.])", "", text)
+
+
 def encode_sentences(
-    sentences: Sequence[str], vocab: Vocab, num_steps: int
+    sentences: Sequence[str], vocab: Vocab, num_steps: int, tokenizer: Any = None
 ) -> tuple[Tensor, Tensor]:
     """Raw sentences (e.g. a user's input to translate) → :func:`build_array` of their tokens."""
-    return build_array([_split_on_spaces(preprocess_nmt(s)) for s in sentences], vocab, num_steps)
+    return build_array(sentence_tokens(sentences, tokenizer), vocab, num_steps)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -321,6 +342,11 @@ class TranslationData:
     val: TranslationArrays
     val_pairs: list[tuple[list[str], list[str]]]
     num_steps: int
+    tokenizer: Any = None  # a SentencePieceTokenizer when the pairs are subword pieces
+
+    def text(self, tokens: Sequence[str]) -> str:
+        """Tokens (words, or pieces decoded by the tokenizer) as a sentence."""
+        return tokens_to_text(tokens, self.tokenizer)
 
     def train_loader(
         self, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False
@@ -369,6 +395,7 @@ def load_translation(
     data_dir: str | os.PathLike[str] | None = None,
     download: bool = False,
     tokenizer: Any = None,
+    val_size: int | None = None,
 ) -> TranslationData:
     """The course's ``load_data_nmt`` with a validation split: ``name`` is ``'fra-eng'`` or
     ``'numbers-fr'``.
@@ -380,8 +407,10 @@ def load_translation(
     training pairs only: words that occur only in validation sentences then map to ``<unk>``, as
     unseen words do at translation time, so validation loss and BLEU are not flattered by a
     vocabulary that has seen them (the course counts all pairs; it has no validation split).
-    ``tokenizer`` (e.g. a :class:`~divekit.data.tokenizer.SentencePieceTokenizer`, one for both
-    languages) replaces the word split of each cleaned sentence by its ``encode_lines``.
+    ``tokenizer`` (a :class:`~divekit.data.tokenizer.SentencePieceTokenizer`, one for both
+    languages, or a spec such as ``"bpe:8000"``, trained here on the training split's cleaned
+    sentences of both sides) replaces the word split of each cleaned sentence by its pieces.
+    ``val_size`` holds out exactly that many pairs instead of ``val_fraction``.
     """
     if name not in _READERS:
         raise UnknownNameError("translation dataset", name, _READERS)
@@ -396,10 +425,15 @@ def load_translation(
         text = _head(text, max_examples)
     with _gc_paused():
         src, tgt = tokenize_nmt(preprocess_nmt(text), max_examples)
+        if val_size is not None:
+            val_fraction = val_size / max(len(src), 1)
+        train_idx, val_idx = split_indices(len(src), val_fraction, seed)
+        if isinstance(tokenizer, str):  # a spec: trained on the training pairs only
+            lines = [" ".join(side[i]) for side in (src, tgt) for i in train_idx]
+            tokenizer = tokenizer_from_spec(tokenizer, lines)
         if tokenizer is not None:
             src = tokenizer.encode_lines([" ".join(s) for s in src])
             tgt = tokenizer.encode_lines([" ".join(t) for t in tgt])
-        train_idx, val_idx = split_indices(len(src), val_fraction, seed)
         reserved = list(RESERVED_TOKENS)
         src_vocab = Vocab([src[i] for i in train_idx], min_freq=min_freq, reserved_tokens=reserved)
         tgt_vocab = Vocab([tgt[i] for i in train_idx], min_freq=min_freq, reserved_tokens=reserved)
@@ -412,7 +446,8 @@ def load_translation(
         return TranslationArrays(src_array[rows], src_len[rows], tgt_array[rows], tgt_len[rows])
 
     return TranslationData(
-        name, src_vocab, tgt_vocab, split(train_idx), split(val_idx), val_pairs, num_steps
+        name, src_vocab, tgt_vocab, split(train_idx), split(val_idx), val_pairs, num_steps,
+        tokenizer,
     )
 
 

@@ -106,7 +106,16 @@ class AdditiveAttention(nn.Module):
 
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor,
                 valid_lens: Tensor | None = None) -> Tensor:
-        q, k = self.W_q(queries), self.W_k(keys)  # (B, Q, h), (B, K, h)
+        return self.attend(queries, self.project_keys(keys), values, valid_lens)
+
+    def project_keys(self, keys: Tensor) -> Tensor:
+        """``W_k k``: ``(B, K, d_k) → (B, K, h)``; a decoder computes it once per source."""
+        return self.W_k(keys)
+
+    def attend(self, queries: Tensor, projected_keys: Tensor, values: Tensor,
+               valid_lens: Tensor | None = None) -> Tensor:
+        """Attention with keys already projected by :meth:`project_keys`."""
+        q, k = self.W_q(queries), projected_keys  # (B, Q, h), (B, K, h)
         features = torch.tanh(q.unsqueeze(2) + k.unsqueeze(1))  # (B, Q, K, h)
         scores = self.w_v(features).squeeze(-1)  # (B, Q, K)
         weights = masked_softmax(scores, valid_lens)
@@ -152,16 +161,28 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor,
                 valid_lens: Tensor | None = None) -> Tensor:
-        q = self.transpose_qkv(self.W_q(queries))
-        k = self.transpose_qkv(self.W_k(keys))
-        v = self.transpose_qkv(self.W_v(values))
+        return self.attend(queries, *self.project_kv(keys, values), valid_lens)
+
+    def project_kv(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values projected and split into heads, ``(B, heads, K, num_hiddens / heads)``
+        each: what a key/value cache keeps, so each position is projected once."""
+        return self.transpose_qkv(self.W_k(keys)), self.transpose_qkv(self.W_v(values))
+
+    def attend(self, queries: Tensor, k: Tensor, v: Tensor,
+               valid_lens: Tensor | None = None) -> Tensor:
+        """Multi-head attention of ``queries (B, Q, d_q)`` over keys and values already
+        projected by :meth:`project_kv`: ``(B, Q, num_hiddens)``."""
+        q = self.transpose_qkv(self.W_q(queries))  # (B, heads, Q, d)
         out = self.attention(q, k, v, valid_lens)  # (B, heads, Q, d)
         return self.W_o(self.transpose_output(out))
 
 
 class PositionalEncoding(nn.Module):
     """Adds the sinusoidal encoding ``P[i, 2j] = sin(i / 10000^(2j/d))``,
-    ``P[i, 2j+1] = cos(i / 10000^(2j/d))`` to ``(B, T, d)`` inputs, then dropout."""
+    ``P[i, 2j+1] = cos(i / 10000^(2j/d))`` to ``(B, T, d)`` inputs, then dropout.
+
+    ``forward(X, offset)`` encodes positions ``offset … offset + T - 1``: a decoder fed one
+    token at a time passes the number of positions it has already decoded."""
 
     def __init__(self, num_hiddens: int, dropout: float = 0.0, max_len: int = 1000):
         super().__init__()
@@ -173,8 +194,23 @@ class PositionalEncoding(nn.Module):
         P[:, :, 1::2] = torch.cos(position / freq[: num_hiddens // 2])
         self.register_buffer("P", P, persistent=False)
 
-    def forward(self, X: Tensor) -> Tensor:
+    def forward(self, X: Tensor, offset: int = 0) -> Tensor:
         t = X.shape[1]
-        if t > self.P.shape[1]:
-            raise DivekitError(f"sequence of {t} steps is longer than max_len {self.P.shape[1]}")
-        return self.dropout(X + self.P[:, :t].to(X.dtype))
+        if offset < 0 or offset + t > self.P.shape[1]:
+            raise DivekitError(f"positions {offset}..{offset + t - 1} (a sequence of {t} steps "
+                               f"after {offset}) are longer than max_len {self.P.shape[1]}")
+        return self.dropout(X + self.P[:, offset:offset + t].to(X.dtype))
+
+
+# the course's first attention model lives beside the layers (divekit.models.kernel_regression)
+from divekit.models.kernel_regression import (  # noqa: E402
+    NWKernelRegression,
+    average_pooling,
+    gaussian_kernel_weights,
+    kernel_regression,
+    nadaraya_watson,
+)
+
+__all__ = ["AdditiveAttention", "DotProductAttention", "MultiHeadAttention", "NWKernelRegression",
+           "PositionalEncoding", "average_pooling", "gaussian_kernel_weights",
+           "kernel_regression", "nadaraya_watson"]

@@ -96,6 +96,41 @@ class Seq2SeqEncoder(nn.Module):
         return self.rnn(embs)
 
 
+@dataclass(frozen=True)
+class Seq2SeqState:
+    """The RNN decoder's state: the fixed context (the encoder's final top-layer output,
+    ``(B, H)``) and the GRU's hidden state ``(L, B, H)``. Only ``hidden`` changes a step: the
+    context stays the encoder's (in the course's first version it drifted to the decoder's
+    own state at inference)."""
+
+    context: Tensor  # (B, H)
+    hidden: Tensor  # (L, B, H)
+
+    def index_select(self, index: Tensor) -> Seq2SeqState:
+        return Seq2SeqState(self.context.index_select(0, index.to(self.context.device)),
+                            self.hidden.index_select(1, index.to(self.hidden.device)))
+
+
+@dataclass(frozen=True)
+class AttentionDecoderState:
+    """Bahdanau's decoder state: the encoder's outputs ``(B, T, H)`` (the values), the same
+    projected by the attention's ``W_k`` once per source (the keys), their valid lengths, and
+    the GRU's hidden state ``(L, B, H)``."""
+
+    enc_outputs: Tensor  # (B, T, H)
+    enc_keys: Tensor  # (B, T, h)
+    hidden: Tensor  # (L, B, H)
+    enc_valid_lens: Tensor | None  # (B,)
+
+    def index_select(self, index: Tensor) -> AttentionDecoderState:
+        def pick(t: Tensor, dim: int = 0) -> Tensor:
+            return t.index_select(dim, index.to(t.device))
+
+        lens = None if self.enc_valid_lens is None else pick(self.enc_valid_lens)
+        return AttentionDecoderState(pick(self.enc_outputs), pick(self.enc_keys),
+                                     pick(self.hidden, 1), lens)
+
+
 class Seq2SeqDecoder(nn.Module):
     """The course's RNN decoder: every step sees its token's embedding concatenated with the
     encoder's final top-layer state (the context); the encoder's final state starts its GRU."""
@@ -109,20 +144,18 @@ class Seq2SeqDecoder(nn.Module):
         self.dense = nn.Linear(num_hiddens, vocab_size)
         self.apply(init_seq2seq)
 
-    def init_state(self, enc_all_outputs: tuple[Tensor, Tensor], *args: Any) -> list[Tensor]:
+    def init_state(self, enc_all_outputs: tuple[Tensor, Tensor], *args: Any) -> Seq2SeqState:
         outputs, hidden = enc_all_outputs
-        return [outputs[-1], hidden]  # context (B, H) — the top layer's last output — and (L, B, H)
+        return Seq2SeqState(outputs[-1], hidden)  # the top layer's last output, (L, B, H)
 
-    def forward(self, X: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        context, hidden = state
+    def forward(self, X: Tensor, state: Seq2SeqState) -> tuple[Tensor, Seq2SeqState]:
         embs = self.embedding(X.t().long())  # (T, B, E)
-        ctx = context.unsqueeze(0).expand(embs.shape[0], -1, -1)  # (T, B, H)
-        outputs, hidden = self.rnn(torch.cat((embs, ctx), dim=-1), hidden)
-        return self.dense(outputs).swapaxes(0, 1), [context, hidden]  # (B, T, V)
+        ctx = state.context.unsqueeze(0).expand(embs.shape[0], -1, -1)  # (T, B, H)
+        outputs, hidden = self.rnn(torch.cat((embs, ctx), dim=-1), state.hidden)
+        return self.dense(outputs).swapaxes(0, 1), Seq2SeqState(state.context, hidden)  # (B, T, V)
 
-    def reorder_state(self, state: list[Tensor], index: Tensor) -> list[Tensor]:
-        context, hidden = state
-        return [context.index_select(0, index), hidden.index_select(1, index)]
+    def reorder_state(self, state: Seq2SeqState, index: Tensor) -> Seq2SeqState:
+        return state.index_select(index)
 
 
 class Seq2SeqAttentionDecoder(nn.Module):
@@ -141,29 +174,33 @@ class Seq2SeqAttentionDecoder(nn.Module):
         self.attention_weights: Tensor | None = None
         self.apply(init_seq2seq)
 
-    def init_state(self, enc_outputs: tuple[Tensor, Tensor], enc_valid_lens: Tensor | None = None) -> tuple:
+    def init_state(self, enc_outputs: tuple[Tensor, Tensor],
+                   enc_valid_lens: Tensor | None = None) -> AttentionDecoderState:
+        """The encoder's outputs batch-major, and projected into the attention's keys once."""
         outputs, hidden = enc_outputs
-        return outputs.permute(1, 0, 2), hidden, enc_valid_lens  # (B, T, H), (L, B, H), (B,)
+        values = outputs.permute(1, 0, 2)  # (B, T, H)
+        return AttentionDecoderState(values, self.attention.project_keys(values), hidden,
+                                     enc_valid_lens)
 
-    def forward(self, X: Tensor, state: tuple) -> tuple[Tensor, tuple]:
-        enc_outputs, hidden, enc_valid_lens = state
+    def forward(self, X: Tensor,
+                state: AttentionDecoderState) -> tuple[Tensor, AttentionDecoderState]:
+        enc_outputs, keys, hidden = state.enc_outputs, state.enc_keys, state.hidden
+        enc_valid_lens = state.enc_valid_lens
         embs = self.embedding(X.t().long())  # (T, B, E)
         outputs, weights = [], []
         for x in embs:  # one step at a time: each query is the state the last step left
             query = hidden[-1].unsqueeze(1)  # (B, 1, H)
-            context = self.attention(query, enc_outputs, enc_outputs, enc_valid_lens)  # (B, 1, H)
+            context = self.attention.attend(query, keys, enc_outputs, enc_valid_lens)  # (B, 1, H)
             step_in = torch.cat((context, x.unsqueeze(1)), dim=-1).permute(1, 0, 2)  # (1, B, H+E)
             out, hidden = self.rnn(step_in, hidden)
             outputs.append(out)
             weights.append(self.attention.attention_weights)
         self.attention_weights = torch.cat(weights, dim=1)  # (B, T_dec, T_enc)
         logits = self.dense(torch.cat(outputs, dim=0)).swapaxes(0, 1)  # (B, T, V)
-        return logits, (enc_outputs, hidden, enc_valid_lens)
+        return logits, AttentionDecoderState(enc_outputs, keys, hidden, enc_valid_lens)
 
-    def reorder_state(self, state: tuple, index: Tensor) -> tuple:
-        enc_outputs, hidden, lens = state
-        return (enc_outputs.index_select(0, index), hidden.index_select(1, index),
-                None if lens is None else lens.index_select(0, index))
+    def reorder_state(self, state: AttentionDecoderState, index: Tensor) -> AttentionDecoderState:
+        return state.index_select(index)
 
 
 class EncoderDecoder(nn.Module):

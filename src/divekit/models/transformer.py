@@ -5,12 +5,16 @@ layer norm, dropout on the branch), :class:`TransformerEncoderBlock` (self-atten
 :class:`TransformerDecoderBlock` (masked self-attention, encoder-decoder attention, FFN). The
 encoder and decoder scale embeddings by √d and add the sinusoidal positional encoding.
 
-The decoder works two ways. Given a whole target sequence (teacher forcing) each position
-attends to itself and the positions before it (the causal mask). Fed one token at a time
-(``decode_step``), each block caches the representations it has seen so far in the state
-(``state[2][i]``), so a step attends to the whole prefix without recomputing it; both give the
-same logits (tested). The course switches between the two by ``self.training``, which lets a
-teacher-forced pass in evaluation mode see the future; here the switch is whether a cache exists.
+The decoder works two ways with one code path. Given a whole target sequence (teacher forcing)
+each position attends to itself and the positions before it (the causal mask). Fed one token at
+a time (``decode_step``), each block keeps a key/value cache (:class:`BlockCache` in the typed,
+immutable :class:`TransformerDecoderState`): its self-attention's keys and values, projected
+once per position (one new row a step), and the encoder's outputs projected once per source
+sentence, as Hugging Face's ``past_key_value`` and nanoGPT do. A step then costs one position,
+not the whole prefix; both ways give the same logits (tested). The course caches the blocks'
+*inputs* and re-projects every cached position, and the encoder outputs, at every step; it
+also switches between the two ways by ``self.training``, which lets a teacher-forced pass in
+evaluation mode see the future.
 
 ``use_bias=True`` makes every block exactly ``torch.nn.TransformerEncoderLayer`` /
 ``TransformerDecoderLayer`` (post-norm, ReLU) given the same weights (tested).
@@ -111,6 +115,41 @@ class TransformerEncoder(nn.Module):
             blk.attention.attention.record_weights = on
 
 
+@dataclass(frozen=True)
+class BlockCache:
+    """What one decoder block keeps between steps, in heads layout ``(B, heads, ·, d / heads)``:
+    its self-attention's projected keys and values of every position decoded so far (one new
+    row a step), and the encoder outputs projected for its encoder-decoder attention (once per
+    source)."""
+
+    self_k: Tensor  # (B, heads, t, d/heads)
+    self_v: Tensor  # (B, heads, t, d/heads)
+    enc_k: Tensor  # (B, heads, T_src, d/heads)
+    enc_v: Tensor  # (B, heads, T_src, d/heads)
+
+
+@dataclass(frozen=True)
+class TransformerDecoderState:
+    """The decoder's state: the encoder's outputs and valid lengths, one :class:`BlockCache`
+    per block, and ``offset``, the number of target positions decoded so far. Immutable: a
+    step returns a new state (no list is changed in place)."""
+
+    enc_outputs: Tensor  # (B, T_src, d)
+    enc_valid_lens: Tensor | None  # (B,)
+    blocks: tuple[BlockCache, ...]
+    offset: int = 0
+
+    def index_select(self, index: Tensor) -> TransformerDecoderState:
+        """The state of the hypotheses ``index`` (beam search's reordering)."""
+        def pick(t: Tensor) -> Tensor:
+            return t.index_select(0, index.to(t.device))
+
+        lens = None if self.enc_valid_lens is None else pick(self.enc_valid_lens)
+        blocks = tuple(BlockCache(pick(c.self_k), pick(c.self_v), pick(c.enc_k), pick(c.enc_v))
+                       for c in self.blocks)
+        return TransformerDecoderState(pick(self.enc_outputs), lens, blocks, self.offset)
+
+
 class TransformerDecoderBlock(nn.Module):
     """Masked self-attention, attention over the encoder's outputs, FFN; the ``i``-th block."""
 
@@ -125,20 +164,29 @@ class TransformerDecoderBlock(nn.Module):
         self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
         self.addnorm3 = AddNorm(num_hiddens, dropout)
 
-    def forward(self, X: Tensor, state: list) -> tuple[Tensor, list]:
-        enc_outputs, enc_valid_lens, cache = state
-        past = cache[self.i]
-        if past is None:  # the whole target at once: position t sees positions 1..t
-            key_values = X
-            b, t, _ = X.shape
-            dec_valid_lens = torch.arange(1, t + 1, device=X.device).expand(b, t)
-        else:  # one more step: it sees everything cached plus itself
-            key_values = torch.cat((past, X), dim=1)
-            dec_valid_lens = None
-        cache[self.i] = key_values
-        Y = self.addnorm1(X, self.attention1(X, key_values, key_values, dec_valid_lens))
-        Z = self.addnorm2(Y, self.attention2(Y, enc_outputs, enc_outputs, enc_valid_lens))
-        return self.addnorm3(Z, self.ffn(Z)), state
+    def init_cache(self, enc_outputs: Tensor) -> BlockCache:
+        """An empty self-attention cache and the encoder outputs projected once."""
+        enc_k, enc_v = self.attention2.project_kv(enc_outputs, enc_outputs)  # (B, h, T_src, dh)
+        empty = enc_k.new_zeros(enc_k.shape[0], enc_k.shape[1], 0, enc_k.shape[3])
+        return BlockCache(empty, empty, enc_k, enc_v)
+
+    def forward(self, X: Tensor, cache: BlockCache,
+                enc_valid_lens: Tensor | None = None) -> tuple[Tensor, BlockCache]:
+        """``X (B, T, d)`` holds the positions after the ``t`` in ``cache``: position ``t + j``
+        attends to positions ``1 … t + j`` (the causal mask; none when ``T = 1``). Teacher
+        forcing is the case ``t = 0``, one decoding step the case ``T = 1``; both project
+        each new position's key and value once and append them to the cache."""
+        k_new, v_new = self.attention1.project_kv(X, X)  # (B, h, T, dh)
+        k = torch.cat((cache.self_k, k_new), dim=2)  # (B, h, t + T, dh)
+        v = torch.cat((cache.self_v, v_new), dim=2)
+        b, t = X.shape[0], X.shape[1]
+        past = cache.self_k.shape[2]
+        dec_valid_lens = None
+        if t > 1:
+            dec_valid_lens = torch.arange(past + 1, past + t + 1, device=X.device).expand(b, t)
+        Y = self.addnorm1(X, self.attention1.attend(X, k, v, dec_valid_lens))
+        Z = self.addnorm2(Y, self.attention2.attend(Y, cache.enc_k, cache.enc_v, enc_valid_lens))
+        return self.addnorm3(Z, self.ffn(Z)), BlockCache(k, v, cache.enc_k, cache.enc_v)
 
 
 class TransformerDecoder(nn.Module):
@@ -154,23 +202,29 @@ class TransformerDecoder(nn.Module):
         )
         self.dense = nn.Linear(num_hiddens, vocab_size)
 
-    def init_state(self, enc_outputs: Tensor, enc_valid_lens: Tensor | None = None) -> list:
-        return [enc_outputs, enc_valid_lens, [None] * self.num_blks]
+    def init_state(self, enc_outputs: Tensor,
+                   enc_valid_lens: Tensor | None = None) -> TransformerDecoderState:
+        """Each block projects the encoder's outputs into its keys and values here, once."""
+        blocks = tuple(blk.init_cache(enc_outputs) for blk in self.blks)
+        return TransformerDecoderState(enc_outputs, enc_valid_lens, blocks, 0)
 
-    def forward(self, X: Tensor, state: list) -> tuple[Tensor, list]:
-        cache = state[2][0]
-        offset = 0 if cache is None else cache.shape[1]  # positions already decoded
+    def forward(self, X: Tensor,
+                state: TransformerDecoderState) -> tuple[Tensor, TransformerDecoderState]:
+        """``X (B, T)`` tokens after the ``state.offset`` already decoded → logits
+        ``(B, T, V)`` and the state with their keys and values cached."""
         emb = self.embedding(X.long()) * math.sqrt(self.num_hiddens)
-        pe = self.pos_encoding
-        X = pe.dropout(emb + pe.P[:, offset:offset + X.shape[1]].to(emb.dtype))
-        for blk in self.blks:
-            X, state = blk(X, state)
-        return self.dense(X), state
+        H = self.pos_encoding(emb, offset=state.offset)  # (B, T, d)
+        caches = []
+        for blk, cache in zip(self.blks, state.blocks):
+            H, cache = blk(H, cache, state.enc_valid_lens)
+            caches.append(cache)
+        new_state = TransformerDecoderState(state.enc_outputs, state.enc_valid_lens,
+                                            tuple(caches), state.offset + X.shape[1])
+        return self.dense(H), new_state
 
-    def reorder_state(self, state: list, index: Tensor) -> list:
-        enc_outputs, lens, cache = state
-        return [enc_outputs.index_select(0, index), None if lens is None else lens.index_select(0, index),
-                [None if c is None else c.index_select(0, index) for c in cache]]
+    def reorder_state(self, state: TransformerDecoderState,
+                      index: Tensor) -> TransformerDecoderState:
+        return state.index_select(index)
 
     def record_attention(self, on: bool = True) -> None:
         """Keep each block's self- and encoder-decoder attention weights."""

@@ -17,6 +17,7 @@ generated, ``<eos>`` included). A hypothesis ends at ``<eos>`` or after ``max_le
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,12 @@ def index_state(state: Any, index: Tensor, batch_dim: int = 0) -> Any:
         return None
     if isinstance(state, Tensor):
         return state.index_select(batch_dim, index.to(state.device))
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        if hasattr(state, "index_select"):  # a state that knows its own batch dimensions
+            return state.index_select(index)
+        return dataclasses.replace(state, **{f.name: index_state(getattr(state, f.name), index,
+                                                                 batch_dim)
+                                             for f in dataclasses.fields(state) if f.init})
     if isinstance(state, dict):
         return {k: index_state(v, index, batch_dim) for k, v in state.items()}
     if isinstance(state, list | tuple):
@@ -46,11 +53,14 @@ def index_state(state: Any, index: Tensor, batch_dim: int = 0) -> Any:
 @dataclass
 class Decoded:
     """``tokens[b]``: the chosen sequence of batch row b (without ``<bos>``, with ``<eos>`` if
-    it ended); ``scores[b]``: its summed log-probability; ``normalized[b]``: the ranking score."""
+    it ended); ``scores[b]``: its summed log-probability; ``normalized[b]``: the ranking score.
+    ``nbest[b]`` (beam search): the ``n_best`` best finished ``(tokens, score, normalized)``,
+    best first."""
 
     tokens: list[list[int]]
     scores: list[float]
     normalized: list[float]
+    nbest: list[list[tuple[list[int], float, float]]] | None = None
 
 
 def _check(max_len: int, eos: int) -> None:
@@ -99,7 +109,7 @@ def _first_tokens(bos: int | Tensor, batch_size: int | None) -> Tensor:
 @torch.no_grad()
 def beam_search(step: Step, state: Any, bos: int | Tensor, eos: int, max_len: int, beam_size: int = 4,
                 length_penalty: float = 0.75, batch_size: int | None = None, batch_dim: int = 0,
-                reorder: Callable[[Any, Tensor], Any] | None = None) -> Decoded:
+                reorder: Callable[[Any, Tensor], Any] | None = None, n_best: int = 1) -> Decoded:
     """Beam search: keep the ``beam_size`` most likely unfinished prefixes per batch row.
 
     At each step every live prefix is extended by every token and the ``beam_size`` best
@@ -107,11 +117,14 @@ def beam_search(step: Step, state: Any, bos: int | Tensor, eos: int, max_len: in
     hypotheses, the others stay live (so the beam narrows as hypotheses finish); at ``max_len``
     every live extension finishes. The winner is the finished hypothesis with the best
     ``score / L^length_penalty``. ``beam_size=1`` is greedy search; a beam as wide as the number
-    of candidates is exhaustive search (both tested).
+    of candidates is exhaustive search (both tested). ``n_best`` (at most ``beam_size``) also
+    keeps each row's best finished hypotheses in ``Decoded.nbest``.
     """
     _check(max_len, eos)
     if beam_size < 1:
         raise DivekitError(f"beam_size must be at least 1, got {beam_size}")
+    if not 1 <= n_best <= beam_size:
+        raise DivekitError(f"n_best must be in [1, beam_size={beam_size}], got {n_best}")
     first = _first_tokens(bos, batch_size)
     b, k = len(first), beam_size
     pick = reorder or (lambda s, i: index_state(s, i, batch_dim))
@@ -151,10 +164,12 @@ def beam_search(step: Step, state: Any, bos: int | Tensor, eos: int, max_len: in
         state = pick(state, parent.flatten().to(first.device))
         tokens = chosen.flatten().to(first.device)
 
-    seqs, scores, normalized = [], [], []
+    seqs, scores, normalized, nbest = [], [], [], []
     for row in range(b):
-        best = max(finished[row], key=lambda h: h[0])
+        ranked = sorted(finished[row], key=lambda h: -h[0])  # stable: ties keep finishing order
+        best = ranked[0]
         normalized.append(best[0])
         scores.append(best[1])
         seqs.append(best[2])
-    return Decoded(seqs, scores, normalized)
+        nbest.append([(seq, total, norm) for norm, total, seq in ranked[:n_best]])
+    return Decoded(seqs, scores, normalized, nbest)

@@ -39,14 +39,17 @@ from divekit.config import option
 from divekit.data import dataset_info, load_dataset
 from divekit.data.loader import TensorBatchLoader
 from divekit.data.text import Vocab
+from divekit.data.tokenizer import SentencePieceTokenizer, parse_tokenizer_spec
 from divekit.data.translation import (
     BOS,
     EOS,
     PAD,
     TranslationData,
     decoder_inputs,
+    detokenize,
     encode_sentences,
-    preprocess_nmt,
+    sentence_tokens,
+    tokens_to_text,
 )
 from divekit.engine.config import TaskConfig, clip_norm, finite
 from divekit.engine.task import Task
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
     from divekit.engine.run import Run
 
 SRC_VOCAB_FILE, TGT_VOCAB_FILE = "src_vocab.json", "tgt_vocab.json"
+TOKENIZER_FILE = "tokenizer.model"
 TRANSLATIONS_FILE = "translations.txt"
 
 
@@ -75,6 +79,12 @@ class TranslateConfig(TaskConfig):
                                       metavar="N")
     min_freq: int = option(2, "tokens seen fewer times in training become <unk>", metavar="N")
     val_fraction: float = option(0.1, "pairs held out for validation", metavar="F")
+    val_size: int | None = option(None, "hold out exactly N pairs for validation (instead of "
+                                  "--val-fraction)", metavar="N")
+    tokenizer: str | None = option(None, "subword pieces instead of words: bpe:N or unigram:N "
+                                   "trains a SentencePiece model of N pieces on the training "
+                                   "pairs (one for both languages); or the PATH of a trained "
+                                   ".model file", metavar="SPEC")
     bleu_examples: int = option(500, "validation pairs translated (greedy) for BLEU each epoch; "
                                 "0 = no BLEU", metavar="N")
     bleu_beam: int = option(1, "also report BLEU of beam-search translations with this beam size "
@@ -95,6 +105,11 @@ class TranslateConfig(TaskConfig):
             (self.min_freq >= 1, f"--min-freq must be at least 1, got {self.min_freq}"),
             (finite(self.val_fraction) and 0 < self.val_fraction < 0.5,
              f"--val-fraction must be in (0, 0.5), got {self.val_fraction}"),
+            (self.val_size is None or self.val_size >= 1,
+             f"--val-size must be at least 1, got {self.val_size}"),
+            (self.tokenizer is None or _tokenizer_spec_ok(self.tokenizer),
+             f"--tokenizer must be bpe:N, unigram:N or the path of a SentencePiece .model file, "
+             f"got {self.tokenizer!r}"),
             (self.bleu_examples >= 0, f"--bleu-examples must be 0 or more, got {self.bleu_examples}"),
             (self.bleu_beam >= 1, f"--bleu-beam must be at least 1, got {self.bleu_beam}"),
             (not self.model or model_info(self.model).task == "translate",
@@ -105,38 +120,91 @@ class TranslateConfig(TaskConfig):
         ]
 
 
+def _tokenizer_spec_ok(spec: str) -> bool:
+    try:
+        return parse_tokenizer_spec(spec) is not None or Path(spec).suffix == ".model" or \
+            Path(spec).is_file()
+    except DivekitError:
+        return False
+
+
 # ----------------------------------------------------------------------------- decoding
 
 
-def detokens(indices: Sequence[int], vocab: Vocab) -> str:
-    """Token indices up to ``<eos>`` as a space-separated sentence (special tokens dropped)."""
+def detokens(indices: Sequence[int], vocab: Vocab, tokenizer: Any = None) -> str:
+    """Token indices up to ``<eos>`` as a sentence (special tokens dropped): words joined by
+    spaces, or subword pieces decoded by ``tokenizer``."""
     words = []
     for token in vocab.to_tokens(list(indices)):
         if token == EOS:
             break
         if token not in (PAD, BOS):
             words.append(token)
-    return " ".join(words)
+    return tokens_to_text(words, tokenizer)
 
 
-def decode(model: nn.Module, src: Tensor, src_len: Tensor, tgt_vocab: Vocab, max_len: int,
-           beam: int = 1, length_penalty: float = 0.75) -> list[str]:
+@dataclass
+class Hypothesis:
+    """One translation of an n-best list: its text, summed log-probability and the ranking
+    score ``log P / L^α``."""
+
+    text: str
+    score: float
+    normalized: float
+
+
+def decode_nbest(model: nn.Module, src: Tensor, src_len: Tensor, tgt_vocab: Vocab, max_len: int,
+                 beam: int = 1, length_penalty: float = 0.75, n_best: int = 1,
+                 tokenizer: Any = None) -> list[list[Hypothesis]]:
     """Translate a batch of encoded sources ``(B, T)`` on the model's device: greedy
-    (``beam=1``) or beam search ranked by ``log P / L^α`` (``length_penalty=α``)."""
+    (``beam=1``) or beam search ranked by ``log P / L^α`` (``length_penalty=α``); the
+    ``n_best`` best finished hypotheses of each source, best first. The model decodes in
+    evaluation mode (no dropout), whatever its mode, which is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _decode_nbest(model, src, src_len, tgt_vocab, max_len, beam, length_penalty,
+                             n_best, tokenizer)
+    finally:
+        model.train(was_training)
+
+
+def _decode_nbest(model: nn.Module, src: Tensor, src_len: Tensor, tgt_vocab: Vocab, max_len: int,
+                  beam: int, length_penalty: float, n_best: int,
+                  tokenizer: Any) -> list[list[Hypothesis]]:
     state = model.encode(src, src_len)
     first = torch.full((len(src),), tgt_vocab[BOS], dtype=torch.long, device=src.device)
     if beam <= 1:
         out = greedy_search(model.decode_step, state, first, tgt_vocab[EOS], max_len)
+        lists = [[(t, s, n)] for t, s, n in zip(out.tokens, out.scores, out.normalized)]
     else:
         out = beam_search(model.decode_step, state, first, tgt_vocab[EOS], max_len, beam_size=beam,
-                          length_penalty=length_penalty, reorder=model.reorder_state)
-    return [detokens(seq, tgt_vocab) for seq in out.tokens]
+                          length_penalty=length_penalty, reorder=model.reorder_state,
+                          n_best=n_best)
+        lists = out.nbest or []
+    return [[Hypothesis(detokens(t, tgt_vocab, tokenizer), s, n) for t, s, n in hyps[:n_best]]
+            for hyps in lists]
 
 
-def unknown_words(vocab: Vocab, sentences: Sequence[str]) -> list[str]:
-    """Words of the sentences (cleaned as training did) that ``vocab`` lacks, in order, once each."""
-    words = [w for s in sentences for w in preprocess_nmt(s).split()]
-    return list(dict.fromkeys(w for w in words if w not in vocab))
+def decode(model: nn.Module, src: Tensor, src_len: Tensor, tgt_vocab: Vocab, max_len: int,
+           beam: int = 1, length_penalty: float = 0.75, tokenizer: Any = None) -> list[str]:
+    """The best translation of each source of the batch (see :func:`decode_nbest`)."""
+    return [h[0].text for h in decode_nbest(model, src, src_len, tgt_vocab, max_len, beam,
+                                            length_penalty, 1, tokenizer)]
+
+
+def sacrebleu_score(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU in sacrebleu's standard form: each cleaned sentence detokenized
+    (:func:`~divekit.data.translation.detokenize`), then mteval-v13a tokenization (0–100)."""
+    return corpus_bleu([detokenize(h) for h in hypotheses], [detokenize(r) for r in references],
+                       tokenize="13a")
+
+
+def unknown_words(vocab: Vocab, sentences: Sequence[str], tokenizer: Any = None) -> list[str]:
+    """Tokens of the sentences (cleaned and split as training did) that ``vocab`` lacks, in
+    order, once each."""
+    tokens = [t for line in sentence_tokens(sentences, tokenizer) for t in line]
+    return list(dict.fromkeys(t for t in tokens if t not in vocab))
 
 
 @dataclass
@@ -158,6 +226,7 @@ class Translation:
     outputs: list[str]
     unknown: list[str]
     attention: AttentionMap | None = None
+    nbest: list[list[Hypothesis]] | None = None  # with n_best > 1: each sentence's best first
 
 
 # ----------------------------------------------------------------------------- the task
@@ -171,13 +240,22 @@ class TranslationTask(Task, name="translate"):
     def __init__(self, config: TranslateConfig, record: dict[str, Any] | None = None):
         super().__init__(config, record)
         self._vocabs: tuple[Vocab, Vocab] | None = None  # a run's, from load_extras
+        self._tokenizer: SentencePieceTokenizer | None = None  # a run's, from load_extras
 
     @cached_property
     def data(self) -> TranslationData:
         cfg = self.config
         return load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed,
                             num_steps=cfg.num_steps, max_examples=cfg.max_examples,
-                            min_freq=cfg.min_freq, val_fraction=cfg.val_fraction)
+                            min_freq=cfg.min_freq, val_fraction=cfg.val_fraction,
+                            val_size=cfg.val_size, tokenizer=cfg.tokenizer)
+
+    @property
+    def tokenizer(self) -> SentencePieceTokenizer | None:
+        """The subword tokenizer (``--tokenizer``), ``None`` for words."""
+        if self._vocabs is not None:
+            return self._tokenizer
+        return self.data.tokenizer if self.config.tokenizer else None
 
     @property
     def src_vocab(self) -> Vocab:
@@ -214,11 +292,14 @@ class TranslationTask(Task, name="translate"):
     def run_record(self) -> dict[str, Any]:
         data = self.data
         return {"src_vocab_size": len(data.src_vocab), "tgt_vocab_size": len(data.tgt_vocab),
-                "train_pairs": len(data.train.src), "val_pairs": len(data.val.src)}
+                "train_pairs": len(data.train.src), "val_pairs": len(data.val.src),
+                "tokenizer_pieces": len(data.tokenizer) if data.tokenizer is not None else None}
 
     def save_extras(self, run_dir: Any) -> None:
         atomic_write_json(Path(run_dir) / SRC_VOCAB_FILE, self.data.src_vocab.to_dict())
         atomic_write_json(Path(run_dir) / TGT_VOCAB_FILE, self.data.tgt_vocab.to_dict())
+        if self.data.tokenizer is not None:
+            self.data.tokenizer.save(Path(run_dir) / TOKENIZER_FILE)
 
     def load_extras(self, run_dir: Any) -> None:
         vocabs = []
@@ -227,11 +308,22 @@ class TranslationTask(Task, name="translate"):
                 raise DivekitError(f"{run_dir} has no {name}; it cannot map text to the model's tokens")
             vocabs.append(Vocab.load(Path(run_dir) / name))
         self._vocabs = (vocabs[0], vocabs[1])
+        if self.config.tokenizer:  # the run's own copy of the model, whatever the spec said
+            path = Path(run_dir) / TOKENIZER_FILE
+            if not path.is_file():
+                raise DivekitError(f"{run_dir} has no {TOKENIZER_FILE}; it cannot split text into "
+                                   "the model's subword pieces")
+            self._tokenizer = SentencePieceTokenizer.load(path)
 
     # ---------------------------------------------------------------- training and validation
-    def _token_sums(self, model: nn.Module, X: Tensor, X_len: Tensor,
-                    Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Summed token loss, correct tokens and real (non-padding) target tokens of a batch."""
+    def _token_sums(self, model: nn.Module, X: Tensor, X_len: Tensor, Y: Tensor,
+                    Y_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Summed token loss, correct tokens and real (non-padding) target tokens of a batch.
+
+        Columns past the batch's longest source and target are all padding: they are cut
+        first (the masked loss and every real position's output are unchanged, and a corpus of
+        short sentences padded to a long ``--num-steps`` trains several times faster)."""
+        X, Y = X[:, : max(int(X_len.max()), 1)], Y[:, : max(int(Y_len.max()), 1)]
         logits = model(X, decoder_inputs(Y, self.tgt_vocab[BOS]), X_len)  # (B, T, V)
         real = Y != self.tgt_vocab[PAD]  # (B, T)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten(), reduction="none")
@@ -239,14 +331,14 @@ class TranslationTask(Task, name="translate"):
         return (loss * real.flatten()).sum(), correct, real.sum()
 
     def training_step(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        X, X_len, Y, _ = batch
-        total, correct, tokens = self._token_sums(model, X, X_len, Y)
+        X, X_len, Y, Y_len = batch
+        total, correct, tokens = self._token_sums(model, X, X_len, Y, Y_len)
         loss = total / tokens.clamp(min=1)
         return loss, {"loss": loss.detach(), "acc": (correct / tokens.clamp(min=1)).detach()}
 
     def validation_step(self, model: nn.Module, batch: Any) -> dict[str, Any]:
-        X, X_len, Y, _, index = batch
-        total, correct, tokens = self._token_sums(model, X, X_len, Y)
+        X, X_len, Y, Y_len, index = batch
+        total, correct, tokens = self._token_sums(model, X, X_len, Y, Y_len)
         sums: dict[str, Any] = {"loss_sum": total, "correct": correct, "tokens": tokens}
         if self.config.bleu_examples:
             sums.update(self._bleu_lists(model, X, X_len, index))
@@ -260,16 +352,19 @@ class TranslationTask(Task, name="translate"):
         rows = (index < cfg.bleu_examples).nonzero().squeeze(1)  # (n,)
         ids = index[rows].tolist()
         pairs = [self.data.val_pairs[i] for i in ids]
-        lists: dict[str, list] = {"bleu_index": ids, "sources": [" ".join(s) for s, _ in pairs],
-                                  "references": [" ".join(t) for _, t in pairs], "hypotheses": []}
+        text = self.data.text
+        lists: dict[str, list] = {"bleu_index": ids, "sources": [text(s) for s, _ in pairs],
+                                  "references": [text(t) for _, t in pairs], "hypotheses": []}
         if cfg.bleu_beam > 1:
             lists["beam_hypotheses"] = []
         if ids:
             src, src_len = X[rows], X_len[rows]
-            lists["hypotheses"] = decode(model, src, src_len, self.tgt_vocab, cfg.num_steps)
+            lists["hypotheses"] = decode(model, src, src_len, self.tgt_vocab, cfg.num_steps,
+                                         tokenizer=self.tokenizer)
             if cfg.bleu_beam > 1:
                 lists["beam_hypotheses"] = decode(model, src, src_len, self.tgt_vocab,
-                                                  cfg.num_steps, cfg.bleu_beam)
+                                                  cfg.num_steps, cfg.bleu_beam,
+                                                  tokenizer=self.tokenizer)
         return lists
 
     def validation_end(self, sums: dict[str, Any]) -> dict[str, Any]:
@@ -282,10 +377,12 @@ class TranslationTask(Task, name="translate"):
         sources, refs, hyps = ([sums[k][i] for i in order]
                                for k in ("sources", "references", "hypotheses"))
         metrics["bleu"] = corpus_bleu(hyps, refs, tokenize="none")
+        metrics["sacrebleu"] = sacrebleu_score(hyps, refs)
         if "beam_hypotheses" in sums:
             beam_hyps = [sums["beam_hypotheses"][i] for i in order]
-            metrics[f"bleu_beam{self.config.bleu_beam}"] = corpus_bleu(beam_hyps, refs,
-                                                                       tokenize="none")
+            k = self.config.bleu_beam
+            metrics[f"bleu_beam{k}"] = corpus_bleu(beam_hyps, refs, tokenize="none")
+            metrics[f"sacrebleu_beam{k}"] = sacrebleu_score(beam_hyps, refs)
         metrics["translations"] = list(zip(sources, hyps, refs))
         return metrics
 
@@ -300,35 +397,46 @@ class TranslationTask(Task, name="translate"):
 
     # ---------------------------------------------------------------- inference
     def translate_sentences(self, model: nn.Module, sentences: Sequence[str], beam: int = 1,
-                            length_penalty: float = 0.75) -> list[str]:
-        """Raw sentences, cleaned and tokenized as the training pairs were, translated."""
-        if isinstance(sentences, str) or not sentences or any(not s.strip() for s in sentences):
-            raise DivekitError("give at least one non-empty sentence to translate")
-        if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
-            raise DivekitError(f"--beam must be at least 1, got {beam}")
-        if not (finite(length_penalty) and length_penalty >= 0):
-            raise DivekitError(f"--length-penalty must be 0 or more, got {length_penalty}")
-        src, src_len = encode_sentences(sentences, self.src_vocab, self.config.num_steps)
+                            length_penalty: float = 0.75, *, n_best: int = 1,
+                            batch_size: int = 64) -> list[list[Hypothesis]]:
+        """Raw sentences, cleaned and tokenized as the training pairs were, translated
+        ``batch_size`` at a time; each sentence's ``n_best`` hypotheses, best first. An empty
+        (or blank) sentence gets no hypothesis."""
+        if isinstance(sentences, str) or not sentences:
+            raise DivekitError("give at least one sentence to translate")
+        check_decoding(beam, length_penalty, n_best, batch_size)
+        todo = [i for i, s in enumerate(sentences) if s.strip()]
+        results: list[list[Hypothesis]] = [[] for _ in sentences]
         device = next(model.parameters()).device
         with torch.inference_mode():
-            return decode(model, src.to(device), src_len.to(device), self.tgt_vocab,
-                          self.config.num_steps, beam, length_penalty)
+            for start in range(0, len(todo), batch_size):
+                rows = todo[start:start + batch_size]
+                src, src_len = encode_sentences([sentences[i] for i in rows], self.src_vocab,
+                                                self.config.num_steps, self.tokenizer)
+                found = decode_nbest(model, src.to(device), src_len.to(device), self.tgt_vocab,
+                                     self.config.num_steps, beam, length_penalty, n_best,
+                                     self.tokenizer)
+                for i, hyps in zip(rows, found):
+                    results[i] = hyps
+        return results
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], *, beam: int = 1,
                 length_penalty: float = 0.75, **_other_tasks_options: Any) -> list[dict[str, Any]]:
         """``divekit predict RUN "sentence" ...``: one ``{"source", "translation", "unknown"}``
         per sentence (options meant for other tasks' predict, such as ``top_k``, are ignored)."""
         sentences = [str(s) for s in inputs]
-        outputs = self.translate_sentences(model, sentences, beam, length_penalty)
-        return [{"source": s, "translation": out, "unknown": unknown_words(self.src_vocab, [s])}
-                for s, out in zip(sentences, outputs)]
+        found = self.translate_sentences(model, sentences, beam, length_penalty)
+        return [{"source": s, "translation": hyps[0].text if hyps else "",
+                 "unknown": unknown_words(self.src_vocab, [s], self.tokenizer)}
+                for s, hyps in zip(sentences, found)]
 
     def attention_map(self, model: nn.Module, sentence: str, output: str) -> AttentionMap:
         """The encoder-decoder attention of ``output`` as the translation of ``sentence``
         (teacher-forced on it): the last Transformer block's heads, or Bahdanau's weights."""
         decoder, device = model.decoder, next(model.parameters()).device
-        src, src_len = encode_sentences([sentence], self.src_vocab, self.config.num_steps)
-        out_tokens = output.split() + [EOS]
+        src, src_len = encode_sentences([sentence], self.src_vocab, self.config.num_steps,
+                                        self.tokenizer)
+        out_tokens = sentence_tokens([output], self.tokenizer)[0] + [EOS]
         dec_in = torch.tensor([[self.tgt_vocab[BOS]] + self.tgt_vocab[out_tokens[:-1]]])
         args = (src.to(device), dec_in.to(device), src_len.to(device))
         with torch.inference_mode():
@@ -351,17 +459,42 @@ class TranslationTask(Task, name="translate"):
                             out_tokens, titles)
 
 
-def translate(run: Run, sentences: Sequence[str], *, beam: int = 1, length_penalty: float = 0.75,
-              attention: bool = False) -> Translation:
-    """Translate raw sentences with an opened run (:func:`divekit.engine.run.load_run`).
+def check_decoding(beam: int, length_penalty: float, n_best: int = 1,
+                   batch_size: int = 64) -> None:
+    """The decoding options, each checked where it enters (one line naming the bad value)."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
 
-    ``attention``: also return the first sentence's encoder-decoder attention (models with
-    attention only; others raise :class:`DivekitError`).
+    if not whole(beam) or beam < 1:
+        raise DivekitError(f"--beam must be at least 1 (1 = greedy), got {beam}")
+    if not (finite(length_penalty) and length_penalty >= 0):
+        raise DivekitError(f"--length-penalty must be 0 or more, got {length_penalty}")
+    if not whole(n_best) or n_best < 1:
+        raise DivekitError(f"--n-best must be at least 1, got {n_best}")
+    if n_best > beam:
+        raise DivekitError(f"--n-best {n_best} is larger than --beam {beam}: beam search keeps "
+                           f"only {beam} hypotheses (give --beam {n_best} or more)")
+    if not whole(batch_size) or batch_size < 1:
+        raise DivekitError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def translate(run: Run, sentences: Sequence[str], *, beam: int = 1, length_penalty: float = 0.75,
+              n_best: int = 1, batch_size: int = 64, attention: bool = False) -> Translation:
+    """Translate raw sentences with an opened run (:func:`divekit.engine.run.load_run`),
+    ``batch_size`` at a time. Blank sentences translate to ``""``.
+
+    ``n_best``: also return each sentence's ``n_best`` hypotheses (at most ``beam``) with their
+    length-normalised scores in ``nbest``. ``attention``: also return the first sentence's
+    encoder-decoder attention (models with attention only; others raise :class:`DivekitError`).
     """
     task = run.task
     if not isinstance(task, TranslationTask) or run.model is None:
         raise DivekitError(f"{run.dir} is a {run.record.get('task')!r} run, not a translation run")
-    outputs = task.translate_sentences(run.model, sentences, beam, length_penalty)
-    attn = task.attention_map(run.model, sentences[0], outputs[0]) if attention else None
-    return Translation(outputs, unknown_words(task.src_vocab, sentences), attn)
-
+    found = task.translate_sentences(run.model, sentences, beam, length_penalty, n_best=n_best,
+                                     batch_size=batch_size)
+    outputs = [hyps[0].text if hyps else "" for hyps in found]
+    attn = None
+    if attention and outputs[0]:
+        attn = task.attention_map(run.model, sentences[0], outputs[0])
+    return Translation(outputs, unknown_words(task.src_vocab, sentences, task.tokenizer), attn,
+                       found if n_best > 1 else None)
