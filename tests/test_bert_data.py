@@ -127,37 +127,86 @@ def test_shards_hold_the_rows_of_one_process():
         assert torch.equal(joined[..., :width] if width else joined, x[..., :width] if width else x)
 
 
-def test_pretraining_steps_lower_the_mlm_loss_on_pydoc():
-    """Direct training steps on pydoc: the masked-LM loss falls and the training-pair metrics
-    come back as sums the Trainer can add. (NSP accuracy does not yet leave chance in a run
-    this short on pydoc: see docs/bert.md.)"""
+@pytest.fixture
+def one_thread():
+    """Short training runs on one thread: on a shared 2-core machine, two busy threads per test
+    process only wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pydoc_task():
     from divekit.tasks.bert_pretrain import BertPretrainConfig, BertPretrainTask
 
-    torch.manual_seed(0)
-    cfg = BertPretrainConfig(model="bert_small", data="pydoc", batch_size=32, lr=1e-3, max_len=48)
-    task = BertPretrainTask(cfg)
-    model = task.build_model()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    cfg = BertPretrainConfig(model="bert_small", data="pydoc", batch_size=32, lr=2e-3, max_len=32)
+    return BertPretrainTask(cfg)
+
+
+def _fit(task, model, batches, steps: int, lr: float) -> list[dict[str, float]]:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
     logs = []
-    loader = task.train_data()
-    for epoch in range(3):
-        loader.set_epoch(epoch)
-        model.train()
-        for batch in loader:
-            loss, log = task.training_step(model, batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            logs.append({k: float(v) for k, v in log.items()})
-    first = sum(x["mlm_loss"] for x in logs[:10]) / 10
-    last = sum(x["mlm_loss"] for x in logs[-10:]) / 10
-    assert last < first - 0.5
+    for step in range(steps):
+        loss, log = task.training_step(model, batches[step % len(batches)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        logs.append({k: float(v) for k, v in log.items()})
+    return logs
+
+
+def _evaluate(task, model, loader) -> dict[str, float]:
     model.eval()
     sums: dict = {}
     with torch.inference_mode():
-        for batch in task.train_data():
+        for batch in loader:
             for k, v in task.validation_step(model, batch).items():
                 sums[k] = sums.get(k, 0) + v
-    metrics = task.validation_end(sums)
-    assert metrics["mlm_loss"] < first - 0.5 and 0 <= metrics["nsp_acc"] <= 1
-    assert abs(metrics["loss"] - metrics["mlm_loss"] - metrics["nsp_loss"]) < 1e-9
+    return task.validation_end(sums)
+
+
+def test_pretraining_steps_lower_the_mlm_loss_on_pydoc(pydoc_task, one_thread):
+    """40 steps on fresh pydoc pairs: the masked-LM loss falls from ln|V| (uniform guessing,
+    6.6 for the 770 words): by > 0.7 nat between the first and last 5 training steps (measured
+    ~1.2) and by > 1 nat on held-out paragraphs (measured ~1.5); validation comes back as sums
+    the Trainer adds (loss = MLM + NSP)."""
+    torch.manual_seed(0)
+    task = pydoc_task
+    model = task.build_model()
+    val = task.val_data()
+    before = _evaluate(task, model, val)
+    loader = task.train_data()
+    batches = [b for _, b in zip(range(40), loader)]
+    logs = _fit(task, model, batches, 40, lr=task.config.lr)
+    first = sum(x["mlm_loss"] for x in logs[:5]) / 5
+    last = sum(x["mlm_loss"] for x in logs[-5:]) / 5
+    assert last < first - 0.7
+    after = _evaluate(task, model, val)
+    assert after["mlm_loss"] < before["mlm_loss"] - 1.0 and after["mlm_acc"] > before["mlm_acc"]
+    assert abs(after["loss"] - after["mlm_loss"] - after["nsp_loss"]) < 1e-9
+    assert 0 <= after["nsp_acc"] <= 1
+
+
+def test_the_nsp_head_learns_the_labels_of_its_pairs(pydoc_task, one_thread):
+    """The NSP path is wired: on 64 fixed pydoc pairs (same pairs and masks every step) the
+    [CLS] classifier goes from chance to > 90% accuracy in 60 steps. Were the labels misaligned
+    with the pairs after batching, or the head reading a position that does not see both
+    segments, it could not. (Above-chance NSP on *unseen* pairs needs a far longer run on a
+    corpus this small: see docs/bert.md.)"""
+    torch.manual_seed(0)
+    task = pydoc_task
+    model = task.build_model()
+    for m in model.modules():  # memorisation test: no dropout noise
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    fixed = task._loader("train", shuffle=False, fixed=True, limit=64)
+    batches = list(fixed)
+    before = _evaluate(task, model, batches)
+    _fit(task, model, batches, 60, lr=task.config.lr)
+    after = _evaluate(task, model, batches)
+    assert before["nsp_acc"] < 0.7 and after["nsp_acc"] > 0.9
+    labels = torch.cat([b[6] for b in batches])
+    assert 0.3 < labels.float().mean() < 0.7  # both classes present: not a constant answer

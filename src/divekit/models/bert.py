@@ -125,21 +125,69 @@ class AddNorm(nn.Module):
         return self.ln(X + self.dropout(Y))
 
 
+def key_padding_mask(valid_lens: Tensor | None, t: int, dtype: torch.dtype) -> Tensor | None:
+    """The additive attention mask ``(B, 1, 1, T)``: 0 at keys ``< valid_lens[b]``, the dtype's
+    most negative number at padding; ``None`` when nothing is padded (the unmasked kernel).
+
+    One row per sequence that broadcasts over heads and queries: a ``(B, heads, T, T)`` mask is
+    never materialised. A finite minimum (not ``-inf``) keeps a length-0 row finite."""
+    if valid_lens is None or bool((valid_lens >= t).all()):
+        return None
+    keep = torch.arange(t, device=valid_lens.device) < valid_lens[:, None]  # (B, T)
+    mask = torch.zeros(keep.shape, dtype=dtype, device=valid_lens.device)
+    return mask.masked_fill(~keep, torch.finfo(dtype).min)[:, None, None, :]  # (B, 1, 1, T)
+
+
+class BertSelfAttention(MultiHeadAttention):
+    """Multi-head self-attention with the mask as one ``(B, 1, 1, T)`` row per sequence.
+
+    The projections are :class:`MultiHeadAttention`'s (``W_q``, ``W_k``, ``W_v``, ``W_o``: the
+    checkpoint table and adapters see the same modules); the fused
+    ``scaled_dot_product_attention`` call gets the broadcast mask. With ``record_weights`` on, it
+    falls back to the explicit path that keeps the weights."""
+
+    def _plain_projections(self) -> bool:
+        """True while W_q, W_k, W_v are plain biased ``nn.Linear`` layers (not wrapped by an
+        adapter such as LoRA), so their weights can be stacked."""
+        return all(type(m) is nn.Linear and m.bias is not None for m in (self.W_q, self.W_k, self.W_v))
+
+    def forward(self, queries: Tensor, keys: Tensor, values: Tensor,  # type: ignore[override]
+                valid_lens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        if self.attention.record_weights:
+            return super().forward(queries, keys, values, valid_lens)
+        if mask is None and valid_lens is not None:
+            mask = key_padding_mask(valid_lens, keys.shape[1], queries.dtype)
+        if queries is keys is values and self._plain_projections():
+            # self-attention: one (H → 3H) matrix product instead of three
+            weight = torch.cat([self.W_q.weight, self.W_k.weight, self.W_v.weight])  # (3H, H)
+            bias = torch.cat([self.W_q.bias, self.W_k.bias, self.W_v.bias])
+            q, k, v = (self.transpose_qkv(x) for x in F.linear(queries, weight, bias).chunk(3, -1))
+        else:
+            q = self.transpose_qkv(self.W_q(queries))  # (B, heads, T, d)
+            k = self.transpose_qkv(self.W_k(keys))
+            v = self.transpose_qkv(self.W_v(values))
+        if mask is not None and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)  # autocast: the projections ran in lower precision
+        p = self.attention.dropout.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, heads, T, d)
+        return self.W_o(self.transpose_output(out))
+
+
 class TransformerEncoderBlock(nn.Module):
     """One post-norm encoder block: self-attention, then the position-wise FFN."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         c = config
-        self.attention = MultiHeadAttention(c.num_hiddens, c.num_heads, c.dropout, bias=True,
-                                            query_size=c.num_hiddens, key_size=c.num_hiddens,
-                                            value_size=c.num_hiddens)
+        self.attention = BertSelfAttention(c.num_hiddens, c.num_heads, c.dropout, bias=True,
+                                           query_size=c.num_hiddens, key_size=c.num_hiddens,
+                                           value_size=c.num_hiddens)
         self.addnorm1 = AddNorm(c.num_hiddens, c.dropout, c.layer_norm_eps)
         self.ffn = PositionWiseFFN(c.num_hiddens, c.ffn_num_hiddens, c.activation)
         self.addnorm2 = AddNorm(c.num_hiddens, c.dropout, c.layer_norm_eps)
 
-    def forward(self, X: Tensor, valid_lens: Tensor | None) -> Tensor:
-        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))  # (B, T, H)
+    def forward(self, X: Tensor, valid_lens: Tensor | None, mask: Tensor | None = None) -> Tensor:
+        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens, mask))  # (B, T, H)
         return self.addnorm2(Y, self.ffn(Y))
 
 
@@ -171,10 +219,11 @@ class BERTEncoder(nn.Module):
             segments = torch.zeros_like(tokens)
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
         X = self.dropout(self.embed_norm(X + self.pos_embedding[:t]))  # P broadcasts over B
-        if valid_lens is not None and bool((valid_lens >= t).all()):
+        mask = key_padding_mask(valid_lens, t, X.dtype)  # (B, 1, 1, T) or None: built once
+        if mask is None:
             valid_lens = None  # no padding: the unmasked (fastest) attention kernel
         for blk in self.blks:
-            X = blk(X, valid_lens)
+            X = blk(X, valid_lens, mask)
         return X
 
 
