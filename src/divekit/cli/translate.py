@@ -95,8 +95,11 @@ def _cmd_translate(args: argparse.Namespace) -> None:
             print(output)
         else:
             print(f"{source} => {output}")
-    if args.attention:
+    if result.attention is not None:
         print(f"attention: {args.attention}", file=sys.stderr if from_file else sys.stdout)
+    elif args.attention:
+        print(f"note: the first translation is empty; no attention drawn to {args.attention}",
+              file=sys.stderr)
     if result.unknown:
         print(f"note: the model never saw {', '.join(map(repr, result.unknown[:20]))}"
               f"{' ...' if len(result.unknown) > 20 else ''}; they were read as <unk>",
