@@ -5,6 +5,8 @@
 2. Pretraining steps/s: divekit's ``bert_small`` (training_step of the bert_pretrain task's loss)
    vs the course's BERT written as the course writes it (d2l 15.8/15.10: ``-1e6`` masked softmax,
    ``LazyLinear``, the ``.data`` position embedding, its loss), same batch (goal ≥ 1.3×).
+3. Fine-tuning steps/s, full and LoRA: divekit vs transformers' BertForSequenceClassification
+   (+ peft), same checkpoint and batch (goal ≥ 1.0×); ``--finetune-only`` runs just this.
 
     python benchmarks/bert.py [--repeats N] [--threads T]
 """
@@ -194,16 +196,69 @@ def pretraining_steps(repeats: int) -> None:
           f"ratio {b / a:.2f}x")
 
 
+# ============================================================================ fine-tuning (issue 15)
+# 3. Fine-tuning steps/s: divekit's BertForTask (MiniLM + classifier head) vs transformers'
+#    BertForSequenceClassification on the same checkpoint and batch, full and LoRA (r 8 on
+#    query/value; the peer is peft's LoRA), AdamW, train mode (goal >= 1.0x).
+def finetune_steps(repeats: int, batch: int = 32, seq: int = 128) -> None:
+    from transformers import BertForSequenceClassification
+
+    from divekit.models.bert_checkpoint import load_pretrained, minilm_path
+    from divekit.models.bert_heads import BertForTask, ClassifierHead
+    from divekit.models.lora import apply_lora, freeze_except
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1000, 30000, (batch, seq), generator=g)
+    segments = torch.zeros_like(tokens)
+    valid = torch.randint(seq // 2, seq + 1, (batch,), generator=g)
+    valid[0] = seq
+    mask = (torch.arange(seq) < valid[:, None]).long()
+    y = torch.randint(0, 2, (batch,), generator=g)
+    for mode in ("full", "lora"):
+        bert = load_pretrained("minilm")[0]
+        ours = BertForTask(bert.encoder, ClassifierHead(bert.config.num_hiddens, 2, 0.1, bert.hidden)).train()
+        hf = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2,
+                                                           attn_implementation="sdpa").train()
+        if mode == "lora":
+            import peft
+
+            apply_lora(ours.encoder, ["query", "value"], r=8, alpha=16)
+            freeze_except(ours, keep=("head.",))
+            hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                         modules_to_save=["classifier"]))
+        opt_a = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+        opt_b = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
+
+        def step_ours(ours=ours, opt_a=opt_a):
+            loss = F.cross_entropy(ours(tokens, segments, valid), y)
+            opt_a.zero_grad()
+            loss.backward()
+            opt_a.step()
+
+        def step_hf(hf=hf, opt_b=opt_b):
+            loss = hf(input_ids=tokens, token_type_ids=segments, attention_mask=mask, labels=y).loss
+            opt_b.zero_grad()
+            loss.backward()
+            opt_b.step()
+
+        a, b = _time(step_ours, repeats), _time(step_hf, repeats)
+        print(f"fine-tuning step MiniLM {mode} {batch}x{seq}: divekit {1 / a:.2f} steps/s, "
+              f"transformers {1 / b:.2f} steps/s, ratio {b / a:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--finetune-only", action="store_true", help="only the fine-tuning benchmark (3.)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    encoder_forward(args.repeats)
-    pretraining_steps(args.repeats)
+    if not args.finetune_only:
+        encoder_forward(args.repeats)
+        pretraining_steps(args.repeats)
+    finetune_steps(args.repeats)
 
 
 if __name__ == "__main__":

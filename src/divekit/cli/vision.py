@@ -27,6 +27,8 @@ def format_prediction(item: dict[str, Any]) -> str:
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    from divekit.cli import bert_finetune as text_finetune
+    from divekit.config import field_names
     from divekit.data.augment import describe_ops
     from divekit.tasks.finetune import FinetuneConfig
 
@@ -50,10 +52,14 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
         "and train: the head at --head-lr-mult × --lr, the copied stages at --lr (times "
         "--lr-decay per stage down), the first --freeze stages not at all. SOURCE: a divekit run "
         "directory, a torchvision weights file (.pth state dict; --arch or its file name says the "
-        "architecture), or ARCH:WEIGHTS such as resnet18:IMAGENET1K_V1 (downloads once).",
+        "architecture), or ARCH:WEIGHTS such as resnet18:IMAGENET1K_V1 (downloads once). "
+        "With --task, SOURCE is a BERT and the text path runs (see below).",
+        epilog=text_finetune.EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", help="run directory, torchvision weights file, or ARCH:WEIGHTS")
+    p.add_argument("source", help="run directory, torchvision weights file, or ARCH:WEIGHTS; "
+                   "with --task: a BERT checkpoint directory, pretraining run, or minilm")
     add_config_options(p, FinetuneConfig)
+    text_finetune.add_text_options(p, skip=field_names(FinetuneConfig))
     p.set_defaults(handler=_cmd_finetune)
 
     p = sub.add_parser(
@@ -84,6 +90,11 @@ def _cmd_augment(args: argparse.Namespace) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
+    from divekit.cli import bert_finetune as text_finetune
+
+    if getattr(args, "task", None) is not None:  # --task classify|pair|tag|qa: a BERT
+        text_finetune.cmd_finetune_text(args)
+        return
     from divekit.cli import print_final
     from divekit.config import config_from_dict, known_values
     from divekit.engine.run import read_record

@@ -1,0 +1,358 @@
+"""Fine-tuning a pretrained BERT (d2l 16.6–16.7): ``divekit finetune CKPT --task classify|pair|tag|qa``.
+
+One task, four heads (:mod:`divekit.models.bert_heads`); the losses are cross-entropies:
+
+* classify / pair: ``L = CE(ŷ, y)`` on the ``[CLS]`` logits;
+* tag: ``L = Σ_t m_t CE(ŷ_t, y_t) / Σ_t m_t`` where ``m_t = 1`` only on a word's first sub-token;
+* qa: ``L = (CE(s, i*) + CE(e, j*)) / 2`` over the positions (start and end of the gold span).
+
+Parameter-efficient options (:mod:`divekit.models.lora`): ``--lora R`` (LoRA on
+``--lora-targets``), ``--adapters SIZE`` and ``--add-tokens FILE`` freeze the encoder (unless
+``--unfreeze``) and make the run's checkpoints hold only what trains; ``config.json`` points to
+the base checkpoint (``base_checkpoint``), which is loaded first when the run is opened.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from divekit.config import option
+from divekit.data.loader import TensorBatchLoader
+from divekit.data.text_features import IGNORE, encode_qa, encode_tagged, encode_texts
+from divekit.data.text_generated import GENERATED
+from divekit.data.text_tasks import REAL, TextTaskData, load_csv
+from divekit.engine.config import TaskConfig, finite
+from divekit.engine.task import Task
+from divekit.errors import DivekitError
+from divekit.models import lora
+from divekit.models.bert_checkpoint import BertTokenizer, load_pretrained, resolve_checkpoint
+from divekit.models.bert_heads import HEADS, BertForTask, ExtendedEmbedding, make_head
+from divekit.ops import seq_metrics as M
+from divekit.tasks.bert_finetune_io import add_words, predict_inputs, read_words
+
+log = logging.getLogger("divekit")
+DEFAULT_DATA = {"classify": "sentiment-gen", "pair": "nli-gen", "tag": "ner-gen", "qa": "qa-gen"}
+TOKENIZER = "tokenizer"
+
+
+@dataclass(frozen=True)
+class TextFinetuneConfig(TaskConfig):
+    """Options of ``divekit finetune CHECKPOINT_OR_RUN --task ...``."""
+
+    source: str = option("minilm", "BERT checkpoint directory, pretraining run, or minilm", cli=False)
+    task: str = option("classify", "the head: classify (one text), pair (two texts), tag (a "
+                       "label per word), qa (an answer span)", choices=list(HEADS))
+    model: str = option("bert", "", cli=False)
+    epochs: int = option(3, "total epochs")
+    lr: float = option(1e-4, "learning rate")
+    optimizer: str = option("adamw", "optimizer", choices=["sgd", "adam", "adamw"])
+    batch_size: int = option(32, "examples (QA: windows) per minibatch", metavar="N")
+    max_len: int = option(128, "tokens per input, [CLS] and [SEP] included", metavar="T")
+    max_answer_len: int = option(30, "qa: longest answer span in tokens", metavar="N")
+    doc_stride: int = option(32, "qa: context tokens shared by consecutive windows of a long "
+                             "passage", metavar="N")
+    text_columns: str = option("text", "csv:PATH data: the text column(s), a or a,b", metavar="A[,B]")
+    label_column: str = option("label", "csv:PATH data: the label column", metavar="C")
+    head_dropout: float = option(0.1, "dropout before the head's layers")
+    add_tokens: str | None = option(None, "a file of domain words (one a line) added whole to "
+                                    "the vocabulary; only their new embedding rows (and the head) "
+                                    "train unless --unfreeze", metavar="FILE")
+    unfreeze: bool = option(False, "train the whole encoder as well with --add-tokens/--lora/--adapters")
+    lora: int = option(0, "LoRA rank r on --lora-targets (0 = off)", metavar="R")
+    lora_alpha: float = option(16.0, "LoRA scale α (the update is α/r · BA)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch's input")
+    lora_targets: str = option("query,value", "linear layers LoRA wraps: names (query, key, value, "
+                               "output, dense1, dense2) or globs on the full name", metavar="LIST")
+    adapters: int = option(0, "bottleneck adapters of SIZE units after attention and FFN (0 = off)",
+                           metavar="SIZE")
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return super().checks() + [
+            (self.task in HEADS, f"--task must be one of {', '.join(HEADS)}, got {self.task!r}"),
+            (isinstance(self.max_len, int) and 16 <= self.max_len <= 4096,
+             f"--max-len must be in [16, 4096], got {self.max_len}"),
+            (isinstance(self.max_answer_len, int) and self.max_answer_len >= 1,
+             f"--max-answer-len must be at least 1, got {self.max_answer_len}"),
+            (isinstance(self.doc_stride, int) and self.doc_stride >= 0,
+             f"--doc-stride must be 0 or more, got {self.doc_stride}"),
+            (finite(self.head_dropout) and 0 <= self.head_dropout < 1,
+             f"--head-dropout must be in [0, 1), got {self.head_dropout}"),
+            (isinstance(self.lora, int) and self.lora >= 0, f"--lora must be 0 (off) or a rank, got {self.lora}"),
+            (finite(self.lora_alpha) and self.lora_alpha > 0, f"--lora-alpha must be positive, got {self.lora_alpha}"),
+            (finite(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+             f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
+            (isinstance(self.adapters, int) and self.adapters >= 0,
+             f"--adapters must be 0 (off) or a size, got {self.adapters}"),
+            (self.add_tokens is None or Path(self.add_tokens).is_file(),
+             f"--add-tokens {self.add_tokens!r} is not a file"),
+        ]
+
+    @property
+    def data_name(self) -> str:
+        return self.data or DEFAULT_DATA[self.task]
+
+    @property
+    def run_name(self) -> str:
+        return f"bert-{self.task}-{Path(self.data_name.removeprefix('csv:')).stem}"
+
+    @property
+    def frozen_base(self) -> bool:
+        return bool(self.lora or self.adapters or self.add_tokens) and not self.unfreeze
+
+
+def load_text_task(config: TextFinetuneConfig) -> TextTaskData:
+    """The data ``--data`` names: a generated task, a real format from ``--data-dir``, or csv:PATH."""
+    name = config.data_name
+    if name.startswith("csv:"):
+        data = load_csv(name, config.text_columns.split(","), config.label_column)
+    elif name in GENERATED:
+        data = GENERATED[name](seed=config.seed)
+    elif name in REAL:
+        data = REAL[name](data_dir=config.data_dir)
+    else:
+        known = sorted([*GENERATED, *REAL])
+        raise DivekitError(f"--data {name!r} is not a text task; choose one of {', '.join(known)} "
+                           "or csv:PATH")
+    kinds = {"classify": ("classify",), "pair": ("pair",), "tag": ("tag",), "qa": ("qa",)}
+    if data.kind not in kinds[config.task]:
+        raise DivekitError(f"--data {name} is a {data.kind} dataset, not one for --task {config.task}")
+    if config.limit:
+        data.train = data.train[: config.limit]
+    return data
+
+
+def _trim(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Cut the padding every row of the batch shares (the columns past the longest row)."""
+    t = int(batch[2].max())
+    return tuple(x[:, :t] if x.dim() == 2 and x.shape[1] > 2 else x for x in batch)
+
+
+class TextFinetuneTask(Task, name="bert_finetune"):
+    """A pretrained BERT encoder with a fresh head for one of the four tasks."""
+
+    Config = TextFinetuneConfig
+
+    def __init__(self, config: TextFinetuneConfig, record: dict[str, Any] | None = None):
+        super().__init__(config, record)
+        self._tokenizer: BertTokenizer | None = None
+        self.added_words: list[str] = list(self.record.get("added_tokens", []))
+        self.val_features: list[Any] = []
+
+    # ------------------------------------------------------------------ data
+    @cached_property
+    def data(self) -> TextTaskData:
+        return load_text_task(self.config)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.record["labels"]) if "labels" in self.record else self.data.labels
+
+    @property
+    def base(self) -> str:
+        return str(self.record.get("base_checkpoint") or self.config.source)
+
+    @property
+    def tokenizer(self) -> BertTokenizer:
+        if self._tokenizer is None:
+            tok = BertTokenizer.load(resolve_checkpoint(self.base))
+            if self.config.add_tokens:
+                tok, self.added_words, skipped = add_words(tok, read_words(self.config.add_tokens))
+                if skipped:
+                    log.warning(f"--add-tokens: {len(skipped)} word(s) already in the vocabulary "
+                                f"were skipped ({', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})")
+            self._tokenizer = tok
+        self._tokenizer.max_len = min(self.config.max_len, self._tokenizer.max_len)
+        return self._tokenizer
+
+    def _encode(self, examples: list[Any], where: str) -> tuple[Tensor, ...]:
+        kind, tok = self.config.task, self.tokenizer
+        if kind == "tag":
+            return encode_tagged(tok, examples, self.labels, where)
+        if kind == "qa":
+            tensors, features = encode_qa(tok, examples, self.config.doc_stride)
+            if where == "validation":
+                self.val_features = features
+            return tensors
+        return encode_texts(tok, examples, self.labels, where)
+
+    def train_data(self) -> TensorBatchLoader:
+        return TensorBatchLoader(*self._encode(self.data.train, "training data"),
+                                 batch_size=self.config.batch_size, shuffle=True,
+                                 seed=self.config.seed, batch_transform=_trim)
+
+    def val_data(self) -> TensorBatchLoader | None:
+        if not self.data.valid:
+            return None
+        return TensorBatchLoader(*self._encode(self.data.valid, "validation"),
+                                 batch_size=self.config.batch_size, batch_transform=_trim)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> nn.Module:
+        c = self.config
+        bert, _ = load_pretrained(self.base)
+        encoder = bert.encoder
+        if self.added_words or self.record.get("added_tokens"):
+            encoder.token_embedding = ExtendedEmbedding(encoder.token_embedding, len(self.added_words))
+        n_out = len(self.labels) if c.task != "qa" else 2
+        pooler = bert.hidden if c.task in ("classify", "pair") else None
+        model = BertForTask(encoder, make_head(c.task, bert.config.num_hiddens, n_out, c.head_dropout, pooler))
+        if c.lora:
+            lora.apply_lora(model.encoder, lora.parse_targets(c.lora_targets), c.lora, c.lora_alpha,
+                            c.lora_dropout)
+        if c.adapters:
+            lora.add_adapters(model.encoder, c.adapters, bert.config.num_hiddens)
+        if c.frozen_base:
+            lora.freeze_except(model, keep=("head.", "encoder.token_embedding.added"))
+            model.save_only(n for n, p in model.named_parameters() if p.requires_grad)
+        lora.report(model)
+        return model.train()
+
+    def run_record(self) -> dict[str, Any]:
+        base = self.config.source
+        if base != "minilm":
+            base = str(resolve_checkpoint(base).resolve())
+        return {"labels": self.labels, "base_checkpoint": base, "added_tokens": self.added_words,
+                "head": self.config.task, "notes": self.data.notes,
+                "adapter_only": self.config.frozen_base}
+
+    def save_extras(self, run_dir: Any) -> None:
+        self.tokenizer.save(Path(run_dir) / TOKENIZER)
+
+    def load_extras(self, run_dir: Any) -> None:
+        tok = BertTokenizer.load(resolve_checkpoint(self.base))
+        if self.added_words:
+            tok = add_words(tok, self.added_words)[0]
+        self._tokenizer = tok
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        tokens, segments, valid, y = batch[:4]
+        out = model(tokens, segments, valid)
+        if self.config.task == "qa":
+            loss = (F.cross_entropy(out[..., 0], y[:, 0]) + F.cross_entropy(out[..., 1], y[:, 1])) / 2
+            return loss, {"loss": loss.detach()}
+        if self.config.task == "tag":
+            loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+            keep = y != IGNORE
+            acc = ((out.argmax(-1) == y) & keep).sum() / keep.sum().clamp_min(1)
+            return loss, {"loss": loss.detach(), "acc": acc.float()}
+        loss = F.cross_entropy(out, y)
+        return loss, {"loss": loss.detach(), "acc": (out.argmax(-1) == y).float().mean()}
+
+    def validation_step(self, model: nn.Module, batch: Any) -> dict[str, Any]:
+        tokens, segments, valid, y = batch[:4]
+        out = model(tokens, segments, valid).float()
+        if self.config.task == "qa":
+            return self._qa_step(out, batch[4])
+        if self.config.task == "tag":
+            keep = y != IGNORE
+            names = self.labels
+            gold = [[names[int(t)] for t in row[k]] for row, k in zip(y, keep)]
+            pred = [[names[int(t)] for t in row[k]] for row, k in zip(out.argmax(-1), keep)]
+            counts = M.entity_counts(gold, pred)
+            return {"loss": F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                                            reduction="sum"), "tokens": keep.sum(),
+                    "tok_correct": ((out.argmax(-1) == y) & keep).sum(), "ent_correct": counts["correct"],
+                    "ent_pred": counts["pred"], "ent_gold": counts["gold"], "count": len(y)}
+        pred = out.argmax(-1)
+        return {"loss": F.cross_entropy(out, y, reduction="sum"), "correct": (pred == y).sum(),
+                "pred": pred.tolist(), "gold": y.tolist(), "count": len(y)}
+
+    def _qa_step(self, out: Tensor, index: Tensor) -> dict[str, Any]:
+        from divekit.data.text_features import best_spans
+
+        feats = [self.val_features[int(i)] for i in index]
+        c0 = torch.tensor([f.context_start for f in feats], device=out.device)
+        n = torch.tensor([len(f.offsets) for f in feats], device=out.device)
+        i, j, score = best_spans(out[..., 0], out[..., 1], c0, n, self.config.max_answer_len)
+        return {"qa_index": index.tolist(), "qa_start": i.tolist(), "qa_end": j.tolist(),
+                "qa_score": score.tolist(), "count": len(index)}
+
+    def validation_end(self, sums: dict[str, Any]) -> dict[str, Any]:
+        if self.config.task == "qa":
+            return self._qa_metrics(sums)
+        n = max(float(sums["count"]), 1.0)
+        if self.config.task == "tag":
+            prf = M.prf(float(sums["ent_correct"]), float(sums["ent_pred"]), float(sums["ent_gold"]))
+            tokens = max(float(sums["tokens"]), 1.0)
+            return {"loss": float(sums["loss"]) / tokens, "acc": float(sums["tok_correct"]) / tokens,
+                    "entity_precision": prf["precision"], "entity_recall": prf["recall"],
+                    "entity_f1": prf["f1"]}
+        return {"loss": float(sums["loss"]) / n, "acc": float(sums["correct"]) / n,
+                "macro_f1": M.macro_f1(sums["pred"], sums["gold"])}
+
+    def _qa_metrics(self, sums: dict[str, Any]) -> dict[str, Any]:
+        best: dict[int, tuple[float, str]] = {}
+        for f_idx, i, j, score in zip(sums["qa_index"], sums["qa_start"], sums["qa_end"], sums["qa_score"]):
+            feat = self.val_features[f_idx]
+            a, b = feat.offsets[i - feat.context_start][0], feat.offsets[j - feat.context_start][1]
+            text = self.data.valid[feat.example].context[a:b]
+            if feat.example not in best or score > best[feat.example][0]:
+                best[feat.example] = (score, text)
+        em = f1 = 0.0
+        for k, ex in enumerate(self.data.valid):
+            e, f = M.squad_scores(best.get(k, (0.0, ""))[1], ex.answers)
+            em, f1 = em + e, f1 + f
+        n = max(len(self.data.valid), 1)
+        return {"exact_match": em / n, "f1": f1 / n}
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def predict(self, model: nn.Module, inputs: Any, **options: Any) -> list[dict[str, Any]]:
+        model.eval()
+        device = next(model.parameters()).device
+        items = predict_inputs(inputs, self.config.task)
+        if self.config.task == "tag":
+            return [self._tag_one(model, words, device) for words in items]
+        if self.config.task == "qa":
+            return [self._qa_one(model, q, ctx, device, options) for q, ctx in items]
+        from divekit.data.text_features import pad
+
+        rows = self.tokenizer.encode_batch([a for a, _ in items], [b for _, b in items]
+                                           if self.config.task == "pair" else None)
+        tokens, segments, valid = (t.to(device) for t in pad(rows, self.tokenizer.pad_id))
+        probs = model(tokens, segments, valid).float().softmax(-1).cpu()
+        k = min(int(options.get("top_k") or 3), len(self.labels))
+        out = []
+        for (a, b), p in zip(items, probs):
+            top = torch.topk(p, k)
+            ranked = [(self.labels[int(i)], float(v)) for v, i in zip(top.values, top.indices)]
+            out.append({"input": a if b is None else f"{a} ||| {b}", "label": ranked[0][0],
+                        "probability": ranked[0][1], "top": ranked})
+        return out
+
+    def _tag_one(self, model: nn.Module, words: list[str], device: torch.device) -> dict[str, Any]:
+        from divekit.data.text_features import tag_row
+
+        ids, _, firsts = tag_row(self.tokenizer, words)
+        x = torch.tensor([ids], device=device)
+        logits = model(x, torch.zeros_like(x), torch.tensor([len(ids)], device=device))[0]
+        tags = [self.labels[int(logits[p].argmax())] for p in firsts]
+        tags += ["O"] * (len(words) - len(tags))
+        entities = [(kind, " ".join(words[s : e + 1])) for kind, s, e in M.get_entities(tags)]
+        return {"input": " ".join(words), "words": words, "tags": tags, "entities": entities}
+
+    def _qa_one(self, model: nn.Module, question: str, context: str, device: torch.device,
+                options: dict[str, Any]) -> dict[str, Any]:
+        from divekit.data.text_features import best_spans, pad, qa_windows
+
+        max_answer = int(options.get("max_answer_len") or self.config.max_answer_len)
+        windows = qa_windows(self.tokenizer, question, context, self.config.doc_stride)
+        tokens, segments, valid = (t.to(device) for t in pad([(w[0], w[1]) for w in windows],
+                                                             self.tokenizer.pad_id))
+        out = model(tokens, segments, valid).float()
+        c0 = torch.tensor([w[2] for w in windows], device=device)
+        n = torch.tensor([len(w[3]) for w in windows], device=device)
+        i, j, score = best_spans(out[..., 0], out[..., 1], c0, n, max_answer)
+        w = int(score.argmax())
+        offsets = windows[w][3]
+        a, b = offsets[int(i[w]) - windows[w][2]][0], offsets[int(j[w]) - windows[w][2]][1]
+        return {"input": question, "answer": context[a:b], "score": float(score[w]), "start": a}
