@@ -68,7 +68,7 @@ def test_predict_converts_any_image_like_training(trained_lenet_run, tmp_path):
 
 
 def test_cli_resume_continues_to_the_new_total_bit_identically(tmp_path, capsys):
-    common = ["--data", "digits", "--limit", "200", "--batch-size", "32", "--lr", "0.05",
+    common = ["--data", "digits", "--limit", "200", "--batch-size", "32", "--lr", "0.05", "--scheduler", "none",
               "--device", "cpu", "--quiet", "--seed", "7"]
     assert main(["train", "lenet_bn", *common, "--epochs", "4", "--out", str(tmp_path / "a")]) == 0
     assert main(["train", "lenet_bn", *common, "--epochs", "2", "--out", str(tmp_path / "b")]) == 0

@@ -21,7 +21,8 @@ from divekit.config import add_config_options, typed_options
 # the command-line modules of each area: extra commands (add_commands), and for the tasks they
 # name (TASKS) how `divekit evaluate` and `predict` print their results
 AREA_MODULES = ["divekit.cli.vision", "divekit.cli.detect", "divekit.cli.text",
-                "divekit.cli.translate", "divekit.cli.dense", "divekit.cli.bert", "divekit.cli.hw"]
+                "divekit.cli.translate", "divekit.cli.dense", "divekit.cli.bert", "divekit.cli.bert_finetune",
+                "divekit.cli.hw"]
 
 
 def area_modules() -> list[ModuleType]:
