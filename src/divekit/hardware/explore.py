@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from divekit.hardware.analytic import DATAFLOWS, ArraySpec
 from divekit.hardware.scalesim_io import atomic_write
-from divekit.hardware.zoo import TracedLayer, map_layers
+from divekit.hardware.zoo import TracedLayer, map_layers, table_lines
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_ARRAYS = ((32, 32), (64, 64), (128, 128), (256, 256), (32, 128), (128, 32),
@@ -59,14 +59,7 @@ def format_points(points: list[Point], title: str) -> str:
     head = ("array", "dataflow", "batch", "cycles", "util %", "ms/sample")
     rows = [head] + [(f"{p.rows}x{p.cols}", p.dataflow, str(p.batch), f"{p.cycles:,}",
                       f"{100 * p.utilisation:.1f}", f"{p.ms_per_sample:.4f}") for p in points]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [title]
-    for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
-                               for j, (c, w) in enumerate(zip(r, widths))))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(table_lines(title, rows))
 
 
 def _save(fig, path: str | os.PathLike) -> None:

@@ -258,13 +258,7 @@ def format_result(result: ModelResult, *, title: str, clock_ghz: float,
                      f"{100 * layer.utilisation:.1f}",
                      f"{100 * layer.stats.mapping_efficiency:.1f}",
                      f"{t * 1e6:.2f}" + ("" if bound == "compute" else " (mem)")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [title]
-    for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
-                               for j, (c, w) in enumerate(zip(r, widths))))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = table_lines(title, rows)
     arr = result.array
     peak = 2 * arr.pes * clock_ghz * 1e9
     achieved = 2 * result.macs / total_time if total_time else 0.0
@@ -281,3 +275,16 @@ def format_result(result: ModelResult, *, title: str, clock_ghz: float,
         shown = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
         lines.append(f"vector unit (not on the array): {shown}")
     return "\n".join(lines)
+
+
+def table_lines(title: str, rows: list[tuple[str, ...]]) -> list[str]:
+    """``title``, then ``rows`` in aligned columns (the first two left, the rest right), the
+    first row a header underlined with dashes."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [title]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
+                               for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
