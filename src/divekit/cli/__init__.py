@@ -77,7 +77,21 @@ def _train_model_name(argv: Sequence[str]) -> str | None:
     return None
 
 
-def build_parser(train_model: str | None = None, train_data: str | None = None) -> argparse.ArgumentParser:
+def _command(argv: Sequence[str]) -> str | None:
+    """The COMMAND of ``divekit [--debug] COMMAND ...``, before the full parse."""
+    rest = [a for a in argv if a != "--debug"]
+    return rest[0] if rest and not rest[0].startswith("-") else None
+
+
+def build_parser(train_model: str | None = None, train_data: str | None = None,
+                 command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command``, only what parsing that command needs (an area
+    module that lists it in its ``COMMANDS`` is the only one imported, and ``train``'s options,
+    which import every task, are built only for ``train``), so ``divekit hw ...`` starts in a
+    fraction of the time."""
+    modules = area_modules()
+    owner = next((m for m in modules if command in getattr(m, "COMMANDS", ())), None)
+    lazy = command is not None and command != "train"
     parent = _parent()
     parser = OneLineParser(
         prog="divekit", parents=[parent],
@@ -113,7 +127,8 @@ def build_parser(train_model: str | None = None, train_data: str | None = None) 
         "checkpoint into the run directory; --resume continues exactly where a run stopped.",
     )
     p.add_argument("model", help="model name (see `divekit models`); its task decides the options")
-    _add_train_options(p, train_model, train_data)
+    if not lazy:
+        _add_train_options(p, train_model, train_data)
 
     p = sub.add_parser("evaluate", parents=[parent], help="validation metrics of a run",
                        description="Load a run's newest checkpoint and evaluate it on the validation split.")
@@ -132,14 +147,18 @@ def build_parser(train_model: str | None = None, train_data: str | None = None) 
     p.add_argument("--top-k", type=int, default=argparse.SUPPRESS,
                    help="classifiers: classes to show per image (default: 3)")
     p.add_argument("-o", "--output", metavar="DIR", default=argparse.SUPPRESS,
-                   help="folder for annotated pictures (detection, segmentation)")
+                   help="folder for annotated pictures (detection: STEM.pred.png, segmentation: "
+                   "STEM.seg.png; a second input with the same STEM gets STEM-2, the next -3; "
+                   "an input file is never replaced)")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                   help="replace pictures that already exist in -o (default: refuse)")
     p.add_argument("--threshold", type=float, default=argparse.SUPPRESS,
                    help="detection: minimum confidence to draw a box (default: 0.5)")
     p.add_argument("--nms-iou", type=float, default=argparse.SUPPRESS,
                    help="detection: IoU above which NMS drops the weaker box (default: 0.5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
-    for module in area_modules():
+    for module in [owner] if owner is not None else modules:
         if hasattr(module, "add_commands"):
             module.add_commands(sub, parent)
     return parser
@@ -179,7 +198,12 @@ def cmd_models(args: argparse.Namespace) -> None:
     from divekit.models import create_model, list_models, model_info
     from divekit.models.summary import count_params
 
-    names = list_models(getattr(args, "task", None))
+    task = getattr(args, "task", None)
+    if task is not None and task not in (known := {model_info(n).task for n in list_models()}):
+        from divekit.errors import UnknownNameError
+
+        raise UnknownNameError("task", task, known)
+    names = list_models(task)
     if getattr(args, "comm_ratio", False):
         from divekit.engine.comm import comm_ratio_table, format_comm_ratio
 
@@ -277,19 +301,28 @@ def _format_metrics(task: str, metrics: dict[str, Any]) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from divekit.engine.config import data_dir_check
     from divekit.engine.run import evaluate, read_record
+    from divekit.errors import DivekitError
 
-    task = str(read_record(args.run_dir).get("task", "classify"))
+    record = read_record(args.run_dir)
+    task = str(record.get("task", "classify"))
     overrides = {k: getattr(args, k) for k in ("data_dir", "tta") if getattr(args, k, None) is not None}
+    ok, message = data_dir_check(str(record["config"].get("data")), args.data_dir)
+    if not ok:  # the same check as `train --data-dir`
+        raise DivekitError(message)
     print(_format_metrics(task, evaluate(args.run_dir, device=args.device, **overrides)))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from divekit.config import refuse_unused
     from divekit.engine.run import predict, read_record
+    from divekit.engine.task import task_class
 
     task = str(read_record(args.run_dir).get("task", "classify"))
-    options = {k: v for k, v in vars(args).items()
-               if k in ("top_k", "output", "threshold", "nms_iou")}
+    offered = ("top_k", "output", "overwrite", "threshold", "nms_iou")
+    options = {k: v for k, v in vars(args).items() if k in offered}
+    refuse_unused(options, task_class(task).predict, f"a {task} run", offered)
     module = area_for(task)
     results = predict(args.run_dir, args.inputs, device=args.device, **options)
     for item in results:
@@ -334,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         _show_library_notes()
-        parser = build_parser(_train_model_name(argv), _option_value(argv, "--data"))
+        parser = build_parser(_train_model_name(argv), _option_value(argv, "--data"),
+                              command=_command(argv))
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

@@ -9,6 +9,9 @@ import io
 from pathlib import Path
 
 from divekit.errors import DivekitError
+from divekit.io import check_output
+
+COMMANDS = ("hw",)  # the top-level commands add_commands adds (`divekit hw` imports only this area)
 
 EXAMPLES = """\
 examples:
@@ -52,6 +55,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
                    "SCALE-Sim's COMPUTE_REPORT.csv columns)")
     p.add_argument("--plot", metavar="PNG",
                    help="draw utilisation and per-sample latency against batch size")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --csv and --plot files that exist (default: refuse)")
     p.add_argument("--topology", metavar="CSV", help="a SCALE-Sim topology (conv or GEMM form)")
     p.add_argument("--config", metavar="CFG",
                    help="a SCALE-Sim .cfg for --topology (array size and dataflow)")
@@ -69,6 +74,7 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.add_argument("--dataflows", default="ws,os,is", metavar="LIST",
                    help="comma-separated dataflows (default: ws,os,is)")
     p.add_argument("--plot", metavar="PNG", help="picture (default: MODEL-sweep.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace --plot if it exists")
     p.set_defaults(handler=cmd_sweep)
 
 
@@ -108,16 +114,38 @@ def _build(args: argparse.Namespace, weights: bool = False):
     if info.input_shape is None:
         raise DivekitError(f"hw works on image models; {args.model!r} is a {info.task} model")
     shape = parse_shape(args.input_shape) if args.input_shape else info.input_shape
-    with torch.device("cpu" if weights else "meta"):
+    if weights:
+        return create_model(args.model, num_classes=args.num_classes, in_channels=shape[0]), shape
+    with torch.device("meta"), _skip_meta_init():
         model = create_model(args.model, num_classes=args.num_classes, in_channels=shape[0])
     return model, shape
 
 
-def _output_path(path: str, inputs: list[str | None]) -> Path:
-    out = Path(path)
-    for given in inputs:
-        if given and out.resolve() == Path(given).resolve():
-            raise DivekitError(f"refusing to overwrite the input file {given}")
+def _skip_meta_init():
+    """A torch-function mode under which in-place initialisers (``normal_``, ``zero_``, ...)
+    on meta tensors do nothing: there are no values to fill, and torch would otherwise route
+    ``normal_`` on meta through its Python reference kernels, which import the compiler stack
+    (about a second of start-up)."""
+    from torch.overrides import TorchFunctionMode
+
+    class SkipMetaInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
+            if name.endswith("_") and not name.endswith("__") and getattr(target, "is_meta", False):
+                return target
+            return func(*args, **kwargs)
+
+    return SkipMetaInit()
+
+
+def _output_path(path: str, inputs: list[str | None], overwrite: bool = False,
+                 option: str = "--csv") -> Path:
+    """An output file: never one of ``inputs`` (nor another output of the command), an existing
+    one only with ``--overwrite`` (:func:`divekit.io.check_output`), in a folder that exists."""
+    out = check_output(path, [given for given in inputs if given], overwrite=overwrite,
+                       option=option)
     if not out.parent.exists():
         raise DivekitError(f"folder {out.parent} does not exist (for {path})")
     return out
@@ -135,8 +163,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from divekit.hardware.zoo import format_result, simulate_model
 
     array = ArraySpec(*parse_array(args.array), args.dataflow)
-    out_csv = _output_path(args.csv, []) if args.csv else None
-    out_png = _output_path(args.plot, []) if args.plot else None
+    out_csv = _output_path(args.csv, [], args.overwrite) if args.csv else None
+    out_png = _output_path(args.plot, [args.csv], args.overwrite, "--plot") if args.plot else None
     model, shape = _build(args, weights=args.mode == "cycle")
     result = simulate_model(model, shape, array, batch=args.batch, mode=args.mode,
                             overlap=args.overlap)
@@ -189,7 +217,8 @@ def _simulate_topology(args: argparse.Namespace) -> None:
     if args.mode != "analytic" or args.overlap:
         raise DivekitError("--topology runs follow SCALE-Sim v2 (analytic, no overlap); drop "
                            "--mode cycle / --overlap")
-    out_csv = _output_path(args.csv, [args.topology, args.config]) if args.csv else None
+    out_csv = (_output_path(args.csv, [args.topology, args.config], args.overwrite)
+               if args.csv else None)
     layers = read_topology(args.topology)
     array = (read_config(args.config) if args.config
              else ArraySpec(*parse_array(args.array), args.dataflow))
@@ -232,7 +261,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                            f"{args.dataflows!r}" if bad or not dataflows
                            else f"--arrays lists no shape: {args.arrays!r}")
     plot = args.plot or f"{args.model}-sweep.png"
-    out_png = _output_path(plot, [])
+    out_png = _output_path(plot, [], args.overwrite, "--plot")
     model, shape = _build(args)
     traced, _ = trace_model(model, shape)
     points = sweep(traced, args.clock_ghz, args.batch, arrays, dataflows)

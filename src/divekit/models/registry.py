@@ -46,6 +46,25 @@ class ModelInfo:
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
+# The model families, in the course's order. Importing one registers its builders; they load
+# on demand, one at a time until a name is found (``resnet50`` needs neither the detectors'
+# torchvision nor BERT), and all of them for a listing or an unknown name.
+FAMILIES = ["lenet", "alexnet", "vgg", "nin", "googlenet", "resnet", "densenet", "rnn", "seq2seq",
+            "transformer", "ssd", "yolo", "centernet", "rcnn", "bert", "fcn"]
+_loaded: set[str] = set()
+
+
+def _load_families(until: str | None = None) -> None:
+    """Import the families not loaded yet, in order, stopping once ``until`` is registered."""
+    import importlib
+
+    for family in FAMILIES:
+        if until is not None and until in _REGISTRY:
+            return
+        if family not in _loaded:
+            importlib.import_module(f"divekit.models.{family}")
+            _loaded.add(family)
+
 
 def register_model(
     name: str | None = None,
@@ -78,6 +97,8 @@ def register_model(
 
 
 def model_info(name: str) -> ModelInfo:
+    if name not in _REGISTRY:
+        _load_families(until=name)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -91,4 +112,5 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 def list_models(task: str | None = None) -> list[str]:
     """Registered model names, sorted; only those of ``task`` when given."""
+    _load_families()
     return sorted(n for n, info in _REGISTRY.items() if task is None or info.task == task)

@@ -22,10 +22,17 @@ import math
 from typing import Literal
 
 import torch
-import torchvision  # type: ignore[import-untyped]
 from torch import Tensor
 
 from divekit.errors import DivekitError
+
+
+def _tv_ops():
+    """``torchvision.ops``, imported on first use: it costs about a second at start-up, which
+    commands that never run NMS (``divekit hw``, ``summary``) should not pay."""
+    import torchvision  # type: ignore[import-untyped]
+
+    return torchvision.ops
 
 __all__ = [
     "box_area",
@@ -200,7 +207,7 @@ def nms(
         return kept
     if native:  # the kernel refused a box: name it
         validate_boxes(boxes, "boxes")
-    return torchvision.ops.nms(boxes, scores, float(iou_threshold))
+    return _tv_ops().nms(boxes, scores, float(iou_threshold))
 
 
 def _batched_nms_per_group(
@@ -211,7 +218,7 @@ def _batched_nms_per_group(
     for group in torch.unique(idxs):
         members = torch.where(idxs == group)[0]
         if fast:
-            kept = torchvision.ops.nms(boxes[members], scores[members], float(iou_threshold))
+            kept = _tv_ops().nms(boxes[members], scores[members], float(iou_threshold))
         else:
             kept = _nms_reference(boxes[members], scores[members], iou_threshold)
         keep_mask[members[kept]] = True
@@ -256,7 +263,7 @@ def _batched_nms(
         return _batched_nms_per_group(boxes, scores, idxs, iou_threshold, fast=False)
     if bool(boxes.min() < -1):
         return _batched_nms_per_group(boxes, scores, idxs, iou_threshold, fast=True)
-    keep = torchvision.ops.batched_nms(boxes, scores, idxs, float(iou_threshold))
+    keep = _tv_ops().batched_nms(boxes, scores, idxs, float(iou_threshold))
     # Above 1,000 boxes torchvision merges its per-class results with an unstable sort; restore
     # the documented order (ties: smaller index first).
     keep = keep.sort().values
