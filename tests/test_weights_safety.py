@@ -167,13 +167,11 @@ def test_stylize_vgg19_name_goes_through_divekits_loader(hub_cache, marker):
     assert "vgg19-dcbb9e9d.pth" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="style.load_vgg19_weights still quotes torch's first line "
-                   "(ANSI codes); it should call divekit.data.pretrained.load_plain (issue 18)")
 def test_stylize_weights_file_with_a_payload(tmp_path, marker):
     style = pytest.importorskip("divekit.models.style")
     evil = write_payload(tmp_path / "vgg19.pth", marker)
     msg = refused(lambda: style.resolve_vgg19(str(evil)), marker, "vgg19.pth")
-    assert "weights_only" in msg
+    assert "holds objects a checkpoint must not hold" in msg
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -227,16 +225,20 @@ def test_evaluate_and_finetune_refuse_bad_records_in_one_line(run_copy, capsys):
         one_line(str(info.value))
 
 
-def test_load_run_checks_the_task_record_keys(run_copy, monkeypatch):
+def test_load_run_checks_the_task_record_keys(run_copy):
     from divekit.engine.run import load_run
-    from divekit.tasks.classify import ClassificationTask
 
-    monkeypatch.setattr(ClassificationTask, "record_keys", {"classes": list}, raising=False)
     path = run_copy / "config.json"
     record = json.loads(path.read_text())
     path.write_text(json.dumps({k: v for k, v in record.items() if k != "classes"}))
     with pytest.raises(DivekitError, match="lacks 'classes', which a classify run needs"):
         load_run(run_copy)
+    for key, value, found in [("mean", 0.5, "number"), ("in_channels", "1", "string"),
+                              ("image_size", {"h": 8}, "object")]:
+        path.write_text(json.dumps({**record, key: value}))
+        with pytest.raises(DivekitError, match=f"'{key}' is a {found}, not a") as info:
+            load_run(run_copy)
+        one_line(str(info.value))
 
 
 def test_a_class_list_that_does_not_fit_the_weights_names_key_and_shapes(run_copy, capsys):

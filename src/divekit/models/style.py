@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from divekit.data import pretrained
@@ -66,18 +64,9 @@ def load_vgg19_weights(features: nn.Sequential, path: str | os.PathLike[str]) ->
     """Load a torchvision VGG-19 weight file into ``features`` with ``weights_only=True`` (the
     file's code is never run); a mismatch is one line naming what differs."""
     path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DivekitError(f"--weights {str(path)!r}: no such file") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DivekitError(f"--weights {str(path)!r} is not a plain state dict (refused with "
-                           f"weights_only=True): {first}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise DivekitError(f"--weights {str(path)!r} does not hold a state dict (name → tensor)")
+    # torch.load(weights_only=True) through divekit's loader: a pickle asking for code is
+    # refused before any of it runs, every failure one line naming the file
+    obj = pretrained.load_state_file(path, "--weights")
     state = _features_state(obj)
     own = features.state_dict()
     missing = [k for k in own if k not in state]
@@ -107,10 +96,13 @@ def resolve_vgg19(weights: str | os.PathLike[str] | None) -> tuple[nn.Sequential
     if weights is not None:
         load_vgg19_weights(features, weights)
         return features, f"VGG-19 weights from {weights}"
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG19_URL_FILE
-    if cached.is_file():
-        load_vgg19_weights(features, cached)
-        return features, f"torchvision's ImageNet VGG-19 ({cached})"
+    from torchvision.models import VGG19_Weights
+
+    cached = VGG19_Weights.IMAGENET1K_V1
+    if pretrained.is_cached(cached):  # hash checked before use, never downloaded here
+        state = pretrained.torchvision_state(cached, download_missing=False)
+        features.load_state_dict(_features_state(state))
+        return features, f"torchvision VGG19_Weights.IMAGENET1K_V1 ({VGG19_URL_FILE}, cached)"
     log.warning("stylize: no VGG-19 weights (pass --weights PATH to torchvision's %s, or "
                 "--weights IMAGENET1K_V1 to download it); running with random weights",
                 VGG19_URL_FILE)

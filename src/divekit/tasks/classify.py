@@ -209,6 +209,9 @@ class ClassificationTask(Task, name="classify"):
     """
 
     Config = ClassifyConfig
+    # what a run's config.json must hold for evaluate/predict (checked by engine.run.load_run)
+    record_keys = {"classes": list, "in_channels": int, "image_size": list, "mean": list,
+                   "std": list}
 
     def __init__(self, config: ClassifyConfig, record: dict[str, Any] | None = None, *,
                  norm: tuple[Sequence[float], Sequence[float]] | None = None):
