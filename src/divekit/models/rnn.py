@@ -14,7 +14,11 @@ in, which is how the parity tests check the equations against cuDNN's.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -510,71 +514,6 @@ def _language_model(
     return RNNLM(cell, vocab_size, embed_size=embed_size)
 
 
-@register_model("rnn_scratch", input_shape=None, task="language_model", config=RNNConfig,
-                recipes=RECIPES)
-def rnn_scratch(
-    *,
-    vocab_size: int,
-    num_hiddens: int = 256,
-    num_layers: int = 1,
-    bidirectional: bool = False,
-    embed_size: int | None = None,
-) -> RNNLM:
-    """RNN language model from scratch: h_t = tanh(x_t W_xh + h_{t-1} W_hh + b_h)."""
-    return _language_model(
-        RNNScratch,
-        vocab_size=vocab_size,
-        num_hiddens=num_hiddens,
-        num_layers=num_layers,
-        bidirectional=bidirectional,
-        embed_size=embed_size,
-    )
-
-
-@register_model("gru_scratch", input_shape=None, task="language_model",
-                config=GRUScratchConfig, recipes=RECIPES)
-def gru_scratch(
-    *,
-    vocab_size: int,
-    num_hiddens: int = 256,
-    num_layers: int = 1,
-    bidirectional: bool = False,
-    embed_size: int | None = None,
-    reset_after: bool = False,
-) -> RNNLM:
-    """GRU language model from scratch: reset and update gates, candidate state (the course's equations)."""
-    return _language_model(
-        GRUScratch,
-        vocab_size=vocab_size,
-        num_hiddens=num_hiddens,
-        num_layers=num_layers,
-        bidirectional=bidirectional,
-        embed_size=embed_size,
-        reset_after=reset_after,
-    )
-
-
-@register_model("lstm_scratch", input_shape=None, task="language_model", config=RNNConfig,
-                recipes=RECIPES)
-def lstm_scratch(
-    *,
-    vocab_size: int,
-    num_hiddens: int = 256,
-    num_layers: int = 1,
-    bidirectional: bool = False,
-    embed_size: int | None = None,
-) -> RNNLM:
-    """LSTM language model from scratch: input, forget and output gates and a memory cell."""
-    return _language_model(
-        LSTMScratch,
-        vocab_size=vocab_size,
-        num_hiddens=num_hiddens,
-        num_layers=num_layers,
-        bidirectional=bidirectional,
-        embed_size=embed_size,
-    )
-
-
 def _concise(torch_type):
     def make(input_size, hidden_size, *, num_layers, bidirectional):
         return torch_type(
@@ -584,64 +523,38 @@ def _concise(torch_type):
     return make
 
 
-@register_model("rnn", input_shape=None, task="language_model", config=RNNConfig,
-                recipes=RECIPES)
-def rnn(
-    *,
-    vocab_size: int,
-    num_hiddens: int = 256,
-    num_layers: int = 1,
-    bidirectional: bool = False,
-    embed_size: int | None = None,
-) -> RNNLM:
-    """RNN language model on nn.RNN (tanh), the concise version."""
-    return _language_model(
-        _concise(nn.RNN),
-        vocab_size=vocab_size,
-        num_hiddens=num_hiddens,
-        num_layers=num_layers,
-        bidirectional=bidirectional,
-        embed_size=embed_size,
-    )
+
+def _builder(name: str, cell_type: Callable[..., nn.Module], config: type, doc: str):
+    """Register the language model ``name`` on ``cell_type``: its keyword arguments are the
+    fields of ``config`` (defaults and checks from there) plus the vocabulary size."""
+
+    def build(*, vocab_size: int, **options: Any) -> RNNLM:
+        return _language_model(cell_type, vocab_size=vocab_size,
+                               **dataclasses.asdict(config(**options)))
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    build.__signature__ = inspect.Signature(  # type: ignore[attr-defined]  # what help() shows
+        [inspect.Parameter("vocab_size", keyword, annotation=int)]
+        + [inspect.Parameter(f.name, keyword, default=f.default, annotation=f.type)
+           for f in dataclasses.fields(config)], return_annotation=RNNLM)
+    return register_model(name, input_shape=None, task="language_model", config=config,
+                          recipes=RECIPES)(build)
 
 
-@register_model("gru", input_shape=None, task="language_model", config=RNNConfig,
-                recipes=RECIPES)
-def gru(
-    *,
-    vocab_size: int,
-    num_hiddens: int = 256,
-    num_layers: int = 1,
-    bidirectional: bool = False,
-    embed_size: int | None = None,
-) -> RNNLM:
-    """GRU language model on nn.GRU, the concise version."""
-    return _language_model(
-        _concise(nn.GRU),
-        vocab_size=vocab_size,
-        num_hiddens=num_hiddens,
-        num_layers=num_layers,
-        bidirectional=bidirectional,
-        embed_size=embed_size,
-    )
-
-
-@register_model("lstm", input_shape=None, task="language_model", config=RNNConfig,
-                recipes=RECIPES)
-def lstm(
-    *,
-    vocab_size: int,
-    num_hiddens: int = 256,
-    num_layers: int = 1,
-    bidirectional: bool = False,
-    embed_size: int | None = None,
-) -> RNNLM:
-    """LSTM language model on nn.LSTM, the concise version."""
-    return _language_model(
-        _concise(nn.LSTM),
-        vocab_size=vocab_size,
-        num_hiddens=num_hiddens,
-        num_layers=num_layers,
-        bidirectional=bidirectional,
-        embed_size=embed_size,
-    )
+rnn_scratch = _builder(
+    "rnn_scratch", RNNScratch, RNNConfig,
+    "RNN language model from scratch: h_t = tanh(x_t W_xh + h_{t-1} W_hh + b_h).")
+gru_scratch = _builder(
+    "gru_scratch", GRUScratch, GRUScratchConfig,
+    "GRU language model from scratch: reset and update gates, candidate state (the course's "
+    "equations).")
+lstm_scratch = _builder(
+    "lstm_scratch", LSTMScratch, RNNConfig,
+    "LSTM language model from scratch: input, forget and output gates and a memory cell.")
+rnn = _builder("rnn", _concise(nn.RNN), RNNConfig,
+               "RNN language model on nn.RNN (tanh), the concise version.")
+gru = _builder("gru", _concise(nn.GRU), RNNConfig, "GRU language model on nn.GRU, the concise version.")
+lstm = _builder("lstm", _concise(nn.LSTM), RNNConfig,
+                "LSTM language model on nn.LSTM, the concise version.")
