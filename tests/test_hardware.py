@@ -241,3 +241,18 @@ def test_transposed_conv_is_one_product_per_group():
     assert (convt.kind, convt.shape.groups, convt.shape.m, convt.shape.k, convt.shape.n) == (
         "convT", 2, 25, 2, 3 * 16)
     assert [x.cycles for x in analytic.layers] == [x.cycles for x in cycle.layers]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11", "googlenet", "densenet121", "lenet_bn"])
+def test_a_model_on_meta_traces_the_layers_a_real_forward_does(name):
+    """The shape-only trace (meta tensors, with the elementwise/normalisation/linear shortcuts
+    of zoo._MetaShapes) maps the same products as a forward pass with real weights."""
+    from divekit.models import create_model
+
+    shape = (1, 64, 64)
+    real, real_others = trace_model(create_model(name, num_classes=10, in_channels=1), shape)
+    with torch.device("meta"):
+        meta_model = create_model(name, num_classes=10, in_channels=1)
+    meta, meta_others = trace_model(meta_model, shape)
+    assert [(t.name, t.kind, t.shape) for t in meta] == [(t.name, t.kind, t.shape) for t in real]
+    assert meta_others == real_others

@@ -14,12 +14,14 @@ the two (a roofline per layer).
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from divekit.errors import DivekitError
 from divekit.hardware.analytic import ArraySpec, GemmStats, gemm_cycles
@@ -136,7 +138,7 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...], *, batch: int = 
     if keep_operands and device.type == "meta":
         raise DivekitError("cycle mode needs a model with real weights, not one on 'meta'")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (_MetaShapes() if device.type == "meta" else contextlib.nullcontext()):
             model.eval()
             model(torch.randn(batch, *input_shape, device=device))
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
@@ -151,6 +153,45 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...], *, batch: int = 
         raise DivekitError(f"{type(model).__name__} has no convolution or linear layer to map "
                            "onto a systolic array")
     return traced, others
+
+
+# Functions whose output has the shape of their inputs broadcast together (normalisations: of
+# their first input). On "meta" torch runs several of them through its Python reference
+# kernels, whose first call imports the whole compiler stack (about a second); a shape-only
+# trace needs none of it.
+_ELEMENTWISE = frozenset({
+    "add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "mul",
+    "__mul__", "__rmul__", "__imul__", "mul_", "div", "__truediv__", "__rtruediv__",
+    "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "hardswish",
+    "leaky_relu", "elu", "dropout", "dropout2d", "alpha_dropout", "softmax", "log_softmax",
+})
+_SAME_AS_INPUT = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm",
+                            "local_response_norm"})
+
+
+class _MetaShapes(TorchFunctionMode):
+    """Shape propagation for meta tensors without the reference kernels (see above)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if (name in ("adaptive_avg_pool2d", "adaptive_max_pool2d") and args
+                and getattr(args[0], "is_meta", False) and not kwargs.get("return_indices")):
+            x, size = args[0], (args[1] if len(args) > 1 else kwargs["output_size"])
+            size = pair(size) if not isinstance(size, (tuple, list)) else tuple(size)
+            hw = tuple(x.shape[-2 + i] if s is None else s for i, s in enumerate(size))
+            return torch.empty((*x.shape[:-2], *hw), dtype=x.dtype, device="meta")
+        if name == "linear" and len(args) >= 2 and getattr(args[0], "is_meta", False):
+            x, weight = args[0], args[1]
+            return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device="meta")
+        if name in _ELEMENTWISE or name in _SAME_AS_INPUT:
+            given = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if given and all(t.is_meta for t in given):
+                first = given[0]
+                shape = (first.shape if name in _SAME_AS_INPUT
+                         else torch.broadcast_shapes(*(t.shape for t in given)))
+                return torch.empty(shape, dtype=first.dtype, device="meta")
+        return func(*args, **kwargs)
 
 
 def _trace_conv(module: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, label: str,
