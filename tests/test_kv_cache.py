@@ -71,7 +71,7 @@ def test_decoding_in_training_mode_is_evaluation_decoding(name):
     """The course decodes in whatever mode the model is in (dropout on while training); divekit's
     translation decoding switches dropout off and restores the mode."""
     from divekit.data.text import Vocab
-    from divekit.tasks.translate import decode
+    from divekit.tasks.translate_decode import decode
 
     vocab = Vocab([[str(i) for i in range(9)]], reserved_tokens=["<pad>", "<bos>", "<eos>"])
     model = small(name)
@@ -172,3 +172,87 @@ def test_positional_encoding_offset_continues_the_positions():
     torch.testing.assert_close(pe(X, offset=3), whole[:, 3:])
     with pytest.raises(Exception, match="max_len"):
         pe(X, offset=17)
+
+
+def eos_prone(name, src, lens, max_len):
+    """A small model (decoder weights × 3) whose <eos> bias is moved until its rows end at
+    different steps (small random weights end every row at once, or none)."""
+    model = small(name)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.mul_(3)
+    first = torch.full((len(src),), BOS)
+    bias = model.decoder.dense.bias
+    for shift in torch.linspace(-10, 10, 201):
+        with torch.no_grad():
+            bias[EOS] = shift
+        out = greedy_search(model.decode_step, model.encode(src, lens), first, EOS, max_len)
+        if len({len(t) for t in out.tokens}) > 1:
+            return model, out
+    raise AssertionError("no <eos> bias ends the rows at different steps")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("compact", [0.75, 1.0])
+def test_translation_greedy_equals_greedy_search_while_finished_rows_leave(name, compact):
+    """The translation's greedy decoding (argmax of the logits, finished rows dropped from the
+    batch) gives the tokens and scores of the plain greedy search, which keeps every row."""
+    from divekit.tasks.translate_decode import greedy_decode
+
+    src, lens = sources(batch=5, steps=6, seed=4)
+    model, plain = eos_prone(name, src, lens, 10)
+    first = torch.full((5,), BOS)
+    reorders: list = []
+    reorder = model.reorder_state
+    model.reorder_state = lambda state, index: reorders.append(len(index)) or reorder(state, index)
+    ours = greedy_decode(model, model.encode(src, lens), first, EOS, 10, compact=compact)
+    assert ours.tokens == plain.tokens
+    assert ours.scores == pytest.approx(plain.scores, rel=1e-5, abs=1e-4)  # float32 sums
+    assert ours.normalized == pytest.approx(plain.normalized, rel=1e-5, abs=1e-4)
+    assert reorders == sorted(reorders, reverse=True)  # the batch only shrinks
+    if compact == 1.0:  # every row that ends leaves at once: the batch shrank
+        assert reorders and reorders[-1] < 5
+
+
+def test_the_cache_grows_in_place_and_a_second_step_from_a_state_does_not_disturb_the_first():
+    """A step writes its keys and values into the chain's preallocated storage (a new one only
+    when it is full, twice as long); stepping an earlier state again writes into a copy, so
+    both continuations decode as re-decoding their own prefix does."""
+    model = small("transformer")
+    src, lens = sources(batch=2)
+    state = model.encode(src, lens)
+    storages = []
+    tokens = torch.full((2,), BOS)
+    with torch.no_grad():
+        for _ in range(40):
+            _, state = model.decode_step(tokens, state)
+            storages.append(state.blocks[0].storage)
+    assert len({id(s) for s in storages}) == 3  # room for 16, 32, then 64 positions
+    step, full = full_redecode(model, src, lens)
+    base = model.encode(src, lens)
+    _, s1 = model.decode_step(torch.full((2,), BOS), base)
+    a, b = torch.tensor([5, 6]), torch.tensor([7, 8])
+    _, sa = model.decode_step(a, s1)
+    _, sb = model.decode_step(b, s1)  # from the same state: must not overwrite sa's row
+    for state_after, second in ((sa, a), (sb, b)):
+        logits, _ = model.decode_step(torch.tensor([9, 10]), state_after)
+        prefix = torch.stack([torch.full((2,), BOS), second, torch.tensor([9, 10])], dim=1)
+        expected = model(src, prefix, lens)[:, -1]
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_padded_source_decodes_as_the_same_sentence_alone_and_an_empty_one_disturbs_nothing():
+    """The encoder-decoder attention's key mask is built once per source batch: a padded
+    source gives the logits of the same sentence without its padding (no mask at all), and an
+    empty source in the batch (which attends to nothing) leaves the others as they were."""
+    model = small("transformer")
+    src, _ = sources(batch=3, steps=6)
+    lens = torch.tensor([6, 4, 0])
+    tokens = torch.tensor([[BOS, 5, 7, 3]] * 3)
+    batch = model(src, tokens, lens)
+    alone = model(src[1:2, :4], tokens[1:2], torch.tensor([4]))
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch[:2], model(src[:2], tokens[:2], lens[:2]), atol=1e-5,
+                               rtol=1e-5)
+    no_lens = model(src[:1], tokens[:1])
+    torch.testing.assert_close(batch[:1], no_lens, atol=1e-5, rtol=1e-5)

@@ -279,6 +279,34 @@ def test_only_unknown_words_get_a_one_line_note(transformer_run, capsys):
     assert captured.err.count("\n") == 1 and "'zyzzyva', 'quux'" in captured.err
 
 
+def test_a_sentence_longer_than_num_steps_is_cut_with_one_note(transformer_run, capsys):
+    """No silent truncation: the model reads only its run's --num-steps (13) first tokens of
+    a 4,000-token sentence; the translation is printed and one note says what was kept."""
+    long = " ".join(["i have two cats ."] * 800)
+    assert main(["translate", str(transformer_run), long, "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("i have two cats . i have") and " => " in captured.out
+    assert captured.out.strip().split(" => ")[1]  # a translation was printed
+    assert captured.err.count("\n") == 1
+    assert "first 13 of 4,000 tokens" in captured.err and "--num-steps 13" in captured.err
+
+
+def test_several_cut_sentences_get_one_note_counting_them(transformer_run, caplog):
+    import logging
+
+    logger = logging.getLogger("divekit")
+    logger.addHandler(caplog.handler)  # the CLI's tests stop it propagating to the root
+    try:
+        with caplog.at_level(logging.WARNING, logger="divekit"):
+            found = translate(load_run(transformer_run), ["three dogs . " * 5, "i have two cats .",
+                                                          "one cat . " * 10], batch_size=2)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert all(found.outputs)
+    notes = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(notes) == 1 and "2 sentences" in notes[0] and "of 15 to 30" in notes[0]
+
+
 def test_a_run_of_another_task_is_refused_in_one_line(tmp_path, capsys):
     import json
 

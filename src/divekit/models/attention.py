@@ -61,7 +61,10 @@ class DotProductAttention(nn.Module):
         self.attention_weights: Tensor | None = None
 
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor,
-                valid_lens: Tensor | None = None) -> Tensor:
+                valid_lens: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
+        """``mask`` (instead of ``valid_lens``): a boolean mask broadcastable to the scores
+        ``(B, [heads,] Q, K)``, True where a key may be attended to, with at least one True
+        key per query; a decoder builds it once per source rather than at every step."""
         d = queries.shape[-1]
         if keys.shape[-1] != d or keys.shape[-2] != values.shape[-2]:
             raise DivekitError(
@@ -69,9 +72,10 @@ class DotProductAttention(nn.Module):
                 f"{tuple(values.shape)} do not fit: keys need the queries' feature size and the "
                 "values' length"
             )
+        if mask is not None and valid_lens is not None:
+            raise DivekitError("give valid_lens or mask, not both")
         empty_row = valid_lens is not None and bool((valid_lens == 0).any())
         if not self.record_weights and not empty_row:
-            mask = None
             if valid_lens is not None:
                 b, q, k = queries.shape[0], queries.shape[-2], keys.shape[-2]
                 mask = _key_mask(valid_lens, b, q, k)
@@ -81,9 +85,12 @@ class DotProductAttention(nn.Module):
             self.attention_weights = None
             return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=p)
         scores = queries @ keys.transpose(-2, -1) / math.sqrt(d)
-        if scores.dim() == 4 and valid_lens is not None and valid_lens.dim() == 2:
-            valid_lens = valid_lens[:, None, :].expand(scores.shape[:3])  # the same for every head
-        weights = masked_softmax(scores, valid_lens)  # (B, [heads,] Q, K)
+        if mask is not None:
+            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        else:
+            if scores.dim() == 4 and valid_lens is not None and valid_lens.dim() == 2:
+                valid_lens = valid_lens[:, None, :].expand(scores.shape[:3])  # same for each head
+            weights = masked_softmax(scores, valid_lens)  # (B, [heads,] Q, K)
         self.attention_weights = weights.detach() if self.record_weights else None
         return self.dropout(weights) @ values
 
@@ -169,11 +176,12 @@ class MultiHeadAttention(nn.Module):
         return self.transpose_qkv(self.W_k(keys)), self.transpose_qkv(self.W_v(values))
 
     def attend(self, queries: Tensor, k: Tensor, v: Tensor,
-               valid_lens: Tensor | None = None) -> Tensor:
+               valid_lens: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
         """Multi-head attention of ``queries (B, Q, d_q)`` over keys and values already
-        projected by :meth:`project_kv`: ``(B, Q, num_hiddens)``."""
+        projected by :meth:`project_kv`: ``(B, Q, num_hiddens)``. ``mask``: see
+        :meth:`DotProductAttention.forward` (``(B, 1, 1 or Q, K)`` for every head)."""
         q = self.transpose_qkv(self.W_q(queries))  # (B, heads, Q, d)
-        out = self.attention(q, k, v, valid_lens)  # (B, heads, Q, d)
+        out = self.attention(q, k, v, valid_lens, mask=mask)  # (B, heads, Q, d)
         return self.W_o(self.transpose_output(out))
 
 
@@ -199,7 +207,7 @@ class PositionalEncoding(nn.Module):
         if offset < 0 or offset + t > self.P.shape[1]:
             raise DivekitError(f"positions {offset}..{offset + t - 1} (a sequence of {t} steps "
                                f"after {offset}) are longer than max_len {self.P.shape[1]}")
-        return self.dropout(X + self.P[:, offset:offset + t].to(X.dtype))
+        return F.dropout(X + self.P[:, offset:offset + t].to(X.dtype), self.dropout.p, self.training)
 
 
 # the course's first attention model lives beside the layers (divekit.models.kernel_regression)

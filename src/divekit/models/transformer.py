@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divekit.config import option
@@ -67,7 +68,8 @@ class AddNorm(nn.Module):
         self.ln = nn.LayerNorm(norm_shape)
 
     def forward(self, X: Tensor, Y: Tensor) -> Tensor:
-        return self.ln(X + self.dropout(Y))
+        # F.dropout, not the module: one call less a step, which counts when decoding one token
+        return self.ln(X + F.dropout(Y, self.dropout.p, self.training))
 
 
 def _mha(num_hiddens: int, num_heads: int, dropout: float, use_bias: bool) -> MultiHeadAttention:
@@ -115,39 +117,114 @@ class TransformerEncoder(nn.Module):
             blk.attention.attention.record_weights = on
 
 
+class KVStorage:
+    """Preallocated self-attention keys and values ``(B, heads, capacity, d/heads)`` that a chain
+    of decoder states shares, so that a step writes its new row in place instead of copying the
+    whole cache (``torch.cat``): ``filled`` rows are taken. Each state views only its own first
+    rows, which no later step writes: a step from a state that is not the chain's last
+    (``offset < filled``: the same state stepped twice) writes into a fresh copy."""
+
+    __slots__ = ("k", "v", "filled")
+
+    def __init__(self, k: Tensor, v: Tensor, filled: int):
+        self.k, self.v, self.filled = k, v, filled  # (B, heads, capacity, d/heads) each
+
+    def index_select(self, index: Tensor) -> KVStorage:
+        return KVStorage(self.k.index_select(0, index), self.v.index_select(0, index), self.filled)
+
+
+def append_kv(cache: BlockCache, k_new: Tensor, v_new: Tensor) -> KVStorage:
+    """The storage holding ``cache``'s ``t`` rows followed by the ``T`` new ones: written in
+    place after them when ``cache`` is its chain's last state and there is room; otherwise a
+    new storage of twice the rows (amortised O(1) a step). Teacher forcing (``t = 0, T > 1``)
+    keeps the new rows as they are, and so does anything that autograd records (no in-place
+    writes into tensors a backward pass needs)."""
+    past, T = cache.self_k.shape[2], k_new.shape[2]
+    storage = cache.storage
+    if (past == 0 and T > 1) or (torch.is_grad_enabled() and k_new.requires_grad):
+        k = torch.cat((cache.self_k, k_new), dim=2) if past else k_new  # (B, h, t + T, dh)
+        v = torch.cat((cache.self_v, v_new), dim=2) if past else v_new
+        return KVStorage(k, v, past + T)
+    if storage is None or storage.filled != past or past + T > storage.k.shape[2]:
+        b, h, _, dh = k_new.shape
+        capacity = max(2 * (past + T), 16)
+        storage = KVStorage(k_new.new_empty(b, h, capacity, dh), v_new.new_empty(b, h, capacity, dh),
+                            past)
+        storage.k[:, :, :past] = cache.self_k
+        storage.v[:, :, :past] = cache.self_v
+    storage.k[:, :, past:past + T] = k_new
+    storage.v[:, :, past:past + T] = v_new
+    storage.filled = past + T
+    return storage
+
+
 @dataclass(frozen=True)
 class BlockCache:
     """What one decoder block keeps between steps, in heads layout ``(B, heads, ·, d / heads)``:
     its self-attention's projected keys and values of every position decoded so far (one new
-    row a step), and the encoder outputs projected for its encoder-decoder attention (once per
-    source)."""
+    row a step; views of the first ``t`` rows of ``storage``), and the encoder outputs
+    projected for its encoder-decoder attention (once per source)."""
 
     self_k: Tensor  # (B, heads, t, d/heads)
     self_v: Tensor  # (B, heads, t, d/heads)
     enc_k: Tensor  # (B, heads, T_src, d/heads)
     enc_v: Tensor  # (B, heads, T_src, d/heads)
+    storage: KVStorage | None = None  # what self_k and self_v view, with room to grow
+
+    def index_select(self, index: Tensor) -> BlockCache:
+        """The cache of the hypotheses ``index`` (beam search's reordering)."""
+        t = self.self_k.shape[2]
+        enc_k, enc_v = self.enc_k.index_select(0, index), self.enc_v.index_select(0, index)
+        if self.storage is None:
+            return BlockCache(self.self_k.index_select(0, index),
+                              self.self_v.index_select(0, index), enc_k, enc_v)
+        storage = self.storage.index_select(index)
+        storage.filled = t
+        return BlockCache(storage.k[:, :, :t], storage.v[:, :, :t], enc_k, enc_v, storage)
 
 
 @dataclass(frozen=True)
 class TransformerDecoderState:
     """The decoder's state: the encoder's outputs and valid lengths, one :class:`BlockCache`
-    per block, and ``offset``, the number of target positions decoded so far. Immutable: a
-    step returns a new state (no list is changed in place)."""
+    per block, ``offset``, the number of target positions decoded so far, and ``cross``, the
+    masking arguments of the encoder-decoder attention built once per source
+    (:func:`source_masking`). Immutable: a step returns a new state (no list is changed in
+    place)."""
 
     enc_outputs: Tensor  # (B, T_src, d)
     enc_valid_lens: Tensor | None  # (B,)
     blocks: tuple[BlockCache, ...]
-    offset: int = 0
+    offset: int
+    cross: tuple[Tensor | None, Tensor | None]  # (valid_lens (B,), mask (B, 1, 1, T_src))
 
     def index_select(self, index: Tensor) -> TransformerDecoderState:
         """The state of the hypotheses ``index`` (beam search's reordering)."""
-        def pick(t: Tensor) -> Tensor:
-            return t.index_select(0, index.to(t.device))
+        index = index.to(self.enc_outputs.device)
 
-        lens = None if self.enc_valid_lens is None else pick(self.enc_valid_lens)
-        blocks = tuple(BlockCache(pick(c.self_k), pick(c.self_v), pick(c.enc_k), pick(c.enc_v))
-                       for c in self.blocks)
-        return TransformerDecoderState(pick(self.enc_outputs), lens, blocks, self.offset)
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(0, index)
+
+        return TransformerDecoderState(self.enc_outputs.index_select(0, index),
+                                       pick(self.enc_valid_lens),
+                                       tuple(c.index_select(index) for c in self.blocks),
+                                       self.offset, (pick(self.cross[0]), pick(self.cross[1])))
+
+
+def source_masking(enc_valid_lens: Tensor | None,
+                   src_steps: int) -> tuple[Tensor | None, Tensor | None]:
+    """``(valid_lens, mask)`` for the encoder-decoder attention, once per source batch (one
+    host sync) instead of every step: ``(None, None)`` when no source is padded, ``(None,
+    mask)`` with ``mask (B, 1, 1, T_src)`` True on the real positions (every head and query)
+    when some are, and ``(valid_lens, None)`` when a source is empty (it attends to nothing:
+    a zero context, as :class:`~divekit.models.attention.DotProductAttention` does)."""
+    if enc_valid_lens is None:
+        return None, None
+    if enc_valid_lens.dim() != 1 or not bool((enc_valid_lens > 0).all()):
+        return enc_valid_lens, None
+    if bool((enc_valid_lens >= src_steps).all()):
+        return None, None
+    positions = torch.arange(src_steps, device=enc_valid_lens.device)
+    return None, (positions < enc_valid_lens[:, None])[:, None, None, :]
 
 
 class TransformerDecoderBlock(nn.Module):
@@ -170,23 +247,26 @@ class TransformerDecoderBlock(nn.Module):
         empty = enc_k.new_zeros(enc_k.shape[0], enc_k.shape[1], 0, enc_k.shape[3])
         return BlockCache(empty, empty, enc_k, enc_v)
 
-    def forward(self, X: Tensor, cache: BlockCache,
-                enc_valid_lens: Tensor | None = None) -> tuple[Tensor, BlockCache]:
+    def forward(self, X: Tensor, cache: BlockCache, enc_valid_lens: Tensor | None = None,
+                enc_mask: Tensor | None = None) -> tuple[Tensor, BlockCache]:
         """``X (B, T, d)`` holds the positions after the ``t`` in ``cache``: position ``t + j``
         attends to positions ``1 … t + j`` (the causal mask; none when ``T = 1``). Teacher
         forcing is the case ``t = 0``, one decoding step the case ``T = 1``; both project
-        each new position's key and value once and append them to the cache."""
+        each new position's key and value once and append them to the cache. The
+        encoder-decoder attention masks by ``enc_valid_lens`` or by ``enc_mask``, a key mask
+        built once per source (:func:`source_masking`)."""
         k_new, v_new = self.attention1.project_kv(X, X)  # (B, h, T, dh)
-        k = torch.cat((cache.self_k, k_new), dim=2)  # (B, h, t + T, dh)
-        v = torch.cat((cache.self_v, v_new), dim=2)
+        storage = append_kv(cache, k_new, v_new)
         b, t = X.shape[0], X.shape[1]
         past = cache.self_k.shape[2]
+        k, v = storage.k[:, :, :past + t], storage.v[:, :, :past + t]  # (B, h, t + T, dh)
         dec_valid_lens = None
         if t > 1:
             dec_valid_lens = torch.arange(past + 1, past + t + 1, device=X.device).expand(b, t)
         Y = self.addnorm1(X, self.attention1.attend(X, k, v, dec_valid_lens))
-        Z = self.addnorm2(Y, self.attention2.attend(Y, cache.enc_k, cache.enc_v, enc_valid_lens))
-        return self.addnorm3(Z, self.ffn(Z)), BlockCache(k, v, cache.enc_k, cache.enc_v)
+        Z = self.addnorm2(Y, self.attention2.attend(Y, cache.enc_k, cache.enc_v, enc_valid_lens,
+                                                    mask=enc_mask))
+        return self.addnorm3(Z, self.ffn(Z)), BlockCache(k, v, cache.enc_k, cache.enc_v, storage)
 
 
 class TransformerDecoder(nn.Module):
@@ -206,7 +286,8 @@ class TransformerDecoder(nn.Module):
                    enc_valid_lens: Tensor | None = None) -> TransformerDecoderState:
         """Each block projects the encoder's outputs into its keys and values here, once."""
         blocks = tuple(blk.init_cache(enc_outputs) for blk in self.blks)
-        return TransformerDecoderState(enc_outputs, enc_valid_lens, blocks, 0)
+        return TransformerDecoderState(enc_outputs, enc_valid_lens, blocks, 0,
+                                       source_masking(enc_valid_lens, enc_outputs.shape[1]))
 
     def forward(self, X: Tensor,
                 state: TransformerDecoderState) -> tuple[Tensor, TransformerDecoderState]:
@@ -216,10 +297,11 @@ class TransformerDecoder(nn.Module):
         H = self.pos_encoding(emb, offset=state.offset)  # (B, T, d)
         caches = []
         for blk, cache in zip(self.blks, state.blocks):
-            H, cache = blk(H, cache, state.enc_valid_lens)
+            H, cache = blk(H, cache, *state.cross)
             caches.append(cache)
         new_state = TransformerDecoderState(state.enc_outputs, state.enc_valid_lens,
-                                            tuple(caches), state.offset + X.shape[1])
+                                            tuple(caches), state.offset + X.shape[1],
+                                            state.cross)
         return self.dense(H), new_state
 
     def reorder_state(self, state: TransformerDecoderState,

@@ -40,24 +40,25 @@ from divekit.data import dataset_info, load_dataset
 from divekit.data.loader import TensorBatchLoader
 from divekit.data.text import Vocab
 from divekit.data.tokenizer import SentencePieceTokenizer, parse_tokenizer_spec
-from divekit.data.translation import (
-    BOS,
-    EOS,
-    PAD,
-    TranslationData,
-    decoder_inputs,
-    detokenize,
-    encode_sentences,
-    sentence_tokens,
-    tokens_to_text,
-)
+from divekit.data.translation import BOS, PAD, TranslationData, decoder_inputs, detokenize
 from divekit.engine.config import TaskConfig, clip_norm, finite
 from divekit.engine.task import Task
 from divekit.errors import DivekitError
 from divekit.io import atomic_write_json, atomic_write_text
 from divekit.models import create_model, model_info
 from divekit.ops.bleu import corpus_bleu
-from divekit.ops.decoding import beam_search, greedy_search
+from divekit.tasks.translate_decode import (  # the decoding helpers, importable from here too
+    AttentionMap,
+    Hypothesis,
+    Translation,
+    attention_map,
+    check_decoding,
+    decode,
+    decode_nbest,
+    detokens,
+    translate_sentences,
+    unknown_words,
+)
 
 if TYPE_CHECKING:
     from divekit.engine.run import Run
@@ -65,6 +66,10 @@ if TYPE_CHECKING:
 SRC_VOCAB_FILE, TGT_VOCAB_FILE = "src_vocab.json", "tgt_vocab.json"
 TOKENIZER_FILE = "tokenizer.model"
 TRANSLATIONS_FILE = "translations.txt"
+
+__all__ = ["AttentionMap", "Hypothesis", "TranslateConfig", "Translation", "TranslationTask",
+           "check_decoding", "decode", "decode_nbest", "detokens", "sacrebleu_score", "translate",
+           "unknown_words"]
 
 
 @dataclass(frozen=True)
@@ -128,105 +133,11 @@ def _tokenizer_spec_ok(spec: str) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
-def detokens(indices: Sequence[int], vocab: Vocab, tokenizer: Any = None) -> str:
-    """Token indices up to ``<eos>`` as a sentence (special tokens dropped): words joined by
-    spaces, or subword pieces decoded by ``tokenizer``."""
-    words = []
-    for token in vocab.to_tokens(list(indices)):
-        if token == EOS:
-            break
-        if token not in (PAD, BOS):
-            words.append(token)
-    return tokens_to_text(words, tokenizer)
-
-
-@dataclass
-class Hypothesis:
-    """One translation of an n-best list: its text, summed log-probability and the ranking
-    score ``log P / L^α``."""
-
-    text: str
-    score: float
-    normalized: float
-
-
-def decode_nbest(model: nn.Module, src: Tensor, src_len: Tensor, tgt_vocab: Vocab, max_len: int,
-                 beam: int = 1, length_penalty: float = 0.75, n_best: int = 1,
-                 tokenizer: Any = None) -> list[list[Hypothesis]]:
-    """Translate a batch of encoded sources ``(B, T)`` on the model's device: greedy
-    (``beam=1``) or beam search ranked by ``log P / L^α`` (``length_penalty=α``); the
-    ``n_best`` best finished hypotheses of each source, best first. The model decodes in
-    evaluation mode (no dropout), whatever its mode, which is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        return _decode_nbest(model, src, src_len, tgt_vocab, max_len, beam, length_penalty,
-                             n_best, tokenizer)
-    finally:
-        model.train(was_training)
-
-
-def _decode_nbest(model: nn.Module, src: Tensor, src_len: Tensor, tgt_vocab: Vocab, max_len: int,
-                  beam: int, length_penalty: float, n_best: int,
-                  tokenizer: Any) -> list[list[Hypothesis]]:
-    state = model.encode(src, src_len)
-    first = torch.full((len(src),), tgt_vocab[BOS], dtype=torch.long, device=src.device)
-    if beam <= 1:
-        out = greedy_search(model.decode_step, state, first, tgt_vocab[EOS], max_len)
-        lists = [[(t, s, n)] for t, s, n in zip(out.tokens, out.scores, out.normalized)]
-    else:
-        out = beam_search(model.decode_step, state, first, tgt_vocab[EOS], max_len, beam_size=beam,
-                          length_penalty=length_penalty, reorder=model.reorder_state,
-                          n_best=n_best)
-        lists = out.nbest or []
-    return [[Hypothesis(detokens(t, tgt_vocab, tokenizer), s, n) for t, s, n in hyps[:n_best]]
-            for hyps in lists]
-
-
-def decode(model: nn.Module, src: Tensor, src_len: Tensor, tgt_vocab: Vocab, max_len: int,
-           beam: int = 1, length_penalty: float = 0.75, tokenizer: Any = None) -> list[str]:
-    """The best translation of each source of the batch (see :func:`decode_nbest`)."""
-    return [h[0].text for h in decode_nbest(model, src, src_len, tgt_vocab, max_len, beam,
-                                            length_penalty, 1, tokenizer)]
-
-
 def sacrebleu_score(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU in sacrebleu's standard form: each cleaned sentence detokenized
     (:func:`~divekit.data.translation.detokenize`), then mteval-v13a tokenization (0–100)."""
     return corpus_bleu([detokenize(h) for h in hypotheses], [detokenize(r) for r in references],
                        tokenize="13a")
-
-
-def unknown_words(vocab: Vocab, sentences: Sequence[str], tokenizer: Any = None) -> list[str]:
-    """Tokens of the sentences (cleaned and split as training did) that ``vocab`` lacks, in
-    order, once each."""
-    tokens = [t for line in sentence_tokens(sentences, tokenizer) for t in line]
-    return list(dict.fromkeys(t for t in tokens if t not in vocab))
-
-
-@dataclass
-class AttentionMap:
-    """Attention of one translation: ``weights`` ``(heads, T_out, T_src)`` (the Transformer's
-    last decoder block) or ``(T_out, T_src)`` (Bahdanau's), with the tokens that label them."""
-
-    weights: Tensor
-    src_tokens: list[str]
-    out_tokens: list[str]
-    titles: list[str] | None
-
-
-@dataclass
-class Translation:
-    """What :func:`translate` returns: one output per sentence, the source words the model never
-    saw (read as ``<unk>``), and the first sentence's attention when asked for."""
-
-    outputs: list[str]
-    unknown: list[str]
-    attention: AttentionMap | None = None
-    nbest: list[list[Hypothesis]] | None = None  # with n_best > 1: each sentence's best first
 
 
 # ----------------------------------------------------------------------------- the task
@@ -399,26 +310,12 @@ class TranslationTask(Task, name="translate"):
     def translate_sentences(self, model: nn.Module, sentences: Sequence[str], beam: int = 1,
                             length_penalty: float = 0.75, *, n_best: int = 1,
                             batch_size: int = 64) -> list[list[Hypothesis]]:
-        """Raw sentences, cleaned and tokenized as the training pairs were, translated
-        ``batch_size`` at a time; each sentence's ``n_best`` hypotheses, best first. An empty
-        (or blank) sentence gets no hypothesis."""
-        if isinstance(sentences, str) or not sentences:
-            raise DivekitError("give at least one sentence to translate")
-        check_decoding(beam, length_penalty, n_best, batch_size)
-        todo = [i for i, s in enumerate(sentences) if s.strip()]
-        results: list[list[Hypothesis]] = [[] for _ in sentences]
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            for start in range(0, len(todo), batch_size):
-                rows = todo[start:start + batch_size]
-                src, src_len = encode_sentences([sentences[i] for i in rows], self.src_vocab,
-                                                self.config.num_steps, self.tokenizer)
-                found = decode_nbest(model, src.to(device), src_len.to(device), self.tgt_vocab,
-                                     self.config.num_steps, beam, length_penalty, n_best,
-                                     self.tokenizer)
-                for i, hyps in zip(rows, found):
-                    results[i] = hyps
-        return results
+        """Raw sentences translated with this run's vocabularies, tokenizer and
+        ``--num-steps`` (:func:`~divekit.tasks.translate_decode.translate_sentences`)."""
+        return translate_sentences(model, sentences, self.src_vocab, self.tgt_vocab,
+                                   self.config.num_steps, self.tokenizer, beam=beam,
+                                   length_penalty=length_penalty, n_best=n_best,
+                                   batch_size=batch_size)
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], *, beam: int = 1,
                 length_penalty: float = 0.75, **_other_tasks_options: Any) -> list[dict[str, Any]]:
@@ -432,50 +329,9 @@ class TranslationTask(Task, name="translate"):
 
     def attention_map(self, model: nn.Module, sentence: str, output: str) -> AttentionMap:
         """The encoder-decoder attention of ``output`` as the translation of ``sentence``
-        (teacher-forced on it): the last Transformer block's heads, or Bahdanau's weights."""
-        decoder, device = model.decoder, next(model.parameters()).device
-        src, src_len = encode_sentences([sentence], self.src_vocab, self.config.num_steps,
-                                        self.tokenizer)
-        out_tokens = sentence_tokens([output], self.tokenizer)[0] + [EOS]
-        dec_in = torch.tensor([[self.tgt_vocab[BOS]] + self.tgt_vocab[out_tokens[:-1]]])
-        args = (src.to(device), dec_in.to(device), src_len.to(device))
-        with torch.inference_mode():
-            if hasattr(decoder, "record_attention"):  # the Transformer: the last block's heads
-                decoder.record_attention(True)
-                try:
-                    model(*args)
-                    weights = decoder.blks[-1].attention2.attention_weights[0]  # (heads, T_out, T_src)
-                finally:
-                    decoder.record_attention(False)
-                titles: list[str] | None = [f"head {h + 1}" for h in range(weights.shape[0])]
-            elif hasattr(decoder, "attention_weights"):
-                model(*args)
-                weights, titles = decoder.attention_weights[0], None  # (T_out, T_src)
-            else:
-                raise DivekitError(f"{type(model).__name__} with a {type(decoder).__name__} has "
-                                   "no attention to draw")
-        n_src = int(src_len[0])
-        return AttentionMap(weights[..., :n_src].cpu(), self.src_vocab.to_tokens(src[0, :n_src]),
-                            out_tokens, titles)
-
-
-def check_decoding(beam: int, length_penalty: float, n_best: int = 1,
-                   batch_size: int = 64) -> None:
-    """The decoding options, each checked where it enters (one line naming the bad value)."""
-    def whole(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if not whole(beam) or beam < 1:
-        raise DivekitError(f"--beam must be at least 1 (1 = greedy), got {beam}")
-    if not (finite(length_penalty) and length_penalty >= 0):
-        raise DivekitError(f"--length-penalty must be 0 or more, got {length_penalty}")
-    if not whole(n_best) or n_best < 1:
-        raise DivekitError(f"--n-best must be at least 1, got {n_best}")
-    if n_best > beam:
-        raise DivekitError(f"--n-best {n_best} is larger than --beam {beam}: beam search keeps "
-                           f"only {beam} hypotheses (give --beam {n_best} or more)")
-    if not whole(batch_size) or batch_size < 1:
-        raise DivekitError(f"--batch-size must be at least 1, got {batch_size}")
+        (:func:`~divekit.tasks.translate_decode.attention_map`)."""
+        return attention_map(model, sentence, output, self.src_vocab, self.tgt_vocab,
+                             self.config.num_steps, self.tokenizer)
 
 
 def translate(run: Run, sentences: Sequence[str], *, beam: int = 1, length_penalty: float = 0.75,
