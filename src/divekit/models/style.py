@@ -81,9 +81,10 @@ def resolve_vgg19(weights: str | os.PathLike[str] | None) -> tuple[nn.Sequential
     """VGG-19 features and a description of their weights.
 
     ``weights``: a weight file; a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``),
-    downloaded by torchvision (the only path here that uses the network); or ``None``: the file
-    torchvision caches under ``torch.hub.get_dir()`` when there is one, else random weights,
-    said in one warning line.
+    downloaded into the cache by :mod:`divekit.data.pretrained` (hash-checked, loaded with
+    ``weights_only=True``; the only path here that uses the network); or ``None``: that cached
+    file when it is there (checked the same way, never downloaded), else random weights, said
+    in one warning line.
     """
     features = vgg19_features()
     if weights is not None and not Path(weights).exists() and str(weights).upper() in (
