@@ -99,7 +99,7 @@ def test_bad_input_is_one_clear_line(net, tmp_path):
     with pytest.raises(DivekitError, match="--size"):
         stylize("astronaut", "chelsea", size="tiny", steps=1, net=net)
     Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
-    with pytest.raises(DivekitError, match="is an input image"):
+    with pytest.raises(DivekitError, match="refusing to overwrite the input file"):
         stylize(tmp_path / "in.png", "chelsea", size=SIZE, steps=1, net=net, out=tmp_path / "in.png")
 
 

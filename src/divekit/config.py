@@ -100,3 +100,21 @@ def typed_options(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> dict[
     """What the user typed (defaults are SUPPRESSed), less the command's own bookkeeping."""
     skip = {"command", "debug", "handler", *drop}
     return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def refuse_unused(options: dict[str, Any], fn: Any, what: str, offered: Any = ()) -> None:
+    """Refuse the ``options`` (name → value, as typed) that ``fn`` has no keyword argument for,
+    that is, options the chosen task would ignore: one line naming them, ``what`` they were
+    given to, and which of the command's ``offered`` options it does take. A ``fn`` with
+    ``**kwargs`` checks its own."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unused = [k for k in options if k not in params]
+    if unused:
+        takes = [flag_name(k) for k in offered if k in params]
+        shown = f"; it takes {', '.join(takes)}" if takes else ""
+        raise DivekitError(f"{', '.join(flag_name(k) for k in unused)} "
+                           f"{'does' if len(unused) == 1 else 'do'} not apply to {what}{shown}")

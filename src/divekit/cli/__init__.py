@@ -118,8 +118,10 @@ def build_parser(train_model: str | None = None, train_data: str | None = None,
         "parameters and multiply-adds (the course's `for layer in net: X = layer(X)`).",
     )
     p.add_argument("model", help="model name (see `divekit models`)")
-    p.add_argument("--input-shape", help="C,H,W (default: the model's own)", metavar="C,H,W")
-    p.add_argument("--num-classes", type=int, default=10, help="output classes (default: 10)")
+    p.add_argument("--input-shape", metavar="C,H,W",
+                   help="C,H,W, each at most 4096 (default: the model's own)")
+    p.add_argument("--num-classes", type=int, default=10,
+                   help="output classes, 1 to 100000 (default: 10)")
 
     p = sub.add_parser(
         "train", parents=[parent], help="train a model, writing a run directory",
@@ -231,6 +233,9 @@ def cmd_datasets(args: argparse.Namespace) -> None:
         print(f"{name:<16} {info.task:<10} {'yes' if info.offline else 'no':<8} {info.description}")
 
 
+SUMMARY_MAX_SIDE, SUMMARY_MAX_CLASSES = 4096, 100_000  # one zero image goes through the model
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
     from divekit.models import create_model, model_info
     from divekit.models.summary import format_table, layer_table, parse_shape
@@ -241,6 +246,12 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
         raise DivekitError(f"summary works on image models; {args.model!r} is a {info.task} model")
     shape = parse_shape(args.input_shape) if args.input_shape else info.input_shape
+    if max(shape) > SUMMARY_MAX_SIDE or not 1 <= args.num_classes <= SUMMARY_MAX_CLASSES:
+        from divekit.errors import DivekitError
+
+        raise DivekitError(f"summary takes --input-shape sides up to {SUMMARY_MAX_SIDE} and "
+                           f"--num-classes in 1..{SUMMARY_MAX_CLASSES}, got "
+                           f"{','.join(map(str, shape))} and {args.num_classes}")
     model = create_model(args.model, num_classes=args.num_classes, in_channels=shape[0])
     rows = layer_table(model, shape)
     print(format_table(rows, title=f"{args.model} on input (1, {', '.join(map(str, shape))})"))

@@ -33,6 +33,7 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed")
     p.add_argument("-i", "--input", metavar="FILE", help="also embed every non-empty line of FILE")
     p.add_argument("-o", "--output", metavar="NPY", help="write the (N, H) float32 embeddings as .npy")
+    p.add_argument("--overwrite", action="store_true", help="replace -o if it exists")
     p.add_argument("--pooling", default="mean", choices=["mean", "cls"],
                    help="mean over the tokens (sentence-transformers) or the [CLS] state (default: mean)")
     p.add_argument("--normalize", action="store_true", help="scale every embedding to unit length")
@@ -60,16 +61,13 @@ def _texts(args: argparse.Namespace) -> list[str]:
 
 
 def _check_output(args: argparse.Namespace) -> Path:
-    out = Path(args.output).resolve()
-    inputs = [Path(args.input).resolve()] if args.input else []
+    from divekit.io import check_output  # never an input; an existing file only with --overwrite
+
+    inputs: list[Path] = [Path(args.input)] if args.input else []
     ckpt = Path(args.checkpoint)
     if ckpt.is_dir():
-        inputs += [f.resolve() for f in ckpt.rglob("*") if f.is_file()]
-    if out in inputs:
-        raise DivekitError(f"-o {args.output!r} is one of the inputs; choose another file")
-    if out.is_dir():
-        raise DivekitError(f"-o {args.output!r} is a directory; give a .npy file name")
-    return out
+        inputs += [f for f in ckpt.rglob("*") if f.is_file()]
+    return check_output(args.output, inputs, overwrite=args.overwrite).resolve()
 
 
 def cmd_embed(args: argparse.Namespace) -> None:

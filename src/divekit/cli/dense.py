@@ -45,7 +45,11 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("content", help="content image file, or an embedded photo name (astronaut, ...)")
     p.add_argument("style", help="style image file, or an embedded photo name (chelsea, ...)")
-    p.add_argument("-o", "--out", required=True, metavar="OUT.png", help="the result image")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.png",
+                   help="the result image (also OUT.losses.png, OUT.panel.png); never CONTENT or "
+                   "STYLE, and an existing file is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                   help="replace existing output files")
     add_config_options(p, StylizeOptions)
     p.set_defaults(handler=cmd_stylize)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from divekit.errors import DivekitError
+
 TASKS = ("language_model",)
 
 
@@ -33,6 +35,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
 
 # ------------------------------------------------------------------------ divekit generate
 def _add_generate(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    from divekit.tasks.language_model import MAX_LENGTH
+
     p = sub.add_parser(
         "generate", parents=[parent], help="continue a text with a trained language model",
         description="Warm the model's hidden state up on --prefix, then sample --length tokens "
@@ -40,7 +44,8 @@ def _add_generate(sub: argparse._SubParsersAction, parent: argparse.ArgumentPars
     )
     p.add_argument("run_dir", help="a run directory written by `divekit train gru ...`")
     p.add_argument("--prefix", required=True, help="the text to continue, e.g. 'time traveller'")
-    p.add_argument("--length", type=int, default=50, help="tokens to generate (default: 50)")
+    p.add_argument("--length", type=int, default=50,
+                   help=f"tokens to generate, 0 to {MAX_LENGTH} (default: 50)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="T < 1 sharpens, T > 1 flattens the distribution (default: 1)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -51,8 +56,9 @@ def _add_generate(sub: argparse._SubParsersAction, parent: argparse.ArgumentPars
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from divekit.engine.run import load_run
-    from divekit.tasks.language_model import generate
+    from divekit.tasks.language_model import check_sampling, generate
 
+    check_sampling(args.length, args.temperature, args.seed)  # before the run is opened
     run = load_run(args.run_dir, args.device)
     print(format_prediction({"text": generate(run, args.prefix, args.length,
                                               temperature=args.temperature, greedy=args.greedy,
@@ -73,6 +79,7 @@ def _add_tokenizer(sub: argparse._SubParsersAction, parent: argparse.ArgumentPar
     t.add_argument("--vocab-size", type=int, default=1000, help="pieces to learn (default: 1000)")
     t.add_argument("--model-type", default="unigram", choices=MODEL_TYPES, help="(default: unigram)")
     t.add_argument("-o", "--out", default="tok.model", help="model file (default: tok.model)")
+    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     t.add_argument("--data-dir", help="folder holding the corpus file")
     t.add_argument("--download", action="store_true", help="download a missing corpus")
     t.set_defaults(handler=cmd_tokenizer_train)
@@ -86,7 +93,13 @@ def _add_tokenizer(sub: argparse._SubParsersAction, parent: argparse.ArgumentPar
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from divekit.data.text import corpus_lines
     from divekit.data.tokenizer import train_tokenizer
+    from divekit.engine.config import data_dir_check
+    from divekit.io import check_output
 
+    ok, message = data_dir_check(args.data, args.data_dir, args.download)
+    if not ok:
+        raise DivekitError(message)
+    check_output(args.out, [], overwrite=args.overwrite)
     lines = corpus_lines(args.data, data_dir=args.data_dir, download=args.download)
     tok = train_tokenizer(lines, args.vocab_size, model_type=args.model_type)
     path = tok.save(args.out)

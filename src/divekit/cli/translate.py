@@ -60,6 +60,10 @@ def _cmd_translate(args: argparse.Namespace) -> None:
     from divekit.tasks.translate import check_decoding, translate
 
     check_decoding(args.beam, args.length_penalty, args.n_best, args.batch_size)
+    if args.attention is not None:  # never an input; an existing file only with --overwrite
+        from divekit.io import check_output
+
+        check_output(args.attention, [args.input], overwrite=args.overwrite, option="--attention")
     from_file = args.input is not None or not args.sentences
     if args.input is not None and args.sentences:
         raise DivekitError("give sentences on the command line or -i FILE, not both")
@@ -171,6 +175,7 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.add_argument("--batch-size", type=int, default=64, metavar="B",
                    help="sentences decoded together (default: 64)")
     p.add_argument("--attention", metavar="PNG", help="draw the first sentence's attention to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace --attention if it exists")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(handler=_cmd_translate)
 

@@ -30,6 +30,7 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     from divekit.cli import bert_finetune as text_finetune
     from divekit.config import field_names
     from divekit.data.augment import describe_ops
+    from divekit.tasks.experiments import MAX_AUGMENT_COPIES
     from divekit.tasks.finetune import FinetuneConfig
 
     p = sub.add_parser(
@@ -41,8 +42,11 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.add_argument("--preset", default="standard", metavar="SPEC",
                    help="a preset (none, flip, standard, strong) or a list such as "
                    "hflip,crop:0.5-1,jitter:0.5 (default: standard)")
-    p.add_argument("--n", type=int, default=8, help="augmented copies (default: 8)")
-    p.add_argument("-o", "--out", default="grid.png", help="output PNG (default: grid.png)")
+    p.add_argument("--n", type=int, default=8,
+                   help=f"augmented copies, 1 to {MAX_AUGMENT_COPIES} (default: 8)")
+    p.add_argument("-o", "--out", default="grid.png",
+                   help="output PNG, never IMAGE itself (default: grid.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(handler=_cmd_augment)
 
@@ -86,7 +90,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
 def _cmd_augment(args: argparse.Namespace) -> None:
     from divekit.tasks.experiments import augment_grid
 
-    print(augment_grid(args.image, args.preset, n=args.n, out=args.out, seed=args.seed))
+    print(augment_grid(args.image, args.preset, n=args.n, out=args.out, seed=args.seed,
+                       overwrite=args.overwrite))
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:

@@ -29,6 +29,7 @@ from divekit.data.vision import load_image_file, resize_images
 from divekit.engine.config import Check, TaskConfig, finite
 from divekit.engine.task import Task
 from divekit.errors import DivekitError
+from divekit.io import plan_outputs
 from divekit.models import create_model, list_models, model_info
 from divekit.ops.map import coco_mean_average_precision, mean_average_precision
 
@@ -107,18 +108,12 @@ def boxes_above(rows: Tensor, threshold: float) -> Tensor:
     return rows[(rows[:, 0] >= 0) & (rows[:, 1] >= threshold)]
 
 
-def picture_paths(images: Sequence[str | Path], output: str | Path) -> list[Path]:
+def picture_paths(images: Sequence[str | Path], output: str | Path,
+                  overwrite: bool = False) -> list[Path]:
     """``output/<stem>.pred.png`` per image; a name already taken (two inputs with one stem, or
-    an input file itself) gets ``<stem>-2.pred.png``, ``-3``, ...: no input is ever replaced."""
-    taken = {Path(p).resolve() for p in images}
-    paths = []
-    for image in images:
-        stem, n = Path(image).stem, 1
-        while (path := Path(output) / f"{stem}{'' if n == 1 else f'-{n}'}.pred.png").resolve() in taken:
-            n += 1
-        taken.add(path.resolve())
-        paths.append(path)
-    return paths
+    an input file itself) gets ``<stem>-2.pred.png``, ``-3``, ...: no input is ever replaced,
+    and an existing picture only with ``overwrite`` (:func:`divekit.io.plan_outputs`)."""
+    return plan_outputs(images, output, ".pred.png", overwrite=overwrite)
 
 
 class DetectionTask(Task, name="detect"):
@@ -250,7 +245,8 @@ class DetectionTask(Task, name="detect"):
                         Path(run.dir) / "pictures" / f"val-epoch-{epoch:04d}.png")
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], *, threshold: float = 0.5,
-                nms_iou: float = 0.5, output: str | Path | None = None) -> list[dict[str, Any]]:
+                nms_iou: float = 0.5, output: str | Path | None = None,
+                overwrite: bool = False) -> list[dict[str, Any]]:
         """Objects in image files of any size: ``{"image", "detections": [(class, score,
         [x1, y1, x2, y2] in the image's pixels)], "picture"}``; with ``output`` each image with
         its labelled boxes goes to ``output/<stem>.pred.png`` (see :func:`picture_paths`)."""
@@ -260,11 +256,11 @@ class DetectionTask(Task, name="detect"):
             raise DivekitError(f"--threshold must be in [0, 1], got {threshold}")
         if not (finite(nms_iou) and 0 < nms_iou <= 1):
             raise DivekitError(f"--nms-iou must be in (0, 1], got {nms_iou}")
+        pictures = picture_paths(inputs, output, overwrite) if output is not None else [None] * len(inputs)
         originals = [load_image_file(p, 3) for p in inputs]
         x = torch.stack([resize_images(img, self.config.image_size) for img in originals])
         with torch.inference_mode():
             rows = detections(model, x.to(next(model.parameters()).device), nms_iou).float().cpu()
-        pictures = picture_paths(inputs, output) if output is not None else [None] * len(inputs)
         results = []
         for path, img, r, picture in zip(inputs, originals, rows, pictures):
             kept = boxes_above(r, threshold)

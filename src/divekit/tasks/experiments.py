@@ -15,7 +15,7 @@ from torch import nn
 from divekit.engine.run import train
 from divekit.engine.trainer import Trainer
 from divekit.errors import DivekitError
-from divekit.io import atomic_write_text
+from divekit.io import atomic_write_text, check_output
 from divekit.tasks import classify
 from divekit.tasks.finetune import FinetuneConfig, FinetuneTask, Source
 
@@ -45,6 +45,8 @@ def transfer_experiment(
     throughout. ``out=None`` trains in memory (no run directories). Returns both validation
     accuracies and the table for the README."""
     root = Path(out) if out is not None else None
+    if root is not None and root.exists() and not root.is_dir():
+        raise DivekitError(f"--out {str(root)!r} exists and is not a folder")
     where = (lambda name: root / name) if root is not None else (lambda name: None)  # noqa: E731
     common = dict(model=model, data=data, seed=seed, device=device, quiet=quiet, threads=threads)
     src_cfg = classify.ClassifyConfig(**common, classes=source_classes, epochs=source_epochs,
@@ -85,18 +87,21 @@ def transfer_table(r: dict[str, Any], source_classes: str, target_classes: str) 
 
 
 # ----------------------------------------------------------------------------- augment grid
+MAX_AUGMENT_COPIES = 100  # pictures in one grid; more are unreadable anyway
 def augment_grid(image: str | Path, spec: str = "standard", *, n: int = 8, out: str | Path = "grid.png",
-                 seed: int = 0, max_side: int = 256) -> Path:
-    """The original image and ``n`` augmented copies in one PNG grid."""
+                 seed: int = 0, max_side: int = 256, overwrite: bool = False) -> Path:
+    """The original image and ``n`` augmented copies in one PNG grid (``out``: never ``image``
+    itself; an existing file only with ``overwrite``)."""
     from PIL import Image
 
     from divekit.data.augment import Augment
     from divekit.data.vision import load_image_file, resize_images
     from divekit.viz import plot_image_grid
 
-    if n < 1:
-        raise DivekitError(f"--n must be at least 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_AUGMENT_COPIES:
+        raise DivekitError(f"--n must be in [1, {MAX_AUGMENT_COPIES}], got {n!r}")
     aug = Augment(spec)
+    check_output(out, [image], overwrite=overwrite)
     try:
         with Image.open(image) as im:
             channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3

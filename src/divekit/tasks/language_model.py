@@ -352,6 +352,19 @@ def decode(indices: list[int], task: LanguageModelTask) -> str:
     return "".join(tokens) if task.token_unit == "char" else " ".join(tokens)
 
 
+MAX_LENGTH = 10_000  # tokens one `generate` call samples (one model step each)
+
+
+def check_sampling(length: int, temperature: float, seed: int | None = 0) -> None:
+    """``generate``'s options, checked before a run is opened (the CLI) and in ``generate``."""
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= MAX_LENGTH:
+        raise DivekitError(f"--length must be a whole number in [0, {MAX_LENGTH}], got {length!r}")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise DivekitError(f"--temperature must be a positive number, got {temperature}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise DivekitError(f"--seed must be in [0, 2^63), got {seed}")
+
+
 @torch.no_grad()
 def generate(run: Run, prefix: str, length: int = 50, *, temperature: float = 1.0,
              greedy: bool = False, seed: int | None = 0) -> str:
@@ -365,10 +378,7 @@ def generate(run: Run, prefix: str, length: int = 50, *, temperature: float = 1.
     task, model = run.task, run.model
     if not isinstance(task, LanguageModelTask) or model is None:
         raise DivekitError(f"{run.dir} is a {run.record.get('task')!r} run, not a language-model run")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-        raise DivekitError(f"--length must be a whole number >= 0, got {length!r}")
-    if not temperature > 0:
-        raise DivekitError(f"--temperature must be positive, got {temperature}")
+    check_sampling(length, temperature, seed)
     if getattr(model, "bidirectional", False):
         raise DivekitError(
             f"{run.dir} holds a bidirectional model: it predicts each token from the text before "

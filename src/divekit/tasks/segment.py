@@ -52,7 +52,7 @@ from divekit.engine.finetune import (
 )
 from divekit.engine.task import Task
 from divekit.errors import DivekitError
-from divekit.io import atomic_write_text
+from divekit.io import atomic_write_text, plan_outputs
 from divekit.models import create_model, model_info
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ class SegmentationTask(Task, name="segment"):
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], *,
                 output_dir: str | Path | None = None, output: str | Path | None = None,
-                alpha: float = 0.5) -> list[dict[str, Any]]:
+                alpha: float = 0.5, overwrite: bool = False) -> list[dict[str, Any]]:
         """Each image's class map (``label_map``, ``(H, W)``) and class shares; with
         ``output_dir`` (``output``, the CLI's ``-o``) a colour overlay with a legend per image,
         ``<stem>.seg.png`` (numbered when two inputs share a name; never an input file)."""
@@ -294,7 +294,7 @@ class SegmentationTask(Task, name="segment"):
             raise DivekitError(f"--alpha must be in [0, 1], got {alpha}")
         f = self.facts
         images = [read_image_uint8(p) for p in inputs]  # every file checked before any work
-        outputs = overlay_paths(inputs, output_dir) if output_dir is not None else [None] * len(inputs)
+        outputs = overlay_paths(inputs, output_dir, overwrite) if output_dir is not None else [None] * len(inputs)
         device = next(model.parameters()).device
         results = []
         for path, image, out in zip(inputs, images, outputs):
@@ -357,21 +357,9 @@ def _memory_format(model: nn.Module) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def overlay_paths(inputs: Sequence[Any], output_dir: str | Path) -> list[Path]:
+def overlay_paths(inputs: Sequence[Any], output_dir: str | Path,
+                  overwrite: bool = False) -> list[Path]:
     """``output_dir/<stem>.seg.png`` per input; a second input of the same name gets ``-2``,
-    and a name that is one of the inputs is skipped, so no input is ever overwritten."""
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise DivekitError(f"-o {str(out)!r} exists and is not a folder")
-    taken = {Path(p).resolve() for p in inputs}
-    paths = []
-    for p in inputs:
-        stem, n = Path(p).stem, 1
-        while True:
-            candidate = out / (f"{stem}.seg.png" if n == 1 else f"{stem}-{n}.seg.png")
-            if candidate.resolve() not in taken:
-                break
-            n += 1
-        taken.add(candidate.resolve())
-        paths.append(candidate)
-    return paths
+    a name that is one of the inputs is skipped, so no input is ever overwritten, and an
+    existing overlay is replaced only with ``overwrite`` (:func:`divekit.io.plan_outputs`)."""
+    return plan_outputs(inputs, output_dir, ".seg.png", overwrite=overwrite)

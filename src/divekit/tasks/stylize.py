@@ -20,6 +20,7 @@ plain function, not a Trainer job.
 
 from __future__ import annotations
 
+import glob
 import io
 import math
 import time
@@ -39,7 +40,7 @@ from divekit.data.segmentation import read_image_uint8
 from divekit.data.vision import resize_images
 from divekit.engine.device import resolve_device
 from divekit.errors import DivekitError
-from divekit.io import atomic_write_bytes
+from divekit.io import atomic_write_bytes, check_output
 from divekit.models.style import (
     CONTENT_LAYERS,
     STYLE_LAYERS,
@@ -194,13 +195,14 @@ def stylize(content: str | Path | Tensor, style: str | Path | Tensor, *,
             weights: str | Path | None = None, save_every: int | None = None,
             out: str | Path | None = None, device: str = "auto", lr_decay_every: int = 50,
             lr_decay: float = 0.8, progress: bool = False, net: StyleFeatures | None = None,
-            ) -> StylizeResult:
+            overwrite: bool = False) -> StylizeResult:
     """Synthesise an image with ``content``'s layout and ``style``'s textures.
 
     ``content``/``style``: image files, embedded photo names or ``(3, H, W)`` tensors. With
     ``out`` it writes the result, ``<out>.losses.png`` (the three weighted losses and the
     total) and, with ``save_every`` K, ``<out>.stepNNNN.png`` every K steps. ``net`` reuses a
-    built extractor (its layers then win over ``style_layers``/``content_layers``).
+    built extractor (its layers then win over ``style_layers``/``content_layers``). No file
+    it writes is an input; one that exists is replaced only with ``overwrite``.
     """
     hw = parse_size(size)
     _check("steps", steps, isinstance(steps, int) and steps >= 1)
@@ -212,7 +214,7 @@ def stylize(content: str | Path | Tensor, style: str | Path | Tensor, *,
         _check("save_every", save_every, isinstance(save_every, int) and save_every >= 1)
     content_ids = check_layers(_layers(content_layers, "--content-layers"), VGG19_DEPTH, "--content-layers")
     style_ids = check_layers(_layers(style_layers, "--style-layers"), VGG19_DEPTH, "--style-layers")
-    out_path = _output_path(out, (content, style))
+    out_path = _output_path(out, (content, style), overwrite, snapshots=bool(save_every))
     dev = resolve_device(device)
     content_img, style_img = load_input(content), load_input(style)  # errors before any work
     described = "the given extractor"
@@ -266,8 +268,11 @@ def stylize(content: str | Path | Tensor, style: str | Path | Tensor, *,
     return StylizeResult(image, history, described, per_step, files)
 
 
-def _output_path(out: str | Path | None, inputs: Sequence[Any]) -> Path | None:
-    """``out`` checked: an image suffix, not a folder, and never one of the input files."""
+def _output_path(out: str | Path | None, inputs: Sequence[Any], overwrite: bool = False,
+                 snapshots: bool = False) -> Path | None:
+    """``out`` checked: an image suffix, not a folder; it and the files named after it
+    (``.losses.png``, ``.panel.png``, ``.stepNNNN``) never one of the input files, and not
+    existing files unless ``overwrite`` (:func:`divekit.io.check_output`)."""
     if out is None:
         return None
     path = Path(out)
@@ -275,7 +280,9 @@ def _output_path(out: str | Path | None, inputs: Sequence[Any]) -> Path | None:
         raise DivekitError(f"-o {str(out)!r} must end in an image suffix ({', '.join(IMAGE_SUFFIXES)})")
     if path.is_dir():
         raise DivekitError(f"-o {str(out)!r} is a folder; give a file name such as out.png")
-    for item in inputs:
-        if isinstance(item, str | Path) and Path(item).exists() and Path(item).resolve() == path.resolve():
-            raise DivekitError(f"-o {str(out)!r} is an input image; choose another output name")
+    steps = sorted(path.parent.glob(f"{glob.escape(path.stem)}.step[0-9]*{path.suffix}")) \
+        if snapshots else []
+    for name in (path, path.with_name(f"{path.stem}.losses.png"),
+                 path.with_name(f"{path.stem}.panel.png"), *steps):
+        check_output(name, inputs, overwrite=overwrite)
     return path
