@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,22 @@ def check_call(fn: Any, *args: Any) -> Check:
         fn(*args)
     except DivekitError as e:
         return False, str(e)
+    return True, ""
+
+
+def data_dir_check(data: str, data_dir: str | None, download: bool = False) -> Check:
+    """``--data-dir`` only for a dataset that reads files (not an embedded or generated one),
+    and then a folder that exists, unless ``--download`` is to fill it."""
+    if data_dir is None:
+        return True, ""
+    from divekit.data import dataset_info, list_datasets
+
+    if data in list_datasets() and dataset_info(data).offline:
+        return False, (f"--data-dir does not apply to --data {data}: it is embedded or generated "
+                       "and reads no files")
+    if not download and not os.path.isdir(data_dir):
+        return False, (f"--data-dir {data_dir!r} is not a folder (--data {data} reads its files "
+                       "from one; --download fetches them into it)")
     return True, ""
 
 
@@ -108,6 +125,8 @@ class TrainConfig:
              f"--warmup-epochs must be in [0, --epochs], got {self.warmup_epochs}"),
             (self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip >= 0),
              f"--grad-clip must be 0 (off) or a positive number, got {self.grad_clip}"),
+            (isinstance(self.seed, int) and 0 <= self.seed < 2**32,
+             f"--seed must be in [0, 2^32), got {self.seed}"),
             (self.threads is None or self.threads >= 1,
              f"--threads must be at least 1, got {self.threads}"),
             (self.checkpoint_every is None or self.checkpoint_every >= 1,
@@ -151,6 +170,7 @@ class TaskConfig(TrainConfig):
             (bs == "auto" or (isinstance(bs, int) and bs >= 1),
              f"--batch-size must be at least 1, got {bs!r}"),
             (self.limit is None or self.limit >= 1, f"--limit must be at least 1, got {self.limit}"),
+            data_dir_check(self.data, self.data_dir, self.download),
         ]
 
     @property
