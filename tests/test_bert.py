@@ -136,6 +136,29 @@ def test_weight_zero_predictions_add_nothing_to_loss_or_gradient():
     assert torch.allclose(loss, kept)
 
 
+def test_mlm_scored_at_the_kept_slots_only_gives_the_same_loss_and_gradients():
+    """The pretraining step projects only the weight-1 slots onto the vocabulary: the loss and
+    every parameter's gradient equal those of the course's (B, P, V) projection with its mask."""
+    torch.manual_seed(0)
+    model = create_model("bert_small", vocab_size=50, max_len=16, dropout=0.0)
+    tokens = torch.randint(5, 50, (3, 12))
+    segments, valid = (torch.arange(12) >= 6).long().expand(3, 12), torch.tensor([12, 9, 7])
+    positions = torch.tensor([[1, 4, 8, 0], [2, 3, 0, 0], [5, 0, 0, 0]])
+    weights = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]])
+    labels = torch.randint(5, 50, (3, 4))
+    grads = []
+    for keep in (None, weights > 0):
+        model.zero_grad()
+        _, mlm, nsp = model(tokens, segments, valid, positions, mlm_keep=keep)
+        loss = (mlm_loss(mlm, labels, weights) if keep is None
+                else mlm_loss(mlm, labels[keep], weights[keep]))
+        (loss + nsp.sum()).backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (full, g_full), (kept, g_kept) = grads
+    assert mlm.shape == (6, 50) and torch.allclose(full, kept, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_kept))
+
+
 def test_registered_sizes():
     assert {"bert_small", "bert_base"} <= set(list_models(task="bert_pretrain"))
     small = create_model("bert_small", vocab_size=100).config

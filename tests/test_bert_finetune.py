@@ -181,6 +181,29 @@ def test_unseen_label_is_refused_with_the_known_labels(classify_run, tmp_path):
         evaluate(classify_run, device="cpu", data=f"csv:{path}", task="classify")
 
 
+def test_predict_on_a_labelled_file_refuses_an_unseen_label_with_the_known_ones(classify_run, tmp_path,
+                                                                                capsys):
+    """`divekit predict RUN file.csv` reads the run's text column; with a label column each row
+    shows its gold label, and a label the run has not seen is refused in one line naming it and
+    the run's labels, before any prediction is printed."""
+    good = tmp_path / "good.csv"
+    good.write_text("text,label\nThis kettle is great.,positive\nThe lamp is not reliable.,negative\n")
+    assert main(["predict", str(classify_run), str(good), "--device", "cpu"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("trainable")]
+    assert len(lines) == 2 and lines[0].startswith("This kettle is great.: ")
+    assert lines[0].endswith("[gold: positive]") and lines[1].endswith("[gold: negative]")
+    unlabelled = tmp_path / "texts.csv"
+    unlabelled.write_text("text\nA fine kettle.\n")
+    assert main(["predict", str(classify_run), str(unlabelled), "--device", "cpu"]) == 0
+    assert "gold" not in capsys.readouterr().out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nA fine kettle.,positive\nA lamp.,meh\n")
+    assert main(["predict", str(classify_run), str(bad), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert "A fine kettle" not in captured.out and len(captured.err.splitlines()) == 1
+    assert "'meh' not among the run's labels negative, positive" in captured.err
+
+
 def test_cli_bad_inputs_are_one_line(tmp_path, capsys):
     assert main(["finetune", "minilm", "--task", "classify", "--freeze", "1"]) == 2
     assert "--freeze apply to image fine-tuning" in capsys.readouterr().err

@@ -75,4 +75,6 @@ def format_prediction(item: dict[str, Any]) -> str:
         shown = ", ".join(f"{kind}: {text}" for kind, text in item["entities"]) or "no entities"
         return f"{item['input']}: {shown}"
     others = ", ".join(f"{c} {p:.3f}" for c, p in item["top"][1:])
-    return f"{item['input']}: {item['label']} {item['probability']:.3f}" + (f" ({others})" if others else "")
+    gold = f" [gold: {item['gold']}]" if "gold" in item else ""
+    return (f"{item['input']}: {item['label']} {item['probability']:.3f}"
+            + (f" ({others})" if others else "") + gold)

@@ -7,7 +7,10 @@ token ids into minibatches, all with tensor operations:
 
 * **Next-sentence prediction.** Every sentence ``a`` that has a successor in its paragraph
   gives one pair; with probability ½ its ``b`` is that successor (label 1), else a random
-  sentence of the corpus (label 0). A pair longer than ``max_len − 3`` tokens is cut, the
+  sentence of *another document* (label 0), as BERT's own data pipeline draws it (a WikiText
+  article, a pydoc help topic; the course draws from any paragraph). Within one document the
+  random sentence is often on the same subject, which leaves the model little to tell the
+  pairs apart by and slows NSP down (measured: docs/bert.md). A pair longer than ``max_len − 3`` tokens is cut, the
   longer sentence first, as BERT's ``truncate_seq_pair`` (the course drops such pairs).
 * **Masked language model.** Of a sequence's ``n`` *eligible* tokens (not ``[CLS]``,
   ``[SEP]`` or padding) ``k = ⌊0.15 n + u⌋``, ``u ~ U(0, 1)``, are chosen (so exactly 15% in
@@ -44,24 +47,39 @@ MASK_RATE = 0.15
 # course's own address (s3 research.metamind.io) is dead, the dataset's author hosts it here.
 WIKITEXT2_URL = "https://wikitext.smerity.com/wikitext-2-v1.zip"
 WIKITEXT2_SHA1 = "3c914d17d80b1459be871a5039ac23e752a53cbe"
+# sha1 of the zip's members, as GluonNLP publishes them beside the same zip sha1 (a second,
+# independent record of the archive): ../shared/data's valid.txt and test.txt match these.
+WIKITEXT2_MEMBER_SHA1 = {"wiki.train.tokens": "863f29c46ef9d167fff4940ec821195882fe29d1",
+                         "wiki.valid.tokens": "0418625c8b4da6e4b5c7a0b9e78d4ae8f7ee5422",
+                         "wiki.test.tokens": "c7b8ce0aa086fb34dab808c5c49224211eb2b172"}
 WIKI_SPLITS = {"train": ("wiki.train.tokens", "train.txt"), "valid": ("wiki.valid.tokens", "valid.txt")}
 
-Paragraph = list[str]
+
+
+class Paragraph(list):  # type: ignore[type-arg]
+    """A paragraph's sentences (a ``list[str]``, equal to a plain list) with the index of the
+    document it belongs to: negatives of next-sentence prediction come from other documents."""
+
+    def __init__(self, sentences: Sequence[str] = (), document: int = 0):
+        super().__init__(sentences)
+        self.document = document
 
 
 # ----------------------------------------------------------------------------- paragraphs
 def wiki_paragraphs(lines: Sequence[str]) -> list[Paragraph]:
     """The course's ``_read_wiki``: each line split at ``' . '``, kept with ≥ 2 sentences.
     WikiText's ``<unk>`` becomes ``[UNK]`` and its ``@-@``-style joins their plain characters."""
-    paragraphs = []
+    paragraphs, document = [], 0
     for line in lines:
         line = line.strip()
+        if line.startswith("=") and not line.startswith("= ="):
+            document += 1  # " = Title = " starts an article; " = = Section = = " does not
         if not line or line.startswith("="):
             continue
         line = line.replace("<unk>", "[UNK]").replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
         sentences = [s.strip() for s in line.split(" . ") if s.strip()]
         if len(sentences) >= 2:
-            paragraphs.append(sentences)
+            paragraphs.append(Paragraph(sentences, document))
     return paragraphs
 
 
@@ -99,11 +117,12 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
 
 def pydoc_paragraphs(held_out_every: int = 10) -> dict[str, list[Paragraph]]:
     """Prose paragraphs (≥ 2 sentences) of Python's help topics; every ``held_out_every``-th
-    paragraph is held out for validation. Indented blocks (code, tables) are left out."""
+    paragraph is held out for validation. Indented blocks (code, tables) are left out. A help
+    topic is a document."""
     from pydoc_data.topics import topics
 
     paragraphs = []
-    for key in sorted(topics):
+    for document, key in enumerate(sorted(topics)):
         for block in re.split(r"\n\s*\n", topics[key]):
             lines = block.split("\n")
             if not block.strip() or lines[0][:1].isspace():
@@ -111,7 +130,7 @@ def pydoc_paragraphs(held_out_every: int = 10) -> dict[str, list[Paragraph]]:
             sentences = [s.strip() for s in _SENTENCE_END.split(" ".join(ln.strip() for ln in lines))]
             sentences = [s for s in sentences if s]
             if len(sentences) >= 2:
-                paragraphs.append(sentences)
+                paragraphs.append(Paragraph(sentences, document))
     train = [p for i, p in enumerate(paragraphs) if i % held_out_every]
     valid = [p for i, p in enumerate(paragraphs) if not i % held_out_every]
     return {"train": train, "valid": valid}
@@ -132,15 +151,20 @@ PARAGRAPH_SOURCES = {"pydoc": lambda data_dir=None, download=False: pydoc_paragr
 @dataclass
 class SentenceCorpus:
     """Sentences as one flat id tensor: sentence ``s`` is ``ids[start[s] : start[s] + length[s]]``;
-    ``pairs`` are the sentences followed by another in their paragraph."""
+    ``pairs`` are the sentences followed by another in their paragraph; ``document`` numbers
+    each sentence's document (consecutive sentences of one document are contiguous)."""
 
     ids: Tensor  # (N_tokens,)
     start: Tensor  # (N_sentences,)
     length: Tensor  # (N_sentences,)
     pairs: Tensor  # (N_pairs,) sentence indices a with a + 1 its successor
+    document: Tensor  # (N_sentences,) 0, 1, 2, ... in order
 
     @classmethod
-    def from_ids(cls, paragraphs: Sequence[Sequence[Sequence[int]]]) -> SentenceCorpus:
+    def from_ids(cls, paragraphs: Sequence[Sequence[Sequence[int]]],
+                 documents: Sequence[int] | None = None) -> SentenceCorpus:
+        """``documents[i]`` is paragraph ``i``'s document (default: every paragraph its own);
+        a change of value starts a new document."""
         lengths = [len(s) for p in paragraphs for s in p]
         if not lengths:
             raise DivekitError("no paragraphs of at least two sentences to pretrain on")
@@ -154,7 +178,13 @@ class SentenceCorpus:
         has_next[last] = False
         has_next &= length > 0
         has_next[:-1] &= length[1:] > 0
-        return cls(torch.from_numpy(flat), start, length, torch.nonzero(has_next).squeeze(1))
+        docs = torch.tensor(list(documents) if documents is not None else range(len(paragraphs)))
+        if len(docs) != len(paragraphs):
+            raise DivekitError(f"{len(docs)} document ids for {len(paragraphs)} paragraphs")
+        new_doc = torch.ones(len(docs), dtype=torch.long)
+        new_doc[1:] = (docs[1:] != docs[:-1]).long()
+        document = torch.repeat_interleave(torch.cumsum(new_doc, 0) - 1, sizes)  # (N_sentences,)
+        return cls(torch.from_numpy(flat), start, length, torch.nonzero(has_next).squeeze(1), document)
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -164,11 +194,21 @@ def _generator(*keys: int) -> torch.Generator:
 
 def nsp_plan(corpus: SentenceCorpus, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """``(a, b, is_next)`` sentence indices of every pair: ``b`` is ``a``'s successor when
-    ``is_next`` (probability ½), else a uniformly random sentence."""
+    ``is_next`` (probability ½), else a uniformly random non-empty sentence of another document
+    (of any document, ``a``'s own aside, when the corpus is a single document)."""
     a = corpus.pairs
     is_next = torch.rand(len(a), generator=generator) < 0.5
-    nonempty = torch.nonzero(corpus.length > 0).squeeze(1)
-    other = nonempty[torch.randint(len(nonempty), (len(a),), generator=generator)]
+    nonempty = torch.nonzero(corpus.length > 0).squeeze(1)  # (S,) sorted, documents contiguous
+    doc = corpus.document[nonempty]
+    if int(doc[-1]) == int(doc[0]):  # one document: anything but a itself
+        doc = torch.arange(len(nonempty))
+    first = torch.searchsorted(doc, doc[-1].new_tensor(range(int(doc[-1]) + 1)))  # (D,)
+    count = torch.bincount(doc, minlength=len(first))  # (D,) sentences per document
+    own = doc[torch.searchsorted(nonempty, a).clamp(max=len(nonempty) - 1)]  # a's document
+    # uniform over the sentences outside a's document: draw r < S − |doc(a)|, skip doc(a)'s block
+    r = (torch.rand(len(a), generator=generator, dtype=torch.float64)
+         * (len(nonempty) - count[own])).long()
+    other = nonempty[torch.where(r < first[own], r, r + count[own])]
     return a, torch.where(is_next, a + 1, other), is_next.long()
 
 

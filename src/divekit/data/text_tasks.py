@@ -116,8 +116,9 @@ def load_snli(data_dir: str | Path | None = None, **_: Any) -> TextTaskData:
 
 
 # ----------------------------------------------------------------------------- CSV / TSV
-def read_table(path: Path, text_columns: list[str], label_column: str) -> list[TextExample]:
-    """Rows of a CSV (``,``) or TSV (``.tsv``: tab, no quoting, as GLUE) file with a header."""
+def read_table(path: Path, text_columns: list[str], label_column: str | None) -> list[TextExample]:
+    """Rows of a CSV (``,``) or TSV (``.tsv``: tab, no quoting, as GLUE) file with a header;
+    ``label_column=None`` reads the texts only (label ``""``)."""
     tsv = path.suffix.lower() == ".tsv"
     with _need(path, "a CSV/TSV file").open(encoding="utf-8", newline="") as f:
         reader = (csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f))
@@ -125,7 +126,7 @@ def read_table(path: Path, text_columns: list[str], label_column: str) -> list[T
             header = next(reader)
         except StopIteration:
             raise DivekitError(f"{path} is empty (expected a header row)") from None
-        wanted = [*text_columns, label_column]
+        wanted = [*text_columns, *([label_column] if label_column is not None else [])]
         missing = [c for c in wanted if c not in header]
         if missing:
             raise DivekitError(f"{path} has no column {', '.join(missing)}; its columns are "
@@ -139,7 +140,8 @@ def read_table(path: Path, text_columns: list[str], label_column: str) -> list[T
                 raise DivekitError(f"{path}:{n}: {len(row)} fields, the header has {len(header)}")
             values = [row[i] for i in idx]
             pair = values[1] if len(text_columns) == 2 else None
-            out.append(TextExample(values[0], values[-1].strip(), pair))
+            label = values[-1].strip() if label_column is not None else ""
+            out.append(TextExample(values[0], label, pair))
     return out
 
 

@@ -240,7 +240,15 @@ class MaskLM(nn.Module):
             nn.LayerNorm(c.num_hiddens, eps=c.layer_norm_eps), nn.Linear(c.num_hiddens, c.vocab_size),
         )
 
-    def forward(self, X: Tensor, pred_positions: Tensor) -> Tensor:
+    def forward(self, X: Tensor, pred_positions: Tensor, keep: Tensor | None = None) -> Tensor:
+        """``keep`` (``(B, P)`` bool) selects the prediction slots to score: the result is then
+        ``(N, V)`` for the ``N`` kept slots in row-major order, and the vocabulary projection
+        (the costliest product of pretraining) skips the padding slots."""
+        if keep is not None:
+            B, T, H = X.shape
+            flat = pred_positions + T * torch.arange(B, device=X.device)[:, None]  # (B, P)
+            # index_select: its backward is one index_add (advanced indexing's is a sort + put)
+            return self.mlp(X.reshape(B * T, H).index_select(0, flat[keep]))  # (N, H) → (N, V)
         # Gather h[b, pred_positions[b, p]] for every b and p in one indexing op.
         index = pred_positions.unsqueeze(-1).expand(-1, -1, X.shape[-1])  # (B, P, H)
         masked_X = torch.gather(X, 1, index)  # (B, P, H)
@@ -263,7 +271,9 @@ class BERTModel(nn.Module):
     """The encoder with both pretraining heads.
 
     ``forward(tokens, segments, valid_lens=None, pred_positions=None)`` returns
-    ``(encoded (B, T, H), mlm_logits (B, P, V) or None, nsp_logits (B, 2))`` as the course's.
+    ``(encoded (B, T, H), mlm_logits (B, P, V) or None, nsp_logits (B, 2))`` as the course's;
+    with ``mlm_keep`` (``(B, P)`` bool, e.g. ``mlm_weights > 0``) ``mlm_logits`` is ``(N, V)``
+    at the kept slots only (see :meth:`MaskLM.forward`).
     """
 
     def __init__(self, config: BertConfig):
@@ -277,10 +287,11 @@ class BERTModel(nn.Module):
         nn.init.normal_(self.encoder.pos_embedding, std=0.02)
 
     def forward(self, tokens: Tensor, segments: Tensor | None = None,
-                valid_lens: Tensor | None = None, pred_positions: Tensor | None = None
-                ) -> tuple[Tensor, Tensor | None, Tensor]:
+                valid_lens: Tensor | None = None, pred_positions: Tensor | None = None,
+                mlm_keep: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
         encoded = self.encoder(tokens, segments, valid_lens)  # (B, T, H)
-        mlm_logits = self.mlm(encoded, pred_positions) if pred_positions is not None else None
+        mlm_logits = (self.mlm(encoded, pred_positions, mlm_keep) if pred_positions is not None
+                      else None)
         nsp_logits = self.nsp(self.hidden(encoded[:, 0, :]))  # from the [CLS] position
         return encoded, mlm_logits, nsp_logits
 

@@ -309,25 +309,40 @@ class TextFinetuneTask(Task, name="bert_finetune"):
     def predict(self, model: nn.Module, inputs: Any, **options: Any) -> list[dict[str, Any]]:
         model.eval()
         device = next(model.parameters()).device
-        items = predict_inputs(inputs, self.config.task)
+        items = predict_inputs(inputs, self.config.task, self._table_columns(), self.labels)
         if self.config.task == "tag":
             return [self._tag_one(model, words, device) for words in items]
         if self.config.task == "qa":
             return [self._qa_one(model, q, ctx, device, options) for q, ctx in items]
         from divekit.data.text_features import pad
 
-        rows = self.tokenizer.encode_batch([a for a, _ in items], [b for _, b in items]
+        rows = self.tokenizer.encode_batch([a for a, _, _ in items], [b for _, b, _ in items]
                                            if self.config.task == "pair" else None)
         tokens, segments, valid = (t.to(device) for t in pad(rows, self.tokenizer.pad_id))
         probs = model(tokens, segments, valid).float().softmax(-1).cpu()
         k = min(int(options.get("top_k") or 3), len(self.labels))
         out = []
-        for (a, b), p in zip(items, probs):
+        for (a, b, gold), p in zip(items, probs):
             top = torch.topk(p, k)
             ranked = [(self.labels[int(i)], float(v)) for v, i in zip(top.values, top.indices)]
             out.append({"input": a if b is None else f"{a} ||| {b}", "label": ranked[0][0],
-                        "probability": ranked[0][1], "top": ranked})
+                        "probability": ranked[0][1], "top": ranked,
+                        **({"gold": gold} if gold is not None else {})})
         return out
+
+    def _table_columns(self) -> tuple[list[str], str]:
+        """The text and label columns a CSV/TSV given to ``predict`` is read by: the run's own
+        (``--text-columns``/``--label-column``, or its GLUE task's); a pair run trained on
+        one-column settings (generated data, SNLI) reads ``sentence1,sentence2``."""
+        from divekit.data.text_tasks import GLUE
+
+        c = self.config
+        if c.data in GLUE:
+            return list(GLUE[c.data][0]), GLUE[c.data][1]
+        text = [x.strip() for x in c.text_columns.split(",")]
+        if c.task == "pair" and len(text) != 2:
+            text = ["sentence1", "sentence2"]
+        return text, c.label_column
 
     def _tag_one(self, model: nn.Module, words: list[str], device: torch.device) -> dict[str, Any]:
         from divekit.data.text_features import tag_row

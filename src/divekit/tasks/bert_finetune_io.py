@@ -8,6 +8,7 @@ is matched before pre-tokenization. Words already in the vocabulary are skipped 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +52,43 @@ def add_words(tok: BertTokenizer, words: list[str]) -> tuple[BertTokenizer, list
     return new, added, skipped
 
 
-def predict_inputs(inputs: Any, task: str) -> list[Any]:
+def table_inputs(path: Path, text_columns: Sequence[str], label_column: str,
+                 known: Sequence[str]) -> list[tuple[str, str | None, str | None]]:
+    """``(a, b or None, gold label or None)`` for every row of a CSV/TSV file with the run's
+    text columns. When the file has the run's label column, every label must be one the run was
+    trained on: an unseen one is refused in one line that lists the known labels."""
+    from divekit.data.text_features import label_ids
+    from divekit.data.text_tasks import read_table
+
+    with path.open(encoding="utf-8", newline="") as f:
+        header = f.readline().rstrip("\r\n").split("\t" if path.suffix.lower() == ".tsv" else ",")
+    labelled = label_column in [h.strip().strip('"') for h in header]
+    rows = read_table(path, list(text_columns), label_column if labelled else None)
+    if not rows:
+        raise DivekitError(f"{path} has no rows to predict on")
+    if labelled:
+        label_ids([r.label for r in rows], known, f"{path} (column {label_column!r})")
+    return [(r.text, r.pair, r.label if labelled else None) for r in rows]
+
+
+def predict_inputs(inputs: Any, task: str, columns: tuple[Sequence[str], str] | None = None,
+                   known: Sequence[str] = ()) -> list[Any]:
     """The inputs of ``divekit predict`` by head: a text; ``A ||| B`` for a pair; a sentence
-    (split into words) for tagging; ``QUESTION ||| PASSAGE`` for QA (``@FILE`` reads a passage)."""
+    (split into words) for tagging; ``QUESTION ||| PASSAGE`` for QA (``@FILE`` reads a passage).
+    For ``classify`` and ``pair`` a ``.csv``/``.tsv`` file names its rows (``columns``: the run's
+    text columns and label column; see :func:`table_inputs`); such items carry a third element,
+    the gold label (None for text given on the command line or a file without labels)."""
     if isinstance(inputs, str) or not inputs:
         raise DivekitError("give a non-empty list of texts to predict on")
     out: list[Any] = []
     for text in inputs:
         if not isinstance(text, str) or not text.strip():
             raise DivekitError(f"cannot predict on an empty text ({text!r})")
+        path = Path(text)
+        if (task in ("classify", "pair") and columns is not None
+                and path.suffix.lower() in (".csv", ".tsv") and path.is_file()):
+            out.extend(table_inputs(path, columns[0], columns[1], known))
+            continue
         if task in ("pair", "qa"):
             a, sep, b = text.partition(SEPARATOR)
             if not sep or not a.strip() or not b.strip():
@@ -78,7 +107,9 @@ def predict_inputs(inputs: Any, task: str) -> list[Any]:
             out.append([w for w, _ in BertPreTokenizer().pre_tokenize_str(text)])
         else:
             out.append((text.strip(), None))
+    if task in ("classify", "pair"):
+        out = [item if len(item) == 3 else (*item, None) for item in out]
     return out
 
 
-__all__ = ["SEPARATOR", "add_words", "predict_inputs", "read_words"]
+__all__ = ["SEPARATOR", "add_words", "predict_inputs", "read_words", "table_inputs"]

@@ -109,7 +109,8 @@ class BertPretrainTask(Task, name="bert_pretrain"):
     def corpus(self, split: str) -> SentenceCorpus:
         paragraphs = self.paragraphs[split]
         ids = iter(self.tokenizer.ids([s for p in paragraphs for s in p]))
-        return SentenceCorpus.from_ids([[next(ids) for _ in p] for p in paragraphs])
+        documents = [getattr(p, "document", i) for i, p in enumerate(paragraphs)]
+        return SentenceCorpus.from_ids([[next(ids) for _ in p] for p in paragraphs], documents)
 
     def _loader(self, split: str, **kw: Any) -> BertPretrainLoader:
         tok = self.tokenizer
@@ -149,16 +150,21 @@ class BertPretrainTask(Task, name="bert_pretrain"):
     # ------------------------------------------------------------------ steps
     @staticmethod
     def _forward(model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """``(mlm_logits (N, V), nsp_logits (B, 2), weights (N,), labels (N,), nsp_y (B,))``:
+        the masked-LM head scores only the ``N`` slots of weight > 0 (about half of the
+        ``B × P`` slots on pydoc and WikiText), which skips the padding slots' share of the
+        vocabulary projection and of the softmax. ``Σ w CE / Σ w`` is the same either way."""
         tokens, segments, valid, positions, weights, labels, nsp_y = batch
-        _, mlm_logits, nsp_logits = model(tokens, segments, valid, positions)
-        return mlm_logits, nsp_logits, weights, labels, nsp_y
+        keep = weights > 0  # (B, P)
+        _, mlm_logits, nsp_logits = model(tokens, segments, valid, positions, mlm_keep=keep)
+        return mlm_logits, nsp_logits, weights[keep], labels[keep], nsp_y
 
     def training_step(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         mlm_logits, nsp_logits, weights, labels, nsp_y = self._forward(model, batch)
         l_mlm = mlm_loss(mlm_logits, labels, weights)
         l_nsp = F.cross_entropy(nsp_logits, nsp_y)
         with torch.no_grad():
-            hits = (mlm_logits.argmax(-1) == labels).float() * weights
+            hits = (mlm_logits.argmax(-1) == labels).to(weights.dtype) * weights
             mlm_acc = hits.sum() / weights.sum().clamp_min(1)
             nsp_acc = (nsp_logits.argmax(-1) == nsp_y).float().mean()
         loss = l_mlm + l_nsp
@@ -166,12 +172,11 @@ class BertPretrainTask(Task, name="bert_pretrain"):
                       "nsp_loss": l_nsp.detach(), "nsp_acc": nsp_acc}
 
     def validation_step(self, model: nn.Module, batch: Any) -> dict[str, Any]:
-        mlm_logits, nsp_logits, weights, labels, nsp_y = self._forward(model, batch)
-        ce = F.cross_entropy(mlm_logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
-        w = weights.flatten()
+        mlm_logits, nsp_logits, w, labels, nsp_y = self._forward(model, batch)
+        ce = F.cross_entropy(mlm_logits.float(), labels, reduction="none")  # (N,)
         return {
             "mlm_loss": (ce * w).sum(), "mlm_count": w.sum(),
-            "mlm_correct": ((mlm_logits.argmax(-1) == labels).float() * weights).sum(),
+            "mlm_correct": ((mlm_logits.argmax(-1) == labels).to(w.dtype) * w).sum(),
             "nsp_loss": F.cross_entropy(nsp_logits.float(), nsp_y, reduction="sum"),
             "nsp_correct": (nsp_logits.argmax(-1) == nsp_y).sum(), "count": len(nsp_y),
         }
