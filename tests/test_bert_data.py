@@ -253,7 +253,7 @@ def test_pretraining_on_pydoc_raises_held_out_nsp_above_chance(one_thread):
     falls and NSP accuracy on held-out paragraphs' pairs leaves chance by more than 3 standard
     errors (8 draws of the 106 held-out pairs: n = 848; under chance — a prediction independent
     of the coin-flip label — accuracy is Binomial(n, ½), so > ½ + 3·½/√n has p < 0.0015).
-    Measured ~0.58; ~100 s on one loaded core."""
+    48 s measured on one core at load ~4."""
     from divekit.models.bert import BertConfig, BERTModel
     from divekit.tasks.bert_pretrain import BertPretrainConfig, BertPretrainTask
 
