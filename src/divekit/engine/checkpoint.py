@@ -8,8 +8,15 @@ Layout of ``RUN_DIR/checkpoint/``::
     latest                         the name of the newest complete checkpoint
 
 A checkpoint is written into a temporary directory, renamed into place, and only then is
-``latest`` replaced (also via rename), so a crash at any point leaves the previous checkpoint
-intact and ``latest`` never points at a partial one. ``state.pt`` holds only tensors and plain
+``latest`` replaced (also via rename), so a crash at any point (``kill -9`` included) leaves the
+previous checkpoint intact and ``latest`` never points at a partial one; a reader that opens the
+run meanwhile sees the old checkpoint or the new one. A checkpoint directory is never deleted
+while ``latest`` names it (pruning runs after the pointer moved on).
+
+``latest`` is confined to its run: it must hold the plain name of a complete checkpoint directory
+of this ``checkpoint/`` folder, neither a link nor a path (``../other-run``, ``/abs/path``), else
+:meth:`CheckpointDir.latest` refuses in one line naming the pointer and what it holds. Weights
+holding NaN or infinity are refused when loaded (:func:`check_finite`), naming the tensor. ``state.pt`` holds only tensors and plain
 Python values and loads with ``torch.load(weights_only=True)``
 (:func:`divekit.data.pretrained.load_plain`: a pickle asking for more is refused in one line).
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,6 +50,10 @@ from divekit.io import atomic_write_bytes, atomic_write_text
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 FILE_MODE = 0o600  # every file of a checkpoint: read and written by its owner only
+POINTER = "latest"
+# what ``latest`` may hold: one plain, visible name (no separator, no leading dot, no "..")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_POINTER_BYTES = 256  # a longer pointer is not one divekit wrote
 
 
 def rng_state() -> dict[str, Any]:
@@ -105,11 +117,30 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, safetensors_bytes(tensors), mode=FILE_MODE)
 
 
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or ±inf, in one line naming the first such tensor: such
+    weights turn every output into NaN, which would otherwise be printed as if it were a result.
+    Integer tensors (step counters) cannot hold either and are skipped."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            n_nan = int(torch.isnan(t).sum())
+            kinds = " and ".join(k for k, n in (("NaN", n_nan), ("inf", int(bad.sum()) - n_nan))
+                                 if n)
+            raise DivekitError(
+                f"{what}: tensor {name!r} holds {kinds} ({int(bad.sum())} of {t.numel()} values); "
+                "refusing weights that are not finite (did the training diverge?)"
+            )
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
                  what: str = "the model") -> None:
     """Load a safetensors file into ``model``; a file that does not fit (a key missing or
     unexpected, or a tensor of another shape: a class list or vocabulary of another size than
-    the weights) is one line naming the key and both shapes."""
+    the weights) is one line naming the key and both shapes, and so is a tensor holding NaN or
+    inf (:func:`check_finite`)."""
     path = Path(path)
     if not path.is_file():
         raise DivekitError(f"no weights file at {path}")
@@ -118,6 +149,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
     except Exception as e:  # safetensors raises its own error types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DivekitError(f"cannot read weights {path}: {first}") from None
+    check_finite(tensors, f"weights {path}")
     own = model.state_dict()
     shapes = [f"{k} is {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
               for k, v in tensors.items() if k in own and v.shape != own[k].shape]
@@ -139,11 +171,45 @@ class CheckpointDir:
         self.keep = keep
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if not pointer.is_file():
+        """The newest complete checkpoint (``None`` before the first one).
+
+        ``latest`` must be a plain file holding one plain name, of a directory of this
+        ``checkpoint/`` folder (not a link out of it) with both files in it; anything else is a
+        :class:`DivekitError` naming the pointer and its content, never a path followed out of
+        the run."""
+        pointer = self.root / POINTER
+        if not pointer.exists() and not pointer.is_symlink():
             return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / WEIGHTS).is_file() and (path / STATE).is_file() else None
+        self._check_inside(self.root, pointer, "the checkpoint folder")
+        if pointer.is_symlink() or not pointer.is_file():
+            raise DivekitError(f"checkpoint pointer {pointer} is not a plain file (a link or a "
+                               "folder); it must hold the name of a checkpoint of this run")
+        with open(pointer, "rb") as f:
+            raw = f.read(_POINTER_BYTES + 1)
+        name = raw[:_POINTER_BYTES].decode("utf-8", "replace").strip()
+        if len(raw) > _POINTER_BYTES or not _NAME.fullmatch(name):
+            raise DivekitError(
+                f"checkpoint pointer {pointer} holds {name[:200]!r}, "
+                f"not the name of a checkpoint directory of {self.root} (such as 'epoch-0003'); "
+                "it may not name a path, '..' or a hidden folder"
+            )
+        path = self.root / name
+        self._check_inside(path, pointer, repr(name))
+        for part in (path, path / WEIGHTS, path / STATE):
+            if part.is_symlink():
+                raise DivekitError(f"checkpoint pointer {pointer} holds {name!r}, whose {part.name} "
+                                   f"is a symbolic link; a checkpoint's files must lie in the run")
+        if not (path / WEIGHTS).is_file() or not (path / STATE).is_file():
+            raise DivekitError(f"checkpoint pointer {pointer} holds {name!r}, which is not a "
+                               f"complete checkpoint directory of {self.root}")
+        return path
+
+    def _check_inside(self, path: Path, pointer: Path, what: str) -> None:
+        """``path`` resolved (links followed) must stay inside the run directory."""
+        run = self.root.parent.resolve()
+        if not path.resolve().is_relative_to(run):
+            raise DivekitError(f"checkpoint pointer {pointer}: {what} leads out of the run "
+                               f"{self.root.parent} (to {path.resolve()}); refused")
 
     def save(self, model: nn.Module, state: dict[str, Any], name: str) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -154,13 +220,16 @@ class CheckpointDir:
             torch.save(state, buffer)
             atomic_write_bytes(tmp / STATE, buffer.getvalue(), mode=FILE_MODE)
             final = self.root / name
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # left by a crash before `latest` moved to it: never the latest
+                # one, set aside whole (a rename) rather than deleted file by file in place
+                os.replace(final, tempfile.mkdtemp(prefix=f".{name}.old.", dir=self.root))
             os.replace(tmp, final)
+            _fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        atomic_write_text(self.root / "latest", name + "\n", mode=FILE_MODE)
+        atomic_write_text(self.root / POINTER, name + "\n", mode=FILE_MODE)
+        _fsync_dir(self.root)
         self._prune(keep_name=name)
         return final
 
@@ -173,6 +242,23 @@ class CheckpointDir:
         done = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         for old in [p for p in done if p.name != keep_name][: max(0, len(done) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(".*"):  # temp dirs left by a crash
+        for stale in self.root.glob(".*"):  # temp dirs and files left by a crash
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
+            elif stale.name.endswith(".tmp"):  # a `latest` being replaced (divekit.io)
+                stale.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (a power cut after the rename keeps it); a no-op where
+    directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

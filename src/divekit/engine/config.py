@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from divekit.config import option
 from divekit.engine.strategies import STRATEGIES
@@ -160,9 +160,23 @@ class TaskConfig(TrainConfig):
     limit: int | None = option(None, "use only the first N training samples (quick runs)", metavar="N")
     out: str | None = option(None, "run directory (default: runs/MODEL-DATA, numbered if taken)", metavar="DIR")
     resume: bool = option(False, "continue the run in --out (or the newest runs/MODEL-DATA*)")
+    force_resume: bool = option(
+        False, "with --resume: continue even though options that change what the run learns "
+        "(--seed, --lr, --batch-size, ...) differ from the run's; each change is recorded in "
+        "config.json (forced_changes)")
     # the model family's hyper-parameters (its config dataclass, see divekit.models.registry),
     # named as the builder's arguments; the CLI adds one option per field
     model_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
+
+    # options a resume may change freely (divekit.engine.run.resume_changes): they only extend
+    # the run (--epochs), say where things are (--data-dir) or change nothing it learns (how
+    # fast, on what, what is shown or logged). Every other field is what the run *is*. A task
+    # config extends the set for its own such options: RESUME_FREE = TaskConfig.RESUME_FREE | {..}
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({
+        "epochs", "device", "threads", "channels_last", "quiet", "tensorboard", "callbacks",
+        "checkpoint_every", "strategy", "profile_comm", "dist_timeout", "data_dir", "download",
+        "out", "resume", "force_resume",
+    })
 
     def checks(self) -> list[Check]:
         bs = self.batch_size
@@ -171,6 +185,7 @@ class TaskConfig(TrainConfig):
              f"--batch-size must be at least 1, got {bs!r}"),
             (self.limit is None or self.limit >= 1, f"--limit must be at least 1, got {self.limit}"),
             data_dir_check(self.data, self.data_dir, self.download),
+            (self.resume or not self.force_resume, "--force-resume only goes with --resume"),
         ]
 
     @property

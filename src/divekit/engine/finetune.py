@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from divekit.data import pretrained
+from divekit.engine.checkpoint import check_finite
 from divekit.errors import DivekitError
 from divekit.models.base import Classifier
 
@@ -86,8 +87,11 @@ def load_state_file(path: str | Path) -> dict[str, Tensor]:
     """A state dict from ``.safetensors`` or a ``torch.save`` file, loaded with
     ``weights_only=True`` (nothing in the file is executed; a pickle that asks for more is
     refused in one line). ``{"state_dict": ...}`` and ``{"model": ...}`` wrappers are unwrapped.
-    See :func:`divekit.data.pretrained.load_state_file`."""
-    return pretrained.load_state_file(path)
+    See :func:`divekit.data.pretrained.load_state_file`. Weights holding NaN or inf are refused
+    in one line naming the tensor (:func:`divekit.engine.checkpoint.check_finite`)."""
+    state = pretrained.load_state_file(path)
+    check_finite(state, f"weights file {path}")
+    return state
 
 
 def load_matching(model: nn.Module, state: dict[str, Tensor], what: str) -> None:

@@ -13,12 +13,19 @@ A run directory holds::
 without loading training data) and the model with its newest weights, and ``evaluate(run_dir)``
 runs the Trainer's validation loop on it. ``divekit evaluate``, ``predict``, ``generate``,
 ``translate``, ``finetune`` and ``--resume`` all go through here.
+
+A run has one writer: ``train`` holds the run directory's lock (:mod:`divekit.engine.lock`) from
+choosing the directory to its last checkpoint; readers take no lock. ``--resume`` continues the
+run that config.json describes: an option that changes what the run learns (``--seed``,
+``--lr``, ...) is refused with the list of differences unless ``--force-resume`` is given, and
+then recorded in config.json as ``forced_changes`` (:func:`resume_changes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from divekit import __version__
-from divekit.config import config_from_dict, known_values
+from divekit.config import config_from_dict, flag_name, known_values
 from divekit.engine.checkpoint import CheckpointDir, load_weights
+from divekit.engine.lock import RunLock
 from divekit.errors import DivekitError
 from divekit.io import atomic_write_json
 
@@ -37,6 +45,10 @@ if TYPE_CHECKING:
     from divekit.engine.task import Task
 
 CONFIG = "config.json"
+# saved options a resume never takes over from config.json: it decides them anew each time
+_NOT_CARRIED = ("force_resume",)
+
+log = logging.getLogger("divekit")
 
 
 @dataclass
@@ -104,17 +116,22 @@ def choose_run_dir(out: str | None, default_name: str, resume: bool) -> Path:
     raise DivekitError(f"too many runs named {base}; pass --out")
 
 
-def write_record(run_dir: Path, task: Task) -> None:
+def write_record(run_dir: Path, task: Task, forced: list[dict[str, Any]] | None = None) -> None:
     """``config.json`` (the task's name, divekit's version, the command, the config and the
-    task's :meth:`~divekit.engine.task.Task.run_record`) and the task's extra files."""
+    task's :meth:`~divekit.engine.task.Task.run_record`; ``forced_changes``, every option a
+    ``--force-resume`` changed, when there are any) and the task's extra files."""
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "task": task.name,
         "divekit_version": __version__,
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "",
-        "config": dataclasses.asdict(task.config),
+        # --force-resume is decided anew by each resume, never carried over from the record
+        "config": {**dataclasses.asdict(task.config),
+                   **{k: False for k in _NOT_CARRIED if hasattr(task.config, k)}},
         **task.run_record(),
     }
+    if forced:
+        record["forced_changes"] = forced
     atomic_write_json(run_dir / CONFIG, record)
     task.save_extras(run_dir)
 
@@ -205,12 +222,69 @@ def _fits_hint(value: Any, hint: Any) -> bool:
 
 
 def resume_values(config_cls: type, typed: dict[str, Any], run_name: str) -> dict[str, Any]:
-    """``--resume``: the saved run's options, with what was typed now on top."""
+    """``--resume``: the saved run's options, with what was typed now on top (``train`` then
+    refuses typed values that change the run, :func:`resume_changes`)."""
     run_dir = choose_run_dir(typed.get("out"), run_name, resume=True)
     saved = read_record(run_dir)["config"]
     if typed.get("model") is not None and saved.get("model") != typed["model"]:
         raise DivekitError(f"{run_dir} trained {saved.get('model')!r}, not {typed['model']!r}")
-    return {**known_values(config_cls, saved), **typed, "out": str(run_dir), "resume": True}
+    saved = {k: v for k, v in known_values(config_cls, saved).items() if k not in _NOT_CARRIED}
+    return {**saved, **typed, "out": str(run_dir), "resume": True}
+
+
+def resume_changes(saved: dict[str, Any], config: Any) -> list[tuple[str, Any, Any]]:
+    """``(flag, value in the run, value now)`` for each option of ``config`` that changes what
+    the run learns and differs from ``saved`` (the run's ``config.json`` config). Options in
+    the config class's ``RESUME_FREE`` (``--epochs``, ``--device``, ``--quiet``, ...) and options
+    the saved record does not know (an older divekit's) are not compared; a model family's
+    options (``model_options``) are compared one by one."""
+    free: frozenset[str] = getattr(type(config), "RESUME_FREE", frozenset())
+    changes = []
+    for key, now in dataclasses.asdict(config).items():
+        if key in free or key not in saved:
+            continue
+        old = saved[key]
+        if key == "model_options" and isinstance(old, dict) and isinstance(now, dict):
+            changes += [(flag_name(k), old.get(k, "default"), now.get(k, "default"))
+                        for k in sorted(set(old) | set(now))
+                        if k not in old or k not in now or _plain(old[k]) != _plain(now[k])]
+        elif _plain(old) != _plain(now):
+            changes.append((flag_name(key), old, now))
+    return changes
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as config.json keeps it (tuples become lists), for comparing."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _check_resume(run_dir: Path, config: Any) -> list[dict[str, Any]]:
+    """Refuse to resume ``run_dir`` with options that change what it learns (one line listing
+    each difference), unless ``config.force_resume``; then the run's ``forced_changes``, the
+    earlier ones and these (where each happened: the checkpoint resumed from)."""
+    from divekit.engine import distributed as D
+
+    record = read_record(run_dir)
+    changes = resume_changes(record["config"], config)
+    world = (record.get("distributed") or {}).get("world_size")
+    now_world = D.current_env().world_size
+    if isinstance(world, int) and world != now_world:  # the global batch: --nproc × per worker
+        changes.append(("--nproc", world, now_world))
+    earlier = record.get("forced_changes")
+    forced = list(earlier) if isinstance(earlier, list) else []
+    if not changes:
+        return forced
+    shown = "; ".join(f"{flag}: {old!r} in the run, {new!r} now" for flag, old, new in changes)
+    if not getattr(config, "force_resume", False):
+        raise DivekitError(
+            f"--resume of {run_dir} with options that change what it learns ({shown}); leave "
+            "them out to continue the run as it was, or pass --force-resume to continue anyway "
+            f"(recorded in {CONFIG})")
+    latest = CheckpointDir(run_dir).latest()
+    log.warning("--force-resume: %s continues with %s (recorded in %s)", run_dir, shown, CONFIG)
+    return forced + [{"option": flag, "run": old, "now": new,
+                      "from_checkpoint": latest.name if latest else None}
+                     for flag, old, new in changes]
 
 
 # ------------------------------------------------------------------------ configs
@@ -224,6 +298,10 @@ def make_config(config_cls: type, values: dict[str, Any]) -> Any:
     values = dict(values)
     if not values.get("model"):
         raise DivekitError("no model given")
+    if values.get("resume"):  # the run's own options under what was given (as the CLI does)
+        name = config_cls(model=values["model"], **({"data": values["data"]}
+                                                     if values.get("data") else {})).run_name
+        values = resume_values(config_cls, values, name)
     info = model_info(values["model"])
     family = field_names(info.config) if info.config is not None else set()
     given = {k: values.pop(k) for k in list(values) if k in family}
@@ -242,19 +320,60 @@ def make_config(config_cls: type, values: dict[str, Any]) -> Any:
 
 # ------------------------------------------------------------------------ training
 def train(task: Task, callbacks: list[Callback] | None = None) -> TrainResult:
-    """Train ``task`` in a run directory chosen from its config (``out``, ``resume``)."""
+    """Train ``task`` in a run directory chosen from its config (``out``, ``resume``).
+
+    The run directory is locked for the whole call (:class:`~divekit.engine.lock.RunLock`, on
+    the process that writes: rank 0 under data parallelism): a second writer is refused in one
+    line naming this process. Under the lock the choice is checked again (another writer may
+    have finished a run there meanwhile), and a resume is checked against the run's options
+    (:func:`resume_changes`)."""
     from divekit.engine import distributed as D
     from divekit.engine.trainer import Trainer
 
     cfg = task.config
     cfg.validate()
     run_dir = choose_run_dir(cfg.out, cfg.run_name, cfg.resume)
-    task.prepare()
-    if D.current_env().is_main:
-        write_record(run_dir, task)
-    trainer = Trainer(task, task.config, run_dir, callbacks)
-    history = trainer.fit(resume=cfg.resume)
+    lock = RunLock(run_dir) if D.current_env().is_main else None
+    try:
+        forced = _on_main(lambda: _open_for_writing(lock, run_dir, cfg))
+        task.prepare()
+        if lock is not None:
+            write_record(run_dir, task, forced)
+        trainer = Trainer(task, task.config, run_dir, callbacks)
+        history = trainer.fit(resume=cfg.resume)
+    finally:
+        if lock is not None:
+            lock.release()
     return TrainResult(run_dir, history, trainer.model)
+
+
+def _open_for_writing(lock: RunLock | None, run_dir: Path, cfg: Any) -> list[dict[str, Any]]:
+    assert lock is not None
+    lock.acquire()
+    choose_run_dir(str(run_dir), cfg.run_name, cfg.resume)  # again, now that no one else writes
+    return _check_resume(run_dir, cfg) if cfg.resume else []
+
+
+def _on_main(fn: Any) -> Any:
+    """``fn()`` on rank 0 (the writer); its :class:`DivekitError` stops every rank (the others
+    with an empty message: rank 0 says why), instead of leaving them waiting in a collective."""
+    from divekit.engine import distributed as D
+
+    env = D.current_env()
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except DivekitError as e:
+            error = e
+    failed = D.broadcast_object(error is not None) if env.enabled else error is not None
+    if error is not None:
+        raise error
+    if failed:
+        from divekit.engine.launch import WorkersFailed
+
+        raise WorkersFailed("")
+    return result
 
 
 # ------------------------------------------------------------------------ opening a run
@@ -273,6 +392,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
     # name → type, checked here so a bad record is one line and not a KeyError later
     check_record(record, getattr(cls, "record_keys", None) or {}, run_dir / CONFIG)
     values = {**known_values(cls.Config, record["config"]), "resume": False, "out": None}
+    values.update({k: False for k in _NOT_CARRIED if k in values})
     wrong = _config_type_errors(cls.Config, values)
     if wrong:
         raise DivekitError(f"{run_dir / CONFIG}: config {'; '.join(wrong[:3])}")
@@ -287,7 +407,14 @@ def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
     if weights:
         # a class list or vocabulary that does not fit the weights: one line naming the key
         # and both shapes (engine.checkpoint.load_weights)
-        load_weights(model, run.latest_weights(), what=f"the model built from {run_dir / CONFIG}")
+        for attempt in (1, 2):  # a writer may prune the checkpoint just named: read again
+            path = run.latest_weights()
+            try:
+                load_weights(model, path, what=f"the model built from {run_dir / CONFIG}")
+                break
+            except DivekitError:
+                if attempt == 2 or path.is_file():
+                    raise
     run.model = model.to(resolve_device(device)).eval()
     return run
 
