@@ -214,7 +214,7 @@ def test_skewed_data_tools_balance_sampling_weights_and_confusion_matrix():
     from sklearn.utils.class_weight import compute_class_weight
 
     from divekit.data.loader import TensorBatchLoader
-    from divekit.tasks import classify, train
+    from divekit.tasks import classify
 
     labels = torch.tensor([0] * 900 + [1] * 100)
     weights = 1.0 / torch.bincount(labels).double()[labels]

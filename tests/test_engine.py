@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from divekit.data.loader import TensorBatchLoader
-from divekit.engine import Callback, Task, TrainConfig, Trainer
+from divekit.engine import Task, TrainConfig, Trainer
 from divekit.engine.checkpoint import CheckpointDir
 from divekit.engine.optim import lr_multiplier
 from divekit.errors import DivekitError, TrainingDiverged

@@ -14,14 +14,14 @@ from divekit.engine import finetune as ft
 from divekit.engine.trainer import Trainer
 from divekit.errors import DivekitError
 from divekit.models import create_model, list_models
-from divekit.tasks import classify, evaluate
+from divekit.tasks import evaluate
+from divekit.tasks.experiments import transfer_experiment
 from divekit.tasks.finetune import (
     FinetuneConfig,
     FinetuneTask,
     finetune,
     resolve_source,
 )
-from divekit.tasks.experiments import transfer_experiment
 
 
 def _config(source, **kw) -> FinetuneConfig:

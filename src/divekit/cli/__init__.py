@@ -158,6 +158,8 @@ def build_parser(train_model: str | None = None, train_data: str | None = None,
                    help="detection: minimum confidence to draw a box (default: 0.5)")
     p.add_argument("--nms-iou", type=float, default=argparse.SUPPRESS,
                    help="detection: IoU above which NMS drops the weaker box (default: 0.5)")
+    p.add_argument("--max-answer-len", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="question answering: longest answer span, in tokens (default: the run's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
     for module in [owner] if owner is not None else modules:
@@ -331,7 +333,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from divekit.engine.task import task_class
 
     task = str(read_record(args.run_dir).get("task", "classify"))
-    offered = ("top_k", "output", "overwrite", "threshold", "nms_iou")
+    offered = ("top_k", "output", "overwrite", "threshold", "nms_iou", "max_answer_len")
     options = {k: v for k, v in vars(args).items() if k in offered}
     refuse_unused(options, task_class(task).predict, f"a {task} run", offered)
     module = area_for(task)

@@ -36,7 +36,7 @@ from torch import nn
 from divekit import __version__
 from divekit.config import config_from_dict, flag_name, known_values
 from divekit.engine.checkpoint import CheckpointDir, load_weights
-from divekit.engine.lock import RunLock
+from divekit.engine.lock import LOCK_FILE, RunLock
 from divekit.errors import DivekitError
 from divekit.io import atomic_write_json
 
@@ -333,6 +333,7 @@ def train(task: Task, callbacks: list[Callback] | None = None) -> TrainResult:
     cfg = task.config
     cfg.validate()
     run_dir = choose_run_dir(cfg.out, cfg.run_name, cfg.resume)
+    created = not run_dir.exists()
     lock = RunLock(run_dir) if D.current_env().is_main else None
     try:
         forced = _on_main(lambda: _open_for_writing(lock, run_dir, cfg))
@@ -344,7 +345,19 @@ def train(task: Task, callbacks: list[Callback] | None = None) -> TrainResult:
     finally:
         if lock is not None:
             lock.release()
+            _remove_if_unused(run_dir, created)
     return TrainResult(run_dir, history, trainer.model)
+
+
+def _remove_if_unused(run_dir: Path, created: bool) -> None:
+    """A run directory this call made and that holds nothing but its lock (the data could not
+    be read, say) is removed again: a failed start leaves no run behind."""
+    try:
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:  # another process wrote there meanwhile: keep it
+        pass
 
 
 def _open_for_writing(lock: RunLock | None, run_dir: Path, cfg: Any) -> list[dict[str, Any]]:

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +21,13 @@ from torch import Tensor, nn
 
 from divekit.engine import distributed as D
 from divekit.engine.callbacks import Callback, default_callbacks
-from divekit.engine.checkpoint import CheckpointDir, load_weights, plain_cpu, rng_state, set_rng_state
+from divekit.engine.checkpoint import (
+    CheckpointDir,
+    load_weights,
+    plain_cpu,
+    rng_state,
+    set_rng_state,
+)
 from divekit.engine.config import TrainConfig
 from divekit.engine.device import autocast, to_device
 from divekit.engine.optim import build_optimizer, build_scheduler

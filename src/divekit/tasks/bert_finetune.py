@@ -359,7 +359,9 @@ class TextFinetuneTask(Task, name="bert_finetune"):
                 options: dict[str, Any]) -> dict[str, Any]:
         from divekit.data.text_features import best_spans, pad, qa_windows
 
-        max_answer = int(options.get("max_answer_len") or self.config.max_answer_len)
+        max_answer = options.get("max_answer_len", self.config.max_answer_len)
+        if isinstance(max_answer, bool) or not isinstance(max_answer, int) or max_answer < 1:
+            raise DivekitError(f"--max-answer-len must be a whole number >= 1, got {max_answer!r}")
         windows = qa_windows(self.tokenizer, question, context, self.config.doc_stride)
         tokens, segments, valid = (t.to(device) for t in pad([(w[0], w[1]) for w in windows],
                                                              self.tokenizer.pad_id))

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,9 @@ def parse_batch_size(text: str) -> int | str:
 
 @dataclass(frozen=True)
 class ClassifyConfig(TaskConfig):
+    # test-time augmentation changes only how validation reads the model: free on --resume
+    RESUME_FREE: ClassVar[frozenset[str]] = TaskConfig.RESUME_FREE | {"tta"}
+
     model: str = option("lenet", "model name (see `divekit models`)", cli=False)
     data: str = option("digits", "dataset name (see `divekit datasets`)", metavar="NAME")
     batch_size: int | str = option(
