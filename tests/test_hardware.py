@@ -243,7 +243,8 @@ def test_transposed_conv_is_one_product_per_group():
     assert [x.cycles for x in analytic.layers] == [x.cycles for x in cycle.layers]
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vgg11", "googlenet", "densenet121", "lenet_bn"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg11", "googlenet", "densenet121",
+                                  "nin", "alexnet", "lenet_bn"])
 def test_a_model_on_meta_traces_the_layers_a_real_forward_does(name):
     """The shape-only trace (meta tensors, with the elementwise/normalisation/linear shortcuts
     of zoo._MetaShapes) maps the same products as a forward pass with real weights."""

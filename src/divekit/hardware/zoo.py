@@ -140,7 +140,8 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...], *, batch: int = 
     try:
         with torch.no_grad(), (_MetaShapes() if device.type == "meta" else contextlib.nullcontext()):
             model.eval()
-            model(torch.randn(batch, *input_shape, device=device))
+            make = torch.empty if device.type == "meta" else torch.randn  # meta: no values
+            model(make(batch, *input_shape, device=device))
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
         where = stack[-1] if stack else type(model).__name__
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -181,6 +182,9 @@ class _MetaShapes(TorchFunctionMode):
             size = pair(size) if not isinstance(size, (tuple, list)) else tuple(size)
             hw = tuple(x.shape[-2 + i] if s is None else s for i, s in enumerate(size))
             return torch.empty((*x.shape[:-2], *hw), dtype=x.dtype, device="meta")
+        if name in ("conv2d", "max_pool2d", "avg_pool2d") and args and getattr(
+                args[0], "is_meta", False) and not kwargs.get("return_indices"):
+            return _window_output(name, args, kwargs)
         if name == "linear" and len(args) >= 2 and getattr(args[0], "is_meta", False):
             x, weight = args[0], args[1]
             return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device="meta")
@@ -189,9 +193,54 @@ class _MetaShapes(TorchFunctionMode):
             if given and all(t.is_meta for t in given):
                 first = given[0]
                 shape = (first.shape if name in _SAME_AS_INPUT
-                         else torch.broadcast_shapes(*(t.shape for t in given)))
+                         else _broadcast(*(t.shape for t in given)))
                 return torch.empty(shape, dtype=first.dtype, device="meta")
         return func(*args, **kwargs)
+
+
+def _broadcast(*shapes: torch.Size) -> tuple[int, ...]:
+    """NumPy's broadcasting rule on shapes (right-aligned; a 1 stretches to its partner)."""
+    rank = max(len(shape) for shape in shapes)
+    out = []
+    for i in range(-rank, 0):
+        sizes = {shape[i] for shape in shapes if len(shape) >= -i} - {1}
+        if len(sizes) > 1:
+            raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def _window_output(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The output of a convolution or pooling of a meta tensor, from PyTorch's shape formula
+    ``H_out = ⌊(H + 2p − d(k − 1) − 1) / s⌋ + 1`` (``ceil_mode``: rounded up, keeping the last
+    window's start inside the padded input)."""
+    names = (("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+             if name == "conv2d" else
+             ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+             if name == "max_pool2d" else ("input", "kernel_size", "stride", "padding", "ceil_mode"))
+    given = {**dict(zip(names, args)), **kwargs}
+    x = given["input"]
+    if name == "conv2d":
+        kernel, channels = tuple(given["weight"].shape[-2:]), given["weight"].shape[0]
+        stride = pair(given.get("stride", 1))
+    else:
+        kernel, channels = pair(given["kernel_size"]), x.shape[-3]
+        stride = pair(given.get("stride") or kernel)
+    dilation, padding = pair(given.get("dilation", 1)), given.get("padding", 0)
+    if padding == "same":
+        return torch.empty((*x.shape[:-3], channels, *x.shape[-2:]), dtype=x.dtype, device="meta")
+    padding = (0, 0) if padding == "valid" else pair(padding)
+    sizes = []
+    for i in range(2):
+        span = x.shape[-2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1
+        out = (-(-span // stride[i]) if given.get("ceil_mode") else span // stride[i]) + 1
+        if given.get("ceil_mode") and (out - 1) * stride[i] >= x.shape[-2 + i] + padding[i]:
+            out -= 1
+        if out < 1:
+            raise RuntimeError(f"{name}: output size {out} is too small (input "
+                               f"{tuple(x.shape[-2:])}, kernel {kernel})")
+        sizes.append(out)
+    return torch.empty((*x.shape[:-3], channels, *sizes), dtype=x.dtype, device="meta")
 
 
 def _trace_conv(module: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, label: str,
