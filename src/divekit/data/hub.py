@@ -60,9 +60,11 @@ DATA_HUB: dict[str, tuple[str, str]] = {
     "airfoil": (DATA_URL + "airfoil_self_noise.dat", "76e5be1548fd8222e5074cf0faae75edff8cf93f"),
     "kaggle_house_train": (DATA_URL + "kaggle_house_pred_train.csv", "585e9cc93e70b39160e7921475f9bcd7d31219ce"),
     "kaggle_house_test": (DATA_URL + "kaggle_house_pred_test.csv", "fa19780a7b011d9b009e8bff8e99922a8ee2eb90"),
-    # The course's own address for WikiText-2 (the sha1 is of the zip, wherever it is hosted).
+    # WikiText-2 v1 where Salesforce's page now points (the course's S3 address is gone); the
+    # sha1 is of the zip, the course's and GluonNLP's both (divekit.data.bert_pretrain checks
+    # the members' published sha1s on the files in ../shared/data)
     "wikitext-2": (
-        "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+        "https://wikitext.smerity.com/wikitext-2-v1.zip",
         "3c914d17d80b1459be871a5039ac23e752a53cbe",
     ),
     **{f"mnist/{f}": (MNIST_URL + f, f"md5:{h}") for f, h in _MNIST_MD5.items()},
