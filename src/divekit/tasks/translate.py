@@ -21,6 +21,9 @@ of the first ``--bleu-examples`` validation pairs against their references (and 
 with ``--bleu-beam K``). The model's sizes are its family's config
 (:class:`~divekit.models.transformer.TransformerConfig`,
 :class:`~divekit.models.seq2seq.Seq2SeqConfig`); its optimizer and learning rate its recipe.
+
+Decoding and the sentence helpers (greedy and beam translation, n-best lists, attention maps)
+live in :mod:`divekit.tasks.translate_decode`; their names are importable from here too.
 """
 
 from __future__ import annotations
