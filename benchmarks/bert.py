@@ -3,7 +3,8 @@
 1. Encoder forward tokens/s: divekit's encoder vs transformers' ``BertModel``, both loaded from
    the same all-MiniLM-L6-v2 files, at 32 × 128 and 8 × 512 (padded batches; goal ≥ 1.0×).
 2. Pretraining steps/s: divekit's ``bert_small`` (the bert_pretrain task's own
-   ``training_step``: loss, logged accuracies, backward, Adam) vs the course's BERT written as the course writes it (d2l 15.8/15.10: ``-1e6`` masked softmax,
+   ``training_step``: loss, logged accuracies, backward, Adam built by divekit's
+   ``build_optimizer``, fused where torch has it) vs the course's BERT written as the course writes it (d2l 15.8/15.10: ``-1e6`` masked softmax,
    ``LazyLinear``, the ``.data`` position embedding, its loss), same batch (goal ≥ 1.3×).
 3. Fine-tuning steps/s, full and LoRA: divekit vs transformers' BertForSequenceClassification
    (+ peft), same checkpoint and batch (goal ≥ 1.0×); ``--finetune-only`` runs just this.
@@ -159,6 +160,7 @@ def encoder_forward(repeats: int) -> None:
 
 def pretraining_steps(repeats: int) -> None:
     from divekit.data.bert_pretrain import BertPretrainLoader, SentenceCorpus
+    from divekit.engine.optim import build_optimizer
     from divekit.models import create_model
     from divekit.tasks.bert_pretrain import BertPretrainConfig, BertPretrainTask
 
@@ -170,7 +172,7 @@ def pretraining_steps(repeats: int) -> None:
                                 vocab_size=vocab, special_ids={"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
     batch = next(iter(loader))
     ours = create_model("bert_small", vocab_size=vocab, max_len=T).train()
-    opt = torch.optim.Adam(ours.parameters(), lr=0.01)
+    opt = build_optimizer(ours.parameters(), "adam", 0.01)  # what a divekit run builds
 
     task = BertPretrainTask(BertPretrainConfig(model="bert_small", data="pydoc", batch_size=B, max_len=T))
 
@@ -184,7 +186,7 @@ def pretraining_steps(repeats: int) -> None:
     ce = nn.CrossEntropyLoss()
     with torch.no_grad():
         course(*batch[:2], batch[2], batch[3])  # materialise the LazyLinears
-    opt2 = torch.optim.Adam(course.parameters(), lr=0.01)
+    opt2 = torch.optim.Adam(course.parameters(), lr=0.01)  # as the course writes it
 
     def step_course():
         opt2.zero_grad()
