@@ -28,6 +28,13 @@ def test_threshold_on_a_classifier_is_refused(trained_lenet_run, tmp_path, capsy
                  "-o", str(tmp_path / "out")]) == 2
     _one_error(capsys, "--output does not apply to a classify run")
     assert not (tmp_path / "out").exists()
+    from divekit.errors import DivekitError
+    from divekit.tasks import predict
+
+    with pytest.raises(DivekitError, match="--threshold does not apply to a classify run; "
+                       "it takes --top-k"):
+        predict(trained_lenet_run, [str(tmp_path / "seven.png")], threshold=5)  # the API too
+    assert predict(trained_lenet_run, [str(tmp_path / "seven.png")], top_k=2)
 
 
 def test_data_dir_for_an_embedded_dataset_is_refused_by_cli_and_api(tmp_path, capsys):

@@ -457,7 +457,18 @@ def _is_scalar(v: Any) -> bool:
 
 def predict(run_dir: str | Path, inputs: list[Any], *, device: str = "auto",
             **options: Any) -> list[dict[str, Any]]:
-    """The run's task's inference on ``inputs`` (image files, sentences)."""
+    """The run's task's inference on ``inputs`` (image files, sentences). An option the task's
+    ``predict`` does not take is refused in one line before anything is loaded (``threshold``
+    for a classifier), as on the command line."""
+    import inspect
+
+    from divekit.config import refuse_unused
+    from divekit.engine.task import task_class
+
+    task = str(read_record(run_dir).get("task", "classify"))
+    takes = [name for name, p in inspect.signature(task_class(task).predict).parameters.items()
+             if p.kind is p.KEYWORD_ONLY]
+    refuse_unused(options, task_class(task).predict, f"a {task} run", takes)
     run = load_run(run_dir, device)
     assert run.task is not None and run.model is not None
     return run.task.predict(run.model, inputs, **options)
