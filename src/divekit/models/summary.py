@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from divekit.errors import DivekitError
 
@@ -75,6 +74,8 @@ def branch_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRo
     """For models whose forward branches (detectors: a backbone feeding several heads): one
     forward pass, each child's output shape and multiply-adds recorded by hooks, in call order."""
     x = torch.zeros(1, *input_shape)
+    from torch.utils.flop_counter import FlopCounterMode  # ~0.1 s to import: only when counting
+
     counter = FlopCounterMode(display=False)
     rows: dict[str, LayerRow] = {}
     started: dict[str, int] = {}
@@ -134,6 +135,8 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow
     try:
         with torch.no_grad():
             for name, layer in top_level_layers(model):
+                from torch.utils.flop_counter import FlopCounterMode
+
                 counter = FlopCounterMode(display=False)
                 try:
                     with counter:
