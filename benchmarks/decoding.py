@@ -14,7 +14,10 @@ All three give the same tokens (checked). Then divekit's batched greedy translat
 sentences (:func:`divekit.tasks.translate_decode.greedy_decode`, what ``divekit translate``
 runs: batches of 250, key/value cache, finished rows leaving the batch) against the course's
 ``predict_seq2seq``, one sentence at a time with its input-cache decoder, on the same weights
-(same tokens, checked)::
+(same tokens, checked), run as the course writes it: ``net.eval()`` and no ``torch.no_grad()``
+(d2l's ``predict_seq2seq`` and ``EncoderDecoder.predict_step`` both leave autograd on), while
+divekit decodes under ``inference_mode``. ``--course-no-grad`` gives the course's loop
+``inference_mode`` too, to separate that from the batching::
 
     python benchmarks/decoding.py                 # lengths 50 and 200, batch 1 and 64
     python benchmarks/decoding.py --quick         # lengths 20 and 50, for a smoke test
@@ -138,7 +141,7 @@ def predict_seq2seq(model, src_row, valid_len, num_steps):
     return output_seq
 
 
-def batched_row(model, n, num_steps, batch):
+def batched_row(model, n, num_steps, batch, course_no_grad=False):
     g = torch.Generator().manual_seed(1)
     src = torch.randint(4, 1000, (n, SRC_LEN), generator=g)
     lens = torch.randint(3, SRC_LEN + 1, (n,), generator=g)
@@ -150,12 +153,16 @@ def batched_row(model, n, num_steps, batch):
                                 torch.full((len(src[s:s + batch]),), BOS), EOS, num_steps)
             ours += out.tokens
         t_ours = time.perf_counter() - t
+    # the course's predict_seq2seq as it is written: net.eval() and no torch.no_grad(), so
+    # autograd records every step (divekit decodes under inference_mode)
+    with torch.inference_mode(course_no_grad):
         t = time.perf_counter()
         course = [predict_seq2seq(model, src[i], int(lens[i]), num_steps) for i in range(n)]
         t_course = time.perf_counter() - t
     assert ours == course
     print(f"\n{n} sentences, {num_steps} tokens each: divekit batched greedy ({batch} a batch) "
-          f"{t_ours:.2f} s, the course's predict_seq2seq one at a time {t_course:.2f} s: "
+          f"{t_ours:.2f} s, the course's predict_seq2seq one at a time "
+          f"({'inference_mode' if course_no_grad else 'as written, autograd on'}) {t_course:.2f} s: "
           f"{t_course / t_ours:.1f}x")
 
 
@@ -165,6 +172,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--sentences", type=int, default=500)
+    p.add_argument("--course-no-grad", action="store_true",
+                   help="run the course's predict_seq2seq under inference_mode too")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -175,7 +184,7 @@ def main() -> None:
     decoding_rows(model, lengths, [1, 64], args.repeats)
     with torch.no_grad():
         model.decoder.dense.bias[EOS] = 0.0  # translations end when <eos> wins
-    batched_row(model, args.sentences, 20, 250)
+    batched_row(model, args.sentences, 20, 250, course_no_grad=args.course_no_grad)
 
 
 if __name__ == "__main__":
