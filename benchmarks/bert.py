@@ -23,6 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def padded_batch(B: int, T: int) -> tuple[torch.Tensor, ...]:
+    """A padded batch of random MiniLM ids: ``(tokens, segments, valid lengths, 0/1 mask)``,
+    lengths between T/2 and T, the first row full (fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1000, 30000, (B, T), generator=g)
+    valid = torch.randint(T // 2, T + 1, (B,), generator=g)
+    valid[0] = T
+    return tokens, torch.zeros_like(tokens), valid, (torch.arange(T) < valid[:, None]).long()
+
+
 def _time(fn, repeats: int) -> float:
     fn()  # warm-up
     best = math.inf
@@ -144,12 +154,7 @@ def encoder_forward(repeats: int) -> None:
     ours = load_pretrained("minilm")[0].encoder.eval()
     hf = BertModel.from_pretrained(minilm_path(), attn_implementation="sdpa").eval()
     for B, T in ((32, 128), (8, 512)):
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(1000, 30000, (B, T), generator=g)
-        segments = torch.zeros_like(tokens)
-        valid = torch.randint(T // 2, T + 1, (B,), generator=g)
-        valid[0] = T
-        mask = (torch.arange(T) < valid[:, None]).long()
+        tokens, segments, valid, mask = padded_batch(B, T)
         with torch.inference_mode():
             a = _time(lambda: ours(tokens, segments, valid), repeats)  # noqa: B023
             b = _time(lambda: hf(input_ids=tokens, token_type_ids=segments, attention_mask=mask), repeats)  # noqa: B023
@@ -210,13 +215,8 @@ def finetune_steps(repeats: int, batch: int = 32, seq: int = 128) -> None:
     from divekit.models.bert_heads import BertForTask, ClassifierHead
     from divekit.models.lora import apply_lora, freeze_except
 
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1000, 30000, (batch, seq), generator=g)
-    segments = torch.zeros_like(tokens)
-    valid = torch.randint(seq // 2, seq + 1, (batch,), generator=g)
-    valid[0] = seq
-    mask = (torch.arange(seq) < valid[:, None]).long()
-    y = torch.randint(0, 2, (batch,), generator=g)
+    tokens, segments, valid, mask = padded_batch(batch, seq)
+    y = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(1))
     for mode in ("full", "lora"):
         bert = load_pretrained("minilm")[0]
         ours = BertForTask(bert.encoder, ClassifierHead(bert.config.num_hiddens, 2, 0.1, bert.hidden)).train()
