@@ -11,7 +11,7 @@ d 256, FFN 64, 4 heads, 2 blocks; a 5,000-token target vocabulary; random weight
 * ``no cache``: the whole prefix through the decoder at every step (full re-decoding).
 
 All three give the same tokens (checked). Then divekit's batched greedy translation of 500
-sentences (:func:`divekit.tasks.translate_decode.greedy_decode`, what ``divekit translate``
+sentences (:func:`divekit.ops.decoding.greedy_search` with ``reorder``, what ``divekit translate``
 runs: batches of 250, key/value cache, finished rows leaving the batch) against the course's
 ``predict_seq2seq``, one sentence at a time with its input-cache decoder, on the same weights
 (same tokens, checked), run as the course writes it: ``net.eval()`` and no ``torch.no_grad()``
@@ -33,7 +33,6 @@ import torch
 
 from divekit.models import create_model
 from divekit.ops.decoding import greedy_search
-from divekit.tasks.translate_decode import greedy_decode
 
 BOS, EOS, SRC_LEN = 1, 2, 12
 
@@ -149,8 +148,10 @@ def batched_row(model, n, num_steps, batch, course_no_grad=False):
         t = time.perf_counter()
         ours = []
         for s in range(0, n, batch):
-            out = greedy_decode(model, model.encode(src[s:s + batch], lens[s:s + batch]),
-                                torch.full((len(src[s:s + batch]),), BOS), EOS, num_steps)
+            out = greedy_search(model.decode_step,
+                                model.encode(src[s:s + batch], lens[s:s + batch]),
+                                torch.full((len(src[s:s + batch]),), BOS), EOS, num_steps,
+                                reorder=model.reorder_state)
             ours += out.tokens
         t_ours = time.perf_counter() - t
     # the course's predict_seq2seq as it is written: net.eval() and no torch.no_grad(), so

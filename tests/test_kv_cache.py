@@ -195,17 +195,16 @@ def eos_prone(name, src, lens, max_len):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("compact", [0.75, 1.0])
 def test_translation_greedy_equals_greedy_search_while_finished_rows_leave(name, compact):
-    """The translation's greedy decoding (argmax of the logits, finished rows dropped from the
+    """Greedy search with ``reorder`` (what translation runs: finished rows dropped from the
     batch) gives the tokens and scores of the plain greedy search, which keeps every row."""
-    from divekit.tasks.translate_decode import greedy_decode
-
     src, lens = sources(batch=5, steps=6, seed=4)
     model, plain = eos_prone(name, src, lens, 10)
     first = torch.full((5,), BOS)
     reorders: list = []
     reorder = model.reorder_state
     model.reorder_state = lambda state, index: reorders.append(len(index)) or reorder(state, index)
-    ours = greedy_decode(model, model.encode(src, lens), first, EOS, 10, compact=compact)
+    ours = greedy_search(model.decode_step, model.encode(src, lens), first, EOS, 10,
+                         reorder=model.reorder_state, compact=compact)
     assert ours.tokens == plain.tokens
     assert ours.scores == pytest.approx(plain.scores, rel=1e-5, abs=1e-4)  # smaller batches
     assert ours.normalized == pytest.approx(plain.normalized, rel=1e-5, abs=1e-4)

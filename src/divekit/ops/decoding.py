@@ -72,27 +72,41 @@ def _check(max_len: int, eos: int) -> None:
 
 @torch.no_grad()
 def greedy_search(step: Step, state: Any, bos: int | Tensor, eos: int, max_len: int,
-                  batch_size: int | None = None) -> Decoded:
+                  batch_size: int | None = None,
+                  reorder: Callable[[Any, Tensor], Any] | None = None,
+                  compact: float = 0.75) -> Decoded:
     """Pick the most likely token at every step (the course's ``predict_seq2seq``), for a whole
-    batch at once; rows that reached ``<eos>`` stop growing while the others go on."""
+    batch at once; rows that reached ``<eos>`` stop growing while the others go on.
+
+    Each step takes the best token and its log-probability in one ``max`` over the log-softmax.
+    With ``reorder(state, index)`` (as for :func:`beam_search`), once the rows still decoding
+    are at most ``compact`` of the batch the finished ones leave it, so sentences that ended
+    cost nothing more; the tokens and scores are the same either way."""
     _check(max_len, eos)
     tokens = _first_tokens(bos, batch_size)
     n = len(tokens)
     out = torch.zeros(n, max_len, dtype=torch.long)
     scores = torch.zeros(n, dtype=torch.float64)
-    alive = torch.ones(n, dtype=torch.bool)
     lengths = torch.full((n,), max_len)
+    rows = torch.arange(n)  # the output row of each row still in the batch
+    alive = torch.ones(n, dtype=torch.bool)  # per row in the batch
     for t in range(max_len):
-        logits, state = step(tokens, state)
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        best = logp.argmax(dim=-1)
-        scores += torch.where(alive, logp.gather(1, best[:, None])[:, 0].double(), 0.0)
-        out[:, t] = best
-        ended = alive & (best == eos)
-        lengths[ended] = t + 1
+        logits, state = step(tokens, state)  # (m, V)
+        logp, best = torch.log_softmax(logits.float(), dim=-1).max(dim=-1)  # (m,), (m,)
+        chosen, logp = best.cpu(), logp.cpu().double()
+        out[rows, t] = chosen
+        scores[rows] += torch.where(alive, logp, 0.0)
+        ended = alive & (chosen == eos)
+        lengths[rows[ended]] = t + 1
         alive &= ~ended
-        if not alive.any():
+        live = int(alive.sum())
+        if live == 0:
             break
+        if reorder is not None and live <= compact * len(rows):  # finished rows leave
+            keep = alive.nonzero().squeeze(1)
+            rows, alive = rows[keep], alive[keep]
+            keep = keep.to(best.device)
+            state, best = reorder(state, keep), best[keep]
         tokens = best.to(tokens.device)
     seqs = [out[i, : lengths[i]].tolist() for i in range(n)]
     return Decoded(seqs, scores.tolist(), (scores / lengths).tolist())

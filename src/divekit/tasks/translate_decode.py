@@ -6,13 +6,11 @@ What :mod:`divekit.tasks.translate` runs after training, and ``divekit translate
   encodes them ``batch_size`` at a time (a sentence longer than the run's ``--num-steps``
   keeps its first tokens, with one warning through the ``divekit`` logger per call) and
   decodes them;
-* :func:`decode_nbest` decodes a batch of encoded sources greedily (:func:`greedy_decode`) or
-  by beam search (:func:`divekit.ops.decoding.beam_search`), ranked by ``log P / L^α``;
+* :func:`decode_nbest` decodes a batch of encoded sources greedily or by beam search
+  (:func:`divekit.ops.decoding.greedy_search`, :func:`~divekit.ops.decoding.beam_search`),
+  ranked by ``log P / L^α``; greedy lets the rows that produced ``<eos>`` leave the batch;
 * :func:`attention_map` teacher-forces a translation to draw its attention.
 
-:func:`greedy_decode` is the course's ``predict_seq2seq`` for a whole batch: at each step the
-token of highest ``log p(y_t | y_<t, x)`` and that log-probability, in one pass, and the rows
-that produced ``<eos>`` leave the batch.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from divekit.data.translation import (
 )
 from divekit.engine.config import finite
 from divekit.errors import DivekitError
-from divekit.ops.decoding import Decoded, beam_search
+from divekit.ops.decoding import beam_search, greedy_search
 
 log = logging.getLogger("divekit")
 
@@ -116,45 +114,6 @@ def unknown_words(vocab: Vocab, sentences: Sequence[str], tokenizer: Any = None)
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, state: Any, first: Tensor, eos: int, max_len: int,
-                  compact: float = 0.75) -> Decoded:
-    """Greedy search of a batch with an encoder-decoder's ``decode_step`` and
-    ``reorder_state``: the tokens and scores of :func:`divekit.ops.decoding.greedy_search`
-    (tested), with less work per token. Each step takes the best token and its
-    log-probability in one ``max`` over the log-softmax (which on a CPU costs less than the
-    argmax of the logits and a separate ``logsumexp``), and once the rows still decoding are
-    at most ``compact`` of the batch, the finished ones leave it (the model's states are
-    reordered), so that sentences that ended cost nothing more."""
-    n = len(first)
-    out = torch.zeros(n, max_len, dtype=torch.long)
-    scores = torch.zeros(n, dtype=torch.float64)
-    lengths = torch.full((n,), max_len)
-    rows = torch.arange(n)  # the batch row of each row still in the batch
-    alive = torch.ones(n, dtype=torch.bool)  # per row in the batch
-    tokens = first
-    for t in range(max_len):
-        logits, state = model.decode_step(tokens, state)  # (m, V)
-        # the best token and its log-probability in one pass over the log-softmax
-        logp, best = torch.log_softmax(logits.float(), dim=-1).max(dim=-1)  # (m,), (m,)
-        chosen, logp = best.cpu(), logp.cpu().double()
-        out[rows, t] = chosen
-        scores[rows] += torch.where(alive, logp, 0.0)
-        ended = alive & (chosen == eos)
-        lengths[rows[ended]] = t + 1
-        alive &= ~ended
-        live = int(alive.sum())
-        if live == 0:
-            break
-        if live <= compact * len(rows):  # drop the finished rows from the batch
-            keep = alive.nonzero().squeeze(1)
-            rows, alive = rows[keep], alive[keep]
-            keep = keep.to(best.device)
-            state, best = model.reorder_state(state, keep), best[keep]
-        tokens = best
-    seqs = [out[i, : lengths[i]].tolist() for i in range(n)]
-    return Decoded(seqs, scores.tolist(), (scores / lengths).tolist())
-
-
 def decode_nbest(model: nn.Module, src: Tensor, src_len: Tensor, tgt_vocab: Vocab, max_len: int,
                  beam: int = 1, length_penalty: float = 0.75, n_best: int = 1,
                  tokenizer: Any = None) -> list[list[Hypothesis]]:
@@ -168,7 +127,8 @@ def decode_nbest(model: nn.Module, src: Tensor, src_len: Tensor, tgt_vocab: Voca
         state = model.encode(src, src_len)
         first = torch.full((len(src),), tgt_vocab[BOS], dtype=torch.long, device=src.device)
         if beam <= 1:
-            out = greedy_decode(model, state, first, tgt_vocab[EOS], max_len)
+            out = greedy_search(model.decode_step, state, first, tgt_vocab[EOS], max_len,
+                                reorder=model.reorder_state)
             lists = [[(t, s, n)] for t, s, n in zip(out.tokens, out.scores, out.normalized)]
         else:
             out = beam_search(model.decode_step, state, first, tgt_vocab[EOS], max_len,
