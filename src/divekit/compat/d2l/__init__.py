@@ -1,0 +1,106 @@
+"""The book's ``d2l.torch`` API over divekit: ``from divekit.compat import d2l``.
+
+Each name keeps the book's signature and behaviour (see ``../shared/book/API.md``) and is a thin
+adapter over divekit's own implementation. It never imports the book's ``d2l`` package.
+
+Pictures: in Jupyter they show inline as the book's do; elsewhere nothing blocks or prints, and
+each figure is saved as a PNG into ``$DIVEKIT_FIGURES`` (default ``./figures``).
+Data: the book's files are found offline in ``../data``, ``$DIVEKIT_DATA`` or divekit's cache.
+"""
+
+# the modules and objects the book's module re-exports
+import collections  # noqa: F401
+import hashlib  # noqa: F401
+import math  # noqa: F401
+import os  # noqa: F401
+import random  # noqa: F401
+import re  # noqa: F401
+import shutil  # noqa: F401
+import sys  # noqa: F401
+import tarfile  # noqa: F401
+import time  # noqa: F401
+import zipfile  # noqa: F401
+from collections import defaultdict  # noqa: F401
+
+import numpy as np  # noqa: F401
+import torch  # noqa: F401
+import torchvision  # noqa: F401
+from PIL import Image  # noqa: F401
+from torch import nn  # noqa: F401
+from torch.nn import functional as F  # noqa: F401
+from torch.utils import data  # noqa: F401
+from torchvision import transforms  # noqa: F401
+
+from divekit.compat.d2l._plot import *  # noqa: F401,F403
+from divekit.compat.d2l._util import *  # noqa: F401,F403
+from divekit.compat.d2l._data import *  # noqa: F401,F403
+from divekit.compat.d2l._text import *  # noqa: F401,F403
+from divekit.compat.d2l._detection import *  # noqa: F401,F403
+from divekit.compat.d2l._models import *  # noqa: F401,F403
+from divekit.compat.d2l._train import *  # noqa: F401,F403
+from divekit.compat.d2l._plot import plt  # noqa: F401  (real pyplot, after the backend choice)
+
+# the tensor aliases of the book's config.ini
+nn_Module = nn.Module
+ones = torch.ones
+zeros = torch.zeros
+zeros_like = torch.zeros_like
+ones_like = torch.ones_like
+tensor = torch.tensor
+arange = torch.arange
+meshgrid = torch.meshgrid
+sin = torch.sin
+sinh = torch.sinh
+cos = torch.cos
+cosh = torch.cosh
+tanh = torch.tanh
+linspace = torch.linspace
+exp = torch.exp
+log = torch.log
+normal = torch.normal
+rand = torch.rand
+randn = torch.randn
+matmul = torch.matmul
+int32 = torch.int32
+int64 = torch.int64
+float32 = torch.float32
+concat = torch.cat
+stack = torch.stack
+abs = torch.abs  # noqa: A001
+eye = torch.eye
+
+
+def numpy(x, *args, **kwargs):
+    return x.detach().numpy(*args, **kwargs)
+
+
+def size(x, *args, **kwargs):
+    return x.numel(*args, **kwargs)
+
+
+def reshape(x, *args, **kwargs):
+    return x.reshape(*args, **kwargs)
+
+
+def to(x, *args, **kwargs):
+    return x.to(*args, **kwargs)
+
+
+def reduce_sum(x, *args, **kwargs):
+    return x.sum(*args, **kwargs)
+
+
+def argmax(x, *args, **kwargs):
+    return x.argmax(*args, **kwargs)
+
+
+def astype(x, *args, **kwargs):
+    return x.type(*args, **kwargs)
+
+
+def transpose(x, *args, **kwargs):
+    return x.t(*args, **kwargs)
+
+
+def reduce_mean(x, *args, **kwargs):
+    return x.mean(*args, **kwargs)
