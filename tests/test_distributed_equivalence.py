@@ -1,6 +1,9 @@
 """Data parallelism changes nothing but the speed: for a model without BatchNorm, one epoch with
 2 processes (gloo, spawned here) and per-worker batch B gives the weights of 1 process with
-batch 2B — for ddp, allreduce and ps, including an unevenly split and an empty last share."""
+batch 2B — for ddp, allreduce and ps, including an unevenly split and an empty last share, on an
+MLP and on a convolutional model with channels_last on and off (channels_last parameters once
+made the hand-written strategies diverge: their gradients came back contiguous, which the fused
+optimizer read in the parameter's own order)."""
 
 from __future__ import annotations
 
@@ -58,18 +61,37 @@ class MLPTask(Task):
                 "acc": sum(sums["correct"]) / len(sums["correct"]), "seen": len(sums["correct"])}
 
 
-def _config(strategy: str = "ddp") -> TrainConfig:
+class ConvTask(MLPTask):
+    """The same job on 2×5×5 images through two convolutions (no BatchNorm)."""
+
+    def __init__(self, n: int, batch_size: int):
+        super().__init__(n, batch_size)
+        g = torch.Generator().manual_seed(n + 1)
+        self.x = torch.randn(n, 2, 5, 5, generator=g)
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                             nn.Tanh(), nn.Flatten(), nn.Linear(36, 3))
+
+
+# model name -> (task class, channels_last)
+MODELS = {"mlp": (MLPTask, None), "conv": (ConvTask, False), "conv-cl": (ConvTask, True)}
+
+
+def _config(strategy: str = "ddp", channels_last: bool | None = None) -> TrainConfig:
     return TrainConfig(epochs=1, lr=0.2, momentum=0.9, weight_decay=1e-3, scheduler="cosine",
-                       strategy=strategy, quiet=True, device="cpu", seed=1)
+                       strategy=strategy, quiet=True, device="cpu", seed=1,
+                       channels_last=channels_last)
 
 
 def _worker(rank: int, out: str) -> None:
-    for n in SIZES:
-        for strategy in STRATEGIES:
-            trainer = Trainer(MLPTask(n, PER_WORKER), _config(strategy))
-            history = trainer.fit()
-            torch.save({"weights": trainer.model.state_dict(), "history": history},
-                       Path(out) / f"{strategy}-{n}-rank{rank}.pt")
+    for model, (task, channels_last) in MODELS.items():
+        for n in SIZES:
+            for strategy in STRATEGIES:
+                trainer = Trainer(task(n, PER_WORKER), _config(strategy, channels_last))
+                history = trainer.fit()
+                torch.save({"weights": trainer.model.state_dict(), "history": history},
+                           Path(out) / f"{model}-{strategy}-{n}-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +101,17 @@ def two_process_runs(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_two_workers_equal_one_process_with_the_global_batch(two_process_runs, strategy, n):
-    single = Trainer(MLPTask(n, 2 * PER_WORKER), _config())
+def test_two_workers_equal_one_process_with_the_global_batch(two_process_runs, strategy, n, model):
+    task, channels_last = MODELS[model]
+    single = Trainer(task(n, 2 * PER_WORKER), _config(channels_last=channels_last))
     single_history = single.fit()
     reference = single.model.state_dict()
     for rank in (0, 1):
-        run = torch.load(two_process_runs / f"{strategy}-{n}-rank{rank}.pt", weights_only=True)
+        run = torch.load(two_process_runs / f"{model}-{strategy}-{n}-rank{rank}.pt",
+                         weights_only=True)
         for k, v in reference.items():
             torch.testing.assert_close(run["weights"][k], v, rtol=0, atol=1e-5, msg=k)
         # metrics are reduced over the ranks: the global mean, as one process logs it
@@ -99,5 +124,5 @@ def test_two_workers_equal_one_process_with_the_global_batch(two_process_runs, s
         assert row["val_acc"] == pytest.approx(single_history[0]["val_acc"], abs=1e-9)
     # the weights did move: the comparison is not between two untouched initialisations
     torch.manual_seed(1)
-    fresh = MLPTask(n, 1).build_model()
+    fresh = task(n, 1).build_model()
     assert not torch.allclose(fresh[0].weight, reference["0.weight"], atol=1e-3)

@@ -63,10 +63,13 @@ def flat_grads(params: list[nn.Parameter]) -> Tensor:
 
 
 def set_flat_grads(params: list[nn.Parameter], flat: Tensor) -> None:
+    """Each parameter's slice of ``flat`` (in logical order) as its gradient, laid out in memory
+    as the parameter is: the fused optimizers walk a parameter and its gradient as one buffer,
+    so a contiguous gradient beside a channels_last weight would be read in the wrong order."""
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
+        p.grad = torch.empty_like(p).copy_(flat[offset : offset + n].view(p.shape))
         offset += n
 
 
