@@ -7,7 +7,8 @@ first block is the sum of three embeddings followed by a layer norm:
     X = LayerNorm(E_token[x_t] + E_segment[s_t] + P[t])        t = 0 … T-1
 
 where ``P`` is a *learnable* position embedding (a parameter that trains, unlike the course's,
-which adds ``pos_embedding.data`` and so never receives a gradient). Each block is post-norm::
+which adds ``pos_embedding.data`` and so never receives a gradient). The course's BERT has no
+embedding LayerNorm: ``BertConfig(embed_norm=False)`` builds that one. Each block is post-norm::
 
     Y = LayerNorm(X + Dropout(MultiHeadAttention(X, X, X, valid_lens)))
     Z = LayerNorm(Y + Dropout(W₂ act(W₁ Y + b₁) + b₂))
@@ -63,6 +64,9 @@ class BertConfig:
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     activation: str = "gelu"
+    # False: the summed embeddings enter the first block without a LayerNorm (the course's BERT,
+    # whose pretrained checkpoints have no embedding norm); True: BERT's embedding LayerNorm
+    embed_norm: bool = True
 
     def __post_init__(self) -> None:
         ints = ("vocab_size", "num_layers", "num_hiddens", "num_heads", "ffn_num_hiddens",
@@ -78,6 +82,8 @@ class BertConfig:
             raise DivekitError(f"BertConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not (isinstance(self.layer_norm_eps, int | float) and 0 < self.layer_norm_eps < 1):
             raise DivekitError(f"BertConfig.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps!r}")
+        if not isinstance(self.embed_norm, bool):
+            raise DivekitError(f"BertConfig.embed_norm must be True or False, got {self.embed_norm!r}")
         if self.activation not in ACTIVATIONS:
             raise DivekitError(f"BertConfig.activation {self.activation!r} is not one of "
                                f"{', '.join(ACTIVATIONS)}")
@@ -204,7 +210,8 @@ class BERTEncoder(nn.Module):
         self.token_embedding = nn.Embedding(c.vocab_size, c.num_hiddens)
         self.segment_embedding = nn.Embedding(c.type_vocab_size, c.num_hiddens)
         self.pos_embedding = nn.Parameter(torch.empty(c.max_len, c.num_hiddens))  # P, (L, H)
-        self.embed_norm = nn.LayerNorm(c.num_hiddens, eps=c.layer_norm_eps)
+        self.embed_norm = (nn.LayerNorm(c.num_hiddens, eps=c.layer_norm_eps) if c.embed_norm
+                           else nn.Identity())
         self.dropout = nn.Dropout(c.dropout)
         self.blks = nn.ModuleList(TransformerEncoderBlock(c) for _ in range(c.num_layers))
 

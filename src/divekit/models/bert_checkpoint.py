@@ -276,6 +276,9 @@ def config_from_checkpoint(cfg: dict[str, Any], source: Any = "config.json") -> 
 
 def config_to_checkpoint(config: BertConfig) -> dict[str, Any]:
     """The Hugging Face ``config.json`` of a :class:`BertConfig` (decoder untied, as divekit's)."""
+    if not config.embed_norm:
+        raise DivekitError("a BERT without the embedding LayerNorm (BertConfig.embed_norm=False, "
+                           "the course's) has no Hugging Face checkpoint form")
     return {
         "model_type": "bert", "architectures": ["BertForPreTraining"],
         "vocab_size": config.vocab_size, "num_hidden_layers": config.num_layers,
