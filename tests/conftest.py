@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# the d2l compat layer saves figures into $DIVEKIT_FIGURES (default ./figures): keep the tests'
+# figures, and those of the subprocesses they start, out of the working tree
+os.environ.setdefault("DIVEKIT_FIGURES", tempfile.mkdtemp(prefix="divekit-test-figures-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -21,9 +21,15 @@ import csv
 import importlib
 import io
 import sys
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
+# tqdm.auto draws a widget in Jupyter, but without ipywidgets it warns ("IProgress not found")
+# on every import: then the plain text bar, which a notebook shows as well
+if find_spec("ipywidgets") is not None:
+    from tqdm.auto import tqdm
+else:
+    from tqdm import tqdm
 
 from divekit.errors import DivekitError
 from divekit.io import atomic_write_text
