@@ -764,3 +764,98 @@ def test_train_ch6_draws_with_the_real_animator(tmp_path, monkeypatch, capsys):
     T.train_ch6(_small_cnn(), _loader(X, y, 8), _loader(X, y, 16), 2, 0.1, CPU)
     assert LOSS_LINE.match(capsys.readouterr().out.splitlines()[1])
     assert list(tmp_path.glob("*.png"))  # the curves were written as a PNG
+
+
+# ----------------------------------------------------------------------------- with d2l's models
+def _scratch_rnn_functions(num_hiddens):
+    def get_params(vocab_size, num_hiddens, device):
+        g = torch.Generator().manual_seed(0)
+        shapes = [(vocab_size, num_hiddens), (num_hiddens, num_hiddens), (num_hiddens,),
+                  (num_hiddens, vocab_size), (vocab_size,)]
+        return [(torch.randn(s, generator=g) * 0.1 if len(s) == 2 else torch.zeros(s))
+                .to(device).requires_grad_() for s in shapes]
+
+    def init_state(batch_size, num_hiddens, device):
+        return (torch.zeros((batch_size, num_hiddens), device=device),)
+
+    def forward_fn(inputs, state, params):
+        W_xh, W_hh, b_h, W_hq, b_q = params
+        (H,) = state
+        outs = []
+        for x in inputs:
+            H = torch.tanh(x @ W_xh + H @ W_hh + b_h)
+            outs.append(H @ W_hq + b_q)
+        return torch.cat(outs, dim=0), (H,)
+
+    return get_params, init_state, forward_fn
+
+
+@pytest.mark.parametrize("kind", ["RNNModel-lstm", "RNNModelScratch"])
+def test_train_ch8_with_the_compat_models(animators, capsys, kind):
+    from divekit.compat.d2l import _models
+
+    torch.manual_seed(0)
+    loader, vocab = _char_data()
+    if kind == "RNNModelScratch":
+        net = _models.RNNModelScratch(len(vocab), 24, CPU, *_scratch_rnn_functions(24))
+    else:
+        net = _models.RNNModel(nn.LSTM(len(vocab), 24), len(vocab))
+    T.train_ch8(net, loader, vocab, 1, 4, CPU, use_random_iter=True)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert PPL_LINE.match(lines[0]), lines[0]
+    ppls = [ys[0] for _, ys in animators[0].points]
+    assert ppls[-1] < ppls[0]
+    assert lines[1].startswith("time traveller") and len(lines[1]) == 64
+
+
+def _additive_decoder(vocab_size, embed=8, hidden=24):
+    from divekit.compat.d2l import _models
+
+    class Dec(_models.AttentionDecoder):
+        def __init__(self):
+            super().__init__()
+            self.attention = _models.AdditiveAttention(hidden, hidden, hidden, 0.0)
+            self.embedding = nn.Embedding(vocab_size, embed)
+            self.rnn = nn.GRU(embed + hidden, hidden, batch_first=True)
+            self.dense = nn.Linear(hidden, vocab_size)
+            self._weights = []
+
+        def init_state(self, enc_outputs, enc_valid_lens, *args):
+            outputs, hidden_state = enc_outputs  # (T, B, H), (L, B, H)
+            return outputs.transpose(0, 1), hidden_state, enc_valid_lens
+
+        def forward(self, X, state):
+            keys, h, valid_lens = state
+            outs, self._weights = [], []
+            for x in self.embedding(X).split(1, dim=1):  # (B, 1, E) per step
+                context = self.attention(h[-1].unsqueeze(1), keys, keys, valid_lens)
+                out, h = self.rnn(torch.cat([x, context], dim=-1), h)
+                outs.append(out)
+                self._weights.append(self.attention.attention_weights)
+            return self.dense(torch.cat(outs, dim=1)), (keys, h, valid_lens)
+
+        @property
+        def attention_weights(self):
+            return self._weights
+
+    return Dec()
+
+
+def test_train_seq2seq_with_the_compat_encoder_and_attention(animators, capsys):
+    from divekit.compat.d2l import _models
+
+    torch.manual_seed(0)
+    loader, vocab, sentences = _copy_data(n=32)
+    net = _models.EncoderDecoder(_models.Seq2SeqEncoder(len(vocab), 8, 24, 1),
+                                 _additive_decoder(len(vocab)))
+    T.train_seq2seq(net, loader, 0.02, 12, vocab, CPU)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"loss \d+\.\d{3}, \d+\.\d tokens/sec on cpu", line), line
+    losses = [ys[0] for _, ys in animators[0].points]
+    assert [x for x, _ in animators[0].points] == [10, 12] and losses[-1] < losses[0]
+    translation, seq = T.predict_seq2seq(net, sentences[0], vocab, vocab, 6, CPU, True)
+    assert translation == _book_predict(net, sentences[0], vocab, vocab, 6)
+    # the bahdanau section's reshaping of the saved weights
+    weights = torch.cat([step[0][0][0] for step in seq], 0).reshape((1, 1, -1, 6))
+    assert weights.shape == (1, 1, len(seq), 6)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 1, len(seq)))
