@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all test-gpu lint bench clean
+.PHONY: demo test test-all test-gpu test-book lint bench clean
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.11 or newer found (tried python3.13, python3.12, python3.11, python3)"; exit 1; }
@@ -35,6 +35,12 @@ test-all: $(STAMP)
 # each, and the data-parallel strategies on CUDA tensors (each skips cleanly without a GPU)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -m cuda -v tests/test_gpu.py
+
+# the book's sections (../shared/book/chapters) with `divekit book run --quick` on the compat
+# layer, one after the other: a pass/fail table with times at the end (also in
+# runs/book-sections/SUMMARY.md, beside each section's report)
+test-book: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider -m book tests/test_book_sections.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
