@@ -237,14 +237,20 @@ def pack_pairs(corpus: SentenceCorpus, a: Tensor, b: Tensor, max_len: int, cls_i
 
 
 def replace_mlm_tokens(tokens: Tensor, eligible: Tensor, max_preds: int, mask_id: int,
-                       regular_ids: Tensor, generator: torch.Generator
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       regular_ids: Tensor, generator: torch.Generator,
+                       num_preds: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The 80/10/10 rule on a batch: ``(masked tokens, pred_positions (B, P), weights (B, P),
     labels (B, P))``. Only ``eligible`` positions are ever chosen; random replacements are
-    drawn from ``regular_ids`` (the vocabulary less its special tokens)."""
+    drawn from ``regular_ids`` (the vocabulary less its special tokens). ``num_preds`` (B,)
+    fixes how many positions each row chooses (at most its eligible ones; the course's
+    ``max(1, round(0.15 len))``) instead of ``⌊0.15 n + u⌋``."""
     B, T = tokens.shape
     n = eligible.sum(1)  # (B,)
-    k = torch.floor(MASK_RATE * n + torch.rand(B, generator=generator)).long().clamp(max=max_preds)
+    if num_preds is None:
+        k = torch.floor(MASK_RATE * n + torch.rand(B, generator=generator)).long()
+    else:
+        k = torch.minimum(torch.as_tensor(num_preds, dtype=torch.long), n)
+    k = k.clamp(max=max_preds)
     scores = torch.rand(B, T, generator=generator).masked_fill(~eligible, 2.0)
     order = scores.argsort(dim=1)[:, :max_preds]  # random eligible positions first
     if order.shape[1] < max_preds:
