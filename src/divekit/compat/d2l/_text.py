@@ -269,7 +269,8 @@ def load_data_nmt(batch_size: int, num_steps: int, num_examples: int = 600
     tgt_vocab = Vocab(target, min_freq=2, reserved_tokens=NMT_RESERVED)
     src_array, src_valid_len = build_array_nmt(source, src_vocab, num_steps)
     tgt_array, tgt_valid_len = build_array_nmt(target, tgt_vocab, num_steps)
-    data_iter = _data.load_array((src_array, src_valid_len, tgt_array, tgt_valid_len), batch_size)
+    data_iter = _data.load_array((src_array, src_valid_len, tgt_array, tgt_valid_len),
+                                 batch_size)
     return data_iter, src_vocab, tgt_vocab
 
 
@@ -615,9 +616,10 @@ def load_data_imdb(batch_size: int, num_steps: int = 500
         rows = [truncate_pad(vocab[line], num_steps, pad) for line in lines]
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), num_steps)
 
-    train_iter = _data.load_array((features(train_tokens), torch.tensor(train_data[1])), batch_size)
-    test_iter = _data.load_array((features(test_tokens), torch.tensor(test_data[1])), batch_size,
-                            is_train=False)
+    train_iter = _data.load_array((features(train_tokens), torch.tensor(train_data[1])),
+                                  batch_size)
+    test_iter = _data.load_array((features(test_tokens), torch.tensor(test_data[1])),
+                                 batch_size, is_train=False)
     return train_iter, test_iter, vocab
 
 
