@@ -301,7 +301,8 @@ def test_replace_mlm_tokens_proportions():
         assert [label for _, label in pred] == [tokens[p] for p in positions]
         assert all(out[i] == tokens[i] for i in range(300) if i not in set(positions))
         for p in positions:
-            counts["mask" if out[p] == "<mask>" else "kept" if out[p] == tokens[p] else "random"] += 1
+            kind = "mask" if out[p] == "<mask>" else "kept" if out[p] == tokens[p] else "random"
+            counts[kind] += 1
     total = sum(counts.values())
     assert total == 4000
     assert abs(counts["mask"] / total - 0.8) < 0.03

@@ -590,7 +590,8 @@ def read_ptb() -> list[list[str]]:
 
 
 def read_imdb(data_dir: str | os.PathLike[str], is_train: bool) -> tuple[list[str], list[int]]:
-    """``(reviews, labels)`` of ``data_dir/{train,test}/{pos,neg}/*.txt``; 1 positive, 0 negative."""
+    """``(reviews, labels)`` of ``data_dir/{train,test}/{pos,neg}/*.txt``; 1 positive,
+    0 negative."""
     reviews, labels = [], []
     for label in ("pos", "neg"):
         folder = Path(data_dir) / ("train" if is_train else "test") / label
