@@ -357,9 +357,11 @@ def test_compat_section_runs_on_divekit(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     out = tmp_path / "compat"
     code, _, err = divekit(capsys, "book", "run", str(FIXTURES / "compat.md"), "-o", str(out),
-                           "--no-progress")
+                           "--no-progress", "--quick")
     assert code in (0, None), err
     report = (out / "report.md").read_text(encoding="utf-8")
+    # quick: the section's own torch DataLoader is bounded too, and its literal epoch count
+    assert "batches 4 4 epochs 2" in report and "`num_epochs = min(10, 2)`" in report
     assert "`from d2l import torch as d2l` → `from divekit.compat import d2l`" in report
     assert "device type cpu same module True" in report or "device type cuda" in report
     assert "IProgress" not in report
@@ -384,3 +386,13 @@ def test_real_sections_run_quick(section, tmp_path, capsys):
     assert "status: passed" in report and "from divekit.compat import d2l" in report
     assert list((out / "figures").glob("*.png"))
     assert os.path.islink(out / "data")
+
+
+def test_a_data_folder_of_the_users_is_never_replaced(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "mine.csv").write_text("1")
+    code, _, err = divekit(capsys, "book", "run", str(FIXTURES / "tiny.md"), "-o", str(out),
+                           "--overwrite")
+    assert code == 2 and "not a link divekit made" in err and len(err.splitlines()) == 1
+    assert (out / "data" / "mine.csv").read_text() == "1" and not (out / "report.md").exists()

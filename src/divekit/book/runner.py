@@ -58,7 +58,9 @@ _REPO = Path(__file__).resolve().parents[3]  # src/divekit/book/runner.py -> the
 # the inline backend shows and closes them: by the compat layer's own save_figures() when the
 # section has imported it (its figures keep one file each), else here. Agg's "cannot be shown"
 # warning on plt.show() is silenced. A section that asks the inline backend for SVG only
-# (``d2l.use_svg_display()``) gets PNG besides, for the report's figure files.
+# (``d2l.use_svg_display()``) gets PNG besides, for the report's figure files. In quick mode,
+# once torch is imported, every torch DataLoader (the section's own too, as in kaggle-cifar10's
+# training loop) yields at most DIVEKIT_BOOK_QUICK_BATCHES batches a pass.
 KERNEL_SETUP = r"""
 def _divekit_book_setup():
     import itertools, os, sys, warnings
@@ -93,6 +95,25 @@ def _divekit_book_setup():
                 fig.savefig(folder / f"open-{next(count):04d}.png", bbox_inches="tight")
             plt.close(fig)
     get_ipython().events.register("post_run_cell", after)
+    if os.environ.get("DIVEKIT_BOOK_QUICK", "") in ("", "0", "false", "no"):
+        return
+    try:
+        batches = max(1, int(os.environ.get("DIVEKIT_BOOK_QUICK_BATCHES", 4)))
+    except ValueError:
+        batches = 4
+    def bound_loaders(*args):
+        data = sys.modules.get("torch.utils.data")
+        loader = getattr(data, "DataLoader", None)
+        if loader is None or getattr(loader, "_divekit_quick", False):
+            return
+        iterate, length = loader.__iter__, loader.__len__
+        def __iter__(self):
+            return itertools.islice(iterate(self), batches)
+        def __len__(self):
+            return min(length(self), batches)
+        loader.__iter__, loader.__len__ = __iter__, __len__
+        loader._divekit_quick = True
+    get_ipython().events.register("pre_run_cell", bound_loaders)
 _divekit_book_setup()
 del _divekit_book_setup
 """
@@ -197,11 +218,11 @@ class OutputFolder:
         self.manifest = root / MANIFEST
         self.ours: set[str] = set()
 
-    def claim(self, overwrite: bool, inputs: list[Path]) -> None:
+    def claim(self, overwrite: bool, inputs: list[Path], data_dir: Path) -> None:
         """Check the folder before anything runs; with ``overwrite``, delete what a previous run
         recorded as its own (only that)."""
         root = self.root
-        if str(root) == "" or (root.exists() and not root.is_dir()):
+        if root.exists() and not root.is_dir():
             raise DivekitError(f"-o {str(root)!r} exists and is not a folder")
         for item in inputs:
             for mine in (self.report, self.notebook, self.kernel_log):
@@ -212,19 +233,29 @@ class OutputFolder:
         if previous and not overwrite:
             raise DivekitError(f"{root} already holds a report ({self.report}); pass "
                                "--overwrite to replace it, or choose another -o")
-        for link, name in ((self.data, "data"), (self.img, "img")):
-            if (link.exists() or link.is_symlink()) and not link.is_symlink():
-                raise DivekitError(f"{link} exists and is not a link divekit made; the "
-                                   f"section's ../{name} must point to the data folder: "
-                                   "choose another -o")
+        listed = self._listed()
+        for link, target in ((self.data, data_dir), (self.img, data_dir / "img")):
+            if not (link.exists() or link.is_symlink()):
+                continue
+            same = os.path.realpath(link) == os.path.realpath(target)
+            if not (link.is_symlink() and (same or link.name in listed)):
+                raise DivekitError(f"{link} exists and is not a link divekit made to "
+                                   f"{target} (the section's ../{link.name}): choose another -o")
+        for folder in (self.figures, self.work):
+            if folder.exists() and not folder.is_dir():
+                raise DivekitError(f"{folder} exists and is not a folder: choose another -o")
         if previous:
-            self._remove_previous()
+            self._remove_previous(listed)
 
-    def _remove_previous(self) -> None:
+    def _listed(self) -> list[str]:
+        """The files the previous run in this folder recorded as its own."""
         try:
             listed = json.loads(self.manifest.read_text(encoding="utf-8")).get("files", [])
         except (OSError, ValueError, AttributeError):
-            listed = []
+            return []
+        return [str(x) for x in listed] if isinstance(listed, list) else []
+
+    def _remove_previous(self, listed: list[str]) -> None:
         root = self.root.resolve()
         folders: set[Path] = set()
         for rel in listed:
@@ -246,10 +277,11 @@ class OutputFolder:
         self.figures.mkdir(exist_ok=True)
         self.work.mkdir(exist_ok=True)
         for link, target in ((self.data, data_dir), (self.img, data_dir / "img")):
-            if link.is_symlink():
-                link.unlink()
-            if target.is_dir():
+            if link.is_symlink() and os.path.realpath(link) != os.path.realpath(target):
+                link.unlink()  # ours (claim checked): it pointed to another data folder
+            if target.is_dir() and not link.is_symlink():
                 link.symlink_to(target.resolve(), target_is_directory=True)
+            if link.is_symlink():
                 self.ours.add(link.name)
         self.ours.update(["report.md", self.notebook.name, "kernel.log", MANIFEST])
 
@@ -357,10 +389,15 @@ def _fence(text: str, info: str = "") -> str:
     return f"{ticks}{info}\n{text.rstrip(chr(10))}\n{ticks}"
 
 
-def _clip(text: str) -> str:
+def _clip(text: str, tail: bool = False) -> str:
+    """At most MAX_TEXT_LINES lines: the first and last halves, or (``tail``, a traceback,
+    whose last exception holds the cell's own frame) the last lines."""
     lines = text.rstrip("\n").split("\n")
     if len(lines) <= MAX_TEXT_LINES:
         return "\n".join(lines)
+    if tail:
+        return "\n".join([f"[... {len(lines) - MAX_TEXT_LINES} lines left out; the notebook "
+                          "has them all ...]", *lines[-MAX_TEXT_LINES:]])
     half = MAX_TEXT_LINES // 2
     return "\n".join([*lines[:half], f"[... {len(lines) - 2 * half} lines left out; the "
                       "notebook has them all ...]", *lines[-half:]])
@@ -454,7 +491,9 @@ def error_of(cell: Cell, section: Section, node: Any, ename: str, evalue: str,
 QUICK_NOTE = ("on: DIVEKIT_BOOK_QUICK=1, so the compat layer's training functions run at most "
               "{epochs} epochs (DIVEKIT_BOOK_QUICK_EPOCHS) and its data loaders yield at most "
               "{batches} batches a pass (DIVEKIT_BOOK_QUICK_BATCHES); literal epoch counts "
-              "(`num_epochs`, `epochs`) in the cells are bounded by min(value, {epochs}). "
+              "(`num_epochs`, `epochs`) in the cells are bounded by min(value, {epochs}), and "
+              "every torch DataLoader, the section's own too, yields at most {batches} batches "
+              "a pass. "
               "Numbers and pictures are then not the book's.")
 
 
@@ -509,7 +548,7 @@ def render_report(result: RunResult, started: datetime, data_dir: Path, kernel: 
                 lines += [f"![]({value})", ""]
         if run.error is not None:
             lines += [f"**Error** at line {run.error.line}: `{run.error.message}`", "",
-                      _fence(_clip(run.error.traceback), "text"), ""]
+                      _fence(_clip(run.error.traceback, tail=True), "text"), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -559,7 +598,7 @@ def run_section(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         raise DivekitError("-o needs a folder name")
     root = Path(out_dir) if out_dir is not None else default_out_dir(section.path)
     out = OutputFolder(root, section.path.stem)
-    out.claim(overwrite, [section.path])
+    out.claim(overwrite, [section.path], data)
     out.make(data)
 
     started = datetime.now().astimezone()

@@ -258,8 +258,8 @@ def _compat_import(node: ast.stmt) -> str | None:
     """The ``divekit.compat`` form of a statement that imports the book's ``d2l.torch``."""
     if isinstance(node, ast.ImportFrom) and node.level == 0:
         if node.module == "d2l" and [a.name for a in node.names] == ["torch"]:
-            alias = node.names[0].asname or "torch"
-            return COMPAT_IMPORT + ("" if alias == "d2l" else f" as {alias}")
+            name = node.names[0].asname or "torch"
+            return COMPAT_IMPORT + ("" if name == "d2l" else f" as {name}")
         if node.module == "d2l.torch":
             names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
             return f"from divekit.compat.d2l import {names}"
