@@ -590,7 +590,6 @@ def run_section(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     try:
         import nbformat
         from nbclient import NotebookClient
-        from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     except ImportError as e:
         raise DivekitError(f"divekit book run needs nbformat, nbclient and ipykernel ({e}): "
                            "pip install 'divekit[book]'") from None
@@ -618,11 +617,12 @@ def run_section(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     bar = _progress(len(code_index), section.path.name, progress)
     try:
         with _kernel_manager(choice) as km, open(out.kernel_log, "ab") as log:
-            client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=False, coalesce_streams=True,
-                                    shutdown_kernel="immediate", startup_timeout=120,
+            client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=False,
+                                    coalesce_streams=True, shutdown_kernel="immediate",
+                                    startup_timeout=120,
                                     resources={"metadata": {"path": str(out.work.resolve())}})
+            setup = client.setup_kernel(cleanup_kc=True, env=env, stdout=log, stderr=log)
             try:
-                setup = client.setup_kernel(cleanup_kc=True, env=env, stdout=log, stderr=log)
                 setup.__enter__()
             except Exception as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -633,34 +633,15 @@ def run_section(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
                 _run_silently(client, KERNEL_SETUP)
                 for index in code_index:
                     cell = section.cells[index]
-                    node = nb.cells[index]
-                    run = CellRun(cell)
                     result.status = f"running cell {cell.number} of {len(code_index)}"
                     bar.set_postfix_str(f"cell {cell.number}, line {cell.line}", refresh=True)
-                    before = out.snapshot()
-                    tic = time.perf_counter()
-                    try:
-                        client.execute_cell(node, index)
-                    except CellExecutionError as e:
-                        run.error = error_of(cell, section, node, e.ename, e.evalue,
-                                             _traceback(node))
-                    except CellTimeoutError:
-                        run.error = CellError(cell.number, cell.line, "CellTimeoutError",
-                                              f"TimeoutError: the cell ran past {timeout:g} s "
-                                              "(--timeout)")
-                    except DeadKernelError:
-                        run.error = CellError(cell.number, cell.line, "DeadKernelError",
-                                              "the kernel died (out of memory, or a crash in "
-                                              f"native code; its log: {out.kernel_log})")
-                    run.seconds = time.perf_counter() - tic
-                    run.items = collect_outputs(node.get("outputs", []), out, cell.number,
-                                                _new_files(out, before))
+                    run = _run_cell(client, section, index, out, timeout)
                     result.runs.append(run)
                     bar.update(1)
                     if run.error is not None:
                         result.error = run.error
-                        result.status = f"failed at cell {cell.number} (line " \
-                                        f"{run.error.line}): {run.error.message}"
+                        result.status = (f"failed at cell {cell.number} (line {run.error.line})"
+                                         f": {run.error.message}")
                         break
                     save()
                 else:
@@ -672,13 +653,40 @@ def run_section(path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
             finally:
                 result.seconds = time.perf_counter() - t0
                 try:
-                    setup.__exit__(None, None, None)
-                except Exception:  # the kernel is gone already
+                    setup.__exit__(None, None, None)  # shut the kernel down
+                except Exception:  # noqa: BLE001 - it is gone already
                     pass
                 save()
     finally:
         bar.close()
     return result
+
+
+def _run_cell(client: Any, section: Section, index: int, out: OutputFolder,
+              timeout: float | None) -> CellRun:
+    """Execute the notebook's cell ``index`` (a code cell of the section) and collect its
+    outputs and figures; a failure is the run's ``error``, not an exception."""
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    cell, node = section.cells[index], client.nb.cells[index]
+    run = CellRun(cell)
+    before = out.snapshot()
+    tic = time.perf_counter()
+    try:
+        client.execute_cell(node, index)
+    except CellExecutionError as e:
+        run.error = error_of(cell, section, node, e.ename, e.evalue, _traceback(node))
+    except CellTimeoutError:
+        run.error = CellError(cell.number, cell.line, "CellTimeoutError",
+                              f"TimeoutError: the cell ran past {timeout:g} s (--timeout)")
+    except DeadKernelError:
+        run.error = CellError(cell.number, cell.line, "DeadKernelError",
+                              "the kernel died (out of memory, or a crash in native code; its "
+                              f"log: {out.kernel_log})")
+    run.seconds = time.perf_counter() - tic
+    run.items = collect_outputs(node.get("outputs", []), out, cell.number,
+                                _new_files(out, before))
+    return run
 
 
 def _run_silently(client: Any, code: str) -> None:
