@@ -19,6 +19,8 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps d2l==1.0.3    # the benchmarks' peer (its pins clash with ours)
+	$(PIP) install requests ipython matplotlib-inline pandas    # what d2l.torch imports
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,6 +17,7 @@ RGB), else random 32×32 RGB images (said in the output). Prints images/s and th
 
     python benchmarks/augment.py                 # 1 and 2 workers, 2 epochs each
     python benchmarks/augment.py --workers 2 --epochs 3
+    python benchmarks/augment.py --smoke         # 64 images, 1 epoch, 1 worker: checks that it runs
 """
 
 from __future__ import annotations
@@ -107,7 +108,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--smoke", action="store_true",
+                   help="64 images, batch 16, 1 epoch, 1 worker: checks that it runs (seconds)")
     args = p.parse_args()
+    if args.smoke:
+        args.n, args.batch_size, args.epochs, args.workers = 64, 16, 1, [1]
     torch.set_num_threads(1)
     what, images = load_images(args.n)
     labels = np.zeros(len(images), dtype=np.int64)

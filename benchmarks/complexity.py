@@ -19,11 +19,13 @@ becomes the larger (counting multiply-adds: 4 n d² = 2 n² d at n = 2d = 512).
 
     python benchmarks/complexity.py
     python benchmarks/complexity.py --max-n 1024 --out /tmp/complexity.png
+    python benchmarks/complexity.py --smoke      # d = 32, n <= 512: checks that it runs (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,8 +118,21 @@ def main() -> None:
     p.add_argument("--max-n", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(ROOT / "docs" / "complexity.png"))
+    p.add_argument("--out", default=None, help="the figure (default: docs/complexity.png)")
+    p.add_argument("--smoke", action="store_true",
+                   help="d = 32, n up to 512, 1 repeat, the figure in a temporary folder: checks "
+                        "that it runs (seconds)")
     args = p.parse_args()
+    if args.smoke:
+        args.d, args.max_n, args.repeats = 32, 512, 1
+    with tempfile.TemporaryDirectory(prefix="dk-bench-") as tmp:
+        if args.out is None:
+            folder = Path(tmp) if args.smoke else ROOT / "docs"
+            args.out = str(folder / "complexity.png")
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     d = args.d

@@ -20,7 +20,8 @@ divekit decodes under ``inference_mode``. ``--course-no-grad`` gives the course'
 ``inference_mode`` too, to separate that from the batching::
 
     python benchmarks/decoding.py                 # lengths 50 and 200, batch 1 and 64
-    python benchmarks/decoding.py --quick         # lengths 20 and 50, for a smoke test
+    python benchmarks/decoding.py --quick         # lengths 20 and 50
+    python benchmarks/decoding.py --smoke         # lengths 5 and 10, 20 sentences (seconds)
 """
 
 from __future__ import annotations
@@ -175,17 +176,23 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=500)
     p.add_argument("--course-no-grad", action="store_true",
                    help="run the course's predict_seq2seq under inference_mode too")
+    p.add_argument("--smoke", action="store_true",
+                   help="lengths 5 and 10, batch 1 and 4, 20 sentences in batches of 8, 1 repeat: "
+                        "checks that it runs (seconds)")
     args = p.parse_args()
+    batches, sentence_batch = [1, 64], 250
+    if args.smoke:
+        args.repeats, args.sentences, batches, sentence_batch = 1, 20, [1, 4], 8
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = create_model("transformer", src_vocab_size=1000, tgt_vocab_size=5000, dropout=0.0).eval()
     with torch.no_grad():
         model.decoder.dense.bias[EOS] = -1e9  # every row decodes the full length
-    lengths = [20, 50] if args.quick else [50, 200]
-    decoding_rows(model, lengths, [1, 64], args.repeats)
+    lengths = [5, 10] if args.smoke else [20, 50] if args.quick else [50, 200]
+    decoding_rows(model, lengths, batches, args.repeats)
     with torch.no_grad():
         model.decoder.dense.bias[EOS] = 0.0  # translations end when <eos> wins
-    batched_row(model, args.sentences, 20, 250, course_no_grad=args.course_no_grad)
+    batched_row(model, args.sentences, 20, sentence_batch, course_no_grad=args.course_no_grad)
 
 
 if __name__ == "__main__":

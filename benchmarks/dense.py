@@ -20,6 +20,7 @@ the medians.
 
     python benchmarks/dense.py                        # crop 160x224, batch 8, 6 steps; 300x450
     python benchmarks/dense.py --crop 320x480 --batch 32 --steps 3 --rounds 2
+    python benchmarks/dense.py --smoke      # 4 images, crop 64x64, 1 step, 1 round (seconds)
 """
 
 from __future__ import annotations
@@ -245,7 +246,14 @@ def main() -> None:
     p.add_argument("--style-steps", type=int, default=5, help="timed stylize steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip", choices=["fcn", "stylize"], help="leave one benchmark out")
+    p.add_argument("--smoke", action="store_true",
+                   help="4 generated images, crop 64x64, batch 2, stylize 64x96, 1 timed step, "
+                        "1 round, 1 thread: checks that it runs (seconds)")
     args = p.parse_args()
+    if args.smoke:
+        args.images, args.crop, args.batch, args.steps = 4, "64x64", 2, 1
+        args.size, args.style_steps, args.rounds = "64x96", 1, 1
+        torch.set_num_threads(1)
     crop = tuple(int(v) for v in args.crop.split("x"))
     size = tuple(int(v) for v in args.size.split("x"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -25,6 +25,9 @@ Before timing, each case checks that both sides give the same result.
     python benchmarks/detection_ops.py                # default: 5 repeats, 1 thread
     python benchmarks/detection_ops.py --repeats 9 --threads 2
     python benchmarks/detection_ops.py --only tiny_ssd     # one case
+    python benchmarks/detection_ops.py --smoke        # small inputs, one call a side (seconds)
+
+Without the d2l package the d2l column is skipped (said in the output) and divekit runs alone.
 """
 
 from __future__ import annotations
@@ -47,17 +50,26 @@ from divekit.models.ssd import tiny_ssd
 from divekit.ops import anchors as dk_anchors
 from divekit.ops import boxes as dk_boxes
 
-TRAIN_BATCH, TRAIN_SIZE = 32, 128
+# the inputs' sizes: images (and anchor map side) of multibox_target, boxes of nms, the prior's
+# map side, images of multibox_detection, the tiny_ssd training batch and image side
+FULL = {"batch": 32, "map": 32, "boxes": 5000, "prior_map": 64, "det_batch": 4,
+        "train_batch": 32, "train_size": 128}
+SMOKE = {"batch": 4, "map": 8, "boxes": 200, "prior_map": 16, "det_batch": 2,
+         "train_batch": 2, "train_size": 64}
+S = dict(FULL)  # --smoke swaps in SMOKE
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """Median wall-clock and CPU seconds per call over ``repeats`` repeats of an auto-sized loop.
+def median_seconds(fn: Callable[[], Any], repeats: int,
+                   number: int | None = None) -> tuple[float, float]:
+    """Median wall-clock and CPU seconds per call over ``repeats`` repeats of an auto-sized loop
+    (``number`` calls a repeat, if given).
 
     The CPU time (this process's user + system time) is the steadier number on a shared machine:
     it does not count the time spent waiting for a core.
     """
     fn()  # warm-up
-    number, _ = timeit.Timer(fn).autorange()
+    if number is None:
+        number, _ = timeit.Timer(fn).autorange()
     wall, cpu = [], []
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
@@ -75,32 +87,40 @@ def random_boxes(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.cat((center - half, center + half), dim=1)
 
 
+# Each case returns (name, divekit's call, d2l's call, same result, goal); with d2l None (not
+# installed) d2l's call and "same result" are None.
 def case_multibox_target(d2l, g: torch.Generator):
-    anchors = dk_anchors.multibox_prior(torch.zeros(1, 1, 32, 32), [0.75, 0.5, 0.25], [1, 2, 0.5])
-    assert anchors.shape[1] == 5120
-    boxes = random_boxes(32 * 2, g).clamp(0, 1).reshape(32, 2, 4)
-    classes = torch.randint(0, 3, (32, 2, 1), generator=g).float()
-    labels = torch.cat((classes, boxes), dim=-1)  # (32, 2, 5)
-    ours, theirs = dk_anchors.multibox_target(anchors, labels), d2l.multibox_target(anchors, labels)
-    same = all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    batch, side = S["batch"], S["map"]
+    anchors = dk_anchors.multibox_prior(torch.zeros(1, 1, side, side), [0.75, 0.5, 0.25],
+                                        [1, 2, 0.5])
+    assert anchors.shape[1] == side * side * 5
+    boxes = random_boxes(batch * 2, g).clamp(0, 1).reshape(batch, 2, 4)
+    classes = torch.randint(0, 3, (batch, 2, 1), generator=g).float()
+    labels = torch.cat((classes, boxes), dim=-1)  # (batch, 2, 5)
+    same = None
+    if d2l is not None:
+        ours = dk_anchors.multibox_target(anchors, labels)
+        theirs = d2l.multibox_target(anchors, labels)
+        same = all(torch.equal(a, b) for a, b in zip(ours, theirs))
     return (
-        "multibox_target (32 x 5,120 anchors, 2 objects)",
+        f"multibox_target ({batch} x {anchors.shape[1]:,} anchors, 2 objects)",
         lambda: dk_anchors.multibox_target(anchors, labels),
-        lambda: d2l.multibox_target(anchors, labels),
+        d2l and (lambda: d2l.multibox_target(anchors, labels)),
         same,
         10,
     )
 
 
 def case_nms(d2l, g: torch.Generator):
-    boxes = random_boxes(5000, g)
-    scores = torch.rand(5000, generator=g)
-    same = torch.equal(dk_boxes.nms(boxes, scores, 0.5), d2l.nms(boxes, scores, 0.5))
+    n = S["boxes"]
+    boxes = random_boxes(n, g)
+    scores = torch.rand(n, generator=g)
+    same = d2l and torch.equal(dk_boxes.nms(boxes, scores, 0.5), d2l.nms(boxes, scores, 0.5))
     kept = dk_boxes.nms(boxes, scores, 0.5).numel()
     return (
-        f"nms (5,000 random boxes, {kept:,} kept)",
+        f"nms ({n:,} random boxes, {kept:,} kept)",
         lambda: dk_boxes.nms(boxes, scores, 0.5),
-        lambda: d2l.nms(boxes, scores, 0.5),
+        d2l and (lambda: d2l.nms(boxes, scores, 0.5)),
         same,
         50,
     )
@@ -108,53 +128,60 @@ def case_nms(d2l, g: torch.Generator):
 
 def case_nms_clustered(d2l, g: torch.Generator):
     """Detector-like: 5,000 boxes jittered around 20 objects, most of them suppressed."""
+    n = S["boxes"]
     objects = torch.rand(20, 4, generator=g)
-    pick = torch.randint(0, 20, (5000,), generator=g)
-    center = objects[pick, :2] + torch.randn(5000, 2, generator=g) * 0.03
-    size = (objects[pick, 2:] * 0.3 + 0.05) * (1 + torch.randn(5000, 2, generator=g) * 0.1).abs()
+    pick = torch.randint(0, 20, (n,), generator=g)
+    center = objects[pick, :2] + torch.randn(n, 2, generator=g) * 0.03
+    size = (objects[pick, 2:] * 0.3 + 0.05) * (1 + torch.randn(n, 2, generator=g) * 0.1).abs()
     boxes = torch.cat((center - size / 2, center + size / 2), dim=1)
-    scores = torch.rand(5000, generator=g)
-    same = torch.equal(dk_boxes.nms(boxes, scores, 0.5), d2l.nms(boxes, scores, 0.5))
+    scores = torch.rand(n, generator=g)
+    same = d2l and torch.equal(dk_boxes.nms(boxes, scores, 0.5), d2l.nms(boxes, scores, 0.5))
     kept = dk_boxes.nms(boxes, scores, 0.5).numel()
     return (
-        f"nms (5,000 boxes around 20 objects, {kept} kept)",
+        f"nms ({n:,} boxes around 20 objects, {kept} kept)",
         lambda: dk_boxes.nms(boxes, scores, 0.5),
-        lambda: d2l.nms(boxes, scores, 0.5),
+        d2l and (lambda: d2l.nms(boxes, scores, 0.5)),
         same,
         50,
     )
 
 
 def case_multibox_prior(d2l, g: torch.Generator):
-    data = torch.zeros(1, 16, 64, 64)
+    side = S["prior_map"]
+    data = torch.zeros(1, 16, side, side)
     sizes, ratios = [0.2, 0.272], [1, 2, 0.5]
-    same = torch.equal(
+    same = d2l and torch.equal(
         dk_anchors.multibox_prior(data, sizes, ratios), d2l.multibox_prior(data, sizes, ratios)
     )
     return (
-        "multibox_prior (64 x 64 map)",
+        f"multibox_prior ({side} x {side} map)",
         lambda: dk_anchors.multibox_prior(data, sizes, ratios),
-        lambda: d2l.multibox_prior(data, sizes, ratios),
+        d2l and (lambda: d2l.multibox_prior(data, sizes, ratios)),
         same,
         None,
     )
 
 
 def case_multibox_detection(d2l, g: torch.Generator):
-    anchors = dk_anchors.multibox_prior(torch.zeros(1, 1, 32, 32), [0.75, 0.5, 0.25], [1, 2, 0.5])
+    batch, side = S["det_batch"], S["map"]
+    anchors = dk_anchors.multibox_prior(torch.zeros(1, 1, side, side), [0.75, 0.5, 0.25],
+                                        [1, 2, 0.5])
     num_anchors = anchors.shape[1]
-    cls_probs = torch.softmax(torch.randn(4, 4, num_anchors, generator=g) * 2, dim=1)
-    offset_preds = torch.randn(4, num_anchors * 4, generator=g) * 0.5
-    ours = dk_anchors.multibox_detection(cls_probs, offset_preds, anchors, 0.5, 0.009999999)
-    theirs = d2l.multibox_detection(cls_probs, offset_preds, anchors, 0.5)
-    # d2l orders tied confidences arbitrarily (an unstable argsort): compare rows as sets
-    same = all(
-        torch.equal(torch.unique(ours[b], dim=0), torch.unique(theirs[b], dim=0)) for b in range(4)
-    )
+    cls_probs = torch.softmax(torch.randn(batch, 4, num_anchors, generator=g) * 2, dim=1)
+    offset_preds = torch.randn(batch, num_anchors * 4, generator=g) * 0.5
+    same = None
+    if d2l is not None:
+        ours = dk_anchors.multibox_detection(cls_probs, offset_preds, anchors, 0.5, 0.009999999)
+        theirs = d2l.multibox_detection(cls_probs, offset_preds, anchors, 0.5)
+        # d2l orders tied confidences arbitrarily (an unstable argsort): compare rows as sets
+        same = all(
+            torch.equal(torch.unique(ours[b], dim=0), torch.unique(theirs[b], dim=0))
+            for b in range(batch)
+        )
     return (
-        "multibox_detection (4 x 5,120 anchors, 3 classes)",
+        f"multibox_detection ({batch} x {num_anchors:,} anchors, 3 classes)",
         lambda: dk_anchors.multibox_detection(cls_probs, offset_preds, anchors, 0.5, 0.009999999),
-        lambda: d2l.multibox_detection(cls_probs, offset_preds, anchors, 0.5),
+        d2l and (lambda: d2l.multibox_detection(cls_probs, offset_preds, anchors, 0.5)),
         same,
         None,
     )
@@ -224,8 +251,21 @@ def course_calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
 
 
 def case_tiny_ssd_training(d2l, g: torch.Generator):
-    images, labels = make_shapes(TRAIN_BATCH, TRAIN_SIZE, seed=int(torch.randint(0, 2**31, (1,), generator=g)))
+    batch, side = S["train_batch"], S["train_size"]
+    images, labels = make_shapes(batch, side, seed=int(torch.randint(0, 2**31, (1,), generator=g)))
     ours = tiny_ssd(num_classes=3)
+    if d2l is None:
+        ours = ours.to(memory_format=torch.channels_last)
+        images_ours = images.contiguous(memory_format=torch.channels_last)
+        sgd_ours = torch.optim.SGD(ours.parameters(), lr=0.2, weight_decay=5e-4)
+
+        def step_alone() -> None:
+            sgd_ours.zero_grad()
+            loss, _ = ours(images_ours, labels)
+            loss.backward()
+            sgd_ours.step()
+
+        return f"tiny_ssd train step ({batch} x {side}x{side} shapes)", step_alone, None, None, None
     theirs = course_tiny_ssd(d2l, 3)
     # the same starting weights: the course names modules blk_i / cls_i / bbox_i
     state = {}
@@ -257,7 +297,7 @@ def case_tiny_ssd_training(d2l, g: torch.Generator):
         sgd_theirs.step()
 
     return (
-        f"tiny_ssd train step ({TRAIN_BATCH} x {TRAIN_SIZE}x{TRAIN_SIZE} shapes)",
+        f"tiny_ssd train step ({batch} x {side}x{side} shapes)",
         step_ours,
         step_theirs,
         same,
@@ -283,22 +323,29 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="run the cases whose name contains this, e.g. nms")
+    parser.add_argument("--smoke", action="store_true",
+                        help="small inputs, one call a side after the warm-up: checks that every "
+                             "case runs (seconds)")
     args = parser.parse_args()
+    number = None
+    if args.smoke:
+        S.update(SMOKE)
+        args.repeats, number = 1, 1
     try:
         import d2l
         import d2l.torch as d2l_torch
+        version = d2l.__version__
     except ImportError:
+        d2l_torch, version = None, "not installed: its column is skipped"
         print(
-            "d2l is not installed: pip install --no-deps d2l==1.0.3 && "
-            "pip install requests ipython matplotlib-inline pandas",
-            file=sys.stderr,
+            "d2l is not installed: divekit runs alone (pip install --no-deps d2l==1.0.3 && "
+            "pip install requests ipython matplotlib-inline pandas)"
         )
-        return 1
     torch.set_num_threads(args.threads)
     # as the divekit command does; both sides run in this process, so both get it
     allocator = configure_allocator()
     print(
-        f"torch {torch.__version__}, d2l {d2l.__version__}, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, d2l {version}, {platform.processor() or platform.machine()}, "
         f"torch.set_num_threads({torch.get_num_threads()}), median of {args.repeats} repeats, "
         f"allocator {'tuned' if allocator else 'default'}"
     )
@@ -311,11 +358,16 @@ def main() -> int:
         # each case draws from its own generator, so --only gives the very inputs of a full run
         g = torch.Generator().manual_seed(args.seed * 1000 + index)
         name, ours, theirs, same, goal = make_case(d2l_torch, g)
-        (wall_ours, cpu_ours), (wall_theirs, cpu_theirs) = (
-            median_seconds(ours, args.repeats),
-            median_seconds(theirs, args.repeats),
-        )
+        wall_ours, cpu_ours = median_seconds(ours, args.repeats, number)
         goal_text = f">={goal}x" if goal else "-"
+        train_batch = S["train_batch"]
+        if theirs is None:
+            print(f"{name:<52} {wall_ours * 1e3:8.2f}ms {'skipped':>10} {'-':>8} {'-':>10} "
+                  f"{goal_text:>6}  -")
+            if make_case is case_tiny_ssd_training:
+                print(f"{'  = training images/s':<52} {train_batch / wall_ours:10.1f}")
+            continue
+        wall_theirs, cpu_theirs = median_seconds(theirs, args.repeats, number)
         print(
             f"{name:<52} {wall_ours * 1e3:8.2f}ms {wall_theirs * 1e3:8.2f}ms "
             f"{wall_theirs / wall_ours:7.1f}x {cpu_theirs / cpu_ours:9.1f}x {goal_text:>6}  "
@@ -323,7 +375,8 @@ def main() -> int:
         )
         if make_case is case_tiny_ssd_training:
             print(
-                f"{'  = training images/s':<52} {TRAIN_BATCH / wall_ours:10.1f} {TRAIN_BATCH / wall_theirs:10.1f}"
+                f"{'  = training images/s':<52} {train_batch / wall_ours:10.1f} "
+                f"{train_batch / wall_theirs:10.1f}"
             )
     return 0
 

@@ -9,11 +9,13 @@ measured in the same invocation.
 
     python benchmarks/distributed.py                       # lenet, 2 processes, 3 epochs
     python benchmarks/distributed.py --model resnet18 --size 32 --samples 512
+    python benchmarks/distributed.py --smoke               # tiny sizes: checks that it runs
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import socket
@@ -29,20 +31,24 @@ import torch.nn.functional as F
 
 from divekit.data.loader import TensorBatchLoader
 from divekit.engine import TrainConfig, Trainer
+from divekit.engine.task import Task
 from divekit.models import create_model
 
 
-class SyntheticTask:
+class SyntheticTask(Task):
     """Random 1-channel images and labels held in memory: the loop, not the data, is timed."""
 
-    def __init__(self, model: str, samples: int, size: int, per_worker: int):
+    Config = TrainConfig
+
+    def __init__(self, config: TrainConfig, model: str, samples: int, size: int, per_worker: int):
+        super().__init__(config)
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(samples, 1, size, size, generator=g)
         self.y = torch.randint(0, 10, (samples,), generator=g)
-        self.name, self.per_worker = model, per_worker
+        self.model_name, self.per_worker = model, per_worker
 
-    def model(self):
-        return create_model(self.name, num_classes=10, in_channels=1)
+    def build_model(self):
+        return create_model(self.model_name, num_classes=10, in_channels=1)
 
     def train_data(self):
         return TensorBatchLoader(self.x, self.y, batch_size=self.per_worker, shuffle=True)
@@ -50,13 +56,10 @@ class SyntheticTask:
     def val_data(self):
         return None
 
-    def step(self, model, batch):
+    def training_step(self, model, batch):
         x, y = batch
         loss = F.cross_entropy(model(x), y)
         return loss, {"loss": loss.detach()}
-
-    def evaluate(self, model, loader):
-        return {}
 
 
 def _free_port() -> int:
@@ -71,9 +74,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, strategy
     if world > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    task = SyntheticTask(args.model, args.samples, args.size, args.global_batch // world)
     cfg = TrainConfig(epochs=args.epochs, lr=0.05, strategy=strategy, quiet=True,
                       device=args.device, profile_comm=True)
+    task = SyntheticTask(cfg, args.model, args.samples, args.size, args.global_batch // world)
     trainer = Trainer(task, cfg)
     t0 = time.perf_counter()
     history = trainer.fit()
@@ -90,7 +93,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, strategy
 def run(world: int, strategy: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
-        mp.spawn(_worker, args=(world, _free_port(), args, strategy, out), nprocs=world, join=True)
+        # --smoke forks (no re-import per worker); the measured runs spawn fresh interpreters
+        mp.start_processes(_worker, args=(world, _free_port(), args, strategy, out), nprocs=world,
+                           join=True, start_method="fork" if args.smoke else "spawn")
         return json.loads(Path(out).read_text())
 
 
@@ -104,7 +109,12 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, 1 epoch: checks that every strategy runs (seconds)")
     args = p.parse_args()
+    if args.smoke:  # workers are forked: what is imported here, they need not import again
+        args.samples, args.global_batch, args.epochs = 256, 64, 1
+        importlib.import_module("torch._dynamo")  # torch.optim imports it on the first optimizer
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     print(f"{args.model} at {args.size}x{args.size}, {args.samples} samples, global batch "
           f"{args.global_batch}, {args.threads} thread(s)/process, {os.cpu_count()} cores, "

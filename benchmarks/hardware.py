@@ -16,6 +16,10 @@ divekit time (median of ``--repeats`` divekit runs; SCALE-Sim once per layer).
 
     python benchmarks/hardware.py
     python benchmarks/hardware.py --compute-only   # skip SCALE-Sim's slow memory stage
+    python benchmarks/hardware.py --smoke          # small layers, 1 run: checks that it runs
+
+Without the scalesim package its columns are skipped (said in the output) and divekit's
+simulators run alone, checked against each other.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ LAYERS: list[tuple[str, int, int, str, dict]] = [
     ("gemm 256x128x256", 32, 32, "is", dict(gemm=(256, 128, 256))),
     ("dense batch 8 4096x1000", 128, 128, "ws", dict(gemm=(8, 1000, 4096))),
 ]
+SMOKE_LAYERS: list[tuple[str, int, int, str, dict]] = [  # --smoke: every dataflow, conv and gemm
+    ("conv 3x3 8->8 @10", 8, 8, "ws", dict(conv=(10, 10, 3, 8, 8, 1))),
+    ("conv 3x3 8->8 @10", 8, 8, "os", dict(conv=(10, 10, 3, 8, 8, 1))),
+    ("conv 3x3 8->8 @10", 8, 8, "is", dict(conv=(10, 10, 3, 8, 8, 1))),
+    ("gemm 32x16x32", 8, 4, "ws", dict(gemm=(32, 16, 32))),
+]
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -69,21 +79,25 @@ def scalesim_kwargs(spec: dict) -> dict:
 
 
 def bench_layer(name: str, r: int, c: int, df: str, spec: dict, repeats: int, full: bool,
-                rng: np.random.Generator) -> tuple[tuple[str, ...], list[float]]:
-    from divekit.hardware.reference import run_layer, time_full_run
-
+                rng: np.random.Generator, peer: bool = True) -> tuple[tuple[str, ...], list[float]]:
     m, n, k = mnk(spec)
     array = ArraySpec(r, c, df)
     kwargs = scalesim_kwargs(spec)
-    t_full = time_full_run(r, c, df, **kwargs) if full else float("nan")
-    t_ref, ref = timed(lambda: run_layer(r, c, df, **kwargs), 1)
+    t_full = t_ref = float("nan")
+    ref = None
+    if peer:
+        from divekit.hardware.reference import run_layer, time_full_run
+
+        t_full = time_full_run(r, c, df, **kwargs) if full else float("nan")
+        t_ref, ref = timed(lambda: run_layer(r, c, df, **kwargs), 1)
     a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
     t_cyc, sim = timed(lambda: simulate(a, b, array, convention="scalesim"), repeats)
     calls = 2000
     t_an, closed = timed(lambda: [gemm_cycles(m, n, k, array, convention="scalesim")
                                   for _ in range(calls)][-1], repeats)
     t_an /= calls
-    assert ref.cycles == sim.stats.cycles == closed.cycles, (name, ref, sim.stats, closed)
+    assert (ref.cycles if peer else closed.cycles) == sim.stats.cycles == closed.cycles, (
+        name, ref, sim.stats, closed)
     assert np.allclose(sim.output, a @ b)
     ref_t = t_full if full else t_ref
     row = (name, f"{r}x{c}", df, f"{m}x{k}x{n}", f"{closed.cycles:,}", f"{t_full:.2f}",
@@ -97,19 +111,30 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="divekit runs per layer (median)")
     ap.add_argument("--compute-only", action="store_true",
                     help="time only SCALE-Sim's compute stage (skip its memory stage)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="small layers on 8x8 and 8x4 arrays, 1 run: checks that it runs (seconds)")
     args = ap.parse_args()
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    layers = SMOKE_LAYERS if args.smoke else LAYERS
+    if args.smoke:
+        args.repeats = 1
+    try:
+        import divekit.hardware.reference  # noqa: F401  (needs scalesim)
+
+        peer, scalesim = True, f"scalesim {version('scalesim')}"
+    except (ImportError, PackageNotFoundError):
+        peer, scalesim = False, "scalesim not installed: its columns are skipped"
     full = not args.compute_only
-    print(f"scalesim {version('scalesim')}, numpy {np.__version__}; seconds; divekit: median of "
+    print(f"{scalesim}, numpy {np.__version__}; seconds; divekit: median of "
           f"{args.repeats} runs; SCALE-Sim: one run")
     head = ("layer", "array", "df", "MxKxN", "cycles", "scalesim run", "scalesim compute",
             "cycle", "analytic", "cycle x", "cycle x compute", "analytic x")
     rows = [head]
     totals = np.zeros(4)
     rng = np.random.default_rng(0)
-    for name, r, c, df, spec in LAYERS:
-        row, times = bench_layer(name, r, c, df, spec, args.repeats, full, rng)
+    for name, r, c, df, spec in layers:
+        row, times = bench_layer(name, r, c, df, spec, args.repeats, full, rng, peer)
         rows.append(row)
         totals += times
         print(f"  {name} {r}x{c} {df}: done", flush=True)

@@ -19,6 +19,9 @@ Each row times divekit and its peer on the same inputs in the same process (medi
 
     python benchmarks/translation.py
     python benchmarks/translation.py --repeats 7
+    python benchmarks/translation.py --smoke      # small inputs, then a seconds-long ``corpus``
+
+Without d2l (or sacrebleu) the peer's column is skipped (said in the output); divekit runs alone.
 
 ``corpus``: the whole-corpus Transformer. Trains on every fra-eng pair but a fixed held-out
 2,000 (seed 0) for at most ``--budget-min`` minutes of training (tokenizer training and data
@@ -29,13 +32,16 @@ with the course's four sentences. Results go to ``OUT/results.json``::
 
     nice python benchmarks/translation.py corpus --tokenizer bpe:4000 --budget-min 45 --out runs/bpe
     nice python benchmarks/translation.py corpus --budget-min 45 --out runs/words
+    python benchmarks/translation.py corpus --smoke   # 400 generated pairs, 1 s of training
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +50,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FRA = ROOT.parent / "shared" / "data" / "fra-eng" / "fra.txt"
+# the sizes of the rows: pairs of text (None: the whole fra.txt), BLEU pairs, batch, width
+FULL = {"pairs": None, "bleu_pairs": 20_000, "batch": 128, "d": 256}
+SMOKE = {"pairs": 1000, "bleu_pairs": 200, "batch": 8, "d": 32}
+D2L_MISSING = ("d2l is not installed: its rows run divekit alone (pip install --no-deps d2l==1.0.3 "
+               "&& pip install requests ipython matplotlib-inline pandas)")
+
+
+def import_d2l():
+    """``d2l.torch``, or None (said once) when the package is not installed."""
+    try:
+        import d2l.torch as d2l
+    except ImportError:
+        print(D2L_MISSING)
+        return None
+    return d2l
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -55,53 +76,68 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def race(ours: Callable[[], object], theirs: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Interleave the two so that load changes hit both."""
+def race(ours: Callable[[], object], theirs: Callable[[], object] | None,
+         repeats: int) -> tuple[float, float]:
+    """Interleave the two so that load changes hit both (no peer: its time is NaN)."""
     a, b = [], []
     for _ in range(repeats):
         a.append(timed(ours, 1))
-        b.append(timed(theirs, 1))
-    return statistics.median(a), statistics.median(b)
+        if theirs is not None:
+            b.append(timed(theirs, 1))
+    return statistics.median(a), statistics.median(b) if b else math.nan
 
 
 def row(name: str, ours: float, theirs: float, peer: str) -> None:
+    if math.isnan(theirs):
+        print(f"{name:<24} {ours * 1e3:>10.2f} {'skipped':>10}  {'-':>7}  ({peer} not installed)")
+        return
     print(f"{name:<24} {ours * 1e3:>10.2f} {theirs * 1e3:>10.2f}  {theirs / ours:>6.2f}x  ({peer})")
 
 
-def text_rows(repeats: int) -> None:
-    import d2l.torch as d2l
-
+def text_rows(repeats: int, d2l, sizes: dict = FULL) -> None:
     from divekit.data.numbers_fr import numbers_fr
     from divekit.data.translation import preprocess_nmt, tokenize_nmt
     from divekit.ops.bleu import bleu, corpus_bleu
 
-    text = FRA.read_text(encoding="utf-8") if FRA.is_file() else numbers_fr(20_000)
-    what = "fra.txt (../shared/data)" if FRA.is_file() else "20,000 numbers-fr pairs (no fra.txt)"
-    course = d2l.MTFraEng.__new__(d2l.MTFraEng)  # its methods, without its download
+    pairs = sizes["pairs"]
+    if FRA.is_file():
+        text = FRA.read_text(encoding="utf-8")
+        what = "fra.txt (../shared/data)"
+        if pairs is not None:
+            text = "\n".join(text.split("\n")[:pairs]) + "\n"
+            what = f"the first {pairs:,} lines of fra.txt (../shared/data)"
+    else:
+        n_generated = pairs or 20_000
+        text, what = numbers_fr(n_generated), f"{n_generated:,} numbers-fr pairs (no fra.txt)"
+    theirs = None
+    if d2l is not None:
+        course = d2l.MTFraEng.__new__(d2l.MTFraEng)  # its methods, without its download
 
-    def theirs() -> tuple[list, list]:
-        return course._tokenize(course._preprocess(text))
+        def theirs() -> tuple[list, list]:
+            return course._tokenize(course._preprocess(text))
 
-    ours_out, theirs_out = tokenize_nmt(preprocess_nmt(text)), theirs()
-    for mine, course_side in zip(ours_out, theirs_out):
-        assert [t + ["<eos>"] for t in mine] == course_side, "tokenized pairs differ"
+    ours_out = tokenize_nmt(preprocess_nmt(text))
+    if theirs is not None:
+        for mine, course_side in zip(ours_out, theirs()):
+            assert [t + ["<eos>"] for t in mine] == course_side, "tokenized pairs differ"
     print(f"text: {what}, {len(ours_out[0]):,} pairs")
     a, b = race(lambda: tokenize_nmt(preprocess_nmt(text)), theirs, repeats)
     row("preprocess+tokenize", a, b, "d2l")
 
     rng = random.Random(0)
     src, tgt = ours_out
-    n = min(20_000, len(tgt))
+    n = min(sizes["bleu_pairs"], len(tgt))
     refs = [" ".join(t) for t in tgt[:n]]
     words = sorted({w for t in tgt[:n] for w in t})
     hyps = [" ".join(w if rng.random() < 0.7 else rng.choice(words) for w in t) for t in tgt[:n]]
     a, b = race(lambda: [bleu(h, r, 4) for h, r in zip(hyps, refs)],
-                lambda: [d2l.bleu(h, r, 4) for h, r in zip(hyps, refs)], repeats)
+                d2l and (lambda: [d2l.bleu(h, r, 4) for h, r in zip(hyps, refs)]), repeats)
     row("bleu (course, k=4)", a, b, "d2l")
     try:
         import sacrebleu
     except ImportError:
-        print("corpus BLEU: sacrebleu not installed, skipped")
+        a, _ = race(lambda: corpus_bleu(hyps, refs, tokenize="none", smooth="exp"), None, repeats)
+        row("corpus BLEU", a, math.nan, "sacrebleu")
         return
     ours_score = corpus_bleu(hyps, refs, tokenize="none", smooth="exp")
     theirs_score = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", force=True).score
@@ -119,23 +155,33 @@ def _fwd_bwd(fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Call
     return run
 
 
-def tensor_rows(repeats: int) -> None:
-    import d2l.torch as d2l
-
+def tensor_rows(repeats: int, d2l, sizes: dict = FULL) -> None:
     from divekit.models.attention import MultiHeadAttention
     from divekit.models.transformer import TransformerEncoder
     from divekit.ops.masking import masked_softmax
 
     torch.manual_seed(0)
-    b, t, d, heads = 128, 13, 256, 4
+    b, t, d, heads = sizes["batch"], 13, sizes["d"], 4
     scores = torch.randn(b, t, t, requires_grad=True)
     lens = torch.randint(1, t + 1, (b,))
     # the course masks in place, so both sides get a fresh non-leaf copy of the scores
     a_, b_ = race(_fwd_bwd(lambda: masked_softmax(scores * 1, lens), [scores]),
-                  _fwd_bwd(lambda: d2l.masked_softmax(scores * 1, lens), [scores]), repeats * 20)
+                  d2l and _fwd_bwd(lambda: d2l.masked_softmax(scores * 1, lens), [scores]),
+                  repeats * 20)
     row("masked_softmax", a_, b_, "d2l")
 
     ours = MultiHeadAttention(d, heads, 0.0, query_size=d, key_size=d, value_size=d).train()
+    vocab = 1000
+    if d2l is None:
+        X = torch.randn(b, t, d, requires_grad=True)
+        a_, _ = race(_fwd_bwd(lambda: ours(X, X, X, lens), [X, *ours.parameters()]), None,
+                     repeats * 5)
+        row("multi-head attention", a_, math.nan, "d2l")
+        enc = TransformerEncoder(vocab, d, 64, heads, 2, 0.0).train()
+        tokens = torch.randint(0, vocab, (b, t))
+        a_, _ = race(_fwd_bwd(lambda: enc(tokens, lens), list(enc.parameters())), None, repeats * 3)
+        row("transformer encoder", a_, math.nan, "d2l")
+        return
     theirs = d2l.MultiHeadAttention(d, heads, 0.0)
     X = torch.randn(b, t, d, requires_grad=True)
     theirs(X, X, X, lens)  # size its LazyLinear layers
@@ -148,7 +194,6 @@ def tensor_rows(repeats: int) -> None:
                   _fwd_bwd(lambda: theirs(X, X, X, lens), [X, *theirs.parameters()]), repeats * 5)
     row("multi-head attention", a_, b_, "d2l")
 
-    vocab = 1000
     enc = TransformerEncoder(vocab, d, 64, heads, 2, 0.0).train()
     peer = d2l.TransformerEncoder(vocab, d, 64, heads, 2, 0.0).train()
     tokens = torch.randint(0, vocab, (b, t))
@@ -173,16 +218,7 @@ class BudgetReached(Exception):
 
 
 def corpus_main(argv: list[str]) -> None:
-    import json
     import sys
-
-    import sacrebleu
-
-    from divekit.data.translation import detokenize, split_indices
-    from divekit.engine.callbacks import Callback
-    from divekit.engine.run import make_config, train
-    from divekit.io import atomic_write_json
-    from divekit.tasks.translate import TranslateConfig, TranslationTask
 
     p = argparse.ArgumentParser(prog="translation.py corpus")
     p.add_argument("--tokenizer", default=None, help="bpe:N (default: words)")
@@ -191,16 +227,49 @@ def corpus_main(argv: list[str]) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.001)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required="--smoke" not in argv)
     p.add_argument("--val-size", type=int, default=2000)
+    p.add_argument("--smoke", action="store_true",
+                   help="400 generated pairs in fra.txt's format, 20 held out, a 1-second budget, "
+                        "OUT in a temporary folder: checks that it runs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not FRA.is_file():
-        sys.exit(f"skipped: {FRA} not found")
-    values = {"model": "transformer", "data": "fra-eng", "data_dir": str(FRA.parent),
+    with tempfile.TemporaryDirectory(prefix="dk-bench-") as tmp:
+        fra = FRA
+        if args.smoke:
+            from divekit.data.numbers_fr import numbers_fr
+
+            fra = Path(tmp) / "fra-eng" / "fra.txt"
+            fra.parent.mkdir()
+            fra.write_text(numbers_fr(400), encoding="utf-8")
+            args.val_size, args.budget_min, args.batch_size = 20, 1 / 60, 32
+            args.out = args.out or str(Path(tmp) / "run")
+        if not fra.is_file():
+            sys.exit(f"skipped: {fra} not found")
+        corpus_run(args, fra)
+
+
+def corpus_run(args: argparse.Namespace, fra: Path) -> None:
+    import json
+
+    from divekit.data.translation import detokenize, split_indices
+    from divekit.engine.callbacks import Callback
+    from divekit.engine.run import make_config, train
+    from divekit.io import atomic_write_json
+    from divekit.tasks.translate import TranslateConfig, TranslationTask
+
+    try:
+        import sacrebleu
+    except ImportError:  # divekit's corpus_bleu gives sacrebleu's number for the same options
+        sacrebleu = None
+        print("sacrebleu is not installed: the held-out pairs are scored with divekit's "
+              "corpus_bleu")
+    values = {"model": "transformer", "data": "fra-eng", "data_dir": str(fra.parent),
               "val_size": args.val_size, "num_steps": args.num_steps, "epochs": 100,
               "batch_size": args.batch_size, "lr": args.lr, "bleu_examples": 0, "dropout": 0.1,
               "out": args.out, "tokenizer": args.tokenizer, "min_freq": 2}
+    if args.smoke:
+        values["quiet"] = True
     cfg = make_config(TranslateConfig, values)
     task = TranslationTask(cfg)
     t0 = time.perf_counter()
@@ -232,7 +301,7 @@ def corpus_main(argv: list[str]) -> None:
     torch.save(model.state_dict(), buf)  # the weights at the budget's end, for re-scoring
     atomic_write_bytes(Path(args.out) / "budget_weights.pt", buf.getvalue())
     # the held-out pairs' raw text, in the split's order (one pair per line with a tab)
-    lines = [ln.split("\t") for ln in FRA.read_text(encoding="utf-8").split("\n") if "\t" in ln]
+    lines = [ln.split("\t") for ln in fra.read_text(encoding="utf-8").split("\n") if "\t" in ln]
     _, val_idx = split_indices(len(lines), args.val_size / len(lines), cfg.seed)
     assert len(val_idx) == len(data.val.src)
     sources = [lines[i][0] for i in val_idx]
@@ -246,8 +315,13 @@ def corpus_main(argv: list[str]) -> None:
         t = time.perf_counter()
         found = task.translate_sentences(model, sources, beam, batch_size=250)
         hyps = [detokenize(h[0].text) if h else "" for h in found]
-        score = sacrebleu.corpus_bleu(hyps, [refs], lowercase=True)
-        results[f"sacrebleu_beam{beam}"] = score.score
+        if sacrebleu is not None:
+            score = sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score
+        else:
+            from divekit.ops.bleu import corpus_bleu
+
+            score = corpus_bleu(hyps, refs, lowercase=True)
+        results[f"sacrebleu_beam{beam}"] = score
         results[f"decode_s_beam{beam}"] = time.perf_counter() - t
         results[f"examples_beam{beam}"] = list(zip(sources[:10], hyps[:10], refs[:10]))
     course = task.translate_sentences(model, [e for e, _ in COURSE_SENTENCES], 4)
@@ -265,14 +339,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5, help="interleaved runs per row (default: 5)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true",
+                   help="1,000 pairs, batch 8, width 32, 1 repeat, then `corpus --smoke`: checks "
+                        "that it runs (seconds)")
     args = p.parse_args()
+    sizes = SMOKE if args.smoke else FULL
+    if args.smoke:
+        args.repeats = 1
     torch.set_num_threads(args.threads)
     from divekit.engine.device import configure_allocator
 
     configure_allocator()
+    d2l = import_d2l()
     print(f"{'':<24} {'divekit ms':>10} {'peer ms':>10}  speed-up")
-    text_rows(args.repeats)
-    tensor_rows(args.repeats)
+    text_rows(args.repeats, d2l, sizes)
+    tensor_rows(args.repeats, d2l, sizes)
+    if args.smoke:
+        print("\ncorpus --smoke:")
+        corpus_main(["--smoke", "--threads", str(args.threads)])
 
 
 if __name__ == "__main__":

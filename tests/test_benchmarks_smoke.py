@@ -1,0 +1,148 @@
+"""Every benchmark runs: ``python benchmarks/NAME.py --smoke`` (tiny sizes, one repeat, seconds)
+exits 0 and prints its table, divekit's side and, where the peer package is installed, the peer's
+side with the ratio. Without the peer the script must say the peer was skipped and still run
+divekit's side. A script in ``benchmarks/`` without an entry in ``SMOKES`` fails its test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+RATIO = r"\d+\.\d+x"
+
+
+@dataclass(frozen=True)
+class Smoke:
+    table: tuple[str, ...]  # lines (regexes) divekit's side prints whatever is installed
+    peers: tuple[str, ...] = ()  # the modules of the peer packages it compares with
+    with_peers: tuple[str, ...] = ()  # lines printed when every peer is installed
+    without_peers: str = "not installed"  # said when one is missing
+    timeout_s: int = 120
+
+
+SMOKES = {
+    "augment": Smoke(
+        table=(r"workers\s+batch img/s\s+sample img/s\s+d2l img/s\s+batch/d2l\s+sample/d2l",
+               r"(?m)^\s+1\s+\d+\s+\d+\s+\d+\s+\d+\.\d+\s+\d+\.\d+$"),
+    ),
+    "bert": Smoke(
+        table=(r"encoder forward 2x32: divekit [\d,]+ tok/s",
+               r"encoder forward 1x64: divekit",
+               rf"pretraining step bert_small 8x32 .*ratio {RATIO}",
+               r"fine-tuning step MiniLM full 4x32: divekit",
+               r"fine-tuning step MiniLM lora 4x32: divekit"),
+        peers=("transformers", "peft"),
+        with_peers=(rf"encoder forward 1x64: .*transformers .*ratio {RATIO}",
+                    rf"fine-tuning step MiniLM lora 4x32: .*transformers .*ratio {RATIO}"),
+        without_peers="peer skipped",
+    ),
+    "complexity": Smoke(
+        table=(r"layer\s+computation\s+sequential\s+max path\s+expected slope\s+measured slope",
+               r"(?m)^self-attention\s+O\(n²d\).*-?\d+\.\d+$",
+               r"overtakes",
+               r"wrote .*complexity\.png"),
+    ),
+    "decoding": Smoke(
+        table=(r"length\s+batch\s+kv cache tok/s",
+               r"(?m)^\s+10\s+4\s+\d+\s+\d+\s+\d+\s+\d+\.\dx\s+\d+\.\dx$",
+               r"20 sentences, 20 tokens each: .*: \d+\.\dx"),
+    ),
+    "dense": Smoke(
+        table=(rf"FCN training, crop 64x64, batch 2: course .* divekit .* {RATIO}",
+               rf"stylize 64x96: course .* divekit .* {RATIO}"),
+    ),
+    "detection_ops": Smoke(
+        table=(r"case\s+divekit\s+d2l\s+speed-up",
+               r"nms \(200 random boxes",
+               r"tiny_ssd train step \(2 x 64x64 shapes\)\s+\d+\.\d+ms",
+               r"training images/s"),
+        peers=("d2l",),
+        with_peers=(r"(?m)^nms \(200 boxes around 20 objects.*\d\.\dx\s+\d+\.\dx\s+>=50x\s+yes$",
+                    r"(?m)^tiny_ssd train step.*ms\s+\d+\.\d+ms\s+\d+\.\dx.*yes$"),
+        without_peers="d2l is not installed",
+    ),
+    "distributed": Smoke(
+        table=(r"run\s+samples/s\s+MB sent/step\s+max MB/step\s+efficiency",
+               r"(?m)^1 process\s+\d+\s+0\.000\s+0\.000\s+100%$",
+               *(rf"(?m)^2 x {strategy}\s+\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+%$"
+                 for strategy in ("ddp", "allreduce", "ps"))),
+    ),
+    "hardware": Smoke(
+        table=(r"layer\s+array\s+df\s+MxKxN\s+cycles",
+               r"(?m)^gemm 32x16x32\s+8x4\s+ws",
+               r"(?m)^all layers"),
+        peers=("scalesim",),
+        with_peers=(r"(?m)^all layers\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+\s+\S+\s+\d+\.\d\s+\d+\.\d",),
+        without_peers="scalesim not installed",
+    ),
+    "rnn": Smoke(
+        table=(r"implementation\s+tokens/s\s+vs d2l\s+vs concise",
+               *(rf"(?m)^divekit {model}\s+[\d,]+"
+                 for model in ("rnn_scratch", "gru_scratch", "lstm_scratch", "lstm"))),
+        peers=("d2l",),
+        with_peers=(rf"(?m)^divekit rnn_scratch\s+[\d,]+\s+{RATIO}",
+                    r"(?m)^d2l RNNLM\(GRU\)\s+[\d,]+"),
+        without_peers="d2l is not installed",
+    ),
+    "train_throughput": Smoke(
+        table=(r"lenet at 28x28, batch 32",
+               r"resnet18 at 96x96, batch 4",
+               r"divekit --no-channels-last\s+\d+\.\d samples/s"),
+        peers=("d2l",),
+        with_peers=(rf"resnet18\s+divekit\s+/ d2l loop\s+{RATIO}",
+                    rf"lenet\s+divekit --no-channels-last / d2l pipeline\s+{RATIO}"),
+        without_peers="d2l peer skipped",
+    ),
+    "translation": Smoke(
+        table=(r"divekit ms\s+peer ms\s+speed-up",
+               r"(?m)^preprocess\+tokenize\s+\d+\.\d\d",
+               r"(?m)^transformer encoder\s+\d+\.\d\d",
+               r"corpus --smoke:",
+               r'"sacrebleu_beam4": ',
+               r'"course": '),
+        peers=("d2l", "sacrebleu"),
+        with_peers=(rf"(?m)^transformer encoder .*{RATIO}  \(d2l\)$",
+                    rf"(?m)^corpus BLEU .*{RATIO}  \(sacrebleu\)$"),
+    ),
+    # the book's training calls, divekit.compat.d2l against the book's package (its own peer
+    # folder, .venv/peers): one process per side, six cases
+    "book": Smoke(
+        table=(r"book benchmark: smoke sizes", r"book side: d2l|peer skipped",
+               r"(?m)^\| lenet \| \d+\.\d+", r"total wall time"),
+        timeout_s=300,
+    ),
+}
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_benchmark_smoke(name):
+    smoke = SMOKES.get(name)
+    assert smoke is not None, f"benchmarks/{name}.py has no entry in SMOKES (and --smoke?)"
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--smoke"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=smoke.timeout_s)
+    out = proc.stdout
+    detail = f"\n--- stdout ---\n{out[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"benchmarks/{name}.py --smoke exited {proc.returncode}{detail}"
+    for pattern in smoke.table:
+        assert re.search(pattern, out), f"no line matching {pattern!r}{detail}"
+    if all(installed(m) for m in smoke.peers):
+        for pattern in smoke.with_peers:
+            assert re.search(pattern, out), f"no peer line matching {pattern!r}{detail}"
+    else:
+        assert smoke.without_peers in out, f"a peer is missing and the output says nothing{detail}"
