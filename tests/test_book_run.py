@@ -361,7 +361,7 @@ def test_compat_section_runs_on_divekit(tmp_path, capsys, monkeypatch):
     assert code in (0, None), err
     report = (out / "report.md").read_text(encoding="utf-8")
     # quick: the section's own torch DataLoader is bounded too, and its literal epoch count
-    assert "batches 4 4 epochs 2" in report and "`num_epochs = min(10, 2)`" in report
+    assert "batches 5 5 epochs 2" in report and "`num_epochs = min(10, 2)`" in report
     assert "`from d2l import torch as d2l` → `from divekit.compat import d2l`" in report
     assert "device type cpu same module True" in report or "device type cuda" in report
     assert "IProgress" not in report

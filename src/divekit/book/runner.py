@@ -47,6 +47,7 @@ from divekit.io import atomic_write_text, same_file
 MANIFEST = ".divekit-book.json"
 KERNEL_NAME = "divekit-book"
 DEFAULT_OUT = Path("runs") / "book"
+QUICK_BATCHES = 5  # see quick_batches_bound
 MAX_TEXT_LINES = 400  # of one text output in the report (the notebook keeps everything)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _FIGURE_TEXT = re.compile(r"^<Figure size [\d.]+x[\d.]+ with \d+ Axes>$")
@@ -98,9 +99,9 @@ def _divekit_book_setup():
     if os.environ.get("DIVEKIT_BOOK_QUICK", "") in ("", "0", "false", "no"):
         return
     try:
-        batches = max(1, int(os.environ.get("DIVEKIT_BOOK_QUICK_BATCHES", 4)))
-    except ValueError:
-        batches = 4
+        batches = max(1, int(os.environ["DIVEKIT_BOOK_QUICK_BATCHES"]))
+    except (KeyError, ValueError):
+        batches = 5
     def bound_loaders(*args):
         data = sys.modules.get("torch.utils.data")
         loader = getattr(data, "DataLoader", None)
@@ -369,6 +370,7 @@ def kernel_env(out: OutputFolder, data_dir: Path, quick: bool) -> dict[str, str]
     env.pop("DIVEKIT_BOOK_QUICK", None)
     if quick:
         env["DIVEKIT_BOOK_QUICK"] = "1"
+        env["DIVEKIT_BOOK_QUICK_BATCHES"] = str(quick_batches_bound())
     package_root = str(Path(divekit.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(
         [package_root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
@@ -497,11 +499,14 @@ QUICK_NOTE = ("on: DIVEKIT_BOOK_QUICK=1, so the compat layer's training function
               "Numbers and pictures are then not the book's.")
 
 
-def _quick_batches() -> int:
+def quick_batches_bound() -> int:
+    """The quick-mode batch bound a run gives the kernel: ``DIVEKIT_BOOK_QUICK_BATCHES`` when
+    set, else 5 (the compat layer's own default is 4, but the book's own loops report 5 times
+    an epoch, ``(i + 1) % (num_batches // 5)``, which divides by zero below 5 batches)."""
     try:
-        return max(1, int(os.environ.get("DIVEKIT_BOOK_QUICK_BATCHES", 4)))
+        return max(1, int(os.environ.get("DIVEKIT_BOOK_QUICK_BATCHES", QUICK_BATCHES)))
     except ValueError:
-        return 4
+        return QUICK_BATCHES
 
 
 def render_report(result: RunResult, started: datetime, data_dir: Path, kernel: str) -> str:
@@ -514,7 +519,7 @@ def render_report(result: RunResult, started: datetime, data_dir: Path, kernel: 
                 else "") + ")",
              f"- date: {started.isoformat(timespec='seconds')}",
              "- quick mode: " + (QUICK_NOTE.format(epochs=quick_epochs_bound(),
-                                                   batches=_quick_batches())
+                                                   batches=quick_batches_bound())
                                  if result.quick else "off (the book's own settings)")]
     imports = [r for r in section.rewrites if r.why == "import"]
     quick = [r for r in section.rewrites if r.why == "quick"]

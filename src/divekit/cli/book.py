@@ -32,11 +32,12 @@ what runs:
 
 --quick:
   sets DIVEKIT_BOOK_QUICK=1 in the kernel: the compat layer's training functions run at most
-  DIVEKIT_BOOK_QUICK_EPOCHS (2) epochs and its data loaders at most DIVEKIT_BOOK_QUICK_BATCHES
-  (4) batches a pass; a literal epoch count the section sets itself (`num_epochs, lr = 500, 1`)
-  becomes `min(500, 2)`, and the section's own torch DataLoaders yield at most those 4 batches
-  a pass too. The report lists every rewrite. A check that the section runs, in a minute or
-  so a section on a laptop CPU; the numbers are not the book's.
+  DIVEKIT_BOOK_QUICK_EPOCHS (2) epochs, and data loaders (the compat layer's and the section's
+  own torch DataLoaders) at most DIVEKIT_BOOK_QUICK_BATCHES (5 here: the book's own loops
+  report 5 times an epoch) batches a pass; a literal epoch count the section sets itself
+  (`num_epochs, lr = 500, 1`) becomes `min(500, 2)`. The report lists every rewrite. A check
+  that the section runs, in a minute or so a section on a laptop CPU; the numbers are not the
+  book's.
 
 where outputs go (-o DIR, default runs/book/SECTION, or SECTION-2, ... when taken):
   DIR/report.md        every cell: source, printed output, figures, time (updated after each)
