@@ -197,10 +197,13 @@ def read_section(path: str | os.PathLike, framework: str = FRAMEWORK) -> Section
 
 
 def find_sections(folder: str | os.PathLike) -> Iterator[tuple[Path, int, int]]:
-    """The sections under ``folder`` (``*.md`` and ``*.ipynb``, sorted): each with the number
-    of PyTorch code cells and of other frameworks' code cells."""
+    """The sections in ``folder`` and its subfolders, one level down as the book's chapters
+    folder has them (``*.md`` and ``*.ipynb``, sorted): each with the number of PyTorch code
+    cells and of other frameworks' code cells."""
     root = Path(folder)
-    for p in sorted([*root.rglob("*.md"), *root.rglob("*.ipynb")]):
+    found = [p for pattern in ("*.md", "*/*.md", "*.ipynb", "*/*.ipynb")
+             for p in root.glob(pattern)]
+    for p in sorted(found):
         if any(part.startswith(".") for part in p.relative_to(root).parts):
             continue
         try:
