@@ -114,17 +114,18 @@ def _overlaps(box: tuple[int, int, int, int], placed: list[tuple[int, int, int, 
 
 
 @overload
-def make_shapes(num_images: int, size: int, seed: int, *,
-                with_masks: Literal[False] = False) -> tuple[Tensor, Tensor]: ...
+def make_shapes(num_images: int, size: int, seed: int, *, with_masks: Literal[False] = False,
+                objects: tuple[int, int] = ...) -> tuple[Tensor, Tensor]: ...
 
 
 @overload
-def make_shapes(num_images: int, size: int, seed: int, *,
-                with_masks: Literal[True]) -> tuple[Tensor, Tensor, Tensor]: ...
+def make_shapes(num_images: int, size: int, seed: int, *, with_masks: Literal[True],
+                objects: tuple[int, int] = ...) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
-def make_shapes(num_images: int, size: int, seed: int, *,
-                with_masks: bool = False) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+def make_shapes(num_images: int, size: int, seed: int, *, with_masks: bool = False,
+                objects: tuple[int, int] = (0, MAX_OBJECTS),
+                ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """``num_images`` scenes ``(N, 3, size, size)`` and labels ``(N, 3, 5)`` from ``seed``.
 
     Each scene holds 0–3 non-overlapping objects; each object is a square, disc or triangle in
@@ -134,7 +135,13 @@ def make_shapes(num_images: int, size: int, seed: int, *,
     With ``with_masks`` a third tensor ``(N, 3, size, size)`` uint8 holds each label row's
     instance mask: 1 exactly on the pixels painted for that object (so the mask's bounding box
     is the row's box), all zeros on padding rows. Images and labels are the same either way.
+
+    ``objects`` ``(low, high)`` draws each scene's number of objects from ``low..high``
+    (at most 3; the default ``(0, 3)``); ``(1, 1)`` gives exactly one object per scene.
     """
+    low, high = objects
+    if not 0 <= low <= high <= MAX_OBJECTS:
+        raise DivekitError(f"objects must be (low, high) with 0 <= low <= high <= {MAX_OBJECTS}, got {objects}")
     rng = np.random.default_rng(seed)
     photos = _photos()
     images = np.empty((num_images, size, size, 3), dtype=np.float32)
@@ -143,7 +150,7 @@ def make_shapes(num_images: int, size: int, seed: int, *,
     for i in range(num_images):
         canvas = _background(photos, size, rng)
         placed: list[tuple[int, int, int, int]] = []
-        for _ in range(int(rng.integers(0, MAX_OBJECTS + 1))):
+        for _ in range(int(rng.integers(low, high + 1))):
             kind = int(rng.integers(len(SHAPE_CLASSES)))
             for _attempt in range(20):
                 w = int(round(size * rng.uniform(0.12, 0.45)))
@@ -185,9 +192,13 @@ def load_shapes(data_dir: str | None = None, download: bool = False, seed: int =
 # ----------------------------------------------------------------------------- banana
 
 
-def read_banana_split(folder: Path, size: int = 256) -> tuple[Tensor, Tensor]:
+def read_banana_split(folder: Path, size: int = 256, *,
+                      dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """``folder/label.csv`` (img_name,label,xmin,ymin,xmax,ymax in pixels of ``size``) and
-    ``folder/images/`` → images ``(N, 3, H, W)`` and labels ``(N, 1, 5)`` normalised."""
+    ``folder/images/`` → images ``(N, 3, H, W)`` and labels ``(N, 1, 5)`` normalised.
+
+    Images are float32 in [0, 1], or with ``dtype=torch.uint8`` the pixels 0..255 (a quarter
+    of the memory)."""
     path = folder / "label.csv"
     if not path.is_file():
         raise DataNotFoundError(f"banana: no {path}")
@@ -204,7 +215,8 @@ def read_banana_split(folder: Path, size: int = 256) -> tuple[Tensor, Tensor]:
             raise DivekitError(f"{path}, line {line}: non-numeric label or box {row}") from None
         if values[0] < 0 or values[0] != int(values[0]):
             raise DivekitError(f"{path}, line {line}: class {row['label']!r} must be a whole number >= 0")
-        images.append(load_image_file(folder / "images" / row["img_name"], 3, (size, size)))
+        image = load_image_file(folder / "images" / row["img_name"], 3, (size, size))
+        images.append(image.mul_(255).round_().to(torch.uint8) if dtype == torch.uint8 else image)
         labels.append([values[0]] + [v / size for v in values[1:]])
     return torch.stack(images), torch.tensor(labels, dtype=torch.float32)[:, None, :]
 
