@@ -476,6 +476,23 @@ def test_wiki_substitute(tmp_path, capsys, monkeypatch):
         d2l.load_data_wiki(batch_size=32, max_len=64)
 
 
+def test_partial_wiki_folder_passed_over_for_the_stand_in(tmp_path, capsys):
+    """A WikiText-2 folder without its train split (as ../shared/data has it) is not what the
+    section's own ``open(os.path.join(data_dir, 'wiki.train.tokens'))`` can read: the stand-in
+    built from its validation split takes its place, with the note."""
+    partial = tmp_path / "data" / "wikitext-2"
+    partial.mkdir()
+    (partial / "valid.txt").write_text(wiki_text(5), encoding="utf-8")
+    folder = Path(d2l.download_extract("wikitext-2", "wikitext-2"))
+    assert folder == stand_ins(tmp_path, "wikitext-2") / "wikitext-2"
+    assert (folder / "wiki.train.tokens").read_text(encoding="utf-8") == wiki_text(5)
+    err = capsys.readouterr().err
+    assert err.count("d2l: ") == 1 and "validation split" in err
+    (partial / "wiki.train.tokens").write_text(wiki_text(5), encoding="utf-8")
+    used = Path(d2l.download_extract("wikitext-2", "wikitext-2"))  # complete: used as it is
+    assert used.resolve() == partial.resolve()
+
+
 def test_wiki_stand_in_from_validation_split(tmp_path):
     valid = tmp_path / "valid.txt"
     valid.write_text(wiki_text(5), encoding="utf-8")

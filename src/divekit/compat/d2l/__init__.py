@@ -8,8 +8,9 @@ each figure is saved as a PNG into ``$DIVEKIT_FIGURES`` (default ``./figures``).
 Data: the book's files are found offline in ``../data``, ``$DIVEKIT_DATA`` or divekit's cache.
 """
 
-# the modules and objects the book's module re-exports
-import collections  # noqa: F401
+# the modules and objects the book's module re-exports (in this order: _plot chooses the
+# Matplotlib backend before anything imports pyplot)
+import collections  # noqa: F401,I001
 import hashlib  # noqa: F401
 import math  # noqa: F401
 import os  # noqa: F401

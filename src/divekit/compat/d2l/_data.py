@@ -330,7 +330,7 @@ def download_extract(name: str, folder: str | None = None) -> str:
                            f"use download({name!r})")
     bad = None
     for root, _ in _search_roots(_BOOK_CACHE_DIR, name):
-        if (root / target).is_dir():
+        if (root / target).is_dir() and _usable(name, root / target):
             return str(root / target)
         archive = root / fname
         if archive.is_file():
@@ -403,6 +403,14 @@ class _Substitute:
     describe: Callable[[Path, Any], str]  # "a generated ... from <path>" for the note
     source: Callable[[], Any] = lambda: True  # what the stand-in is made from, None: unavailable
     version: Callable[[], str] = lambda: "1"  # a different version rebuilds the stand-in
+    complete: Callable[[Path], bool] = lambda folder: True  # an extracted folder the book can use
+
+
+def _usable(name: str, folder: Path) -> bool:
+    """Whether an extracted ``folder`` of ``name`` holds what the book reads from it (a partial
+    copy, such as WikiText-2 without its train split, is passed over for the stand-in)."""
+    sub = _SUBSTITUTES.get(name)
+    return sub is None or _strict() or sub.complete(folder)
 
 
 _SUBSTITUTES: dict[str, _Substitute] = {}
@@ -411,12 +419,14 @@ _SUBSTITUTES: dict[str, _Substitute] = {}
 def _register_substitute(name: str, build: Callable[[Path, Any], None],
                          describe: Callable[[Path, Any], str], *,
                          source: Callable[[], Any] | None = None,
-                         version: Callable[[], str] | None = None) -> None:
+                         version: Callable[[], str] | None = None,
+                         complete: Callable[[Path], bool] | None = None) -> None:
     """Let ``download_extract(name)`` fall back to a stand-in folder that ``build(dest, src)``
     writes once (in the archive's extracted layout) into divekit's cache; ``source()`` finds
-    what it is made from (None when nothing is), ``describe(base, src)`` names it in the note."""
+    what it is made from (None when nothing is), ``describe(base, src)`` names it in the note;
+    ``complete(folder)`` tells an extracted folder the book can read from a partial one."""
     _SUBSTITUTES[name] = _Substitute(build, describe, source or (lambda: True),
-                                     version or (lambda: "1"))
+                                     version or (lambda: "1"), complete or (lambda folder: True))
 
 
 def _substitute(name: str) -> Path | None:

@@ -686,7 +686,8 @@ _data._register_substitute(
 _data._register_substitute(
     "wikitext-2", _build_wikitext, _describe_wikitext,
     source=lambda: _wiki_valid_split() or "pydoc",
-    version=lambda: f"1 {_wiki_valid_split() or 'pydoc'}")
+    version=lambda: f"1 {_wiki_valid_split() or 'pydoc'}",
+    complete=lambda folder: (folder / "wiki.train.tokens").is_file())
 _data._register_substitute(
     "SNLI", _build_snli,
     lambda base, _: f"divekit's generated premise/hypothesis pairs in SNLI's format from {base} "
