@@ -93,11 +93,48 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
                    help="a chapters folder (default: ../shared/book/chapters when present)")
     p.set_defaults(handler=cmd_list)
 
+    from divekit.book.reproduce import EXPERIMENTS
+
+    listing = "\n".join(f"  {e.name:<17} {e.what} (~{e.minutes:g} min"
+                        f"{'' if e.default else ', only with --only'})" for e in EXPERIMENTS)
+    p = actions.add_parser(
+        "reproduce", parents=[parent], help="the book's headline results, at its settings",
+        description="Run the book's headline experiments at the book's settings (the sections "
+        "unchanged on the compat layer; divekit's own training for sections the chapters folder "
+        "lacks) and write DIR/reproduce.md: experiment, the book's figure, divekit's, data, time.",
+        epilog="experiments:\n" + listing + "\n\nexamples:\n  divekit book reproduce\n"
+        "  divekit book reproduce --only gru,transformer -o runs/reproduce",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", metavar="NAMES", help="comma-separated experiments (default: all "
+                   "but those marked 'only with --only')")
+    p.add_argument("--chapters", metavar="DIR",
+                   help="the chapters folder (default: ../shared/book/chapters when present)")
+    p.add_argument("-o", "--output", metavar="DIR", default="runs/reproduce",
+                   help="output folder (default: runs/reproduce)")
+    p.add_argument("--data-dir", metavar="DIR", help="the book's data folder (as for run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier reproduce.md")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(handler=cmd_reproduce)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from divekit.book.reproduce import reproduce
+
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    rows = reproduce(args.chapters, args.output, only=only, data_dir=args.data_dir,
+                     overwrite=args.overwrite, progress=not args.no_progress,
+                     echo=lambda line: print(line, file=sys.stderr))
+    width = max(len(r.experiment.name) for r in rows)
+    for r in rows:
+        print(f"{r.experiment.name:<{width}}  book: {r.experiment.book:<45}  divekit: "
+              f"{r.divekit or '-'}  ({r.seconds:.0f} s, {r.status})")
+    print(f"table: {Path(args.output) / 'reproduce.md'}")
+
 
 def _cmd_book_help(parser: argparse.ArgumentParser):
     def handler(args: argparse.Namespace) -> None:
         parser.print_help()
-        raise DivekitError("book needs an action: run or list")
+        raise DivekitError("book needs an action: run, list or reproduce")
     return handler
 
 
