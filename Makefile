@@ -21,6 +21,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -e '.[dev]'
 	$(PIP) install --no-deps d2l==1.0.3    # the benchmarks' peer (its pins clash with ours)
 	$(PIP) install requests ipython matplotlib-inline pandas    # what d2l.torch imports
+	$(PIP) install -q --no-deps --target $(VENV)/peers/d2l-0.17.6 d2l==0.17.6    # the compat layer's peer (benchmarks/book.py), outside site-packages
 	@touch $(STAMP)
 
 demo: $(STAMP)
