@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Timer", "Accumulator", "try_gpu", "try_all_gpus", "get_dataloader_workers",
-           "cpu", "gpu", "num_gpus"]
+__all__ = ["Timer", "Accumulator", "Benchmark", "try_gpu", "try_all_gpus",
+           "get_dataloader_workers", "cpu", "gpu", "num_gpus"]
 
 
 # ------------------------------------------------------------------------------ quick mode
@@ -113,6 +113,20 @@ class Accumulator:
         return self.data[idx]
 
 
+class Benchmark:
+    """``with Benchmark('what'):`` prints ``what: 0.1234 sec``, the block's wall time."""
+
+    def __init__(self, description: str = "Done"):
+        self.description = description
+
+    def __enter__(self) -> Benchmark:
+        self.timer = Timer()
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        print(f"{self.description}: {self.timer.stop():.4f} sec")
+
+
 def num_gpus() -> int:
     return torch.cuda.device_count()
 
@@ -140,3 +154,26 @@ def get_dataloader_workers() -> int:
     fewer cores more workers only cost start-up, so this is ``min(4, cores - 1)`` (0 on a
     single core, which loads in the main process)."""
     return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def _cpu_synchronize() -> None:
+    """Without CUDA, ``torch.cuda.synchronize()`` (no device, or a CPU device) returns at once
+    instead of raising: work on the CPU is synchronous, so there is nothing to wait for, and the
+    book's timing cells (``torch.cuda.synchronize(d2l.try_gpu())``) then run on a laptop. A CUDA
+    device named explicitly still gets torch's own error. Done once, at the compat import."""
+    if torch.cuda.is_available() or getattr(torch.cuda.synchronize, "_divekit_cpu", False):
+        return
+    original = torch.cuda.synchronize
+
+    def synchronize(device: Any = None) -> None:
+        if device is None or (isinstance(device, (str, torch.device))
+                              and torch.device(device).type == "cpu"):
+            return None
+        return original(device)
+
+    synchronize.__doc__ = original.__doc__
+    synchronize._divekit_cpu = True  # type: ignore[attr-defined]
+    torch.cuda.synchronize = synchronize
+
+
+_cpu_synchronize()
