@@ -211,3 +211,26 @@ def test_cli_bad_inputs_are_one_line(tmp_path, capsys):
                  "nothing", "--limit", "4", "--out", str(tmp_path / "x"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "match no linear layer" in err and "W_q" in err and len(err.splitlines()) == 1
+
+
+def test_text_finetune_resume_never_imports_code_named_in_the_run(classify_run, tmp_path,
+                                                                  monkeypatch, capsys):
+    """issue 25: `finetune --task ... --resume` imported config.json's callbacks untyped."""
+    import json
+    import shutil
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(classify_run, run)
+    (tmp_path / "planted_text_cb.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('planted.ran').write_text('x')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "planted_text_cb", raising=False)
+    rec = json.loads((run / "config.json").read_text())
+    rec["config"]["callbacks"] = "planted_text_cb:X"
+    (run / "config.json").write_text(json.dumps(rec))
+    code = main(["finetune", "minilm", "--task", "classify", "--resume", "--out", str(run),
+                 "--epochs", "2", "--device", "cpu"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "'planted_text_cb:X'" in err[0], err
+    assert not (tmp_path / "planted.ran").exists()

@@ -148,3 +148,89 @@ def test_resume_changes_compares_model_options_one_by_one_and_skips_free_options
     assert resume_changes(saved, now) == [("--num-hiddens", 32, 64),
                                           ("--num-layers", "default", 2)]
     assert resume_changes(saved, dataclasses.replace(now, model_options=saved["model_options"])) == []
+
+
+# ----------------------------------------------------------------------------- code in run files
+# issue 25: a run's files are data, never code. `callbacks` is the one config.json field that
+# names code (MODULE:CLASS); a resume takes it only from what is typed now.
+CODE_FIELDS = ("callbacks",)
+PLANTED = """\
+import pathlib
+pathlib.Path(__file__).with_name("planted.ran").write_text("imported")
+from divekit.engine.callbacks import Callback
+class Cb(Callback):
+    pass
+"""
+
+
+@pytest.fixture
+def planted(tmp_path, monkeypatch) -> Path:
+    """A module beside the run, importable, that leaves a file behind when it is imported."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "planted_cb.py").write_text(PLANTED)
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.delitem(__import__("sys").modules, "planted_cb", raising=False)
+    return code / "planted.ran"
+
+
+def plant(run: Path, field: str = "callbacks", value: str = "planted_cb:Cb") -> None:
+    rec = record(run)
+    rec["config"][field] = value
+    (run / "config.json").write_text(json.dumps(rec))
+
+
+def test_the_fields_that_name_code_are_known():
+    from divekit.engine.record import _NAMES_CODE
+
+    assert set(_NAMES_CODE) == set(CODE_FIELDS)
+    names = {f.name for f in dataclasses.fields(ClassifyConfig)}
+    assert set(CODE_FIELDS) <= names
+
+
+@pytest.mark.parametrize("field", CODE_FIELDS)
+def test_resume_never_imports_code_named_in_the_run_and_says_so_in_one_line(run, planted, field,
+                                                                           capsys):
+    plant(run, field)
+    before = (run / "config.json").read_text()
+    line = refused(resume(run, "--epochs", "2"), capsys)
+    assert "'planted_cb:Cb'" in line and "--callbacks" in line and "never imports" in line
+    assert not planted.exists()
+    assert (run / "config.json").read_text() == before
+    assert CheckpointDir(run).latest().name == "epoch-0001"
+    # the Python API goes through the same merge
+    with pytest.raises(DivekitError, match="never imports"):
+        train({"model": "lenet", "resume": True, "out": str(run), "epochs": 2, "quiet": True})
+    assert not planted.exists()
+
+
+def test_this_module_from_a_run_is_not_imported(run, capsys):
+    plant(run, value="this:X")  # the issue's example: it printed the Zen of Python
+    code = main(resume(run, "--epochs", "2"))
+    out = capsys.readouterr()
+    assert code == 2 and "Zen of Python" not in out.out + out.err
+    assert "'this:X'" in out.err
+
+
+def test_callbacks_typed_again_are_used_and_an_empty_list_continues_without(run, planted, capsys):
+    plant(run)
+    assert main(resume(run, "--epochs", "2", "--callbacks", "")) == 0
+    assert not planted.exists() and CheckpointDir(run).latest().name == "epoch-0002"
+    plant(run)
+    assert main(resume(run, "--epochs", "3", "--callbacks", "planted_cb:Cb")) == 0
+    assert planted.exists()  # typed on this command line: the user's choice
+
+
+def test_image_finetune_resume_never_imports_code_named_in_the_run(run, planted, capsys):
+    plant(run)
+    line = refused(["finetune", str(run), "--resume", "--out", str(run), "--epochs", "2"], capsys)
+    assert "'planted_cb:Cb'" in line and not planted.exists()
+
+
+def test_opening_a_run_never_imports_code_named_in_it(run, planted):
+    from divekit.engine.run import evaluate, load_run
+
+    plant(run)
+    assert load_run(run).config.callbacks is None
+    assert "acc" in evaluate(run, device="cpu")
+    assert not planted.exists()

@@ -36,8 +36,8 @@ def add_text_options(p: argparse.ArgumentParser, skip: set[str]) -> None:
 
 def text_config(given: dict[str, Any]) -> Any:
     """The :class:`TextFinetuneConfig` of what was typed; image-only options are refused."""
-    from divekit.config import config_from_dict, field_names, known_values
-    from divekit.engine.run import read_record
+    from divekit.config import config_from_dict, field_names
+    from divekit.engine.run import read_record, saved_options
     from divekit.tasks.bert_finetune import TextFinetuneConfig
 
     names = field_names(TextFinetuneConfig)
@@ -46,7 +46,8 @@ def text_config(given: dict[str, Any]) -> Any:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
         raise DivekitError(f"{flags} apply to image fine-tuning, not to --task {given['task']}")
     if given.get("resume") and given.get("out"):
-        given = {**known_values(TextFinetuneConfig, read_record(given["out"])["config"]), **given}
+        saved = read_record(given["out"])["config"]
+        given = {**saved_options(TextFinetuneConfig, saved, given, given["out"]), **given}
     cfg = config_from_dict(TextFinetuneConfig, given)
     cfg.validate()
     return cfg

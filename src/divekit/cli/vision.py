@@ -101,14 +101,14 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         text_finetune.cmd_finetune_text(args)
         return
     from divekit.cli import print_final
-    from divekit.config import config_from_dict, known_values
-    from divekit.engine.run import read_record
+    from divekit.config import config_from_dict
+    from divekit.engine.run import read_record, saved_options
     from divekit.tasks.finetune import FinetuneConfig, finetune
 
     given = typed_options(args)
     if given.get("resume") and given.get("out"):
-        saved = known_values(FinetuneConfig, read_record(given["out"])["config"])
-        given = {**saved, **given}
+        saved = read_record(given["out"])["config"]
+        given = {**saved_options(FinetuneConfig, saved, given, given["out"]), **given}
     cfg = config_from_dict(FinetuneConfig, given)
     cfg.validate()
     print_final(finetune(cfg))

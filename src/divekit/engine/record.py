@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 CONFIG = "config.json"
 # saved options a resume never takes over from config.json: it decides them anew each time
 _NOT_CARRIED = ("force_resume",)
+# saved options that name code to import (MODULE:CLASS): a run's files are data, never code, so
+# a resume takes these only from what is typed now (saved_options)
+_NAMES_CODE = ("callbacks",)
 
 log = logging.getLogger("divekit")
 
@@ -171,8 +174,32 @@ def resume_values(config_cls: type, typed: dict[str, Any], run_name: str) -> dic
     saved = read_record(run_dir)["config"]
     if typed.get("model") is not None and saved.get("model") != typed["model"]:
         raise DivekitError(f"{run_dir} trained {saved.get('model')!r}, not {typed['model']!r}")
-    saved = {k: v for k, v in known_values(config_cls, saved).items() if k not in _NOT_CARRIED}
-    return {**saved, **typed, "out": str(run_dir), "resume": True}
+    return {**saved_options(config_cls, saved, typed, run_dir), **typed, "out": str(run_dir),
+            "resume": True}
+
+
+def saved_options(config_cls: type, saved: dict[str, Any], typed: dict[str, Any],
+                  run_dir: str | Path) -> dict[str, Any]:
+    """The options a resume takes over from a run's ``config.json`` config (``saved``), to go
+    under what was ``typed`` now: the fields of ``config_cls``, less those each resume decides
+    anew (``--force-resume``) and those that name code (``--callbacks``). Every resume path
+    (``train``, ``finetune``, ``finetune --task``, the Python API) goes through here.
+
+    Nothing in a run directory is imported: a copied or downloaded run would otherwise run any
+    importable module. A run saved with callbacks that are not typed again is refused in one
+    line naming them (its training would otherwise go on without them unnoticed)."""
+    for key in _NAMES_CODE:
+        stored = saved.get(key)
+        if stored not in (None, "", [], {}) and key not in typed:
+            shown = repr(stored)
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            flag = flag_name(key)
+            raise DivekitError(
+                f"{run_dir} was trained with {flag} {shown}, and a resume never imports code "
+                f"named in a run's files: type {flag} again to use them (only code you trust), "
+                f"or {flag} '' to continue without")
+    skip = (*_NOT_CARRIED, *_NAMES_CODE)
+    return {k: v for k, v in known_values(config_cls, saved).items() if k not in skip}
 
 
 def resume_changes(saved: dict[str, Any], config: Any) -> list[tuple[str, Any, Any]]:

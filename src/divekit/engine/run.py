@@ -35,6 +35,7 @@ from divekit.config import config_from_dict, known_values
 from divekit.engine.checkpoint import CheckpointDir, load_weights
 from divekit.engine.lock import LOCK_FILE, RunLock
 from divekit.engine.record import (  # noqa: F401  (re-exported: the run lifecycle's names)
+    _NAMES_CODE,
     _NOT_CARRIED,
     CONFIG,
     _check_resume,
@@ -44,6 +45,7 @@ from divekit.engine.record import (  # noqa: F401  (re-exported: the run lifecyc
     read_record,
     resume_changes,
     resume_values,
+    saved_options,
     write_record,
 )
 from divekit.errors import DivekitError
@@ -209,6 +211,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
     check_record(record, getattr(cls, "record_keys", None) or {}, run_dir / CONFIG)
     values = {**known_values(cls.Config, record["config"]), "resume": False, "out": None}
     values.update({k: False for k in _NOT_CARRIED if k in values})
+    values.update({k: None for k in _NAMES_CODE if k in values})  # code is never taken from a run
     wrong = _config_type_errors(cls.Config, values)
     if wrong:
         raise DivekitError(f"{run_dir / CONFIG}: config {'; '.join(wrong[:3])}")
