@@ -231,32 +231,46 @@ def test_animator_lines_hold_the_data_and_the_view_is_the_books(figures):
     assert _pngs(figures) == ["fig-001-animator.png"]
 
 
-def test_animator_writes_at_most_every_half_second_and_at_the_end(figures, monkeypatch):
+def test_animator_writes_at_most_every_five_seconds_and_at_the_end(figures, monkeypatch):
     import divekit.viz
 
     writes = []
+    clock = [1000.0]
     real = divekit.viz.save_figure
     monkeypatch.setattr(divekit.viz, "save_figure",
-                        lambda fig, path, **kw: writes.append(path) or real(fig, path, **kw))
-    clock = [1000.0]
+                        lambda fig, path, **kw: writes.append((clock[0], path))
+                        or real(fig, path, **kw))
     monkeypatch.setattr(P, "_clock", lambda: clock[0])
-    n = 300
+    n = 230
     a = P.Animator(xlabel='epoch', xlim=[1, n], legend=['loss'])
     for e in range(n):
-        clock[0] += 0.01  # 10 ms an epoch: 3 s in all
+        clock[0] += 0.1  # 100 ms an epoch: 23 s in all
         a.add(e + 1, 1.0 / (e + 1))
-    # the first add, one every 0.5 s, and the last x of xlim
-    assert 5 <= len(writes) <= 8
-    assert set(writes) == {figures / "fig-001-animator.png"}
-    png = np.asarray(Image.open(writes[-1]).convert("RGB"))
+    # the first ~5 s after the first point, then every ~5 s, and the last x of xlim
+    times = [t - 1000.0 for t, _ in writes]
+    assert len(writes) == 5, times
+    assert times[0] >= 5.0 - 1e-9 and all(b - a >= 5.0 - 1e-9 for a, b in zip(times, times[1:-1]))
+    assert times[-1] == pytest.approx(n * 0.1)
+    assert {path for _, path in writes} == {figures / "fig-001-animator.png"}
+    png = np.asarray(Image.open(writes[-1][1]).convert("RGB"))
     assert png.shape[2] == 3 and (png < 250).any()
     assert P.save_figures() == []  # the last add was written already
+    np.testing.assert_array_equal(a.axes[0].lines[0].get_xdata(), np.arange(1, n + 1))
+
+
+def test_animator_points_between_writes_reach_the_file(figures):
+    a = P.Animator(xlim=[1, 100])
+    for e in range(1, 4):
+        a.add(e, float(e))  # quick adds: nothing written yet
+    assert _pngs(figures) == []
+    assert P.save_figures() == [figures / "fig-001-animator.png"]
+    assert P.save_figures() == []  # nothing newer than the file
 
 
 def test_animator_change_after_close_is_written_to_its_file(figures):
     a = P.Animator(xlim=[1, 10])
-    a.add(1, 1.0)  # written
-    P.plot([1, 2])  # the next picture closes the Animator's figure
+    a.add(1, 1.0)
+    P.plot([1, 2])  # the next picture writes and closes the Animator's figure
     before = (figures / "fig-001-animator.png").read_bytes()
     for e in range(2, 6):
         a.add(e, float(e))  # throttled: not all written
