@@ -3,6 +3,7 @@ checked against brute-force definitions and torch's own modules."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import re
@@ -176,6 +177,75 @@ def test_train_ch6_loss_matches_a_brute_force_epoch(animators, capsys):
     assert float(m.group(1)) == pytest.approx(F.cross_entropy(out, y).item(), abs=6e-4)
     assert float(m.group(2)) == pytest.approx((out.argmax(1) == y).float().mean().item(),
                                               abs=6e-4)
+
+
+def _bn_cnn():
+    # no bias before the batch norm: its gradient is zero up to rounding, which Adam would
+    # scale up to full steps of either sign
+    return nn.Sequential(nn.Conv2d(1, 4, kernel_size=5, bias=False), nn.BatchNorm2d(4),
+                         nn.ReLU(), nn.AvgPool2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+
+
+def test_train_ch6_channels_last_on_cpu_matches_the_contiguous_steps(animators, capsys):
+    """On the CPU a CNN trains in channels_last: the same object and parameters, converted in
+    place, with the book's SGD steps (Xavier init, mean cross-entropy) up to float rounding."""
+    X, y = _images(48)
+    net = _small_cnn()
+    ref = copy.deepcopy(net)
+    params = list(net.parameters())
+    torch.manual_seed(3)
+    T.train_ch6(net, _loader(X, y, 16), _loader(X, y, 16), 2, 0.1, CPU)
+    assert list(net.parameters()) == params  # the same Parameter objects
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(3)  # the same Xavier draws, then the plain contiguous steps
+    for m in ref.modules():
+        if type(m) in (nn.Linear, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(2):
+        for Xb, yb in _loader(X, y, 16):
+            opt.zero_grad()
+            F.cross_entropy(ref(Xb), yb).backward()
+            opt.step()
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    m = LOSS_LINE.match(capsys.readouterr().out.splitlines()[1])
+    with torch.no_grad():
+        acc = (ref.eval()(X).argmax(1) == y).float().mean().item()
+    assert float(m.group(3)) == pytest.approx(acc, abs=6e-4)
+
+
+def test_train_ch13_channels_last_keeps_the_optimizer_and_its_state(animators, capsys):
+    torch.manual_seed(0)
+    X, y = _images(32)
+    net = _bn_cnn()
+    ref = copy.deepcopy(net)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    trainer = torch.optim.Adam(net.parameters(), lr=0.01)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    for model, opt in ((net, trainer), (ref, ref_opt)):  # a step before: Adam has state
+        opt.zero_grad()
+        loss(model(X[:8]), y[:8]).sum().backward()
+        opt.step()
+    T.train_ch13(net, _loader(X, y, 8), _loader(X, y, 16), loss, trainer, 2, [CPU])
+    assert all(trainer.state[p]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+               for p in net.parameters() if p.dim() == 4)
+    assert trainer.param_groups[0]["params"] == list(net.parameters())
+    for _ in range(2):
+        ref.train()
+        for Xb, yb in _loader(X, y, 8):
+            ref_opt.zero_grad()
+            loss(ref(Xb), yb).sum().backward()
+            ref_opt.step()
+    for (k, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_train_ch13_leaves_the_layout_off_the_cpu_alone():
+    net = _small_cnn()
+    assert not T._to_channels_last(net, torch.device("meta"))
+    assert net[0].weight.is_contiguous()
+    assert not T._to_channels_last(nn.Linear(3, 2), CPU)  # no convolutions: nothing to do
 
 
 class ListInputNet(nn.Module):
@@ -859,3 +929,14 @@ def test_train_seq2seq_with_the_compat_encoder_and_attention(animators, capsys):
     weights = torch.cat([step[0][0][0] for step in seq], 0).reshape((1, 1, -1, 6))
     assert weights.shape == (1, 1, len(seq), 6)
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 1, len(seq)))
+
+
+def test_cpu_training_configures_the_allocator_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(T, "configure_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setattr(T, "_ALLOCATOR_CONFIGURED", False)
+    T._cpu_allocator(torch.device("meta"))  # not the CPU: left alone
+    assert calls == []
+    T._cpu_allocator(CPU)
+    T._cpu_allocator("cpu")
+    assert calls == [1]
