@@ -105,3 +105,6 @@ def transpose(x, *args, **kwargs):
 
 def reduce_mean(x, *args, **kwargs):
     return x.mean(*args, **kwargs)
+
+
+from divekit.compat.d2l import _bert_small  # noqa: F401,E402  (registers the bert.small stand-in)
