@@ -234,3 +234,21 @@ def test_text_finetune_resume_never_imports_code_named_in_the_run(classify_run, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "'planted_text_cb:X'" in err[0], err
     assert not (tmp_path / "planted.ran").exists()
+
+
+def test_a_huge_lr_that_gives_nan_validation_is_a_divergence_and_nothing_is_kept(classify_run,
+                                                                                tmp_path, capsys):
+    """issue 25: `finetune ... --task classify --lr 1e30` ended with val_loss nan and exit 0, and
+    a later --resume called that checkpoint the last good one. One step (--limit 8, batch 8)
+    leaves finite weights whose outputs are NaN."""
+    from divekit.engine.checkpoint import CheckpointDir
+
+    out = tmp_path / "nan"
+    code = main(["finetune", "minilm", "--task", "classify", "--data",
+                 f"csv:{classify_run.parent / 'reviews.csv'}", "--lr", "1e30", "--epochs", "1",
+                 "--limit", "8", "--batch-size", "8", "--max-len", "16", "--device", "cpu",
+                 "--quiet", "--out", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert "NaN at the end of epoch 1" in err[0] and "no checkpoint was written yet" in err[0]
+    assert CheckpointDir(out).latest() is None

@@ -107,6 +107,61 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in fresh.model.state_dict().values() if v.is_floating_point())
 
 
+class HugeWeightsAtValidation(ToyTask):
+    """From epoch ``at`` on, validation sees finite weights whose outputs are not (the last
+    layer scaled to 3e38, near float32's largest: the logits overflow), as after a huge --lr
+    (issue 25: `finetune --task classify --lr 1e30` ended with val_loss nan, exit 0)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.epoch = at, 0
+
+    def on_epoch_start(self, model, epoch):
+        self.epoch = epoch
+
+    def on_validation_start(self, model):
+        if self.epoch >= self.at:
+            with torch.no_grad():
+                w = model[-1].weight
+                w.div_(w.abs().max()).mul_(3e38)
+
+
+def test_non_finite_validation_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = Trainer(HugeWeightsAtValidation(at=2), TrainConfig(epochs=3, quiet=True, device="cpu"),
+                      tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"val_loss NaN at the end of epoch 2; .*"
+                       r"the last good checkpoint \(epoch-0001\) is kept") as e:
+        trainer.fit()
+    assert "\n" not in str(e.value)
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values()
+               if v.is_floating_point())  # the weights were finite: the outputs were not
+    latest = CheckpointDir(tmp_path).latest()
+    assert latest is not None and latest.name == "epoch-0001"
+    assert not (tmp_path / "checkpoint" / "epoch-0002").exists()
+    with open(tmp_path / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1"]
+    assert [r["epoch"] for r in trainer.history] == [1]
+    fresh = Trainer(ToyTask(), TrainConfig(epochs=3, quiet=True, device="cpu"), tmp_path)
+    assert fresh.restore() and fresh.epoch == 1
+
+
+def test_non_finite_validation_loss_in_the_first_epoch_writes_no_checkpoint(tmp_path):
+    trainer = Trainer(HugeWeightsAtValidation(at=1), TrainConfig(epochs=2, quiet=True, device="cpu"),
+                      tmp_path)
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written yet"):
+        trainer.fit()
+    assert CheckpointDir(tmp_path).latest() is None
+
+
+def test_only_losses_are_judged_at_the_end_of_an_epoch():
+    from divekit.engine.trainer import _non_finite_losses
+
+    row = {"epoch": 1, "train_loss": 0.5, "val_loss": float("inf"), "val_loss_box": float("nan"),
+           "val_mean_iou": float("nan"), "train_acc": 1.0}
+    assert list(_non_finite_losses(row)) == ["val_loss", "val_loss_box"]
+    assert _non_finite_losses({"train_loss": float("nan")}) != {}
+
+
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     trainer = Trainer(ToyTask(), TrainConfig(epochs=1, quiet=True, device="cpu"), tmp_path)
     trainer.fit()

@@ -271,6 +271,9 @@ class Trainer:
                 row["samples_per_s"] = row.pop("samples_per_s")  # column order of metrics.csv
                 row["seconds"] = time.perf_counter() - self.t0
                 row.update(row.pop("_comm", {}))
+                bad = _non_finite_losses(row)
+                if bad:  # before on_epoch_end: this epoch is neither checkpointed nor logged
+                    raise self._diverged_at_epoch_end(bad)
                 self.history.append(row)
                 self._call("on_epoch_end", row)
                 if self.writes:
@@ -416,6 +419,31 @@ class Trainer:
             f"(global step {self.global_step + 1}); stopping: {kept}. "
             "Try a lower --lr or --grad-clip."
         )
+
+    def _diverged_at_epoch_end(self, bad: dict[str, float]) -> TrainingDiverged:
+        """A loss of the epoch's row (the training mean or the validation loss) is NaN or
+        infinite: finite weights can still give non-finite outputs (a huge --lr). The epoch's
+        checkpoint is not written; the last good one stays."""
+        latest = self.checkpoints.latest() if self.checkpoints else None
+        kept = (
+            f"the last good checkpoint ({latest.name}) is kept in {self.checkpoints.root}"
+            if self.checkpoints and latest is not None
+            else "no checkpoint was written yet"
+        )
+        shown = ", ".join(f"{k} {'NaN' if math.isnan(v) else v}" for k, v in bad.items())
+        return TrainingDiverged(
+            f"{shown} at the end of epoch {self.epoch}; stopping without checkpointing it: "
+            f"{kept}. Try a lower --lr or --grad-clip."
+        )
+
+
+def _non_finite_losses(row: dict[str, Any]) -> dict[str, float]:
+    """The losses of an epoch's row (``train_loss``, ``val_loss``, ``val_loss_box``...) that
+    are NaN or infinite. Other metrics may be NaN by definition (a mean IoU with no class
+    present) and are not judged."""
+    return {k: float(v) for k, v in row.items()
+            if k.startswith(("train_", "val_")) and "loss" in k
+            and isinstance(v, int | float) and not math.isfinite(v)}
 
 
 def _is_scalar(v: Any) -> bool:
