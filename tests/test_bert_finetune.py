@@ -252,3 +252,39 @@ def test_a_huge_lr_that_gives_nan_validation_is_a_divergence_and_nothing_is_kept
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert "NaN at the end of epoch 1" in err[0] and "no checkpoint was written yet" in err[0]
     assert CheckpointDir(out).latest() is None
+
+
+def test_batch_size_auto_works_for_text_finetuning(classify_run, tmp_path, capsys):
+    """issue 25: `finetune --task classify --batch-size auto` failed with a TypeError, though
+    the help says N|auto. It now picks the largest batch that fits (the meta-device estimate on
+    the CPU), capped at 10 × the labels, and records the number."""
+    import json
+
+    out = tmp_path / "auto"
+    code = main(["finetune", "minilm", "--task", "classify", "--data",
+                 f"csv:{classify_run.parent / 'reviews.csv'}", "--batch-size", "auto",
+                 "--epochs", "1", "--limit", "8", "--max-len", "16", "--device", "cpu",
+                 "--quiet", "--out", str(out)])
+    shown = capsys.readouterr()
+    assert code == 0, shown.err
+    assert json.loads((out / "config.json").read_text())["config"]["batch_size"] == 8  # all 8
+    assert "--batch-size auto: 8 (largest batch fitting a CPU RAM budget" in shown.out + shown.err
+    assert shown.out.count("trainable params") + shown.err.count("trainable params") == 1
+
+
+@pytest.mark.parametrize("head", ["tag", "qa"])
+def test_batch_size_auto_for_every_head_is_bounded_by_memory_and_data(head):
+    import dataclasses
+
+    from divekit.engine.batch_size import step_memory_of
+
+    task = _task(head, n_train=12)
+    task.config = dataclasses.replace(task.config, batch_size="auto")
+    task.prepare()
+    assert isinstance(task.config.batch_size, int) and 1 <= task.config.batch_size <= 12 * 8
+    tensors = task._encode(task.data.train, "training data")
+    model = task.build_model()
+    step = lambda m, b: task.training_step(m, b)[0]  # noqa: E731
+    sample = tuple(t[:1] for t in tensors)
+    small, large = (step_memory_of(model, sample, step, b) for b in (2, 64))
+    assert large > small  # activations grow with the batch

@@ -152,9 +152,92 @@ def choose_batch_size(
         meta = copy.deepcopy(model).to("meta")
         fits = lambda b: step_memory(meta, sample_shape, b, optimizer) <= ram  # noqa: E731
         where = f"a CPU RAM budget of {ram / 2**20:.0f} MiB" + ("" if budget else " (a quarter of free RAM)")
-    found = largest_fitting(fits, start=2, limit=max_batch)  # BatchNorm needs 2 samples
+    return _choice(fits, where, num_classes, cap, max_batch)
+
+
+def _choice(fits: Callable[[int], bool], where: str, num_classes: int | None, cap: bool,
+            max_batch: int) -> BatchSizeChoice:
+    found = largest_fitting(fits, start=min(2, max_batch), limit=max_batch)  # BatchNorm needs 2
     reason = f"largest batch fitting {where}: {found}"
-    limit = 10 * num_classes
-    if cap and found > limit:
+    limit = 10 * num_classes if num_classes else None
+    if cap and limit is not None and found > limit:
         return BatchSizeChoice(limit, found, f"{reason}; capped at 10 × {num_classes} classes = {limit} (--no-cap to lift)")
     return BatchSizeChoice(found, found, reason)
+
+
+# ---------------------------------------------------------------- any batch, any loss
+Step = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+
+
+def batch_of(sample: tuple[torch.Tensor, ...], b: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """``b`` rows shaped (and typed) like ``sample``'s: empty on the meta device, else the first
+    row repeated (real token ids and labels, so that embeddings and losses accept them)."""
+    if torch.device(device).type == "meta":
+        return tuple(torch.empty((b, *t.shape[1:]), dtype=t.dtype, device="meta") for t in sample)
+    return tuple(t[:1].expand(b, *t.shape[1:]).contiguous().to(device) for t in sample)
+
+
+def step_memory_of(model: nn.Module, sample: tuple[torch.Tensor, ...], step: Step, batch_size: int,
+                   optimizer: str = "sgd") -> int:
+    """:func:`step_memory` for a model that takes several tensors (token ids, segments,
+    lengths, labels): ``step(model, batch)`` gives the loss, run on the meta device."""
+    on_meta = next(model.parameters()).device.type == "meta"
+    meta = (model if on_meta else copy.deepcopy(model).to("meta")).train()
+    weights = sum(p.numel() * p.element_size() for p in meta.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in meta.parameters() if p.requires_grad)
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    batch = batch_of(sample, batch_size, "meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(meta, batch)
+    states = OPTIMIZER_STATES.get(optimizer, 2)
+    inputs = sum(t.numel() * t.element_size() for t in batch)
+    return int(HEADROOM * (weights + trainable * (1 + states) + saved + inputs))
+
+
+def choose_batch_size_for(
+    model: nn.Module,
+    sample: tuple[torch.Tensor, ...],
+    step: Step,
+    *,
+    num_classes: int | None,
+    device: torch.device | str = "cpu",
+    memory_budget: str | int | None = None,
+    cap: bool = True,
+    max_batch: int = 1 << 16,
+    optimizer: str = "sgd",
+) -> BatchSizeChoice:
+    """:func:`choose_batch_size` for any task: ``sample`` is a batch of one or more rows of the
+    task's tensors and ``step(model, batch)`` its training loss. The cap (10 × classes) applies
+    where the task has classes (``num_classes``)."""
+    device = torch.device(device)
+    budget = parse_memory(memory_budget) if memory_budget is not None else None
+    if device.type == "cuda":
+        model = model.to(device).train()
+
+        def fits(b: int) -> bool:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            try:
+                step(model, batch_of(sample, b, device)).backward()
+                peak = torch.cuda.max_memory_allocated(device) - base
+                return budget is None or peak <= budget
+            except torch.cuda.OutOfMemoryError:
+                return False
+            finally:
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+
+        where = f"CUDA memory{f' within {budget / 2**20:.0f} MiB' if budget else ''}"
+    else:
+        ram = budget if budget is not None else available_ram() // 4
+        meta = copy.deepcopy(model).to("meta")
+        fits = lambda b: step_memory_of(meta, sample, step, b, optimizer) <= ram  # noqa: E731
+        where = f"a CPU RAM budget of {ram / 2**20:.0f} MiB" + ("" if budget else " (a quarter of free RAM)")
+    return _choice(fits, where, num_classes, cap, max_batch)

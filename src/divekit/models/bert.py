@@ -136,8 +136,12 @@ def key_padding_mask(valid_lens: Tensor | None, t: int, dtype: torch.dtype) -> T
     most negative number at padding; ``None`` when nothing is padded (the unmasked kernel).
 
     One row per sequence that broadcasts over heads and queries: a ``(B, heads, T, T)`` mask is
-    never materialised. A finite minimum (not ``-inf``) keeps a length-0 row finite."""
-    if valid_lens is None or bool((valid_lens >= t).all()):
+    never materialised. A finite minimum (not ``-inf``) keeps a length-0 row finite. On the
+    meta device (``--batch-size auto``'s memory estimate: shapes, no values) the mask is always
+    built, the larger of the two cases."""
+    if valid_lens is None:
+        return None
+    if valid_lens.device.type != "meta" and bool((valid_lens >= t).all()):
         return None
     keep = torch.arange(t, device=valid_lens.device) < valid_lens[:, None]  # (B, T)
     mask = torch.zeros(keep.shape, dtype=dtype, device=valid_lens.device)

@@ -14,6 +14,7 @@ the base checkpoint (``base_checkpoint``), which is loaded first when the run is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -54,7 +55,8 @@ class TextFinetuneConfig(TaskConfig):
     epochs: int = option(3, "total epochs")
     lr: float = option(1e-4, "learning rate")
     optimizer: str = option("adamw", "optimizer", choices=["sgd", "adam", "adamw"])
-    batch_size: int = option(32, "examples (QA: windows) per minibatch", metavar="N")
+    batch_size: int | str = option(32, "examples (QA: windows) per minibatch, or auto: the "
+                                   "largest that fits, capped at 10 × the labels", metavar="N|auto")
     max_len: int = option(128, "tokens per input, [CLS] and [SEP] included", metavar="T")
     max_answer_len: int = option(30, "qa: longest answer span in tokens", metavar="N")
     doc_stride: int = option(32, "qa: context tokens shared by consecutive windows of a long "
@@ -193,6 +195,31 @@ class TextFinetuneTask(Task, name="bert_finetune"):
             return None
         return TensorBatchLoader(*self._encode(self.data.valid, "validation"),
                                  batch_size=self.config.batch_size, batch_transform=_trim)
+
+    def prepare(self) -> None:
+        """``--batch-size auto`` → the largest batch of the training tensors (padded to their
+        longest row) that fits, capped at 10 × the labels (not for qa), logged with the reason."""
+        cfg = self.config
+        if cfg.batch_size != "auto":
+            return
+        from divekit.engine.batch_size import choose_batch_size_for
+        from divekit.engine.device import resolve_device
+
+        tensors = self._encode(self.data.train, "training data")
+        quiet = logging.getLogger("divekit")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)  # the Trainer builds the model again and reports it
+        try:
+            model = self.build_model()
+        finally:
+            quiet.setLevel(level)
+        choice = choose_batch_size_for(
+            model, tuple(t[:1] for t in tensors), lambda m, b: self.training_step(m, b)[0],
+            num_classes=len(self.labels) if cfg.task != "qa" else None,
+            device=resolve_device(cfg.device), max_batch=max(1, len(tensors[0])),
+            optimizer=cfg.optimizer)
+        log.info("--batch-size auto: %d (%s)", choice.batch_size, choice.reason)
+        self.config = dataclasses.replace(cfg, batch_size=choice.batch_size)
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
