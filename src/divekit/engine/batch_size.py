@@ -84,9 +84,10 @@ def available_ram() -> int:
         return 4 * 2**30
 
 
-def step_memory(model: nn.Module, sample_shape: tuple[int, ...], batch_size: int,
-                optimizer: str = "sgd") -> int:
-    """Estimated bytes of one training step at ``batch_size``, from a pass on the meta device."""
+def _meta_step_bytes(model: nn.Module, run: Callable[[nn.Module], int], optimizer: str) -> int:
+    """Bytes of one training step: ``run(meta_model)`` does the forward pass on the meta device
+    and returns the bytes of its inputs and outputs; the tensors autograd saves for the backward
+    pass are counted as they are saved, and weights, gradients and optimizer states added."""
     on_meta = next(model.parameters()).device.type == "meta"
     meta = (model if on_meta else copy.deepcopy(model).to("meta")).train()
     weights = sum(p.numel() * p.element_size() for p in meta.parameters())
@@ -98,12 +99,21 @@ def step_memory(model: nn.Module, sample_shape: tuple[int, ...], batch_size: int
         saved += t.numel() * t.element_size()
         return t
 
-    x = torch.empty((batch_size, *sample_shape), device="meta")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = meta(x)
+        io = run(meta)
     states = OPTIMIZER_STATES.get(optimizer, 2)
-    total = weights + trainable * (1 + states) + saved + x.numel() * x.element_size()
-    return int(HEADROOM * (total + out.numel() * out.element_size()))
+    return int(HEADROOM * (weights + trainable * (1 + states) + saved + io))
+
+
+def step_memory(model: nn.Module, sample_shape: tuple[int, ...], batch_size: int,
+                optimizer: str = "sgd") -> int:
+    """Estimated bytes of one training step at ``batch_size``, from a pass on the meta device."""
+    def run(meta: nn.Module) -> int:
+        x = torch.empty((batch_size, *sample_shape), device="meta")
+        out = meta(x)
+        return x.numel() * x.element_size() + out.numel() * out.element_size()
+
+    return _meta_step_bytes(model, run, optimizer)
 
 
 def cuda_fits(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int,
@@ -181,23 +191,12 @@ def step_memory_of(model: nn.Module, sample: tuple[torch.Tensor, ...], step: Ste
                    optimizer: str = "sgd") -> int:
     """:func:`step_memory` for a model that takes several tensors (token ids, segments,
     lengths, labels): ``step(model, batch)`` gives the loss, run on the meta device."""
-    on_meta = next(model.parameters()).device.type == "meta"
-    meta = (model if on_meta else copy.deepcopy(model).to("meta")).train()
-    weights = sum(p.numel() * p.element_size() for p in meta.parameters())
-    trainable = sum(p.numel() * p.element_size() for p in meta.parameters() if p.requires_grad)
-    saved = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        saved += t.numel() * t.element_size()
-        return t
-
-    batch = batch_of(sample, batch_size, "meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def run(meta: nn.Module) -> int:
+        batch = batch_of(sample, batch_size, "meta")
         step(meta, batch)
-    states = OPTIMIZER_STATES.get(optimizer, 2)
-    inputs = sum(t.numel() * t.element_size() for t in batch)
-    return int(HEADROOM * (weights + trainable * (1 + states) + saved + inputs))
+        return sum(t.numel() * t.element_size() for t in batch)
+
+    return _meta_step_bytes(model, run, optimizer)
 
 
 def choose_batch_size_for(
