@@ -99,6 +99,10 @@ SMOKE: dict[str, dict[str, Any]] = {
     "bert": dict(batch=16, max_len=32, steps=2, lr=0.01, lines=300),
 }
 CASES = tuple(STANDARD)
+# the real data each case stages from ../shared/data (a case whose data is absent is skipped)
+CASE_DATA = {"lenet": ("MNIST/raw",), "resnet18": ("MNIST/raw",), "gru": ("timemachine.txt",),
+             "gru_scratch": ("timemachine.txt",), "seq2seq": ("fra-eng.zip", "fra-eng"),
+             "bert": ("wikitext-2/valid.txt",)}
 WHAT = {
     "lenet": "train_ch6, LeNet, Fashion-MNIST-format 28x28",
     "gru": "train_ch8, RNNModel(nn.GRU), Time Machine",
@@ -573,6 +577,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         print(f"peer skipped: the book's package is not in {args.peer_dir} (run with "
               f"--install-peer to pip-install d2l=={PEER_VERSION} --no-deps there); compat only")
+    absent = [c for c in cases if not all((SHARED_DATA / f).exists() for f in CASE_DATA[c])]
+    if absent:
+        print(f"shared data absent: {', '.join(absent)} skipped ({SHARED_DATA} lacks "
+              f"{', '.join(sorted({f for c in absent for f in CASE_DATA[c]}))}; set "
+              "DIVEKIT_SHARED_DATA to the shared data folder)")
+        cases = [c for c in cases if c not in absent]
+        if not cases:
+            return
     sides = SIDES if with_book else ("compat",)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {c: {s: [] for s in sides}
                                                            for c in cases}

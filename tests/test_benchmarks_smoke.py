@@ -118,8 +118,9 @@ SMOKES = {
     # the book's training calls, divekit.compat.d2l against the book's package (its own peer
     # folder, .venv/peers): one process per side, six cases
     "book": Smoke(
-        table=(r"book benchmark: smoke sizes", r"book side: d2l|peer skipped",
-               r"(?m)^\| lenet \| \d+\.\d+", r"total wall time"),
+        table=(r"book side: d2l|peer skipped",
+               r"(?m)^\| lenet \| \d+\.\d+|shared data absent: lenet",
+               r"total wall time|shared data absent: lenet, gru, gru_scratch, seq2seq"),
         timeout_s=300,
     ),
 }

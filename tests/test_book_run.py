@@ -217,8 +217,10 @@ def test_run_tiny_section(tmp_path, capsys):
 def test_headless_agg_saves_pictures_and_no_figure_lines(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     out = tmp_path / "agg"
+    data = tmp_path / "data"  # the fixture lists ../img: a data folder of its own, not the shared
+    (data / "img").mkdir(parents=True)
     code, _, err = divekit(capsys, "book", "run", str(FIXTURES / "tiny.md"), "-o", str(out),
-                           "--no-progress")
+                           "--data-dir", str(data), "--no-progress")
     assert code in (0, None), err
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "<Figure size" not in report and "quick mode: off" in report
