@@ -127,18 +127,17 @@ def step_memory(model: nn.Module, sample_shape: tuple[int, ...], batch_size: int
     return _meta_step_bytes(model, run, optimizer)
 
 
-def cuda_fits(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int,
-              device: torch.device, budget: int | None) -> Callable[[int], bool]:
-    """``fits(b)``: one real forward/backward at batch ``b`` on ``device`` without running out."""
+def _cuda_fits(model: nn.Module, loss_at: Callable[[int], torch.Tensor], device: torch.device,
+               budget: int | None) -> Callable[[int], bool]:
+    """``fits(b)``: the loss ``loss_at(b)`` of one real batch of ``b``, and its backward pass,
+    on ``device`` without running out (and within ``budget`` bytes when given)."""
 
     def fits(b: int) -> bool:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         try:
-            x = torch.randn((b, *sample_shape), device=device)
-            loss = nn.functional.cross_entropy(model(x).float(), torch.randint(num_classes, (b,), device=device))
-            loss.backward()
+            loss_at(b).backward()
             peak = torch.cuda.max_memory_allocated(device) - base
             return budget is None or peak <= budget
         except torch.cuda.OutOfMemoryError:
@@ -148,6 +147,18 @@ def cuda_fits(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int,
             torch.cuda.empty_cache()
 
     return fits
+
+
+def cuda_fits(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int,
+              device: torch.device, budget: int | None) -> Callable[[int], bool]:
+    """``fits(b)``: one real forward/backward at batch ``b`` on ``device`` without running out."""
+
+    def loss_at(b: int) -> torch.Tensor:
+        x = torch.randn((b, *sample_shape), device=device)
+        labels = torch.randint(num_classes, (b,), device=device)
+        return nn.functional.cross_entropy(model(x).float(), labels)
+
+    return _cuda_fits(model, loss_at, device, budget)
 
 
 def choose_batch_size(
@@ -229,21 +240,8 @@ def choose_batch_size_for(
     budget = parse_memory(memory_budget) if memory_budget is not None else None
     if device.type == "cuda":
         model = model.to(device).train()
-
-        def fits(b: int) -> bool:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            try:
-                step(model, batch_of(sample, b, device)).backward()
-                peak = torch.cuda.max_memory_allocated(device) - base
-                return budget is None or peak <= budget
-            except torch.cuda.OutOfMemoryError:
-                return False
-            finally:
-                model.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-
+        fits = _cuda_fits(model, lambda b: step(model, batch_of(sample, b, device)), device,
+                          budget)
         where = f"CUDA memory{f' within {budget / 2**20:.0f} MiB' if budget else ''}"
     else:
         ram = budget if budget is not None else available_ram() // 4
