@@ -8,7 +8,8 @@ an input). Each draw runs ``divekit.cli.main`` in-process and must end in succes
 ``error:`` line with exit code 2: never another exit code, never a traceback, never a hang
 (a per-draw deadline). The entry points where real work starts (the training loop, the
 validation loop, the style-transfer optimisation, the systolic simulation, tokenizer training,
-downloads) are replaced by a stop that counts as success; the validation before them is real.
+downloads, a book section's kernel) are replaced by a stop that counts as success; the
+validation before them is real.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ STOPS = [
     ("divekit.hardware.explore", "sweep"), ("divekit.models.summary", "layer_table"),
     ("divekit.engine.comm", "comm_ratio_table"), ("divekit.viz", "plot_image_grid"),
     ("divekit.data.hub", "download"), ("urllib.request", "urlopen"),
+    ("divekit.book.runner", "run_section"),  # `book run|reproduce` start a Jupyter kernel
 ]
 # `divekit models` builds every classifier to count its parameters: stopped at the first
 BUILDS = ("divekit.models", "create_model")

@@ -194,9 +194,16 @@ def reproduce(chapters: str | os.PathLike | None, out_dir: str | os.PathLike, *,
                            "folders), e.g. ../shared/book/chapters")
     experiments = select(only)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DivekitError(f"-o {out} is a file, not a folder")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DivekitError(f"--data-dir {data_dir} is not a folder")
     table = out / "reproduce.md"
-    if table.exists() and not overwrite:
-        raise DivekitError(f"{table} exists; use --overwrite or another -o")
+    if not overwrite:  # an earlier (perhaps interrupted) reproduce into the same folder
+        taken = [p for p in [table, *(out / e.name for e in experiments)] if p.exists()]
+        if taken:
+            raise DivekitError(f"{taken[0]} exists (an earlier reproduce?); use --overwrite "
+                               "or another -o")
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     rows = [Row(e) for e in experiments]
@@ -207,7 +214,7 @@ def reproduce(chapters: str | os.PathLike | None, out_dir: str | os.PathLike, *,
 
             echo(f"{e.name}: divekit train {e.train['model']} (about {e.minutes:g} min)")
             tic = time.perf_counter()
-            (out / e.name).mkdir(parents=True, exist_ok=overwrite)
+            (out / e.name).mkdir(parents=True, exist_ok=True)
             row.divekit, row.data = run_training(
                 e, out / e.name, Path(data_dir) if data_dir else default_data_dir())
             row.seconds = time.perf_counter() - tic
