@@ -111,9 +111,11 @@ def plain_cpu(obj: Any, what: str = "the value") -> Any:
     )
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """``model``'s state as safetensors, written atomically with mode :data:`FILE_MODE`."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def save_weights(model: nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``model``'s state (or a state dict) as safetensors, written atomically with mode
+    :data:`FILE_MODE`."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write_bytes(path, safetensors_bytes(tensors), mode=FILE_MODE)
 
 
@@ -135,12 +137,9 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
             )
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
-                 what: str = "the model") -> None:
-    """Load a safetensors file into ``model``; a file that does not fit (a key missing or
-    unexpected, or a tensor of another shape: a class list or vocabulary of another size than
-    the weights) is one line naming the key and both shapes, and so is a tensor holding NaN or
-    inf (:func:`check_finite`)."""
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked finite; one line for a file that is missing
+    or cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise DivekitError(f"no weights file at {path}")
@@ -150,6 +149,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DivekitError(f"cannot read weights {path}: {first}") from None
     check_finite(tensors, f"weights {path}")
+    return tensors
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
+                 what: str = "the model") -> None:
+    """Load a safetensors file into ``model``; a file that does not fit (a key missing or
+    unexpected, or a tensor of another shape: a class list or vocabulary of another size than
+    the weights) is one line naming the key and both shapes, and so is a tensor holding NaN or
+    inf (:func:`check_finite`)."""
+    tensors = read_weights(path)
     own = model.state_dict()
     shapes = [f"{k} is {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
               for k, v in tensors.items() if k in own and v.shape != own[k].shape]
@@ -211,7 +220,8 @@ class CheckpointDir:
             raise DivekitError(f"checkpoint pointer {pointer}: {what} leads out of the run "
                                f"{self.root.parent} (to {path.resolve()}); refused")
 
-    def save(self, model: nn.Module, state: dict[str, Any], name: str) -> Path:
+    def save(self, model: nn.Module | dict[str, torch.Tensor], state: dict[str, Any],
+             name: str) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
         try:

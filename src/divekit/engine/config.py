@@ -97,9 +97,27 @@ class TrainConfig:
     )
     # data parallelism (see divekit.engine.strategies and the README)
     strategy: str = option(
-        "ddp", "how workers combine gradients: ddp (DistributedDataParallel), allreduce "
-        "(divekit's ring all-reduce) or ps (parameter server on rank 0)", choices=list(STRATEGIES),
+        "ddp", "how the workers share the training: data parallel ddp (DistributedDataParallel), "
+        "allreduce (divekit's ring all-reduce), ps (parameter server on rank 0), async "
+        "(asynchronous parameter server, see --staleness), fsdp (sharded data parallel); model "
+        "parallel pipeline (see --stages, --microbatches) or tensor (see --tp)",
+        choices=list(STRATEGIES),
     )
+    staleness: int | None = option(
+        None, "async: how many updates a worker may run ahead of the slowest (stale-synchronous "
+        "parallel; 0 = synchronous ps; default: unbounded)", metavar="K")
+    stages: int | None = option(
+        None, "pipeline: the number of stages the model is cut into (default: the number of "
+        "processes)", metavar="S")
+    microbatches: int = option(
+        4, "pipeline: microbatches each batch is split into (the bubble is (S-1)/(M+S-1))",
+        metavar="M")
+    pipeline_schedule: str = option(
+        "1f1b", "pipeline: the schedule, gpipe (all forwards, then all backwards) or 1f1b "
+        "(one forward, one backward: fewer activations held)", choices=["gpipe", "1f1b"])
+    tp: int | None = option(
+        None, "tensor: ranks each attention and feed-forward layer is split over (default: the "
+        "number of processes)", metavar="N")
     scale_lr: str = option(
         "none", "linear: multiply --lr by the number of workers (pair it with --warmup-epochs)",
         choices=["none", "linear"],
@@ -136,6 +154,16 @@ class TrainConfig:
             (self.strategy in STRATEGIES,
              f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
             (self.scale_lr in ("none", "linear"), f"--scale-lr must be none or linear, got {self.scale_lr!r}"),
+            (self.staleness is None or (isinstance(self.staleness, int) and self.staleness >= 0),
+             f"--staleness must be 0 or more, got {self.staleness}"),
+            (self.stages is None or (isinstance(self.stages, int) and self.stages >= 1),
+             f"--stages must be at least 1, got {self.stages}"),
+            (isinstance(self.microbatches, int) and self.microbatches >= 1,
+             f"--microbatches must be at least 1, got {self.microbatches}"),
+            (self.pipeline_schedule in ("gpipe", "1f1b"),
+             f"--pipeline-schedule must be gpipe or 1f1b, got {self.pipeline_schedule!r}"),
+            (self.tp is None or (isinstance(self.tp, int) and self.tp >= 1),
+             f"--tp must be at least 1, got {self.tp}"),
         ]
 
     def validate(self) -> None:
@@ -174,7 +202,8 @@ class TaskConfig(TrainConfig):
     # config extends the set for its own such options: RESUME_FREE = TaskConfig.RESUME_FREE | {..}
     RESUME_FREE: ClassVar[frozenset[str]] = frozenset({
         "epochs", "device", "threads", "channels_last", "quiet", "tensorboard", "callbacks",
-        "checkpoint_every", "strategy", "profile_comm", "dist_timeout", "data_dir", "download",
+        "checkpoint_every", "strategy", "stages", "microbatches", "pipeline_schedule", "tp",
+        "profile_comm", "dist_timeout", "data_dir", "download",
         "out", "resume", "force_resume",
     })
 

@@ -26,10 +26,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from divekit.engine.distributed import CommCounter, DistEnv, ring_allreduce
-from divekit.errors import UnknownNameError
+from contextlib import AbstractContextManager
+from typing import Any
 
-STRATEGIES = ("ddp", "allreduce", "ps")
+from divekit.engine.distributed import CommCounter, DistEnv, ring_allreduce
+from divekit.errors import DivekitError, UnknownNameError
+
+# name -> "module:Class"; the strategies beyond data parallelism live in modules of their own
+STRATEGY_CLASSES = {
+    "ddp": "divekit.engine.strategies:DDPStrategy",
+    "allreduce": "divekit.engine.strategies:AllReduceStrategy",
+    "ps": "divekit.engine.strategies:ParameterServerStrategy",
+    "async": "divekit.engine.async_ps:AsyncParameterServerStrategy",
+    "pipeline": "divekit.engine.pipeline:PipelineStrategy",
+    "tensor": "divekit.engine.tensor_parallel:TensorParallelStrategy",
+    "fsdp": "divekit.engine.fsdp:FSDPStrategy",
+}
+STRATEGIES = tuple(STRATEGY_CLASSES)
 
 
 def ring_bytes(nbytes: int, world: int) -> float:
@@ -74,12 +87,69 @@ def set_flat_grads(params: list[nn.Parameter], flat: Tensor) -> None:
 
 
 class Strategy:
-    """One process, no communication: the base every strategy extends."""
+    """One process, no communication: the base every strategy extends.
+
+    The Trainer drives a strategy through these hooks, once per step::
+
+        optimizer.zero_grad(); loss, logs = strategy.forward_backward(task, batch, scale, amp)
+        strategy.reduce_gradients(); if strategy.updates_here: optimizer.step()
+        strategy.after_update()
+
+    A data-parallel strategy (``shards_data``) gives each rank its share of every global batch;
+    a model-parallel one (pipeline, tensor) gives every rank the whole batch and splits the
+    model instead. A strategy whose ranks do not each hold the whole model (``sharded``) gathers
+    it for checkpoints and for the task's end-of-epoch files (:meth:`full_state_dict`, which
+    every rank calls) and loads a full one back (:meth:`load_full_state_dict`), so a run saved
+    with N ranks resumes with any number.
+    """
 
     name = "none"
+    shards_data = True  # each rank trains on its share of every global batch
+    sharded = False  # the ranks' modules hold parts of the model, not all of it
 
-    def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None):
-        self.model, self.env, self.counter = model, env, counter
+    def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None,
+                 config: Any = None):
+        self.model, self.env, self.counter, self.config = model, env, counter, config
+
+    def forward_backward(self, task: Any, batch: Any, scale: float,
+                         autocast: AbstractContextManager) -> tuple[Tensor, dict[str, Tensor]]:
+        """The task's loss on this rank's batch, back-propagated times ``scale``. Every rank
+        runs its backward pass (whose collectives the others wait on) even when its loss is not
+        finite; the Trainer then stops before the optimizer steps."""
+        with autocast:
+            loss, logs = task.training_step(self.train_model, batch)
+        (loss * scale if scale != 1 else loss).backward()
+        return loss, logs
+
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        """Scale the gradients so that the whole model's gradient norm is at most ``max_norm``
+        (a strategy holding parts of the model on each rank takes the norm over all of them)."""
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def before_validation(self) -> None:
+        """Make :attr:`eval_model` ready to validate (e.g. the stages' weights on every rank)."""
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The module validation calls on every rank."""
+        return self.model
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The whole model's state (plain tensors), complete on rank 0 at least. Collective:
+        every rank calls it."""
+        return self.model.state_dict()
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a whole model's state (as :meth:`full_state_dict` gives it) on every rank."""
+        self.model.load_state_dict(state)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's state to checkpoint (rank 0's is written). Collective."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer,
+                                  state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
 
     @property
     def train_model(self) -> nn.Module:
@@ -116,8 +186,9 @@ class Strategy:
 class DDPStrategy(Strategy):
     name = "ddp"
 
-    def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None):
-        super().__init__(model, env, counter)
+    def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None,
+                 config: Any = None):
+        super().__init__(model, env, counter, config)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device = next(model.parameters()).device
@@ -150,8 +221,9 @@ class AllReduceStrategy(Strategy):
 
     name = "allreduce"
 
-    def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None):
-        super().__init__(model, env, counter)
+    def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None,
+                 config: Any = None):
+        super().__init__(model, env, counter, config)
         self.params = _params(model)
         self._broadcast(self.params + list(model.buffers()))  # start from rank 0's replica
 
@@ -169,8 +241,9 @@ class ParameterServerStrategy(Strategy):
 
     name = "ps"
 
-    def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None):
-        super().__init__(model, env, counter)
+    def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None,
+                 config: Any = None):
+        super().__init__(model, env, counter, config)
         self.params = _params(model)
         self._broadcast(self.params + list(model.buffers()))
 
@@ -216,11 +289,18 @@ class ParameterServerStrategy(Strategy):
 
 
 def make_strategy(name: str, model: nn.Module, env: DistEnv,
-                  counter: CommCounter | None = None) -> Strategy:
-    """The strategy ``name`` for ``model`` (plain one-process training when ``W = 1``)."""
+                  counter: CommCounter | None = None, config: Any = None) -> Strategy:
+    """The strategy ``name`` for ``model`` (plain one-process training when ``W = 1``);
+    ``config`` is the run's TrainConfig (``--stages``, ``--tp``, ``--staleness``...)."""
+    import importlib
+
     if name not in STRATEGIES:
         raise UnknownNameError("strategy", name, STRATEGIES)
     if not env.enabled:
-        return Strategy(model, env, counter)
-    cls = {"ddp": DDPStrategy, "allreduce": AllReduceStrategy, "ps": ParameterServerStrategy}
-    return cls[name](model, env, counter)
+        return Strategy(model, env, counter, config)
+    module, _, cls = STRATEGY_CLASSES[name].partition(":")
+    try:
+        found = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise DivekitError(f"--strategy {name} is not available here ({e})") from None
+    return found(model, env, counter, config)

@@ -82,12 +82,12 @@ class Trainer:
         if self.run is not None:
             self.run.model = self.model
         self.counter = D.CommCounter() if config.profile_comm else None
-        self.strategy = make_strategy(config.strategy, self.model, self.env, self.counter)
+        self.strategy = make_strategy(config.strategy, self.model, self.env, self.counter, config)
         self.optimizer = self._build_optimizer()
         self.train_loader = task.train_data()
         self.val_loader = task.val_data()
         self.val_sharded = False
-        if self.env.enabled:
+        if self.env.enabled and self.strategy.shards_data:
             self._shard(self.train_loader)
             if self.val_loader is not None and hasattr(self.val_loader, "shard"):
                 self.val_loader.shard(self.env.rank, self.env.world_size)
@@ -160,9 +160,14 @@ class Trainer:
         """Load the newest checkpoint of ``run_dir``; False when there is none."""
         if self.checkpoints is None or (path := self.checkpoints.latest()) is None:
             return False
-        load_weights(self.model, path / "model.safetensors")
+        if self.strategy.sharded:  # every rank reads the whole model, then keeps its part
+            from divekit.engine.checkpoint import read_weights
+
+            self.strategy.load_full_state_dict(read_weights(path / "model.safetensors"))
+        else:
+            load_weights(self.model, path / "model.safetensors")
         state = self.checkpoints.load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_optimizer_state_dict(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rngs = state.get("rng_ranks")
         set_rng_state(rngs[self.env.rank] if rngs and len(rngs) == self.env.world_size
@@ -207,6 +212,8 @@ class Trainer:
         if self.env.enabled:
             ranks = D.all_gather_object((rng_state(), mine))
             rngs, task_states = [r for r, _ in ranks], [t for _, t in ranks]
+        weights = self.strategy.full_state_dict() if self.strategy.sharded else self.model
+        optimizer_state = self.strategy.optimizer_state_dict(self.optimizer)
         if not self.is_main:
             return
         done = self.epoch - 1 if step_in_epoch else self.epoch
@@ -215,7 +222,7 @@ class Trainer:
             "global_step": self.global_step,
             "step_in_epoch": step_in_epoch,
             "world_size": self.env.world_size,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "history": self.history,
@@ -226,7 +233,7 @@ class Trainer:
         if partial is not None:
             state["partial"] = partial
         name = f"epoch-{done:04d}" + (f"-step-{step_in_epoch:06d}" if step_in_epoch else "")
-        self.checkpoints.save(self.model, state, name=name)
+        self.checkpoints.save(weights, state, name=name)
 
     def _record_scaling(self) -> None:
         """World size, per-worker and global batch and the learning rate, into config.json."""
@@ -237,7 +244,8 @@ class Trainer:
             "strategy": self.config.strategy if self.env.enabled else "none",
             "backend": D.backend_for(self.device) if self.env.enabled else None,
             "batch_size_per_worker": per_worker,
-            "global_batch_size": per_worker * self.env.world_size if per_worker else None,
+            "global_batch_size": (per_worker * (self.env.world_size if self.strategy.shards_data
+                                                else 1)) if per_worker else None,
             "lr": self.config.lr,
             "effective_lr": float(self.optimizer.param_groups[0].get("initial_lr",
                                   self.optimizer.param_groups[0]["lr"])),
@@ -276,9 +284,10 @@ class Trainer:
                     raise self._diverged_at_epoch_end(bad)
                 self.history.append(row)
                 self._call("on_epoch_end", row)
+                model = self._whole_model() if self.strategy.sharded else self.model
                 if self.writes:
                     assert self.run is not None
-                    self.task.on_epoch_end(self.model, self.epoch, self.run, metrics)
+                    self.task.on_epoch_end(model, self.epoch, self.run, metrics)
         finally:
             self._call("on_fit_end")
             if self._owns_group:
@@ -286,18 +295,36 @@ class Trainer:
                 self._owns_group = False
         return self.history
 
+    def _whole_model(self) -> nn.Module | None:
+        """The whole model as one plain module on rank 0 (None elsewhere), gathered from a
+        sharded strategy's ranks: what the task's end-of-epoch files are written from."""
+        state = self.strategy.full_state_dict()
+        if not self.is_main:
+            return None
+        model = self.task.build_model()
+        model.load_state_dict(state)
+        return model.to(self.device)
+
     def validate(self) -> dict[str, Any]:
         """The task's validation metrics on the whole validation set ({} without one)."""
         if self.val_loader is None:
             return {}
+        self.strategy.before_validation()
+        if self.env.enabled and not self.strategy.shards_data:
+            # model parallel: every rank holds part of the model and sees the whole batch, so
+            # every rank runs the whole validation set together (and gets the same metrics)
+            return run_validation(self.task, self.strategy.eval_model, self.val_loader,
+                                  self.device, amp=self.config.amp,
+                                  channels_last=self.channels_last)
         if self.val_sharded or not self.env.enabled:
-            return run_validation(self.task, self.model, self.val_loader, self.device,
+            return run_validation(self.task, self.strategy.eval_model, self.val_loader, self.device,
                                   amp=self.config.amp, channels_last=self.channels_last,
                                   reduce=self.val_sharded)
         metrics: dict[str, Any] = {}
         if self.is_main:  # data that cannot be sharded: rank 0 validates, the others wait
-            metrics = run_validation(self.task, self.model, self.val_loader, self.device,
-                                     amp=self.config.amp, channels_last=self.channels_last)
+            metrics = run_validation(self.task, self.strategy.eval_model, self.val_loader,
+                                     self.device, amp=self.config.amp,
+                                     channels_last=self.channels_last)
         return D.broadcast_object(metrics)
 
     def running_metrics(self) -> dict[str, float]:
@@ -348,20 +375,20 @@ class Trainer:
         batch = to_device(batch, self.device, self.channels_last)
         n = task.batch_size(batch)
         self.strategy.before_forward()
-        with autocast(self.device, cfg.amp):
-            loss, logs = task.training_step(self.strategy.train_model, batch)
-        if n and not torch.isfinite(loss.detach()):
-            raise self._diverged(loss, index)
-        if self.env.enabled:
+        scale = 1.0
+        if self.env.enabled and self.strategy.shards_data:
             # L_r · n_r · W / m: the workers' average gradient is the global batch's (strategies.py)
             m = self.train_loader.global_batch_size(index)  # type: ignore[attr-defined]
-            loss = loss * (n * self.env.world_size / m)
+            scale = n * self.env.world_size / m
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, logs = self.strategy.forward_backward(task, batch, scale,
+                                                    autocast(self.device, cfg.amp))
+        if n and not torch.isfinite(loss.detach()):
+            raise self._diverged(loss, index)
         self.strategy.reduce_gradients()
         if self.strategy.updates_here:
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.strategy.clip_grad_norm_(cfg.grad_clip)
             self.optimizer.step()
         self.strategy.after_update()
         with warnings.catch_warnings():  # a ps worker never calls optimizer.step() itself
