@@ -151,7 +151,13 @@ def run_training(e: Experiment, out: Path, data_dir: Path) -> tuple[str, str]:
     lines = [f"{s} => {h}, bleu {b:.3f}" for s, h, b in zip(sources, outputs, scores)]
     atomic_write_text(out / "translations.txt", "\n".join(lines) + "\n")
     loss = result.final.get("train_loss", float("nan"))
-    figure = f"loss {loss:.3f}; bleu " + " / ".join(f"{b:.3f}" for b in scores)
+    # The book's train_seq2seq prints sum(MaskedSoftmaxCELoss) / #tokens, and that loss is each
+    # sequence's masked sum over its num_steps positions divided by num_steps (a mean over
+    # dim 1, padding included): its figure is the per-token loss / num_steps. divekit's
+    # train_loss is the per-token loss, so it is put on the book's scale to compare.
+    steps = int((e.train or {}).get("num_steps", 1))
+    figure = (f"loss {loss / steps:.3f} (per token {loss:.3f} / {steps} steps, the book's "
+              "scale); bleu " + " / ".join(f"{b:.3f}" for b in scores))
     return figure, f"fra-eng from {data_dir}"
 
 
