@@ -10,11 +10,20 @@ Parameter-efficient options (:mod:`divekit.models.lora`): ``--lora R`` (LoRA on
 ``--lora-targets``), ``--adapters SIZE`` and ``--add-tokens FILE`` freeze the encoder (unless
 ``--unfreeze``) and make the run's checkpoints hold only what trains; ``config.json`` points to
 the base checkpoint (``base_checkpoint``), which is loaded first when the run is opened.
+
+Such an adapter-only run is only half a model: the other half is the base's weights file. The
+record therefore also keeps that file's SHA-256 (``base_sha256``, :func:`weights_sha256`), and
+opening the run (``evaluate``, ``predict``, ``--resume``) refuses in one line when the base has
+changed or is gone, naming both hashes: training the base further would otherwise change the
+run's predictions without a word. ``finetune ... --resume --force-resume`` accepts the new base
+(and records the change in ``base_changes``); every other fix is to put the original base back
+or train the run again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,7 +43,12 @@ from divekit.engine.config import TaskConfig, finite
 from divekit.engine.task import Task
 from divekit.errors import DivekitError
 from divekit.models import lora
-from divekit.models.bert_checkpoint import BertTokenizer, load_pretrained, resolve_checkpoint
+from divekit.models.bert_checkpoint import (
+    BertTokenizer,
+    load_pretrained,
+    read_weights,
+    resolve_checkpoint,
+)
 from divekit.models.bert_heads import HEADS, BertForTask, ExtendedEmbedding, make_head
 from divekit.ops import seq_metrics as M
 from divekit.tasks.bert_finetune_io import add_words, predict_inputs, read_words
@@ -129,6 +143,27 @@ def load_text_task(config: TextFinetuneConfig) -> TextTaskData:
     if config.limit:
         data.train = data.train[: config.limit]
     return data
+
+
+def base_weights_file(directory: Path) -> Path:
+    """The file :func:`~divekit.models.bert_checkpoint.read_weights` reads in a resolved BERT
+    checkpoint directory: ``model.safetensors``, else ``pytorch_model.bin``."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return directory / name
+    read_weights(directory)  # raises the one-line "missing model.safetensors" error
+    raise AssertionError("unreachable")
+
+
+def weights_sha256(base: str) -> str:
+    """The SHA-256 (hex) of the weights file of ``base`` (``minilm``, a checkpoint directory or
+    a pretraining run), read in 1 MiB blocks: ~0.2 s for MiniLM's 91 MB."""
+    path = base_weights_file(resolve_checkpoint(base))
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _trim(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -246,14 +281,66 @@ class TextFinetuneTask(Task, name="bert_finetune"):
         base = self.config.source
         if base != "minilm":
             base = str(resolve_checkpoint(base).resolve())
-        return {"labels": self.labels, "base_checkpoint": base, "added_tokens": self.added_words,
-                "head": self.config.task, "notes": self.data.notes,
-                "adapter_only": self.config.frozen_base}
+        digest = weights_sha256(base)
+        return {"labels": self.labels, "base_checkpoint": base, "base_sha256": digest,
+                "added_tokens": self.added_words, "head": self.config.task,
+                "notes": self.data.notes, "adapter_only": self.config.frozen_base,
+                **self._base_changes(digest)}
+
+    def _base_changes(self, digest: str) -> dict[str, Any]:
+        """On ``--resume`` of an adapter-only run: refuse a base whose weights are not the ones
+        the run was trained on (unless ``--force-resume``, which records the change under
+        ``base_changes``, with the earlier ones). Called under the run's lock, where the record
+        is written; ``{}`` or ``{"base_changes": [...]}``."""
+        from divekit.engine.record import choose_run_dir, read_record
+
+        cfg = self.config
+        if not cfg.resume:
+            return {}
+        run_dir = choose_run_dir(cfg.out, cfg.run_name, resume=True)
+        old = read_record(run_dir)
+        earlier = old.get("base_changes")
+        changes = list(earlier) if isinstance(earlier, list) else []
+        then = old.get("base_sha256")
+        if isinstance(then, str) and then != digest and old.get("adapter_only"):
+            where = f"{run_dir} holds only the weights trained on top of its base {cfg.source}"
+            if not cfg.force_resume:
+                raise DivekitError(
+                    f"{where}, whose weights changed (sha256 {then[:16]} in the run, "
+                    f"{digest[:16]} now): put the original base back, train the run again, or "
+                    "pass --force-resume to continue on the new base (recorded in config.json)")
+            log.warning("--force-resume: %s, whose weights changed (sha256 %s in the run, %s "
+                        "now): continuing on the new base", where, then[:16], digest[:16])
+            changes.append({"base_sha256": then, "now": digest})
+        return {"base_changes": changes} if changes else {}
+
+    def check_base(self, run_dir: Any) -> None:
+        """Refuse to open an adapter-only run whose base is gone or whose base weights are not
+        the ones it was trained on (``base_sha256`` in its record), in one line naming both
+        hashes. Records from before the hash was kept are not checked."""
+        want = self.record.get("base_sha256")
+        if not self.record.get("adapter_only") or not isinstance(want, str):
+            return
+        fix = (f"put the original base back, train the run again, or continue training on the "
+               f"new base with `divekit finetune {self.base} --task {self.config.task} --resume "
+               f"--out {run_dir} --force-resume`")
+        try:
+            now = weights_sha256(self.base)
+        except DivekitError as e:
+            raise DivekitError(f"{run_dir} holds only the weights trained on top of its base "
+                               f"{self.base} (sha256 {want[:16]}), which cannot be read ({e}); "
+                               "put it back there or train the run again") from None
+        if now != want:
+            raise DivekitError(
+                f"{run_dir} holds only the weights trained on top of its base {self.base}, whose "
+                f"weights changed (sha256 {want[:16]} in the run, {now[:16]} now), so its "
+                f"predictions would change silently: {fix}")
 
     def save_extras(self, run_dir: Any) -> None:
         self.tokenizer.save(Path(run_dir) / TOKENIZER)
 
     def load_extras(self, run_dir: Any) -> None:
+        self.check_base(run_dir)
         tok = BertTokenizer.load(resolve_checkpoint(self.base))
         if self.added_words:
             tok = add_words(tok, self.added_words)[0]
