@@ -126,6 +126,11 @@ class Strategy:
         (a strategy holding parts of the model on each rank takes the norm over all of them)."""
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
+    def attach(self, trainer: Any) -> None:
+        """Called once by the Trainer when its optimizer, scheduler and data are built (a
+        strategy that updates the weights itself, as async's server does, keeps what it
+        needs: the optimizer to mirror, ``steps_per_epoch``, the live ``global_step``)."""
+
     def before_validation(self) -> None:
         """Make :attr:`eval_model` ready to validate (e.g. the stages' weights on every rank)."""
 

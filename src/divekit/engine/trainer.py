@@ -100,6 +100,7 @@ class Trainer:
             total_steps=config.epochs * self.steps_per_epoch,
             warmup_steps=round(config.warmup_epochs * self.steps_per_epoch),
         )
+        self.strategy.attach(self)
         self.history: list[dict[str, Any]] = []
         self.global_step = 0
         self.epoch = 0  # completed epochs (the one running, inside an epoch)
