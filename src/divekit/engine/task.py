@@ -134,6 +134,18 @@ class Task:
         """Samples in ``batch``, the weight of its metrics (a language model counts tokens)."""
         return len(batch[0])
 
+    def pipeline_split(self, batch: Any) -> tuple[Any, Any]:
+        """``(inputs, targets)`` of ``batch`` for ``--strategy pipeline``: the first stage feeds
+        ``model(*inputs)`` (a tensor or a tuple of them, batch first), the last stage hands the
+        output and ``targets`` (rows aligned with the inputs') to :meth:`pipeline_loss`.
+        A task overrides both to be pipelined."""
+        raise DivekitError(f"this task ({type(self).__name__}) cannot be pipelined")
+
+    def pipeline_loss(self, output: Tensor, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The mean loss and logs (means) of a microbatch's ``output`` against its
+        ``targets``, as :meth:`training_step` gives them for a whole batch."""
+        raise DivekitError(f"this task ({type(self).__name__}) cannot be pipelined")
+
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         """Before the first training step of ``epoch`` (1-based): reset carried state."""
 

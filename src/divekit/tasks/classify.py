@@ -316,6 +316,11 @@ class ClassificationTask(Task, name="classify"):
         return torch.where(counts > 0, counts.sum() / (k * counts.clamp(min=1)), 0.0).float()
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        (x,), y = self.pipeline_split(batch)
+        return self.pipeline_loss(model(x), y)
+
+    def pipeline_split(self, batch: tuple[Tensor, Tensor]) -> tuple[tuple[Tensor], Tensor]:
+        """The augmented (and mixed) images, and their hard or soft targets."""
         x, y = batch
         if self.batch_augment is not None:
             channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
@@ -324,7 +329,9 @@ class ClassificationTask(Task, name="classify"):
                 x = x.contiguous(memory_format=torch.channels_last)
         if self.mix.enabled:
             x, y = self.mix(x, y)  # soft targets (N, K)
-        logits = model(x)
+        return (x,), y
+
+    def pipeline_loss(self, logits: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         weight = self.loss_weight.to(logits.device) if self.loss_weight is not None else None
         loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=self.config.label_smoothing)
         hard = y.argmax(dim=1) if y.is_floating_point() else y
