@@ -1,0 +1,164 @@
+"""``--strategy async``: asynchronous SGD on a parameter server with the SSP bound ``--staleness``.
+
+* K = 0 is the synchronous parameter server step for step: 2 processes (gloo, spawned here)
+  equal ``ps`` and one process with the global batch, on an MLP (an uneven and an empty last
+  share) and on a convolutional model with channels_last on and off;
+* with K = 1 and a straggler (one rank sleeps after each step) the fast worker runs ahead of
+  the slow one by one step, never more; unbounded, it runs further; the loss still falls;
+* a run resumed from its epoch checkpoint (the server's optimizer state included) ends where
+  the uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from divekit.data.loader import TensorBatchLoader
+from divekit.engine import Task, TrainConfig, Trainer
+from divekit.engine.callbacks import Callback
+from divekit.engine.launch import spawn_local
+
+PER_WORKER = 8
+# 75 = 4·16 + 11: the last global batch splits 6/5; 49 = 3·16 + 1: rank 1's last share is empty
+
+
+class TeacherTask(Task):
+    """Labels of a fixed random linear teacher on random inputs (learnable, no BatchNorm)."""
+
+    def __init__(self, n: int, batch_size: int, conv: bool = False):
+        super().__init__(TrainConfig())
+        g = torch.Generator().manual_seed(n)
+        self.conv = conv
+        self.x = torch.randn(n, 2, 5, 5, generator=g) if conv else torch.randn(n, 6, generator=g)
+        teacher = torch.randn(self.x[0].numel(), 3, generator=g)
+        self.y = (self.x.reshape(n, -1) @ teacher).argmax(1)
+        self.per_batch = batch_size
+
+    def build_model(self) -> nn.Module:
+        if self.conv:
+            return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                                 nn.Tanh(), nn.Flatten(), nn.Linear(36, 3))
+        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def train_data(self):
+        return TensorBatchLoader(self.x, self.y, batch_size=self.per_batch, shuffle=True, seed=7)
+
+    def val_data(self):
+        return TensorBatchLoader(self.x, self.y, batch_size=7)
+
+    def training_step(self, model, batch):
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        return loss, {"loss": loss.detach()}
+
+    def validation_step(self, model, batch):
+        x, y = batch
+        return {"loss": F.cross_entropy(model(x), y, reduction="sum"), "count": len(y)}
+
+    def validation_end(self, sums):
+        return {"loss": float(sums["loss"]) / sums["count"]}
+
+
+class Straggler(Callback):
+    """Rank ``rank`` sleeps ``seconds`` after every step: a worker slower than the others."""
+
+    def __init__(self, rank: int, seconds: float):
+        self.rank, self.seconds = rank, seconds
+
+    def on_train_batch_end(self, trainer, index, logs) -> None:
+        if trainer.env.rank == self.rank:
+            time.sleep(self.seconds)
+
+
+def _config(strategy: str, staleness: int | None = None, channels_last: bool | None = None,
+            epochs: int = 1, scheduler: str = "cosine") -> TrainConfig:
+    return TrainConfig(epochs=epochs, lr=0.2, momentum=0.9, weight_decay=1e-3,
+                       scheduler=scheduler, strategy=strategy, staleness=staleness, quiet=True,
+                       device="cpu", seed=1, channels_last=channels_last)
+
+
+# case -> (dataset size, conv, channels_last)
+PARITY = {"mlp-75": (75, False, None), "mlp-49": (49, False, None),
+          "conv": (75, True, False), "conv-cl": (75, True, True)}
+
+
+def _worker(rank: int, out: str) -> None:
+    out_dir = Path(out)
+    for case, (n, conv, channels_last) in PARITY.items():
+        for strategy, k in (("async", 0), ("ps", None)):
+            trainer = Trainer(TeacherTask(n, PER_WORKER, conv), _config(strategy, k, channels_last))
+            trainer.fit()
+            torch.save(trainer.model.state_dict(), out_dir / f"{case}-{strategy}-rank{rank}.pt")
+    # a straggler: rank 1 sleeps after each step; bounded (K = 1) and unbounded
+    for k in (1, None):
+        trainer = Trainer(TeacherTask(160, PER_WORKER), _config("async", k, epochs=3),
+                          callbacks=[Straggler(1, 0.02)])
+        history = trainer.fit()
+        if rank == 0:
+            torch.save({"leads": dict(trainer.strategy.leads), "history": history},
+                       out_dir / f"straggler-{k}.pt")
+    # resume: 1 epoch, then a new Trainer continues to 2 from the checkpoint
+    for k in (0, 1):
+        whole = Trainer(TeacherTask(75, PER_WORKER), _config("async", k, epochs=2, scheduler="none"))
+        whole.fit()
+        run_dir = out_dir / f"run-{k}"
+        Trainer(TeacherTask(75, PER_WORKER), _config("async", k, epochs=1, scheduler="none"),
+                run_dir=run_dir).fit()
+        resumed = Trainer(TeacherTask(75, PER_WORKER),
+                          _config("async", k, epochs=2, scheduler="none"), run_dir=run_dir)
+        history = resumed.fit(resume=True)
+        torch.save({"whole": whole.model.state_dict(), "resumed": resumed.model.state_dict(),
+                    "history": history}, out_dir / f"resume-{k}-rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("async")
+    spawn_local(_worker, 2, str(out))
+    return out
+
+
+@pytest.mark.parametrize("case", list(PARITY))
+def test_staleness_zero_is_ps_and_one_process(runs, case):
+    n, conv, channels_last = PARITY[case]
+    single = Trainer(TeacherTask(n, 2 * PER_WORKER, conv), _config("ddp", None, channels_last))
+    single.fit()
+    reference = single.model.state_dict()
+    ps = torch.load(runs / f"{case}-ps-rank0.pt", weights_only=True)
+    for rank in (0, 1):
+        weights = torch.load(runs / f"{case}-async-rank{rank}.pt", weights_only=True)
+        for k, v in reference.items():
+            torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-5, msg=k)
+            torch.testing.assert_close(weights[k], ps[k], rtol=0, atol=1e-7, msg=k)
+    torch.manual_seed(1)
+    fresh = TeacherTask(n, 1, conv).build_model()
+    assert not torch.allclose(fresh[0].weight, reference["0.weight"], atol=1e-3)
+
+
+def test_a_fast_worker_runs_ahead_by_at_most_k(runs):
+    bounded = torch.load(runs / "straggler-1.pt", weights_only=False)
+    leads = {lead: count for (rank, lead), count in bounded["leads"].items() if rank == 0}
+    assert max(leads) == 1  # ahead, but never by more than K
+    assert leads[1] > sum(leads.values()) / 2  # most of the time: the straggler sets the pace
+    losses = [row["train_loss"] for row in bounded["history"]]
+    assert losses[-1] < losses[0]
+    assert bounded["history"][-1]["val_loss"] < bounded["history"][0]["val_loss"]
+    unbounded = torch.load(runs / "straggler-None.pt", weights_only=False)
+    assert max(lead for (rank, lead) in unbounded["leads"] if rank == 0) > 1
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_resume_from_a_checkpoint(runs, k):
+    for rank in (0, 1):
+        run = torch.load(runs / f"resume-{k}-rank{rank}.pt", weights_only=True)
+        assert [row["epoch"] for row in run["history"]] == [1, 2]
+        for name, v in run["whole"].items():
+            assert torch.isfinite(run["resumed"][name]).all()
+            if k == 0:  # deterministic: the server's momentum came back with the weights
+                torch.testing.assert_close(run["resumed"][name], v, rtol=0, atol=1e-6, msg=name)
