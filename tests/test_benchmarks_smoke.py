@@ -78,6 +78,12 @@ SMOKES = {
                *(rf"(?m)^2 x {strategy}\s+\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+%$"
                  for strategy in ("ddp", "allreduce", "ps"))),
     ),
+    "pipeline_bubble": Smoke(
+        table=(r"schedule\s+M\s+formula\s+measured\s+stage 0\s+stage 1\s+step ms",
+               r"(?m)^gpipe\s+1\s+50\.0%\s+\d+\.\d%\s+\d+\.\d%\s+\d+\.\d%\s+\d+\.\d$",
+               r"(?m)^1f1b\s+4\s+20\.0%\s+\d+\.\d%"),
+        timeout_s=180,
+    ),
     "hardware": Smoke(
         table=(r"layer\s+array\s+df\s+MxKxN\s+cycles",
                r"(?m)^gemm 32x16x32\s+8x4\s+ws",
