@@ -22,7 +22,7 @@ from divekit.config import add_config_options, typed_options
 # name (TASKS) how `divekit evaluate` and `predict` print their results
 AREA_MODULES = ["divekit.cli.vision", "divekit.cli.detect", "divekit.cli.text",
                 "divekit.cli.translate", "divekit.cli.dense", "divekit.cli.bert", "divekit.cli.bert_finetune",
-                "divekit.cli.hw", "divekit.cli.book", "divekit.cli.dist"]
+                "divekit.cli.hw", "divekit.cli.book", "divekit.cli.dist", "divekit.cli.export"]
 
 
 def area_modules() -> list[ModuleType]:
@@ -330,9 +330,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from divekit.engine.run import predict, read_record
 
-    task = str(read_record(args.run_dir).get("task", "classify"))
     offered = ("top_k", "output", "overwrite", "threshold", "nms_iou", "max_answer_len")
     options = {k: v for k, v in vars(args).items() if k in offered}
+    if args.run_dir.lower().endswith(".onnx"):  # an export: onnxruntime, no run (cli.export)
+        from divekit.cli.export import predict_onnx
+
+        print("\n".join(predict_onnx(args.run_dir, args.inputs, options)))
+        return
+    task = str(read_record(args.run_dir).get("task", "classify"))
     module = area_for(task)
     # engine.run.predict refuses an option the run's task does not take, before loading it
     results = predict(args.run_dir, args.inputs, device=args.device, **options)
