@@ -25,9 +25,10 @@ async      no barrier: a worker's round is its compute plus its own push and pul
            longer of the two (communication overlaps compute, the server is the ceiling).
 pipeline   ``S = N`` stages of contiguous layers, balanced by FLOPs; ``M`` micro-batches
            flow through them (GPipe). The critical path has ``M+S-1`` forward and as many
-           backward slots, each the slowest stage's work on one micro-batch plus one send
-           of the activation (or its gradient) across a stage boundary; the idle fraction
-           (the bubble) is ``(S-1)/(M+S-1)``. No gradient exchange.
+           backward slots, each the slowest stage's work on one micro-batch plus one
+           (blocking) send of the activation or its gradient across a stage boundary, less
+           the last slot's send; the idle fraction (the bubble) is ``(S-1)/(M+S-1)``. No
+           gradient exchange.
 tensor     every device sees the whole batch and holds ``1/N`` of every layer (Megatron:
            column- then row-parallel pairs); each row-parallel layer's output is
            all-reduced in the forward pass and its input gradient in the backward pass.
@@ -241,8 +242,11 @@ def step_time(strategy: str, cost: ModelCost, n: int, batch: int, net: Network,
     slot_compute = per_micro * TRAIN_FLOPS_FACTOR * slowest / net.flops_per_s  # fwd + bwd
     boundary = max((cost.units[e].out_elems for e in ends[:-1]), default=0)
     send = net.message(per_micro * boundary * net.value_bytes) if n > 1 else 0.0
+    # Blocking sends: every stage but the last (forward) or the first (backward) spends
+    # compute + send per micro-batch, so a direction's critical path is M+S-1 such slots minus
+    # the one send that has no receiver.
     slots = m + n - 1
-    compute, comm = slots * slot_compute, slots * 2 * send  # an activation and its gradient
+    compute, comm = slots * slot_compute, 2 * (slots - 1) * send if n > 1 else 0.0
     return StepTime(strategy, n, compute, comm, compute + comm,
                     f"M={m}, bubble {pipeline_bubble(n, m):.0%}")
 
@@ -261,26 +265,33 @@ def batch_for_efficiency(strategy: str, cost: ModelCost, n: int, net: Network,
                          target: float = TARGET_EFFICIENCY, limit: int = 1 << 30,
                          microbatches: int | None = None) -> int | None:
     """The smallest global batch at which ``strategy`` on ``n`` devices reaches ``target``
-    efficiency, or ``None`` if no batch up to ``limit`` does. For the data-parallel strategies
-    the efficiency grows with the batch (the exchange is fixed, the compute per device grows),
-    so a doubling search then a bisection finds it."""
+    efficiency, or ``None`` if no batch up to ``limit`` does.
+
+    For the data-parallel strategies the exchange is fixed and the busiest device computes
+    ``ceil(G/N)`` samples, so the efficiency grows with ``G`` within each block
+    ``((k-1)N, kN]`` and from block to block at its best point ``G = kN``, but drops at the
+    start of a block (one device gets a sample more than the rest). So: a doubling search and
+    a bisection over the multiples ``kN`` find the first block that reaches ``target``, and a
+    bisection inside that block finds the smallest batch."""
 
     def ok(g: int) -> bool:
         step = step_time(strategy, cost, n, g, net, microbatches)
         return step is not None and efficiency(step, cost, g, net) >= target - 1e-12
 
-    hi = n
-    while not ok(hi):
-        if hi >= limit:
+    def first(lo: int, hi: int, good: Callable[[int], bool]) -> int:
+        """The smallest x in (lo, hi] with good(x), given good(hi), not good(lo), monotone."""
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if good(mid) else (mid, hi)
+        return hi
+
+    k = 1
+    while not ok(k * n):
+        if k * n >= limit:
             return None
-        hi = min(2 * hi, limit)
-    lo = max(n, hi // 2)
-    if ok(lo):
-        return lo
-    while hi - lo > 1:  # ok(hi), not ok(lo)
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
-    return hi
+        k *= 2
+    k = first(k // 2, k, lambda j: j > 0 and ok(j * n)) if k > 1 else 1
+    return first(max((k - 1) * n, n - 1), k * n, ok) if k * n > n else n
 
 
 # ------------------------------------------------------------------------------- the plan

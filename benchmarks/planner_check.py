@@ -1,0 +1,219 @@
+"""Does ``divekit dist plan`` predict real runs? The planner against 2-process training here.
+
+Four measurements on this machine, then the planner's prediction beside the measured step:
+
+1. the device rate: a float32 matrix product (:func:`divekit.engine.planner.measure_flops_per_s`)
+   with the same threads per process as the training runs;
+2. the network: gloo all-reduces of several sizes between 2 local processes, timed and fitted
+   to ``t = 2(W-1) alpha + 2(W-1)/W bytes / B`` (:func:`fit_alpha_beta`);
+3. the model's own rate: one process trains with the global batch G; its step time gives the
+   FLOP/s the model actually reaches (small convolutions run far below a large GEMM's rate);
+4. 2 processes train with G/2 each under ``allreduce`` and ``ps`` (divekit's Trainer, gloo).
+
+The planner then predicts the 2-process steps twice: with the GEMM rate (the planner's inputs
+as a user would give them) and with the model's measured one-process rate (which isolates the
+communication model and the split of the work). Each row says how far the prediction is from
+the measurement; the goal is within 30%.
+
+    python benchmarks/planner_check.py                      # lenet 28x28, G = 128
+    python benchmarks/planner_check.py --global-batch 32    # communication matters more
+    python benchmarks/planner_check.py --smoke              # tiny sizes: checks that it runs
+    python benchmarks/planner_check.py --markdown check.md  # the section for BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from divekit.data.loader import TensorBatchLoader
+from divekit.engine import TrainConfig, Trainer, planner
+from divekit.engine.task import Task
+from divekit.models import create_model
+
+
+class RandomImages(Task):
+    """Random images and labels in memory: the training loop, not the data, is timed."""
+
+    Config = TrainConfig
+
+    def __init__(self, config: TrainConfig, model: str, samples: int, size: int, batch: int):
+        super().__init__(config)
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(samples, 1, size, size, generator=g)
+        self.y = torch.randint(0, 10, (samples,), generator=g)
+        self.model_name, self.batch = model, batch
+
+    def build_model(self):
+        return create_model(self.model_name, num_classes=10, in_channels=1)
+
+    def train_data(self):
+        return TensorBatchLoader(self.x, self.y, batch_size=self.batch, shuffle=True)
+
+    def val_data(self):
+        return None
+
+    def training_step(self, model, batch):
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        return loss, {"loss": loss.detach()}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _train(rank: int, world: int, port: int, args: argparse.Namespace, strategy: str,
+           out: str) -> None:
+    torch.set_num_threads(args.threads)
+    if world > 1:
+        _env(rank, world, port)
+    cfg = TrainConfig(epochs=args.epochs, lr=0.05, strategy=strategy, quiet=True)
+    task = RandomImages(cfg, args.model, args.samples, args.size, args.global_batch // world)
+    history = Trainer(task, cfg).fit()
+    if rank == 0:
+        steps = -(-args.samples // args.global_batch)
+        row = history[-1]  # the last epoch: start-up excluded
+        Path(out).write_text(json.dumps({"step_s": args.samples / row["samples_per_s"] / steps}))
+
+
+def _allreduce_times(rank: int, world: int, port: int, args: argparse.Namespace,
+                     out: str) -> None:
+    torch.set_num_threads(args.threads)
+    _env(rank, world, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        times = []
+        for nbytes in args.sizes:
+            t = torch.ones(nbytes // 4)
+            for _ in range(3):
+                dist.all_reduce(t)
+            samples = []
+            for _ in range(args.reps):
+                dist.barrier()
+                start = time.perf_counter()
+                dist.all_reduce(t)
+                samples.append(time.perf_counter() - start)
+            times.append(statistics.median(samples))
+        if rank == 0:
+            Path(out).write_text(json.dumps(times))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, world: int, *args, fork: bool = False):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        mp.start_processes(fn, args=(world, _port(), *args, out), nprocs=world, join=True,
+                           start_method="fork" if fork else "spawn")
+        return json.loads(Path(out).read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="lenet")
+    p.add_argument("--size", type=int, default=28, help="image side (default: 28)")
+    p.add_argument("--samples", type=int, default=3072)
+    p.add_argument("--global-batch", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds of the three runs; the fastest of each is kept (default: 3)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 epoch (seconds)")
+    p.add_argument("--markdown", metavar="PATH", help="write the section for BENCHMARKS.md")
+    args = p.parse_args(argv)
+    command = "python benchmarks/planner_check.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    args.sizes, args.reps = [4 << 10, 256 << 10, 1 << 20, 4 << 20], 15
+    if args.smoke:
+        args.samples, args.global_batch, args.epochs, args.repeats = 256, 64, 1, 1
+        args.sizes, args.reps = [4 << 10, 2 << 20], 5
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    torch.set_num_threads(args.threads)
+
+    load0 = os.getloadavg()[0]
+    cost = planner.profile_model(args.model, (1, args.size, args.size), num_classes=10)
+    gemm = planner.measure_flops_per_s(256 if args.smoke else 1024,
+                                       0.1 if args.smoke else 1.0)
+    times = _spawn(_allreduce_times, 2, args, fork=args.smoke)
+    alpha, bandwidth = planner.fit_alpha_beta(2, args.sizes, times)
+    # Rounds of (1 process, 2 x allreduce, 2 x ps), interleaved so that a change in what else
+    # runs on the machine touches every configuration alike; the fastest of each is kept (the
+    # run least disturbed by other processes).
+    runs: dict[str, list[float]] = {"one": [], "allreduce": [], "ps": []}
+    for _ in range(args.repeats):
+        runs["one"].append(_spawn(_train, 1, args, "allreduce", fork=args.smoke)["step_s"])
+        for s in ("allreduce", "ps"):
+            runs[s].append(_spawn(_train, 2, args, s, fork=args.smoke)["step_s"])
+    one = min(runs["one"])
+    model_rate = args.global_batch * cost.train_flops / one
+    measured = {s: min(runs[s]) for s in ("allreduce", "ps")}
+
+    load = os.getloadavg()[0]
+    lines = [
+        f"load average {load0:.1f} at the start, {load:.1f} at the end ({os.cpu_count()} cores"
+        "; other processes share them)",
+        f"{args.model} {args.size}x{args.size}: {cost.params:,} parameters, "
+        f"{cost.train_flops / 1e6:.2f} MFLOP per sample (fwd+bwd); global batch "
+        f"{args.global_batch}, {args.samples} samples, {args.epochs} epoch(s) (the last "
+        f"timed), fastest of {args.repeats} round(s), {args.threads} thread(s)/process, "
+        f"torch {torch.__version__}",
+        f"GEMM rate {gemm / 1e9:.2f} GFLOP/s; {args.model}'s own rate in 1 process "
+        f"{model_rate / 1e9:.3f} GFLOP/s (step {one * 1e3:.1f} ms)",
+        "gloo all-reduce, 2 processes: " + ", ".join(
+            f"{b >> 10} KiB {t * 1e6:.0f} us" for b, t in zip(args.sizes, times))
+        + f" -> alpha {alpha * 1e6:.1f} us, B {bandwidth / 1e9:.3f} GB/s",
+        "",
+        f"{'run':<14} {'measured ms':>12} {'planner ms (GEMM R)':>20} {'error':>7} "
+        f"{'planner ms (model R)':>21} {'error':>7}",
+    ]
+    worst = 0.0
+    rows = [("1 process", 1, "allreduce", one), *(
+        (f"2 x {s}", 2, s, t) for s, t in measured.items())]
+    for name, n, strategy, real in rows:
+        cells = []
+        for rate in (gemm, model_rate):
+            net = planner.Network(rate, bandwidth, alpha)
+            step = planner.step_time(strategy, cost, n, args.global_batch, net)
+            assert step is not None
+            err = step.total / real - 1
+            cells.append((step.total, err))
+        worst = max(worst, abs(cells[1][1]) if n > 1 else 0.0)
+        lines.append(f"{name:<14} {real * 1e3:>12.2f} {cells[0][0] * 1e3:>20.2f} "
+                     f"{cells[0][1]:>+7.0%} {cells[1][0] * 1e3:>21.2f} {cells[1][1]:>+7.0%}")
+    verdict = "within" if worst <= 0.3 else "NOT within"
+    lines.append(f"largest 2-process error with the model's own rate: {worst:.0%} ({verdict} "
+                 "the 30% goal)")
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(
+            "## The planner against 2-process training (`divekit dist plan`)\n\n"
+            f"```\n{command}\n```\n\n```\n{text}\n```\n")
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
