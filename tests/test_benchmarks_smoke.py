@@ -92,6 +92,13 @@ SMOKES = {
         with_peers=(r"(?m)^all layers\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+\s+\S+\s+\d+\.\d\s+\d+\.\d",),
         without_peers="scalesim not installed",
     ),
+    "planner_check": Smoke(
+        table=(r"run\s+measured ms\s+planner ms \(GEMM R\)\s+error\s+planner ms \(model R\)",
+               *(rf"(?m)^{run}\s+\d+\.\d\d\s+\d+\.\d\d\s+[+-]\d+%\s+\d+\.\d\d\s+[+-]\d+%$"
+                 for run in ("1 process", "2 x allreduce", "2 x ps")),
+               r"largest 2-process error with the model's own rate: \d+%"),
+        timeout_s=180,
+    ),
     "rnn": Smoke(
         table=(r"implementation\s+tokens/s\s+vs d2l\s+vs concise",
                *(rf"(?m)^divekit {model}\s+[\d,]+"
