@@ -48,8 +48,11 @@ test-book: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# every benchmark at its standard settings against its peer (d2l 1.0.3 and 0.17.6, transformers,
+# peft, sacrebleu, scalesim: all installed by $(STAMP)), then BENCHMARKS.md's generated sections
+# rewritten (benchmarks/run_all.py; `--only NAME,...` for some, `--smoke -o FILE` to test it)
 bench: $(STAMP)
-	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -23,11 +23,11 @@ import argparse
 import importlib
 import math
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import Report, Spread, add_markdown_arg, goal_cell, interleave, paired_ratio, verdict
 from torch import nn
 
 # --smoke: the same code paths at sizes that take seconds
@@ -71,14 +71,34 @@ def padded_batch(B: int, T: int) -> tuple[torch.Tensor, ...]:
     return tokens, torch.zeros_like(tokens), valid, (torch.arange(T) < valid[:, None]).long()
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+GOALS = {"encoder": 1.2, "pretrain": 1.4, "finetune": 1.2}  # issue 26, same-run medians
+ROWS: list[list[str]] = []  # the report's table: every benchmark adds its row
+
+
+def compare(peer, ours, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds per call of the peer and of divekit, ``repeats`` interleaved rounds (peer first)
+    after one warm-up round."""
+    times = interleave({"peer": peer, "divekit": ours}, repeats, warmup=1)
+    return times["peer"], times["divekit"]
+
+
+def _ours_alone(fn, repeats: int) -> list[float]:
+    return interleave({"divekit": fn}, repeats, warmup=1)["divekit"]
+
+
+def rate(times: list[float], work: float) -> float:
+    """Work per second at the median time."""
+    return work / Spread.of(times).median
+
+
+def add_row(what: str, ours: str, peer: str, ratio: Spread | None, goal: float) -> str:
+    """Record a row of the report; returns the console's ratio and verdict text."""
+    if ratio is None:
+        ROWS.append([what, ours, peer, "—", goal_cell(goal), "peer skipped"])
+        return ""
+    ROWS.append([what, ours, peer, ratio.md(), goal_cell(goal), verdict(ratio, goal)])
+    return (f"ratio {ratio.median:.2f}x ({ratio.lo:.2f}-{ratio.hi:.2f}, goal >= {goal}x: "
+            f"{verdict(ratio, goal)})")
 
 
 # ----------------------------------------------------------------------------- the course's BERT
@@ -195,16 +215,23 @@ def encoder_forward(repeats: int, ckpt: str, shapes=FULL["encoder"]) -> None:
         hf = BertModel.from_pretrained(ckpt, attn_implementation="sdpa").eval()
     for B, T in shapes:
         tokens, segments, valid, mask = padded_batch(B, T)
+        what, n = f"encoder forward, MiniLM, {B} × {T} (padded)", B * T
         with torch.inference_mode():
-            a = _time(lambda: ours(tokens, segments, valid), repeats)  # noqa: B023
+            def run_ours():
+                return ours(tokens, segments, valid)  # noqa: B023
             if hf is None:
-                print(f"encoder forward {B}x{T}: divekit {B * T / a:,.0f} tok/s, "
+                a = _ours_alone(run_ours, repeats)
+                print(f"encoder forward {B}x{T}: divekit {rate(a, n):,.0f} tok/s, "
                       "transformers not installed: peer skipped")
+                add_row(what, f"{rate(a, n):,.0f} tok/s", "transformers not installed", None,
+                        GOALS["encoder"])
                 continue
-            b = _time(lambda: hf(input_ids=tokens, token_type_ids=segments, attention_mask=mask), repeats)  # noqa: B023
-        n = B * T
-        print(f"encoder forward {B}x{T}: divekit {n / a:,.0f} tok/s, transformers {n / b:,.0f} tok/s, "
-              f"ratio {b / a:.2f}x")
+            b, a = compare(lambda: hf(input_ids=tokens, token_type_ids=segments,  # noqa: B023
+                                      attention_mask=mask), run_ours, repeats)  # noqa: B023
+        said = add_row(what, f"{rate(a, n):,.0f} tok/s", f"transformers {rate(b, n):,.0f} tok/s",
+                       paired_ratio(b, a), GOALS["encoder"])
+        print(f"encoder forward {B}x{T}: divekit {rate(a, n):,.0f} tok/s, transformers "
+              f"{rate(b, n):,.0f} tok/s, {said}")
 
 
 def pretraining_steps(repeats: int, sizes=FULL["pretrain"]) -> None:
@@ -242,10 +269,13 @@ def pretraining_steps(repeats: int, sizes=FULL["pretrain"]) -> None:
         d2l_step(course, ce, vocab, batch).backward()
         opt2.step()
 
-    a, b = _time(step_ours, repeats), _time(step_course, repeats)
+    b, a = compare(step_course, step_ours, repeats)
     used = float(batch[4].mean())
-    print(f"pretraining step bert_small {B}x{T} ({used:.0%} of the MLM slots used): divekit {1 / a:.2f} steps/s, course {1 / b:.2f} steps/s, "
-          f"ratio {b / a:.2f}x")
+    said = add_row(f"pretraining step, bert_small, {B} × {T}, vocab {vocab:,}, Adam",
+                   f"{rate(a, 1):.2f} steps/s", f"course's BERT {rate(b, 1):.2f} steps/s",
+                   paired_ratio(b, a), GOALS["pretrain"])
+    print(f"pretraining step bert_small {B}x{T} ({used:.0%} of the MLM slots used): divekit "
+          f"{rate(a, 1):.2f} steps/s, course {rate(b, 1):.2f} steps/s, {said}")
 
 
 # ============================================================================ fine-tuning (issue 15)
@@ -294,41 +324,58 @@ def finetune_steps(repeats: int, ckpt: str, batch: int = 32, seq: int = 128) -> 
             loss.backward()
             opt_b.step()
 
-        a = _time(step_ours, repeats)
+        what = (f"fine-tuning step, MiniLM {'full' if mode == 'full' else 'LoRA r 8 query/value'}"
+                f", {batch} × {seq} (padded), AdamW")
         if hf is None:
-            print(f"fine-tuning step MiniLM {mode} {batch}x{seq}: divekit {1 / a:.2f} steps/s, "
+            a = _ours_alone(step_ours, repeats)
+            print(f"fine-tuning step MiniLM {mode} {batch}x{seq}: divekit {rate(a, 1):.2f} steps/s, "
                   f"{' and '.join(missing)} not installed: peer skipped")
+            add_row(what, f"{rate(a, 1):.2f} steps/s", f"{' and '.join(missing)} not installed",
+                    None, GOALS["finetune"])
             continue
-        b = _time(step_hf, repeats)
-        print(f"fine-tuning step MiniLM {mode} {batch}x{seq}: divekit {1 / a:.2f} steps/s, "
-              f"transformers {1 / b:.2f} steps/s, ratio {b / a:.2f}x")
+        b, a = compare(step_hf, step_ours, repeats)
+        peer = "transformers" + (" + peft" if mode == "lora" else "")
+        said = add_row(what, f"{rate(a, 1):.2f} steps/s", f"{peer} {rate(b, 1):.2f} steps/s",
+                       paired_ratio(b, a), GOALS["finetune"])
+        print(f"fine-tuning step MiniLM {mode} {batch}x{seq}: divekit {rate(a, 1):.2f} steps/s, "
+              f"transformers {rate(b, 1):.2f} steps/s, {said}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="interleaved rounds (peer, divekit) after one warm-up round")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--finetune-only", action="store_true", help="only the fine-tuning benchmark (3.)")
     p.add_argument("--pretrain-only", action="store_true", help="only the pretraining benchmark (2.)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny batches, 1 repeat, 1 thread: checks that every benchmark runs "
                         "(seconds)")
+    add_markdown_arg(p)
     args = p.parse_args()
     sizes = SMOKE if args.smoke else FULL
     if args.smoke:
         args.repeats, args.threads = 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
+          f"{args.repeats} interleaved rounds after a warm-up")
     if args.pretrain_only:
         pretraining_steps(args.repeats, sizes["pretrain"])
-        return
-    with tempfile.TemporaryDirectory(prefix="dk-bench-") as tmp:
-        ckpt = checkpoint_dir(args.smoke, tmp)
-        if not args.finetune_only:
-            encoder_forward(args.repeats, ckpt, sizes["encoder"])
-            pretraining_steps(args.repeats, sizes["pretrain"])
-        finetune_steps(args.repeats, ckpt, *sizes["finetune"])
+    else:
+        with tempfile.TemporaryDirectory(prefix="dk-bench-") as tmp:
+            ckpt = checkpoint_dir(args.smoke, tmp)
+            if not args.finetune_only:
+                encoder_forward(args.repeats, ckpt, sizes["encoder"])
+                pretraining_steps(args.repeats, sizes["pretrain"])
+            finetune_steps(args.repeats, ckpt, *sizes["finetune"])
+    report = Report("BERT: encoder forward, pretraining and fine-tuning steps")
+    report.table(["benchmark", "divekit", "peer", "ratio (min–max)", "goal", "verdict"], ROWS,
+                 align="lrrrll",
+                 caption=f"Rates at the median of {args.repeats} interleaved rounds (peer, "
+                         "divekit) after a warm-up round; the ratio is the median and min–max "
+                         "of the per-round ratios of times.")
+    report.write(args.markdown)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import Report, add_markdown_arg, goal_cell, paired_ratio, verdict
 from torch import Tensor, nn
 
 Model = Callable[[Tensor], Tensor]  # token ids (B, T) -> logits (B, T, V)
@@ -88,6 +89,11 @@ PEERS = {  # divekit model -> the d2l implementation of the same network
     "divekit rnn": "d2l RNNLM(RNN)",
     "divekit gru": "d2l RNNLM(GRU)",
 }
+GOALS = {  # issue 26: (divekit model, what it is compared with) -> the same-run goal
+    ("divekit rnn_scratch", "d2l RNNLMScratch(RNNScratch)"): 1.2,
+    ("divekit gru_scratch", "divekit gru"): 0.9,
+    ("divekit lstm_scratch", "divekit lstm"): 0.9,
+}
 
 
 def main() -> None:
@@ -97,10 +103,13 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=28, help="the course's character vocabulary")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--steps", type=int, default=8, help="training steps per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds (every implementation once per round, the order "
+                        "rotating); medians and the min-max of per-round ratios are reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true",
                    help="B=4, T=8, H=32, 2 steps, 1 round, 1 thread: checks that it runs (seconds)")
+    add_markdown_arg(p)
     args = p.parse_args()
     if args.smoke:
         args.batch_size, args.num_steps, args.hidden, args.steps, args.rounds = 4, 8, 32, 2, 1
@@ -120,16 +129,44 @@ def main() -> None:
             times[name].append(train_steps(models[name], batches))
     tokens = args.steps * args.batch_size * args.num_steps
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+
+    def versus(name: str, other: str | None):  # per-round ratio of times: other's / name's
+        return paired_ratio(times[other], times[name]) if other in times else None
+
     print(f"training tokens/s, B={args.batch_size} T={args.num_steps} V={args.vocab} H={args.hidden}, "
           f"{args.threads} thread(s), median of {args.rounds} rounds x {args.steps} steps "
           f"(torch {torch.__version__})")
     print(f"{'implementation':<30} {'tokens/s':>10}  {'vs d2l':>7}  {'vs concise':>10}")
+    rows = []
     for name, r in rate.items():
-        peer = PEERS.get(name)
-        vs_d2l = f"{r / rate[peer]:.2f}x" if peer in rate else "-"
-        concise = name.replace("_scratch", "")
-        vs_concise = f"{r / rate[concise]:.2f}x" if name.endswith("_scratch") and concise in rate else "-"
+        concise = name.replace("_scratch", "") if name.endswith("_scratch") else None
+        d2l_ratio, concise_ratio = versus(name, PEERS.get(name)), versus(name, concise)
+        vs_d2l = f"{d2l_ratio.median:.2f}x" if d2l_ratio else "-"
+        vs_concise = f"{concise_ratio.median:.2f}x" if concise_ratio else "-"
         print(f"{name:<30} {r:>10,.0f}  {vs_d2l:>7}  {vs_concise:>10}")
+        rows.append([name, f"{r:,.0f}", d2l_ratio.md() if d2l_ratio else "—",
+                     concise_ratio.md() if concise_ratio else "—"])
+    goal_rows = []
+    for (name, other), goal in GOALS.items():
+        ratio = versus(name, other)
+        if ratio is None:
+            print(f"goal {name} / {other} >= {goal}x: {other} not measured (d2l is not installed)")
+            goal_rows.append([name, other, "—", goal_cell(goal), "peer not installed"])
+            continue
+        print(f"goal {name} / {other} >= {goal}x: {ratio} {verdict(ratio, goal)}")
+        goal_rows.append([name, other, ratio.md(), goal_cell(goal), verdict(ratio, goal)])
+    report = Report("Recurrent language models", threads=args.threads)
+    report.table(["implementation", "tokens/s", "vs d2l (min–max)", "vs concise (min–max)"],
+                 rows,
+                 caption=f"Training tokens/s, batch {args.batch_size}, sequence length "
+                         f"{args.num_steps}, vocabulary {args.vocab}, {args.hidden} hidden "
+                         f"units, {args.threads} "
+                         f"thread(s); median of {args.rounds} interleaved rounds of {args.steps} "
+                         "SGD steps (the order rotating each round); ratios: median and min–max "
+                         "of the per-round ratios.")
+    report.table(["divekit", "against", "ratio (min–max)", "goal", "verdict"], goal_rows,
+                 align="llrll")
+    report.write(args.markdown)
 
 
 if __name__ == "__main__":

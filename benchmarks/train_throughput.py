@@ -32,13 +32,13 @@ import argparse
 import contextlib
 import io
 import shutil
-import statistics
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from _common import Report, Spread, add_markdown_arg, goal_cell, interleave, paired_ratio, verdict
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,10 +156,7 @@ def run_divekit(model_name, size, batch, lr, epochs, xtr, ytr, xva, yva, channel
     Trainer(task, cfg).fit()
 
 
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
+GOALS = {"lenet": 1.3, "resnet18": 1.5}  # divekit (its defaults) over each d2l side
 
 
 def main() -> int:
@@ -167,11 +164,14 @@ def main() -> int:
     parser.add_argument("--models", default="lenet,resnet18", help="comma-separated (lenet,resnet18)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side; the median is kept")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="interleaved rounds (every side once per round); medians and the "
+                             "min-max of the per-round ratios are reported")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the sample counts")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sample counts and batches, 1 repeat, 1 thread: checks that "
                              "it runs (seconds)")
+    add_markdown_arg(parser)
     args = parser.parse_args()
     cases = SMOKE_CASES if args.smoke else CASES
     if args.smoke:
@@ -189,7 +189,9 @@ def main() -> int:
 
     configure_allocator()  # as the divekit command does; d2l's side runs in this process too
     print(f"torch {torch.__version__}, {args.threads} threads, {args.epochs} epoch(s), "
-          f"median of {args.repeats}")
+          f"median of {args.repeats} interleaved rounds")
+    report = Report("Training throughput: divekit's Trainer vs d2l's `train_ch6`",
+                    threads=args.threads)
     rows = []
     for name in args.models.split(","):
         size, batch, lr, n_train, n_val = cases[name]
@@ -199,32 +201,53 @@ def main() -> int:
         try:
             write_torchvision_layout(tmp, xtr, ytr, xva, yva)
             peers = ("d2l loop", "d2l pipeline") if have_d2l else ()
-            times = {k: [] for k in ("divekit", "divekit --no-channels-last", *peers)}
-            for _ in range(args.repeats):  # interleaved, so load changes hit every side alike
-                times["divekit"].append(timed(run_divekit, name, size, batch, lr, args.epochs,
-                                              xtr, ytr, xva, yva))
-                times["divekit --no-channels-last"].append(timed(
-                    run_divekit, name, size, batch, lr, args.epochs, xtr, ytr, xva, yva, False))
-                if not have_d2l:
-                    continue
-                times["d2l loop"].append(timed(run_d2l_loop, name, lr, args.epochs,
-                                               xtr, ytr, xva, yva, size, batch))
-                pipe = d2l_pipeline_loaders(tmp, size, batch, n_train, n_val)
-                times["d2l pipeline"].append(timed(run_d2l, name, lr, args.epochs, pipe))
+            train = (xtr, ytr, xva, yva)
+            course = (tmp, size, batch, n_train, n_val)  # its loaders are built inside the call
+
+            def pipeline(name=name, lr=lr, course=course):
+                run_d2l(name, lr, args.epochs, d2l_pipeline_loaders(*course))
+
+            sides = {  # interleaved in this order, peer then divekit, every round
+                "d2l loop": partial(run_d2l_loop, name, lr, args.epochs, *train, size, batch),
+                "divekit": partial(run_divekit, name, size, batch, lr, args.epochs, *train),
+                "d2l pipeline": pipeline,
+                "divekit --no-channels-last": partial(run_divekit, name, size, batch, lr,
+                                                      args.epochs, *train, False),
+            }
+            if not have_d2l:
+                sides = {k: v for k, v in sides.items() if k.startswith("divekit")}
+            times = interleave(sides, args.repeats)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        rate = {k: n_train * args.epochs / statistics.median(v) for k, v in times.items()}
-        print(f"\n{name} at {size}x{size}, batch {batch}, {n_train} train + {n_val} val samples, {source}")
-        for k, r in rate.items():
-            print(f"  {k:<26} {r:8.1f} samples/s")
+        rates = {k: [n_train * args.epochs / t for t in v] for k, v in times.items()}
+        print(f"\n{name} at {size}x{size}, batch {batch}, {n_train} train + {n_val} val "
+              f"samples, {source}")
+        side_rows = []
+        for k, r in rates.items():
+            s = Spread.of(r)
+            print(f"  {k:<26} {s.median:8.1f} samples/s ({s.lo:.1f}-{s.hi:.1f})")
+            side_rows.append([k, f"{s.median:.1f}", f"{s.lo:.1f}–{s.hi:.1f}"])
+        report.table(["side", "samples/s (median)", "min–max"], side_rows,
+                     caption=f"**{name}** at {size}×{size}, batch {batch}, {n_train:,} train + "
+                             f"{n_val:,} val samples, {args.epochs} epoch(s), {source}:")
         for ours in ("divekit", "divekit --no-channels-last"):
             for k in peers:
-                ratio = rate[ours] / rate[k]
-                rows.append((name, ours, k, ratio))
-    print("\nsummary (goal >= 1.3x):" if have_d2l
-          else "\nsummary: d2l peer skipped (not installed)")
-    for name, ours, k, ratio in rows:
-        print(f"  {name:<9} {ours:<26} / {k:<13} {ratio:5.2f}x")
+                goal = GOALS[name] if ours == "divekit" else None
+                rows.append((name, ours, k, paired_ratio(rates[ours], rates[k]), goal))
+    print(f"\nsummary (goals: {', '.join(f'{m} >= {g}x' for m, g in GOALS.items())}):"
+          if have_d2l else "\nsummary: d2l peer skipped (not installed)")
+    for name, ours, k, ratio, goal in rows:
+        print(f"  {name:<9} {ours:<26} / {k:<13} {ratio.median:5.2f}x "
+              f"({ratio.lo:.2f}-{ratio.hi:.2f})  {verdict(ratio, goal)}")
+    if rows:
+        report.table(["model", "ratio", "× (min–max)", "goal", "verdict"],
+                     [[n, f"{o} / {k}", r.md(), goal_cell(g), verdict(r, g)]
+                      for n, o, k, r, g in rows], align="llrll",
+                     caption=f"Ratios of samples/s, per interleaved round ({args.repeats} "
+                             "rounds), median and min–max:")
+    else:
+        report.text("d2l is not installed: no ratios.")
+    report.write(args.markdown)
     return 0
 
 

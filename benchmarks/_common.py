@@ -1,0 +1,320 @@
+"""What every benchmark shares: interleaved timing, ratios with their spread, goal verdicts, the
+machine's description and the markdown section a script writes for ``run_all.py``.
+
+Why interleave. On a shared machine the load changes by the second. Timing all of one side and
+then all of the other hands whichever ran during the busy minute a handicap; alternating the
+sides (peer, divekit, peer, divekit, ...) spreads the load over both alike. Each round gives one
+*paired* ratio (peer's time / divekit's time in the same round), so a ratio is reported as the
+median of those pairs with their min–max: the spread says how far the verdict can be trusted.
+
+Why a spread-aware verdict. A median of 1.31× against a goal of 1.3× means nothing if the pairs
+ranged from 1.1× to 1.5×: the next run may well land below. So a goal is "met" only when every
+pair is on the right side of it, "not met" when every pair is on the wrong side, and "not
+settled" when the spread crosses it (:func:`verdict`).
+
+Scripts use it as::
+
+    from _common import Report, add_markdown_arg, interleave, paired_ratio, verdict
+
+    times = interleave({"peer": run_peer, "divekit": run_ours}, repeats=5)
+    r = paired_ratio(times["peer"], times["divekit"])      # > 1: divekit faster
+    print(f"ratio {r}")                                     # "1.42x (1.31-1.50)"
+    report = Report("Training throughput", "python benchmarks/x.py")
+    report.table(["case", "ratio", "goal", "verdict"],
+                 [["lenet", r.md(), "≥ 1.3×", verdict(r, 1.3)]])
+    report.write(args.markdown)                             # when --markdown PATH was given
+
+The leading underscore keeps this module out of the benchmark smoke tests (it is not a script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# ----------------------------------------------------------------------------- timing
+
+
+def wall(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes on the wall clock."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleave(sides: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 0,
+               timer: Callable[[Callable[[], object]], float] = wall) -> dict[str, list[float]]:
+    """Time every side ``repeats`` times, one round after another: in each round the sides run
+    once each, in the order given (put the peer first: peer, divekit, peer, divekit, ...).
+
+    ``warmup`` rounds run first and are not kept (lazy initialisation, oneDNN kernel selection,
+    page faults of first-touched memory). ``timer(fn)`` returns the seconds of one call; the
+    default is :func:`wall`. Returns ``{side: [seconds of round 1, round 2, ...]}``, aligned by
+    round so :func:`paired_ratio` can pair them.
+    """
+    for _ in range(warmup):
+        for fn in sides.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            times[name].append(timer(fn))
+    return times
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A median with the smallest and largest value it was taken from."""
+
+    median: float
+    lo: float
+    hi: float
+    n: int = 1  # how many values
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        if not values:
+            raise ValueError("a spread needs at least one value")
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+    def __str__(self) -> str:  # plain text, for the console (the smoke tests' regexes)
+        return f"{self.median:.2f}x ({self.lo:.2f}-{self.hi:.2f})"
+
+    def md(self, digits: int = 2) -> str:
+        """Markdown cell: ``**1.42×** (1.31–1.50)``."""
+        return f"**{self.median:.{digits}f}×** ({self.lo:.{digits}f}–{self.hi:.{digits}f})"
+
+
+def paired_ratio(peer: Sequence[float], ours: Sequence[float]) -> Spread:
+    """Speed-up of ``ours`` over ``peer`` from times measured in the same rounds: the median and
+    min–max of ``peer[i] / ours[i]`` (above 1: ours is faster). For rates (higher is better)
+    pass them swapped: ``paired_ratio(our_rates, peer_rates)``."""
+    if len(peer) != len(ours) or not peer:
+        raise ValueError(f"paired_ratio needs two equal, non-empty lists, got {len(peer)} "
+                         f"and {len(ours)}")
+    return Spread.of([p / o for p, o in zip(peer, ours, strict=True)])
+
+
+MIN_SETTLING = 3  # fewer pairs than this settle nothing: one round has no spread to speak of
+
+
+def verdict(ratio: Spread, goal: float | None, higher_is_better: bool = True) -> str:
+    """"met" when the whole spread is on the right side of ``goal``, "not met" when all of it is
+    on the wrong side, "not settled" when the spread crosses it or rests on fewer than
+    ``MIN_SETTLING`` pairs (a ``--smoke`` run's single round); "—" without a goal."""
+    if goal is None:
+        return "—"
+    if ratio.n < MIN_SETTLING:
+        return f"not settled ({ratio.n} round{'s' * (ratio.n != 1)})"
+    lo, hi = (ratio.lo, ratio.hi) if higher_is_better else (-ratio.hi, -ratio.lo)
+    g = goal if higher_is_better else -goal
+    if lo >= g:
+        return "met"
+    if hi < g:
+        return "not met"
+    return "not settled"
+
+
+def goal_cell(goal: float | None) -> str:
+    return "—" if goal is None else f"≥ {goal:g}×"
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class PeakRSS:
+    """Peak resident memory of this process while a block runs, sampled every ``interval_s`` by
+    a background thread (``/proc/self/statm``; Linux only, 0 elsewhere)::
+
+        with PeakRSS() as mem:
+            work()
+        mem.peak_mb, mem.growth_mb   # highest RSS seen; that minus the RSS at entry
+
+    ``growth_mb`` is what the block needed beyond what the process already held; memory freed
+    by an earlier block and kept by the allocator can hide part of it, so compare sides each in
+    a fresh process when the figure matters.
+    """
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.start_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def rss_mb() -> float:
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            return 0.0
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+    def __enter__(self) -> PeakRSS:
+        self.start_mb = self.peak_mb = self.rss_mb()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+    @property
+    def growth_mb(self) -> float:
+        return self.peak_mb - self.start_mb
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    """The 1-minute load average, or "n/a" where the OS has none."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
+def gemm_gflops(n: int = 1024, seconds: float = 1.0, threads: int | None = None) -> float:
+    """The machine's fp32 matrix-multiply rate in GFLOP/s: ``n × n`` by ``n × n`` products
+    (2n³ floating-point operations each) repeated for about ``seconds``, the median of five
+    slices. The ceiling a compute-bound step can reach here: a training step's FLOPs divided by
+    its time, over this figure, says how close to the machine it runs."""
+    import torch  # here, not at the top: run_all's --list and argument errors need no torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        torch.mm(a, b, out=out)  # warm-up: kernel choice, first touch of out
+        per_slice = max(seconds / 5, 0.01)
+        rates = []
+        for _ in range(5):
+            calls, start = 0, time.perf_counter()
+            while True:
+                torch.mm(a, b, out=out)
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= per_slice:
+                    break
+            rates.append(2 * n**3 * calls / elapsed / 1e9)
+        return statistics.median(rates)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def machine_line(threads: int | None = None) -> str:
+    """One line: CPU, logical cores, torch version, threads, load average now."""
+    import torch
+
+    t = threads if threads is not None else torch.get_num_threads()
+    return (f"{cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+            f"{t} thread(s), load {load_average()}")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def add_markdown_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--markdown", metavar="PATH", default=None,
+                        help="also write this benchmark's section of BENCHMARKS.md (a '## ' "
+                             "title, the command, the tables) to PATH; benchmarks/run_all.py "
+                             "puts it between the section's markers")
+
+
+def md_escape(cell: object) -> str:
+    return str(cell).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+             align: str | None = None) -> str:
+    """A markdown table; ``align`` has one letter per column, ``l`` or ``r`` (default: the
+    first column left, the others right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    if len(align) != len(headers) or any(len(r) != len(headers) for r in rows):
+        raise ValueError("md_table: every row and the alignment need one entry per header")
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(md_escape(h) for h in headers) + " |",
+             "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that is running, as typed from the repository root, without ``--markdown``
+    and its path (which differ from run to run)."""
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    args, skip = [], False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--markdown":
+            skip = True
+        elif not a.startswith("--markdown="):
+            args.append(a)
+    return " ".join(["python", f"benchmarks/{Path(argv[0]).name}", *args])
+
+
+class Report:
+    """A benchmark's section of BENCHMARKS.md, built while the script runs and written at the
+    end: a ``## `` title, the command that produced it (default: this process's own), a line
+    on the machine, then tables and short generated notes in the order they were added."""
+
+    def __init__(self, title: str, command: str | None = None,
+                 threads: int | None = None) -> None:
+        self.title, self.command = title, command or command_line()
+        self.parts: list[str] = [f"Generated {utc_now()}: {machine_line(threads)}."]
+
+    def text(self, paragraph: str) -> None:
+        self.parts.append(paragraph.strip())
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]],
+              align: str | None = None, caption: str | None = None) -> None:
+        if caption:
+            self.parts.append(caption.strip())
+        self.parts.append(md_table(headers, rows, align))
+
+    def code(self, text: str) -> None:
+        self.parts.append("```\n" + text.rstrip("\n") + "\n```")
+
+    def render(self) -> str:
+        head = f"## {self.title}\n\n```\n{self.command}\n```"
+        return "\n\n".join([head, *self.parts]) + "\n"
+
+    def write(self, path: str | os.PathLike[str] | None) -> None:
+        """Write the section to ``path`` (nothing when it is None: ``--markdown`` not given)."""
+        if path is None:
+            return
+        Path(path).write_text(self.render(), encoding="utf-8")
