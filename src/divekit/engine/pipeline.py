@@ -96,23 +96,20 @@ class _TransformerEmbedding(nn.Module):
 
 class _BertEmbedding(nn.Module):
     """A :class:`~divekit.models.bert.BERTEncoder`'s input: token + segment + position
-    embeddings, normalized, then dropout."""
+    embeddings, normalized, then dropout (the encoder's own modules and parameter, shared)."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
-        self.encoder = encoder  # parameters used: the embeddings and embed_norm, not the blocks
+        self.token_embedding = encoder.token_embedding
+        self.segment_embedding = encoder.segment_embedding
+        self.pos_embedding = encoder.pos_embedding  # the same Parameter, registered here too
+        self.embed_norm, self.dropout = encoder.embed_norm, encoder.dropout
 
     def forward(self, tokens: Tensor, segments: Tensor | None = None) -> Tensor:
-        e = self.encoder
         if segments is None:
             segments = torch.zeros_like(tokens)
-        x = e.token_embedding(tokens) + e.segment_embedding(segments)
-        return e.dropout(e.embed_norm(x + e.pos_embedding[: tokens.shape[1]]))
-
-    def parameters_used(self) -> list[nn.Parameter]:
-        e = self.encoder
-        return [*e.token_embedding.parameters(), *e.segment_embedding.parameters(),
-                e.pos_embedding, *e.embed_norm.parameters()]
+        x = self.token_embedding(tokens) + self.segment_embedding(segments)
+        return self.dropout(self.embed_norm(x + self.pos_embedding[: tokens.shape[1]]))
 
 
 class _Block(nn.Module):
@@ -147,12 +144,6 @@ def model_pieces(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, BERTEncoder):
         return [_BertEmbedding(model), *(_Block(b, 2) for b in model.blks)]
     return [model]
-
-
-def _piece_parameters(piece: nn.Module) -> list[nn.Parameter]:
-    if isinstance(piece, _BertEmbedding):
-        return piece.parameters_used()
-    return list(piece.parameters())
 
 
 def balance(costs: Sequence[float], stages: int) -> list[tuple[int, int]]:
@@ -193,10 +184,17 @@ def split_model(model: nn.Module, stages: int) -> list[nn.Module]:
             f"--strategy pipeline: {type(model).__name__} has {len(pieces)} layer(s) to cut at, "
             f"fewer than the {stages} stages asked for"
         )
-    costs = [1 + sum(p.numel() for p in _piece_parameters(piece)) for piece in pieces]
+    costs = [1 + sum(p.numel() for p in piece.parameters()) for piece in pieces]
     chains = [_Chain(pieces[a:b]) for a, b in balance(costs, stages)]
-    covered = {id(p) for chain in chains for piece in chain.pieces
-               for p in _piece_parameters(piece)}
+    owners: dict[int, int] = {}
+    for s, chain in enumerate(chains):
+        for name, p in chain.named_parameters():
+            if owners.setdefault(id(p), s) != s:
+                raise DivekitError(
+                    f"--strategy pipeline cannot cut {type(model).__name__} into {stages} "
+                    f"stages: a parameter is shared by stages {owners[id(p)]} and {s} "
+                    f"(tied weights, {name}); use fewer stages or untie it")
+    covered = set(owners)
     missed = [name for name, p in model.named_parameters() if id(p) not in covered]
     if missed:
         raise DivekitError(
@@ -272,7 +270,7 @@ class PipelineStrategy(Strategy):
 
     def _owned_tensors(self, chain: nn.Module) -> list[Tensor]:
         """A stage's parameters and buffers (a shared one counted once, in model order)."""
-        mine = {id(p) for piece in chain.pieces for p in _piece_parameters(piece)}
+        mine = {id(p) for piece in chain.pieces for p in piece.parameters()}
         mine |= {id(b) for b in chain.buffers()}
         seen: set[int] = set()
         out = []
