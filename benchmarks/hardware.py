@@ -12,7 +12,9 @@ For each layer (a SCALE-Sim conv row or GEMM, on an array, under a dataflow) one
 * ``analytic``: the closed form.
 
 All must report the same cycles (SCALE-Sim v2 convention). Speed-ups are SCALE-Sim time over
-divekit time (median of ``--repeats`` divekit runs; SCALE-Sim once per layer).
+divekit time, medians of ``--repeats`` interleaved rounds (every side once a round); the goal
+(cycle-accurate >= 20x SCALE-Sim's run on every layer) is judged on the per-round ratios'
+min-max.
 
     python benchmarks/hardware.py
     python benchmarks/hardware.py --compute-only   # skip SCALE-Sim's slow memory stage
@@ -26,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
+from _common import Report, add_markdown_arg, interleave, paired_ratio, verdict, wall
 
 from divekit.hardware.analytic import ArraySpec, gemm_cycles
 from divekit.hardware.scalesim_io import scalesim_ofmap
@@ -55,15 +57,6 @@ SMOKE_LAYERS: list[tuple[str, int, int, str, dict]] = [  # --smoke: every datafl
 ]
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def mnk(spec: dict) -> tuple[int, int, int]:
     if "gemm" in spec:
         return spec["gemm"]
@@ -78,41 +71,65 @@ def scalesim_kwargs(spec: dict) -> dict:
     return dict(ifmap=(h, w), filt=(f, f), channels=c, filters=nf, stride=s)
 
 
+GOAL_CYCLE, GOAL_ANALYTIC = 20.0, 1000.0  # over SCALE-Sim's stall-free run, every layer
+
+
 def bench_layer(name: str, r: int, c: int, df: str, spec: dict, repeats: int, full: bool,
-                rng: np.random.Generator, peer: bool = True) -> tuple[tuple[str, ...], list[float]]:
+                rng: np.random.Generator,
+                peer: bool = True) -> tuple[tuple[str, ...], dict[str, list[float]]]:
+    """One layer, ``repeats`` interleaved rounds (SCALE-Sim's run, its compute stage, divekit's
+    cycle-accurate run, 2,000 closed-form calls): the console row and the seconds per round of
+    each side (``{side: [round 1, ...]}``; NaN where a side is skipped)."""
     m, n, k = mnk(spec)
     array = ArraySpec(r, c, df)
     kwargs = scalesim_kwargs(spec)
-    t_full = t_ref = float("nan")
-    ref = None
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    out: dict[str, object] = {}
+    calls = 2000
+
+    def run_cycle() -> float:
+        return wall(lambda: out.__setitem__("sim", simulate(a, b, array, convention="scalesim")))
+
+    def run_analytic() -> float:
+        return wall(lambda: out.__setitem__("closed", [
+            gemm_cycles(m, n, k, array, convention="scalesim") for _ in range(calls)][-1])) / calls
+
+    sides: dict[str, Callable[[], float]] = {}
     if peer:
         from divekit.hardware.reference import run_layer, time_full_run
 
-        t_full = time_full_run(r, c, df, **kwargs) if full else float("nan")
-        t_ref, ref = timed(lambda: run_layer(r, c, df, **kwargs), 1)
-    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
-    t_cyc, sim = timed(lambda: simulate(a, b, array, convention="scalesim"), repeats)
-    calls = 2000
-    t_an, closed = timed(lambda: [gemm_cycles(m, n, k, array, convention="scalesim")
-                                  for _ in range(calls)][-1], repeats)
-    t_an /= calls
+        if full:
+            sides["scalesim run"] = lambda: time_full_run(r, c, df, **kwargs)
+        sides["scalesim compute"] = lambda: wall(
+            lambda: out.__setitem__("ref", run_layer(r, c, df, **kwargs)))
+    sides |= {"cycle": run_cycle, "analytic": run_analytic}
+    times = interleave(sides, repeats, timer=lambda fn: fn())  # each side times itself
+    nan = [float("nan")] * repeats
+    times = {k: times.get(k, nan) for k in ("scalesim run", "scalesim compute", "cycle",
+                                            "analytic")}
+    sim, closed, ref = out["sim"], out["closed"], out.get("ref")
     assert (ref.cycles if peer else closed.cycles) == sim.stats.cycles == closed.cycles, (
         name, ref, sim.stats, closed)
     assert np.allclose(sim.output, a @ b)
-    ref_t = t_full if full else t_ref
-    row = (name, f"{r}x{c}", df, f"{m}x{k}x{n}", f"{closed.cycles:,}", f"{t_full:.2f}",
-           f"{t_ref:.3f}", f"{t_cyc:.3f}", f"{t_an:.1e}", f"{ref_t / t_cyc:.1f}",
-           f"{t_ref / t_cyc:.1f}", f"{ref_t / t_an:,.0f}")
-    return row, [t_full, t_ref, t_cyc, t_an]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref_t = med["scalesim run"] if full else med["scalesim compute"]
+    row = (name, f"{r}x{c}", df, f"{m}x{k}x{n}", f"{closed.cycles:,}", f"{med['scalesim run']:.2f}",
+           f"{med['scalesim compute']:.3f}", f"{med['cycle']:.3f}", f"{med['analytic']:.1e}",
+           f"{ref_t / med['cycle']:.1f}", f"{med['scalesim compute'] / med['cycle']:.1f}",
+           f"{ref_t / med['analytic']:,.0f}")
+    return row, times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3, help="divekit runs per layer (median)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="interleaved rounds per layer (every side once a round); medians and "
+                         "the per-round ratios' min-max")
     ap.add_argument("--compute-only", action="store_true",
                     help="time only SCALE-Sim's compute stage (skip its memory stage)")
     ap.add_argument("--smoke", action="store_true",
                     help="small layers on 8x8 and 8x4 arrays, 1 run: checks that it runs (seconds)")
+    add_markdown_arg(ap)
     args = ap.parse_args()
     from importlib.metadata import PackageNotFoundError, version
 
@@ -126,29 +143,58 @@ def main() -> None:
     except (ImportError, PackageNotFoundError):
         peer, scalesim = False, "scalesim not installed: its columns are skipped"
     full = not args.compute_only
-    print(f"{scalesim}, numpy {np.__version__}; seconds; divekit: median of "
-          f"{args.repeats} runs; SCALE-Sim: one run")
+    print(f"{scalesim}, numpy {np.__version__}; seconds; medians of {args.repeats} interleaved "
+          "rounds (SCALE-Sim, divekit)")
     head = ("layer", "array", "df", "MxKxN", "cycles", "scalesim run", "scalesim compute",
             "cycle", "analytic", "cycle x", "cycle x compute", "analytic x")
     rows = [head]
-    totals = np.zeros(4)
+    totals: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
+    goal_rows = []
+    ref_side = "scalesim run" if full else "scalesim compute"
     for name, r, c, df, spec in layers:
         row, times = bench_layer(name, r, c, df, spec, args.repeats, full, rng, peer)
         rows.append(row)
-        totals += times
+        for k, v in times.items():
+            totals[k] = totals.get(k, np.zeros(args.repeats)) + np.array(v)
+        if peer:
+            cyc = paired_ratio(times[ref_side], times["cycle"])
+            goal_rows.append([f"{name} ({r}×{c} {df})", cyc.md(1), verdict(cyc, GOAL_CYCLE)])
         print(f"  {name} {r}x{c} {df}: done", flush=True)
-    t_full, t_ref, t_cyc, t_an = totals
-    ref_t = t_full if full else t_ref
-    rows.append(("all layers", "", "", "", "", f"{t_full:.2f}", f"{t_ref:.3f}", f"{t_cyc:.3f}",
-                 f"{t_an:.1e}", f"{ref_t / t_cyc:.1f}", f"{t_ref / t_cyc:.1f}",
-                 f"{ref_t / t_an:,.0f}"))
+    med = {k: float(np.median(v)) for k, v in totals.items()}
+    ref_t = med[ref_side]
+    rows.append(("all layers", "", "", "", "", f"{med['scalesim run']:.2f}",
+                 f"{med['scalesim compute']:.3f}", f"{med['cycle']:.3f}", f"{med['analytic']:.1e}",
+                 f"{ref_t / med['cycle']:.1f}", f"{med['scalesim compute'] / med['cycle']:.1f}",
+                 f"{ref_t / med['analytic']:,.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = []
     for i, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) if j < 4 else cell.rjust(w)
-                        for j, (cell, w) in enumerate(zip(row, widths))))
+        lines.append("  ".join(cell.ljust(w) if j < 4 else cell.rjust(w)
+                               for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0 or i == len(rows) - 2:
-            print("  ".join("-" * w for w in widths))
+            lines.append("  ".join("-" * w for w in widths))
+    print("\n".join(lines))
+    report = Report("Systolic-array simulation against SCALE-Sim")
+    report.text(f"{scalesim}, numpy {np.__version__}. Seconds: medians of {args.repeats} "
+                "interleaved rounds per layer (SCALE-Sim's stall-free run, its compute stage, "
+                "divekit's cycle-accurate run, the closed form); all report the same cycles "
+                "(asserted).")
+    report.code("\n".join(lines))
+    if peer:
+        total = paired_ratio(list(totals[ref_side]), list(totals["cycle"]))
+        goal_rows.append(["all layers", total.md(1), verdict(total, GOAL_CYCLE)])
+        analytic = paired_ratio(list(totals[ref_side]), list(totals["analytic"]))
+        print(f"cycle-accurate vs {ref_side}, all layers: {total} "
+              f"(goal >= {GOAL_CYCLE:g}x on every layer: "
+              f"{', '.join(sorted({row[-1] for row in goal_rows}))})")
+        report.table(["layer", f"cycle-accurate speed-up over `{ref_side}` (min–max)",
+                      f"goal ≥ {GOAL_CYCLE:g}×"], goal_rows, align="lrl")
+        report.text(f"Closed form over `{ref_side}`, all layers: {analytic.md(0)}, goal "
+                    f"≥ {GOAL_ANALYTIC:,.0f}×: {verdict(analytic, GOAL_ANALYTIC)}.")
+    else:
+        report.text("scalesim is not installed: no ratios.")
+    report.write(args.markdown)
 
 
 if __name__ == "__main__":

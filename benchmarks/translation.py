@@ -38,15 +38,14 @@ with the course's four sentences. Results go to ``OUT/results.json``::
 from __future__ import annotations
 
 import argparse
-import math
 import random
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import Report, Spread, add_markdown_arg, interleave, paired_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 FRA = ROOT.parent / "shared" / "data" / "fra-eng" / "fra.txt"
@@ -67,31 +66,35 @@ def import_d2l():
     return d2l
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+ROWS: list[list[str]] = []  # the report's table, a row per measured case
+NOTES: list[str] = []  # what the rows ran on
 
 
 def race(ours: Callable[[], object], theirs: Callable[[], object] | None,
-         repeats: int) -> tuple[float, float]:
-    """Interleave the two so that load changes hit both (no peer: its time is NaN)."""
-    a, b = [], []
-    for _ in range(repeats):
-        a.append(timed(ours, 1))
-        if theirs is not None:
-            b.append(timed(theirs, 1))
-    return statistics.median(a), statistics.median(b) if b else math.nan
+         repeats: int, inner: int = 1) -> tuple[list[float], list[float]]:
+    """Seconds of ``inner`` calls, ``repeats`` interleaved rounds (the peer first, so load
+    changes hit both) after one warm-up round; no peer: its list is empty."""
+    def block(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(inner):
+                fn()
+        return run
+
+    sides = {"peer": block(theirs)} if theirs is not None else {}
+    times = interleave({**sides, "divekit": block(ours)}, repeats, warmup=1)
+    return [t / inner for t in times["divekit"]], [t / inner for t in times.get("peer", [])]
 
 
-def row(name: str, ours: float, theirs: float, peer: str) -> None:
-    if math.isnan(theirs):
-        print(f"{name:<24} {ours * 1e3:>10.2f} {'skipped':>10}  {'-':>7}  ({peer} not installed)")
+def row(name: str, ours: list[float], theirs: list[float], peer: str) -> None:
+    a = Spread.of(ours).median
+    if not theirs:
+        print(f"{name:<24} {a * 1e3:>10.2f} {'skipped':>10}  {'-':>7}  ({peer} not installed)")
+        ROWS.append([name, f"{a * 1e3:.2f}", "—", "—", f"{peer} not installed"])
         return
-    print(f"{name:<24} {ours * 1e3:>10.2f} {theirs * 1e3:>10.2f}  {theirs / ours:>6.2f}x  ({peer})")
+    b, r = Spread.of(theirs).median, paired_ratio(theirs, ours)
+    print(f"{name:<24} {a * 1e3:>10.2f} {b * 1e3:>10.2f}  [{r.lo:.2f}-{r.hi:.2f}] "
+          f"{r.median:>6.2f}x  ({peer})")
+    ROWS.append([name, f"{a * 1e3:.2f}", f"{b * 1e3:.2f}", r.md(), peer])
 
 
 def text_rows(repeats: int, d2l, sizes: dict = FULL) -> None:
@@ -121,6 +124,7 @@ def text_rows(repeats: int, d2l, sizes: dict = FULL) -> None:
         for mine, course_side in zip(ours_out, theirs()):
             assert [t + ["<eos>"] for t in mine] == course_side, "tokenized pairs differ"
     print(f"text: {what}, {len(ours_out[0]):,} pairs")
+    NOTES.append(f"text rows: {what}, {len(ours_out[0]):,} pairs")
     a, b = race(lambda: tokenize_nmt(preprocess_nmt(text)), theirs, repeats)
     row("preprocess+tokenize", a, b, "d2l")
 
@@ -137,7 +141,7 @@ def text_rows(repeats: int, d2l, sizes: dict = FULL) -> None:
         import sacrebleu
     except ImportError:
         a, _ = race(lambda: corpus_bleu(hyps, refs, tokenize="none", smooth="exp"), None, repeats)
-        row("corpus BLEU", a, math.nan, "sacrebleu")
+        row("corpus BLEU", a, [], "sacrebleu")
         return
     ours_score = corpus_bleu(hyps, refs, tokenize="none", smooth="exp")
     theirs_score = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", force=True).score
@@ -167,7 +171,7 @@ def tensor_rows(repeats: int, d2l, sizes: dict = FULL) -> None:
     # the course masks in place, so both sides get a fresh non-leaf copy of the scores
     a_, b_ = race(_fwd_bwd(lambda: masked_softmax(scores * 1, lens), [scores]),
                   d2l and _fwd_bwd(lambda: d2l.masked_softmax(scores * 1, lens), [scores]),
-                  repeats * 20)
+                  repeats, inner=20)
     row("masked_softmax", a_, b_, "d2l")
 
     ours = MultiHeadAttention(d, heads, 0.0, query_size=d, key_size=d, value_size=d).train()
@@ -175,12 +179,13 @@ def tensor_rows(repeats: int, d2l, sizes: dict = FULL) -> None:
     if d2l is None:
         X = torch.randn(b, t, d, requires_grad=True)
         a_, _ = race(_fwd_bwd(lambda: ours(X, X, X, lens), [X, *ours.parameters()]), None,
-                     repeats * 5)
-        row("multi-head attention", a_, math.nan, "d2l")
+                     repeats, inner=5)
+        row("multi-head attention", a_, [], "d2l")
         enc = TransformerEncoder(vocab, d, 64, heads, 2, 0.0).train()
         tokens = torch.randint(0, vocab, (b, t))
-        a_, _ = race(_fwd_bwd(lambda: enc(tokens, lens), list(enc.parameters())), None, repeats * 3)
-        row("transformer encoder", a_, math.nan, "d2l")
+        a_, _ = race(_fwd_bwd(lambda: enc(tokens, lens), list(enc.parameters())), None,
+                     repeats, inner=3)
+        row("transformer encoder", a_, [], "d2l")
         return
     theirs = d2l.MultiHeadAttention(d, heads, 0.0)
     X = torch.randn(b, t, d, requires_grad=True)
@@ -191,7 +196,8 @@ def tensor_rows(repeats: int, d2l, sizes: dict = FULL) -> None:
             getattr(theirs, name).weight.copy_(getattr(ours, name).weight)
         torch.testing.assert_close(ours(X, X, X, lens), theirs(X, X, X, lens), atol=1e-5, rtol=1e-5)
     a_, b_ = race(_fwd_bwd(lambda: ours(X, X, X, lens), [X, *ours.parameters()]),
-                  _fwd_bwd(lambda: theirs(X, X, X, lens), [X, *theirs.parameters()]), repeats * 5)
+                  _fwd_bwd(lambda: theirs(X, X, X, lens), [X, *theirs.parameters()]),
+                  repeats, inner=5)
     row("multi-head attention", a_, b_, "d2l")
 
     enc = TransformerEncoder(vocab, d, 64, heads, 2, 0.0).train()
@@ -205,7 +211,8 @@ def tensor_rows(repeats: int, d2l, sizes: dict = FULL) -> None:
             b.copy_(a)
         torch.testing.assert_close(enc(tokens, lens), peer(tokens, lens), atol=1e-4, rtol=1e-4)
     a_, b_ = race(_fwd_bwd(lambda: enc(tokens, lens), list(enc.parameters())),
-                  _fwd_bwd(lambda: peer(tokens, lens), list(peer.parameters())), repeats * 3)
+                  _fwd_bwd(lambda: peer(tokens, lens), list(peer.parameters())),
+                  repeats, inner=3)
     row("transformer encoder", a_, b_, "d2l")
 
 
@@ -342,6 +349,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true",
                    help="1,000 pairs, batch 8, width 32, 1 repeat, then `corpus --smoke`: checks "
                         "that it runs (seconds)")
+    add_markdown_arg(p)
     args = p.parse_args()
     sizes = SMOKE if args.smoke else FULL
     if args.smoke:
@@ -354,6 +362,18 @@ def main() -> None:
     print(f"{'':<24} {'divekit ms':>10} {'peer ms':>10}  speed-up")
     text_rows(args.repeats, d2l, sizes)
     tensor_rows(args.repeats, d2l, sizes)
+    b, t, d = sizes["batch"], 13, sizes["d"]
+    report = Report("Translation building blocks", threads=args.threads)
+    report.table(["row", "divekit ms", "peer ms", "speed-up (min–max)", "peer"], ROWS,
+                 align="lrrrl",
+                 caption=f"Median of {args.repeats} interleaved rounds (peer, divekit) after a "
+                         "warm-up round, "
+                         f"{args.threads} thread(s); the speed-up is the median and min–max of "
+                         "the per-round ratios. " + "; ".join(NOTES) + f"; tensor rows: batch "
+                         f"{b}, {t} tokens, width {d}, 4 heads (masked_softmax: 20 calls a "
+                         "round, attention 5, encoder 3). Both sides' results are checked equal "
+                         "before timing.")
+    report.write(args.markdown)
     if args.smoke:
         print("\ncorpus --smoke:")
         corpus_main(["--smoke", "--threads", str(args.threads)])
