@@ -24,7 +24,7 @@ from divekit.models.bert_checkpoint import SPECIAL_TOKENS, BertTokenizer, save_p
 pytest.importorskip("tokenizers")
 
 
-def _write_base(directory: Path, seed: int) -> Path:
+def write_tiny_base(directory: Path, seed: int) -> Path:
     """A tiny BERT checkpoint whose vocabulary is the generated reviews' words."""
     words = sorted({w.lower().strip(".,!?") for e in GENERATED["sentiment-gen"](seed=0).train
                     for w in e.text.split()} - {""} - set(SPECIAL_TOKENS))
@@ -54,7 +54,7 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 @pytest.fixture()
 def lora_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Path]:
-    base = _write_base(tmp_path / "base", seed=0)
+    base = write_tiny_base(tmp_path / "base", seed=0)
     out = tmp_path / "lora"
     assert _finetune(base, out) == 0
     capsys.readouterr()
@@ -79,7 +79,7 @@ def test_an_unchanged_base_predicts_and_evaluates(lora_run, capsys):
 def test_a_changed_base_is_refused_in_one_line_naming_both_hashes(lora_run, capsys):
     base, out = lora_run
     then = _sha(base / "model.safetensors")
-    _write_base(base, seed=1)  # "trained further": same shapes, other weights
+    write_tiny_base(base, seed=1)  # "trained further": same shapes, other weights
     now = _sha(base / "model.safetensors")
     assert now != then
     for command in (["predict", str(out), "a great kettle"], ["evaluate", str(out)]):
@@ -98,7 +98,7 @@ def test_a_changed_base_is_refused_in_one_line_naming_both_hashes(lora_run, caps
 def test_force_resume_continues_on_the_new_base_and_records_the_change(lora_run, capsys):
     base, out = lora_run
     then = _sha(base / "model.safetensors")
-    _write_base(base, seed=1)
+    write_tiny_base(base, seed=1)
     now = _sha(base / "model.safetensors")
     assert _finetune(base, out, "--resume", "--epochs", "2", "--force-resume") == 0
     record = json.loads((out / "config.json").read_text())

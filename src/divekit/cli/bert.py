@@ -12,6 +12,13 @@ from typing import Any
 from divekit.errors import DivekitError
 
 TASKS = ("bert_pretrain",)
+# the bounds of what `embed` reads: a line (a text) is cut at MAX_LINE_CHARS characters while
+# it is read (a BERT reads at most 512 tokens, and a word-piece is rarely 100 characters long;
+# a 50 MB line took 95 s and 6 GB to tokenize), and a file gives at most MAX_TEXTS texts (their
+# float32 embeddings: 1.5 GB at 384 dimensions)
+MAX_LINE_CHARS = 100_000
+MAX_TEXTS = 1_000_000
+SHOWN_CHARS = 80  # the text printed beside an embedding or a score
 
 EXAMPLES = """\
 examples:
@@ -31,7 +38,9 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", help="a checkpoint directory, a run, or minilm")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed")
-    p.add_argument("-i", "--input", metavar="FILE", help="also embed every non-empty line of FILE")
+    p.add_argument("-i", "--input", metavar="FILE",
+                   help=f"also embed every non-empty line of FILE (at most {MAX_TEXTS:,} lines; "
+                   f"a line is cut at {MAX_LINE_CHARS:,} characters, with a note)")
     p.add_argument("-o", "--output", metavar="NPY", help="write the (N, H) float32 embeddings as .npy")
     p.add_argument("--overwrite", action="store_true", help="replace -o if it exists")
     p.add_argument("--pooling", default="mean", choices=["mean", "cls"],
@@ -45,19 +54,50 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.set_defaults(handler=cmd_embed)
 
 
+def read_lines(path: Path, option: str = "--input") -> list[str]:
+    """The non-empty lines of a UTF-8 file, stripped, streamed: a line is cut at
+    :data:`MAX_LINE_CHARS` while it is read (the rest is skipped, never held), with one note on
+    standard error; more than :data:`MAX_TEXTS` lines are refused in one line."""
+    lines: list[str] = []
+    cut = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            while line := f.readline(MAX_LINE_CHARS + 1):
+                if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+                    cut += 1
+                    while (rest := f.readline(1 << 20)) and not rest.endswith("\n"):
+                        pass
+                    line = line[:MAX_LINE_CHARS]
+                if line.strip():
+                    if len(lines) == MAX_TEXTS:
+                        raise DivekitError(f"{option} {str(path)!r} has more than {MAX_TEXTS:,} "
+                                           "non-empty lines (the limit); split it")
+                    lines.append(line.strip())
+    except UnicodeDecodeError as e:
+        raise DivekitError(f"{option} {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+                           f"{e.start})") from None
+    except OSError as e:
+        raise DivekitError(f"{option} {str(path)!r} cannot be read: {e.strerror}") from None
+    if cut:
+        print(f"note: {cut} line(s) of {path} were longer than {MAX_LINE_CHARS:,} characters and "
+              "were cut there (the model reads only its first max_len tokens)", file=sys.stderr)
+    return lines
+
+
 def _texts(args: argparse.Namespace) -> list[str]:
-    texts = list(args.texts)
+    texts = [t[:MAX_LINE_CHARS] for t in args.texts]
     if args.input:
         path = Path(args.input)
         if not path.is_file():
             raise DivekitError(f"--input {args.input!r} is not a file")
-        try:
-            texts += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except UnicodeDecodeError as e:
-            raise DivekitError(f"--input {args.input!r} is not UTF-8 text: {e}") from None
+        texts += read_lines(path)
     if not texts:
         raise DivekitError("nothing to embed: give TEXT arguments or -i FILE with non-empty lines")
     return texts
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 def _check_output(args: argparse.Namespace) -> Path:
@@ -82,7 +122,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     if args.similar is not None:
         for i, score, text in embedder.most_similar(args.similar, texts, args.top_k, args.pooling,
                                                     args.batch_size, progress):
-            print(f"{score:.4f}\t{i + 1}\t{text}")
+            print(f"{score:.4f}\t{i + 1}\t{_shown(text)}")
         return
     E = embedder.embed(texts, args.pooling, args.batch_size, args.normalize, progress)
     if out is not None:
@@ -97,7 +137,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
         return
     for text, e in zip(texts, E):
         head = ", ".join(f"{v:+.4f}" for v in e[:4].tolist())
-        print(f"[{head}, ...] ({E.shape[1]} dims, norm {float(e.norm()):.3f})  {text}")
+        print(f"[{head}, ...] ({E.shape[1]} dims, norm {float(e.norm()):.3f})  {_shown(text)}")
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

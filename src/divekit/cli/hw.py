@@ -12,6 +12,7 @@ from divekit.errors import DivekitError
 from divekit.io import check_output
 
 COMMANDS = ("hw",)  # the top-level commands add_commands adds (`divekit hw` imports only this area)
+MAX_HW_BATCH = 65536  # --batch: the closed forms hold at any batch; cycle mode has its own bound
 
 EXAMPLES = """\
 examples:
@@ -39,7 +40,7 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.add_argument("model", nargs="?", help="model name (see `divekit models`)")
     _model_options(p)
     p.add_argument("--array", default="128x128", metavar="RxC",
-                   help="array rows x columns (default: 128x128)")
+                   help="array rows x columns, sides up to 65536 (default: 128x128)")
     p.add_argument("--dataflow", default="ws", choices=["ws", "os", "is"],
                    help="weight-, output- or input-stationary (default: ws)")
     p.add_argument("--bandwidth-gbs", type=float, metavar="B",
@@ -47,7 +48,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
                    "moving its 8-bit operands once")
     p.add_argument("--mode", default="analytic", choices=["analytic", "cycle"],
                    help="closed-form cycles, or the cycle-accurate simulator on the layers' real "
-                   "operands (small models and arrays) (default: analytic)")
+                   "operands (small models and arrays: at most 3e9 PE-cycles, about half a "
+                   "minute) (default: analytic)")
     p.add_argument("--overlap", action="store_true",
                    help="overlap each fold's drain with the next fold's fill (double-buffered; "
                    "SCALE-Sim v1 did this for os)")
@@ -80,7 +82,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", metavar="C,H,W", help="input (default: the model's own)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--batch", type=int, default=1,
+                   help=f"batch size, up to {MAX_HW_BATCH} (default: 1)")
     p.add_argument("--num-classes", type=int, default=10, help="output classes (default: 10)")
     p.add_argument("--clock-ghz", type=float, default=1.0, metavar="F",
                    help="array clock in GHz (default: 1.0; TPU v1: 0.7)")
@@ -94,8 +97,8 @@ def _cmd_hw_help(parser: argparse.ArgumentParser):
 
 
 def _check_positive(args: argparse.Namespace) -> None:
-    if args.batch <= 0:
-        raise DivekitError(f"--batch must be positive, got {args.batch}")
+    if not 0 < args.batch <= MAX_HW_BATCH:
+        raise DivekitError(f"--batch must be positive and at most {MAX_HW_BATCH}, got {args.batch}")
     if args.clock_ghz <= 0:
         raise DivekitError(f"--clock-ghz must be positive, got {args.clock_ghz}")
     if getattr(args, "bandwidth_gbs", None) is not None and args.bandwidth_gbs <= 0:

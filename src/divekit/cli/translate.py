@@ -166,14 +166,15 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
                    help="English sentences, e.g. 'i have two cats .'")
     p.add_argument("-i", "--input", metavar="FILE",
                    help="translate each line of FILE (- = standard input)")
-    p.add_argument("--beam", type=int, default=1, help="beam size; 1 = greedy (default: 1)")
+    p.add_argument("--beam", type=int, default=1,
+                   help="beam size, at most 256; 1 = greedy (default: 1)")
     p.add_argument("--n-best", type=int, default=1, metavar="N",
                    help="print the N best hypotheses (N <= --beam) as 'index ||| text ||| "
                    "log P / length^α' (default: 1)")
     p.add_argument("--length-penalty", type=float, default=0.75, metavar="α",
                    help="α of the beam ranking (default: 0.75)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B",
-                   help="sentences decoded together (default: 64)")
+                   help="sentences decoded together, at most 4096 (default: 64)")
     p.add_argument("--attention", metavar="PNG", help="draw the first sentence's attention to this file")
     p.add_argument("--overwrite", action="store_true", help="replace --attention if it exists")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -188,7 +189,9 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
         "(queries x keys) as PNG files.",
     )
     k.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for the pictures")
-    k.add_argument("--n-train", type=int, default=50, metavar="N", help="training points (50)")
-    k.add_argument("--epochs", type=int, default=5, help="epochs of the parametric model (5)")
+    k.add_argument("--n-train", type=int, default=50, metavar="N",
+                   help="training points, 2 to 2000 (50)")
+    k.add_argument("--epochs", type=int, default=5,
+                   help="epochs of the parametric model, 1 to 10000 (5)")
     k.add_argument("--seed", type=int, default=0, help="random seed of the toy data (0)")
     k.set_defaults(handler=_cmd_kernel_regression)

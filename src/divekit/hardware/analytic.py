@@ -71,6 +71,11 @@ class ArraySpec:
         return f"{self.rows}x{self.cols} {self.dataflow}"
 
 
+# the longest array side --array takes (the closed forms hold at any size; 65536 x 65536 is
+# 4 G PEs, a thousand times a TPU v1)
+MAX_ARRAY_SIDE = 65536
+
+
 def parse_array(text: str) -> tuple[int, int]:
     """``"128x128"`` → ``(128, 128)``; ``"64"`` → ``(64, 64)``; anything else is a user error."""
     parts = text.lower().split("x")
@@ -85,6 +90,8 @@ def parse_array(text: str) -> tuple[int, int]:
                            f"got {text!r}")
     if min(dims) <= 0:
         raise DivekitError(f"--array must be at least 1x1, got {text!r}")
+    if max(dims) > MAX_ARRAY_SIDE:
+        raise DivekitError(f"--array sides must be at most {MAX_ARRAY_SIDE}, got {text!r}")
     return dims[0], dims[1]
 
 

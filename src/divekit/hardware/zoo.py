@@ -29,6 +29,11 @@ from divekit.hardware.lowering import GemmShape, im2col, pair
 from divekit.hardware.systolic import simulate
 
 MODES = ("analytic", "cycle")
+# the most work --mode cycle may take on, in PE-cycles (Σ over layers of the cycles of one
+# product × the array's PEs; the simulator moves every PE once a cycle): about 10^8 a second
+# on one CPU core, so the limit is half a minute or so (lenet on 256x256: 3.6e8, 4 s). The
+# closed form gives the same cycle counts at any size (--mode analytic).
+MAX_CYCLE_WORK = 3 * 10**9
 
 
 @dataclass
@@ -311,12 +316,33 @@ def map_layers(traced: list[TracedLayer], array: ArraySpec, *, batch: int = 1,
     return results
 
 
+def cycle_work(traced: list[TracedLayer], array: ArraySpec, batch: int = 1) -> int:
+    """PE-cycles the cycle-accurate simulator spends on ``traced`` (traced at batch 1) at
+    ``batch``: per layer, the closed-form cycles of one product (the simulator runs group 0
+    only) times the array's PEs."""
+    return sum(gemm_cycles(s.m, s.n, s.k, array).cycles * array.pes
+               for s in (at_batch(t.shape, batch) for t in traced))
+
+
+def check_cycle_work(traced: list[TracedLayer], array: ArraySpec, batch: int = 1) -> None:
+    """Refuse, in one line, a cycle-mode run over :data:`MAX_CYCLE_WORK` PE-cycles."""
+    work = cycle_work(traced, array, batch)
+    if work > MAX_CYCLE_WORK:
+        raise DivekitError(
+            f"--mode cycle on a {array.rows}x{array.cols} array at batch {batch} would simulate "
+            f"{work:.2g} PE-cycles, over the limit of {MAX_CYCLE_WORK:.0e} (about half a minute); "
+            "use a smaller --array or --batch, or --mode analytic (the same cycle counts, in "
+            "closed form)")
+
+
 def simulate_model(model: nn.Module, input_shape: tuple[int, ...], array: ArraySpec, *,
                    batch: int = 1, mode: str = "analytic", overlap: bool = False) -> ModelResult:
     """Trace ``model`` on ``input_shape`` and map every conv/linear layer onto ``array``."""
     if batch <= 0:
         raise DivekitError(f"--batch must be positive, got {batch}")
     cycle = mode == "cycle"
+    if cycle:  # refused before the operands at the real batch are made, let alone simulated
+        check_cycle_work(trace_model(model, input_shape)[0], array, batch)
     traced, others = trace_model(model, input_shape, batch=batch if cycle else 1,
                                  keep_operands=cycle)
     layers = map_layers(traced, array, batch=1 if cycle else batch, mode=mode, overlap=overlap)

@@ -43,10 +43,18 @@ class ToyData:
     y_truth: Tensor  # (m,)
 
 
+# the most training points and epochs: the parametric model's leave-one-out keys and values are
+# n × (n − 1) each, with their kernel weights and gradients (1.7 GB and a minute at n = 5000;
+# --n-train 1e8 was killed for memory), and each epoch is one full-batch step over them
+MAX_N_TRAIN = 2000
+MAX_EPOCHS = 10_000
+
+
 def toy_data(n_train: int = 50, seed: int = 0, noise: float = 0.5) -> ToyData:
     """The course's data: ``n_train`` sorted ``x ~ U[0, 5)``, noisy ``y``, a grid of queries."""
-    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 2:
-        raise DivekitError(f"n_train must be at least 2 training points, got {n_train!r}")
+    if isinstance(n_train, bool) or not isinstance(n_train, int) or not 2 <= n_train <= MAX_N_TRAIN:
+        raise DivekitError(f"n_train (--n-train) must be 2 to {MAX_N_TRAIN} training points, "
+                           f"got {n_train!r}")
     g = torch.Generator().manual_seed(seed)
     x_train, _ = torch.sort(torch.rand(n_train, generator=g) * 5)
     y_train = true_function(x_train) + torch.randn(n_train, generator=g) * noise
@@ -143,6 +151,8 @@ class KernelRegressionResult:
 
 def kernel_regression(n_train: int = 50, epochs: int = 5, seed: int = 0) -> KernelRegressionResult:
     """All three attention poolings on the course's toy data."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= MAX_EPOCHS:
+        raise DivekitError(f"--epochs must be 1 to {MAX_EPOCHS}, got {epochs!r}")
     data = toy_data(n_train, seed)
     q, k, v = data.x_test, data.x_train, data.y_train
     preds, weights = {}, {}

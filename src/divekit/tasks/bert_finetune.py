@@ -56,6 +56,12 @@ from divekit.tasks.bert_finetune_io import add_words, predict_inputs, read_words
 log = logging.getLogger("divekit")
 DEFAULT_DATA = {"classify": "sentiment-gen", "pair": "nli-gen", "tag": "ner-gen", "qa": "qa-gen"}
 TOKENIZER = "tokenizer"
+# the largest sizes a user may give, checked before anything is allocated: a LoRA rank or an
+# adapter width past the encoder's width (MiniLM 384, BERT-large 1024) adds nothing a full
+# fine-tuning would not, and --adapters 1e8 asked for 51 GB
+MAX_LORA_RANK = 1024
+MAX_ADAPTER_SIZE = 4096
+QA_CHUNK = 32  # predict: the windows of a long passage run through the model this many at a time
 
 
 @dataclass(frozen=True)
@@ -82,13 +88,14 @@ class TextFinetuneConfig(TaskConfig):
                                     "the vocabulary; only their new embedding rows (and the head) "
                                     "train unless --unfreeze", metavar="FILE")
     unfreeze: bool = option(False, "train the whole encoder as well with --add-tokens/--lora/--adapters")
-    lora: int = option(0, "LoRA rank r on --lora-targets (0 = off)", metavar="R")
+    lora: int = option(0, f"LoRA rank r on --lora-targets (0 = off; at most {MAX_LORA_RANK})",
+                       metavar="R")
     lora_alpha: float = option(16.0, "LoRA scale α (the update is α/r · BA)")
     lora_dropout: float = option(0.0, "dropout on the LoRA branch's input")
     lora_targets: str = option("query,value", "linear layers LoRA wraps: names (query, key, value, "
                                "output, dense1, dense2) or globs on the full name", metavar="LIST")
-    adapters: int = option(0, "bottleneck adapters of SIZE units after attention and FFN (0 = off)",
-                           metavar="SIZE")
+    adapters: int = option(0, "bottleneck adapters of SIZE units after attention and FFN (0 = "
+                           f"off; at most {MAX_ADAPTER_SIZE})", metavar="SIZE")
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
@@ -101,12 +108,13 @@ class TextFinetuneConfig(TaskConfig):
              f"--doc-stride must be 0 or more, got {self.doc_stride}"),
             (finite(self.head_dropout) and 0 <= self.head_dropout < 1,
              f"--head-dropout must be in [0, 1), got {self.head_dropout}"),
-            (isinstance(self.lora, int) and self.lora >= 0, f"--lora must be 0 (off) or a rank, got {self.lora}"),
+            (isinstance(self.lora, int) and 0 <= self.lora <= MAX_LORA_RANK,
+             f"--lora must be 0 (off) or a rank up to {MAX_LORA_RANK}, got {self.lora}"),
             (finite(self.lora_alpha) and self.lora_alpha > 0, f"--lora-alpha must be positive, got {self.lora_alpha}"),
             (finite(self.lora_dropout) and 0 <= self.lora_dropout < 1,
              f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
-            (isinstance(self.adapters, int) and self.adapters >= 0,
-             f"--adapters must be 0 (off) or a size, got {self.adapters}"),
+            (isinstance(self.adapters, int) and 0 <= self.adapters <= MAX_ADAPTER_SIZE,
+             f"--adapters must be 0 (off) or a size up to {MAX_ADAPTER_SIZE}, got {self.adapters}"),
             (self.add_tokens is None or Path(self.add_tokens).is_file(),
              f"--add-tokens {self.add_tokens!r} is not a file"),
         ]
@@ -477,12 +485,16 @@ class TextFinetuneTask(Task, name="bert_finetune"):
         if isinstance(max_answer, bool) or not isinstance(max_answer, int) or max_answer < 1:
             raise DivekitError(f"--max-answer-len must be a whole number >= 1, got {max_answer!r}")
         windows = qa_windows(self.tokenizer, question, context, self.config.doc_stride)
-        tokens, segments, valid = (t.to(device) for t in pad([(w[0], w[1]) for w in windows],
-                                                             self.tokenizer.pad_id))
-        out = model(tokens, segments, valid).float()
-        c0 = torch.tensor([w[2] for w in windows], device=device)
-        n = torch.tensor([len(w[3]) for w in windows], device=device)
-        i, j, score = best_spans(out[..., 0], out[..., 1], c0, n, max_answer)
+        spans = []  # QA_CHUNK windows at a time: memory stays that of one batch at any length
+        for s in range(0, len(windows), QA_CHUNK):
+            chunk = windows[s : s + QA_CHUNK]
+            tokens, segments, valid = (t.to(device) for t in pad([(w[0], w[1]) for w in chunk],
+                                                                 self.tokenizer.pad_id))
+            out = model(tokens, segments, valid).float()
+            c0 = torch.tensor([w[2] for w in chunk], device=device)
+            n = torch.tensor([len(w[3]) for w in chunk], device=device)
+            spans.append(best_spans(out[..., 0], out[..., 1], c0, n, max_answer))
+        i, j, score = (torch.cat(parts) for parts in zip(*spans))
         w = int(score.argmax())
         offsets = windows[w][3]
         a, b = offsets[int(i[w]) - windows[w][2]][0], offsets[int(j[w]) - windows[w][2]][1]

@@ -16,6 +16,10 @@ from divekit.errors import DivekitError
 from divekit.models.bert_checkpoint import BertTokenizer, _tokenizers
 
 SEPARATOR = "|||"
+# the longest input ``predict`` takes, in characters (a text, or a QA passage given inline or as
+# @FILE, which is read no further): about 250,000 tokens, some 3,000 windows of --max-len 128
+# that run 32 at a time (a 50 MB passage took 6 GB and timed out)
+MAX_INPUT_CHARS = 1_000_000
 
 
 def read_words(path: str | Path) -> list[str]:
@@ -84,6 +88,9 @@ def predict_inputs(inputs: Any, task: str, columns: tuple[Sequence[str], str] | 
     for text in inputs:
         if not isinstance(text, str) or not text.strip():
             raise DivekitError(f"cannot predict on an empty text ({text!r})")
+        if len(text) > MAX_INPUT_CHARS:
+            raise DivekitError(f"an input of {len(text):,} characters is over the limit of "
+                               f"{MAX_INPUT_CHARS:,} ({text[:40]!r}...)")
         path = Path(text)
         if (task in ("classify", "pair") and columns is not None
                 and path.suffix.lower() in (".csv", ".tsv") and path.is_file()):
@@ -99,7 +106,7 @@ def predict_inputs(inputs: Any, task: str, columns: tuple[Sequence[str], str] | 
                 path = Path(b[1:])
                 if not path.is_file():
                     raise DivekitError(f"passage file {b[1:]!r} not found")
-                b = path.read_text(encoding="utf-8").strip()
+                b = _read_passage(path)
             out.append((a.strip(), b))
         elif task == "tag":
             from tokenizers.pre_tokenizers import BertPreTokenizer
@@ -112,4 +119,21 @@ def predict_inputs(inputs: Any, task: str, columns: tuple[Sequence[str], str] | 
     return out
 
 
-__all__ = ["SEPARATOR", "add_words", "predict_inputs", "read_words", "table_inputs"]
+def _read_passage(path: Path) -> str:
+    """A QA passage file's text, read no further than :data:`MAX_INPUT_CHARS` (one more
+    character tells that it is longer: refused in one line)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            text = f.read(MAX_INPUT_CHARS + 1)
+    except UnicodeDecodeError as e:
+        raise DivekitError(f"passage file {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+                           f"{e.start})") from None
+    except OSError as e:
+        raise DivekitError(f"passage file {str(path)!r} cannot be read: {e.strerror}") from None
+    if len(text) > MAX_INPUT_CHARS:
+        raise DivekitError(f"passage file {str(path)!r} is longer than the limit of "
+                           f"{MAX_INPUT_CHARS:,} characters")
+    return text.strip()
+
+
+__all__ = ["MAX_INPUT_CHARS", "SEPARATOR", "add_words", "predict_inputs", "read_words", "table_inputs"]

@@ -72,14 +72,22 @@ class Translation:
     nbest: list[list[Hypothesis]] | None = None  # with n_best > 1: each sentence's best first
 
 
+# the largest --beam and --batch-size: a beam step scores batch × beam × vocabulary candidates
+# and runs the decoder on batch × beam rows (--beam 100000 never finished); beams past a few
+# dozen no longer change a translation
+MAX_BEAM = 256
+MAX_DECODE_BATCH = 4096
+
+
 def check_decoding(beam: int, length_penalty: float, n_best: int = 1,
                    batch_size: int = 64) -> None:
     """The decoding options, each checked where it enters (one line naming the bad value)."""
     def whole(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    if not whole(beam) or beam < 1:
-        raise DivekitError(f"--beam must be at least 1 (1 = greedy), got {beam}")
+    if not whole(beam) or not 1 <= beam <= MAX_BEAM:
+        raise DivekitError(f"--beam must be at least 1 (1 = greedy) and at most {MAX_BEAM}, "
+                           f"got {beam}")
     if not (finite(length_penalty) and length_penalty >= 0):
         raise DivekitError(f"--length-penalty must be 0 or more, got {length_penalty}")
     if not whole(n_best) or n_best < 1:
@@ -87,8 +95,9 @@ def check_decoding(beam: int, length_penalty: float, n_best: int = 1,
     if n_best > beam:
         raise DivekitError(f"--n-best {n_best} is larger than --beam {beam}: beam search keeps "
                            f"only {beam} hypotheses (give --beam {n_best} or more)")
-    if not whole(batch_size) or batch_size < 1:
-        raise DivekitError(f"--batch-size must be at least 1, got {batch_size}")
+    if not whole(batch_size) or not 1 <= batch_size <= MAX_DECODE_BATCH:
+        raise DivekitError(f"--batch-size must be at least 1 and at most {MAX_DECODE_BATCH}, "
+                           f"got {batch_size}")
 
 
 def detokens(indices: Sequence[int], vocab: Vocab, tokenizer: Any = None) -> str:
