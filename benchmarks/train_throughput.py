@@ -38,7 +38,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import Report, Spread, add_markdown_arg, goal_cell, interleave, paired_ratio, verdict
+from _common import (
+    PeakRSS,
+    Report,
+    Spread,
+    add_markdown_arg,
+    goal_cell,
+    interleave,
+    paired_ratio,
+    verdict,
+)
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +180,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sample counts and batches, 1 repeat, 1 thread: checks that "
                              "it runs (seconds)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-memory runs (each side once more in a fresh process)")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # side_memory's
     add_markdown_arg(parser)
     args = parser.parse_args()
     cases = SMOKE_CASES if args.smoke else CASES
@@ -192,33 +204,30 @@ def main() -> int:
           f"median of {args.repeats} interleaved rounds")
     report = Report("Training throughput: divekit's Trainer vs d2l's `train_ch6`",
                     threads=args.threads)
-    rows = []
+    rows, memory_rows = [], []
     for name in args.models.split(","):
         size, batch, lr, n_train, n_val = cases[name]
         n_train, n_val = int(n_train * args.scale), int(n_val * args.scale)
-        source, xtr, ytr, xva, yva = load_mnist(n_train, n_val)
-        tmp = Path(tempfile.mkdtemp(prefix="dk-bench-"))
-        try:
-            write_torchvision_layout(tmp, xtr, ytr, xva, yva)
-            peers = ("d2l loop", "d2l pipeline") if have_d2l else ()
-            train = (xtr, ytr, xva, yva)
-            course = (tmp, size, batch, n_train, n_val)  # its loaders are built inside the call
-
-            def pipeline(name=name, lr=lr, course=course):
-                run_d2l(name, lr, args.epochs, d2l_pipeline_loaders(*course))
-
-            sides = {  # interleaved in this order, peer then divekit, every round
-                "d2l loop": partial(run_d2l_loop, name, lr, args.epochs, *train, size, batch),
-                "divekit": partial(run_divekit, name, size, batch, lr, args.epochs, *train),
-                "d2l pipeline": pipeline,
-                "divekit --no-channels-last": partial(run_divekit, name, size, batch, lr,
-                                                      args.epochs, *train, False),
-            }
-            if not have_d2l:
-                sides = {k: v for k, v in sides.items() if k.startswith("divekit")}
+        with model_sides(name, cases, args, have_d2l) as (source, sides):
+            if args.memory_of:
+                peak_rss_of(sides[args.memory_of])
+                return 0
+            peers = tuple(k for k in sides if not k.startswith("divekit"))
             times = interleave(sides, args.repeats)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not args.no_memory and (not args.smoke or name == "lenet"):
+            # --smoke: divekit's side of one model, to check the path (fresh processes cost
+            # seconds each)
+            measured = ["divekit"] if args.smoke else list(sides)
+            memory = {k: side_memory(k, name, args) for k in measured}
+            for k, (own, workers, before) in memory.items():
+                print(f"  peak RSS {name} {k}: {own:,.0f} MB ({own - before:+,.0f} MB in the "
+                      "call)")
+                memory_rows.append([name, k, f"{own:,.0f}", f"{own - before:+,.0f}",
+                                    f"{workers:,.0f}" if workers else "—"])
+            for k in peers if not args.smoke else ():
+                ok = memory["divekit"][0] <= memory[k][0]
+                print(f"  peak RSS {name}: divekit {memory['divekit'][0]:,.0f} MB, {k} "
+                      f"{memory[k][0]:,.0f} MB (goal divekit <= {k}: {'met' if ok else 'not met'})")
         rates = {k: [n_train * args.epochs / t for t in v] for k, v in times.items()}
         print(f"\n{name} at {size}x{size}, batch {batch}, {n_train} train + {n_val} val "
               f"samples, {source}")
@@ -247,8 +256,71 @@ def main() -> int:
                              "rounds), median and min–max:")
     else:
         report.text("d2l is not installed: no ratios.")
+    if memory_rows:
+        report.table(["model", "side", "peak RSS, MB", "of which the call", "largest child "
+                      "process, MB"], memory_rows, align="llrrr",
+                     caption="Peak resident memory of each side, each run once more in a fresh "
+                             "process of its own (the same imports and data; `ru_maxrss`; "
+                             "\"of which the call\": above the RSS just before it). Goal: "
+                             "divekit ≤ the course.")
     report.write(args.markdown)
     return 0
+
+
+@contextlib.contextmanager
+def model_sides(name: str, cases: dict, args: argparse.Namespace, have_d2l: bool):
+    """The data of one model and every side's call on it (``(source, {side: fn})``), with the
+    course's MNIST files written where torchvision looks for them while the block runs."""
+    size, batch, lr, n_train, n_val = cases[name]
+    n_train, n_val = int(n_train * args.scale), int(n_val * args.scale)
+    source, xtr, ytr, xva, yva = load_mnist(n_train, n_val)
+    tmp = Path(tempfile.mkdtemp(prefix="dk-bench-"))
+    try:
+        write_torchvision_layout(tmp, xtr, ytr, xva, yva)
+        train = (xtr, ytr, xva, yva)
+        course = (tmp, size, batch, n_train, n_val)  # its loaders are built inside the call
+
+        def pipeline():
+            run_d2l(name, lr, args.epochs, d2l_pipeline_loaders(*course))
+
+        sides = {  # interleaved in this order, peer then divekit, every round
+            "d2l loop": partial(run_d2l_loop, name, lr, args.epochs, *train, size, batch),
+            "divekit": partial(run_divekit, name, size, batch, lr, args.epochs, *train),
+            "d2l pipeline": pipeline,
+            "divekit --no-channels-last": partial(run_divekit, name, size, batch, lr,
+                                                  args.epochs, *train, False),
+        }
+        if not have_d2l:
+            sides = {k: v for k, v in sides.items() if k.startswith("divekit")}
+        yield source, sides
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def peak_rss_of(fn) -> None:
+    """Run one side once and print this process's peak RSS and its largest child's (loader
+    workers), in MB: what :func:`side_memory` reads."""
+    import resource
+
+    before = PeakRSS.rss_mb()  # imports and data loaded: what the call adds comes on top
+    fn()
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"peak_rss_mb {own:.1f} {workers:.1f} {before:.1f}")
+
+
+def side_memory(side: str, model: str,
+                args: argparse.Namespace) -> tuple[float, float, float]:
+    """Peak RSS (MB) of ``side`` run once in a fresh process, of its largest child, and the
+    RSS just before the call (imports and data loaded)."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--memory-of", side, "--models", model, "--epochs",
+           str(args.epochs), "--threads", str(args.threads), "--scale", str(args.scale)]
+    proc = subprocess.run(cmd + (["--smoke"] if args.smoke else []), capture_output=True,
+                          text=True, check=True)
+    own, workers, before = proc.stdout.strip().splitlines()[-1].split()[1:]
+    return float(own), float(workers), float(before)
 
 
 if __name__ == "__main__":

@@ -111,11 +111,13 @@ SMOKES = {
     "train_throughput": Smoke(
         table=(r"lenet at 28x28, batch 32",
                r"resnet18 at 96x96, batch 4",
-               r"divekit --no-channels-last\s+\d+\.\d samples/s"),
+               r"divekit --no-channels-last\s+\d+\.\d samples/s",
+               r"peak RSS lenet divekit: [\d,]+ MB"),
         peers=("d2l",),
-        with_peers=(rf"resnet18\s+divekit\s+/ d2l loop\s+{RATIO}",
+        with_peers=(rf"resnet18\s+divekit\s+/ d2l loop\s+{RATIO} \(\d+\.\d+-\d+\.\d+\)",
                     rf"lenet\s+divekit --no-channels-last / d2l pipeline\s+{RATIO}"),
         without_peers="d2l peer skipped",
+        timeout_s=240,  # two models on four sides, then one side again in a fresh process
     ),
     "translation": Smoke(
         table=(r"divekit ms\s+peer ms\s+speed-up",
