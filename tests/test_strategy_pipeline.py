@@ -101,12 +101,60 @@ class BertTask(TransformerTask):
         return nn.Sequential(encoder, FirstToken(), nn.Linear(16, 3))
 
 
+class DropoutButFirst(nn.Module):
+    """Dropout on every feature but the first, which passes unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :1], self.dropout(x[:, 1:])], dim=1)
+
+
+class LinearButFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :1], self.linear(x[:, 1:])], dim=1)
+
+
+class RandomSplitTask(ConvTask):
+    """A random draw in ``pipeline_split`` (as augmentation or mixup makes) goes into the inputs
+    (feature 0) and the targets; only stage 0 has dropout, so the stages' generators part ways
+    unless the strategy realigns them. The last stage logs whether they agree."""
+
+    def inputs(self, n: int, g: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, 6, generator=g)
+
+    def build_model(self) -> nn.Module:
+        keep_first = nn.Linear(6, 6, bias=False)
+        keep_first.weight.requires_grad_(False)
+        nn.init.eye_(keep_first.weight)
+        return nn.Sequential(DropoutButFirst(), keep_first, LinearButFirst())
+
+    def pipeline_split(self, batch):
+        x, y = batch
+        noise = torch.rand(len(x))
+        return (torch.cat([noise[:, None], x[:, 1:]], dim=1),), (y, noise)
+
+    def pipeline_loss(self, output, targets):
+        y, noise = targets
+        loss = F.cross_entropy(output[:, 1:], y)
+        return loss, {"loss": loss.detach(), "agree": (output[:, 0] == noise).float().mean()}
+
+
 class StepLosses(Callback):
     def __init__(self):
         self.losses: list[float] = []
+        self.flags: list[float] = []
 
     def on_train_batch_end(self, trainer, index, logs):
         self.losses.append(float(logs["loss"]))
+        if "agree" in logs:
+            self.flags.append(float(logs["agree"]))
 
 
 # name -> (task class, channels_last, schedules)
@@ -140,6 +188,12 @@ def _worker(rank: int, out: str) -> None:
             torch.save({"weights": trainer.model.state_dict(), "losses": losses,
                         "history": trainer.history},
                        Path(out) / f"{model}-{schedule}-rank{rank}.pt")
+    agree = StepLosses()
+    agree_trainer = Trainer(RandomSplitTask(), _config("pipeline", "gpipe"), callbacks=[agree])
+    agree_trainer.fit()
+    if rank == 1:  # the last stage logs the agreement of every step
+        flags = [float(f) for f in agree.flags]
+        torch.save(flags, Path(out) / "agree.pt")
     # checkpoints: the pipeline writes the whole model and optimizer; one epoch, then a second
     run = Path(out) / "run"
     _train(ConvTask(), _config("pipeline", "1f1b", epochs=1), run)
@@ -169,6 +223,11 @@ def test_two_stages_equal_one_process(pipeline_runs, model, schedule):
     torch.manual_seed(1)  # the weights moved: not two untouched initialisations compared
     fresh = task().build_model().state_dict()
     assert max((fresh[k] - v).abs().max() for k, v in reference.items()) > 1e-2
+
+
+def test_random_draws_of_the_split_agree_on_every_stage(pipeline_runs):
+    flags = torch.load(pipeline_runs / "agree.pt")
+    assert len(flags) == 6 and all(f == 1.0 for f in flags), flags
 
 
 def test_a_pipeline_checkpoint_resumes_on_one_process(pipeline_runs, tmp_path):

@@ -283,6 +283,7 @@ class PipelineStrategy(Strategy):
     # -------------------------------------------------------------- one step
     def forward_backward(self, task: Any, batch: Any, scale: float,
                          autocast: AbstractContextManager) -> tuple[Tensor, dict[str, Tensor]]:
+        self._agree_on_randomness()
         inputs, targets = task.pipeline_split(batch)
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         n = len(inputs[0])
@@ -302,6 +303,22 @@ class PipelineStrategy(Strategy):
             else:
                 schedule.step(**self._step_options(index, losses))
         return self._share_logs(task)
+
+    def _agree_on_randomness(self) -> None:
+        """Rank 0's random number generator state on every rank, before the task splits the
+        batch: a random augmentation or mixup must draw the same on the first stage (which
+        uses the inputs) and the last (the targets), though the stages' dropout layers have
+        drawn differently. Without dropout every rank is already at rank 0's state and so is
+        one process, which the equality with one process relies on."""
+        states = [torch.get_rng_state()]
+        if self.device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(self.device))
+        flat = torch.cat(states).to(self.device)
+        dist.broadcast(flat, src=0)
+        flat = flat.cpu()
+        torch.set_rng_state(flat[: len(states[0])].clone())
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(flat[len(states[0]):].clone(), self.device)
 
     def _step_options(self, index: Tensor, losses: list[Tensor]) -> dict[str, Any]:
         options: dict[str, Any] = {}
