@@ -158,8 +158,10 @@ class BertSelfAttention(MultiHeadAttention):
 
     def _plain_projections(self) -> bool:
         """True while W_q, W_k, W_v are plain biased ``nn.Linear`` layers (not wrapped by an
-        adapter such as LoRA), so their weights can be stacked."""
-        return all(type(m) is nn.Linear and m.bias is not None for m in (self.W_q, self.W_k, self.W_v))
+        adapter such as LoRA, nor split over ranks by ``--strategy tensor``, whose weights are
+        DTensors), so their weights can be stacked."""
+        return all(type(m) is nn.Linear and m.bias is not None and type(m.weight) is nn.Parameter
+                   for m in (self.W_q, self.W_k, self.W_v))
 
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor,  # type: ignore[override]
                 valid_lens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
