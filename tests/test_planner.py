@@ -49,7 +49,7 @@ def simulate_pipeline(stages: int, micro: int, t_fwd: float, t_bwd: float, send:
     """GPipe with blocking sends, event by event: stage s starts micro-batch m when it is free
     and the activation has arrived; a stage that sends is busy for its compute plus the send.
     All forwards, then all backwards (last stage first). Returns ``(step time, idle fraction
-    of stage-time with send = 0 accounting: busy compute / (stages x step))``."""
+    1 - compute time / (stages x step time))``."""
     free = [0.0] * stages
     arrive = [[0.0] * micro for _ in range(stages + 1)]
     busy = 0.0
@@ -309,3 +309,12 @@ def test_cli_plot_and_csv_and_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and png.stat().st_mtime_ns == before
     assert main([*BASE, "--plot", str(png), "--overwrite"]) == 0
     assert main([*BASE, "--plot", str(tmp_path / "no" / "x.png")]) == 2
+
+
+def test_cli_measures_the_rate(capsys):
+    argv = [a if a != "10G" else "measure" for a in BASE]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rate = float(out.split("matrix product at ")[1].split(" GFLOP/s")[0])
+    shown = out.split("R = ")[1].split(",")[0]  # the plan's inputs: the measured rate
+    assert rate > 0 and planner._si(rate * 1e9, "FLOP/s").split()[0][:2] == shown[:2]
