@@ -32,6 +32,12 @@ class Smoke:
 
 
 SMOKES = {
+    "async_sgd": Smoke(
+        table=(r"straggler\s+K\s+samples/s\s+vs K=0\s+val acc\s+val loss\s+max lead\s+mean lead",
+               *(rf"(?m)^\s+{s}\s+{k}\s+\d+\s+\d+\.\d\dx\s+\d\.\d{{3}}\s+\d+\.\d{{3}}\s+\d+\s+"
+                 rf"\d+\.\d\d$" for s in ("none", r"\d+ ms") for k in ("0", "1", "4", "∞"))),
+        timeout_s=240,
+    ),
     "augment": Smoke(
         table=(r"workers\s+batch img/s\s+sample img/s\s+d2l img/s\s+batch/d2l\s+sample/d2l",
                r"(?m)^\s+1\s+\d+\s+\d+\s+\d+\s+\d+\.\d+\s+\d+\.\d+$"),

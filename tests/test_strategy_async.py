@@ -105,7 +105,8 @@ def _worker(rank: int, out: str) -> None:
                        out_dir / f"straggler-{k}.pt")
     # resume: 1 epoch, then a new Trainer continues to 2 from the checkpoint
     for k in (0, 1):
-        whole = Trainer(TeacherTask(75, PER_WORKER), _config("async", k, epochs=2, scheduler="none"))
+        whole = Trainer(TeacherTask(75, PER_WORKER),
+                        _config("async", k, epochs=2, scheduler="none"))
         whole.fit()
         run_dir = out_dir / f"run-{k}"
         Trainer(TeacherTask(75, PER_WORKER), _config("async", k, epochs=1, scheduler="none"),
@@ -162,3 +163,73 @@ def test_resume_from_a_checkpoint(runs, k):
             assert torch.isfinite(run["resumed"][name]).all()
             if k == 0:  # deterministic: the server's momentum came back with the weights
                 torch.testing.assert_close(run["resumed"][name], v, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_then_restart_ends_where_one_process_ends(tmp_path, monkeypatch,
+                                                                    capfd):
+    """``divekit train --nproc 2 --strategy async --staleness 0 --max-restarts 1``: rank 1 is
+    killed (SIGKILL) after global step 7; the elastic agent restarts both workers, they resume
+    from the epoch-1 checkpoint (the server's optimizer state in it) and end at the weights of
+    one uninterrupted process with the global batch."""
+    import os
+
+    from divekit.cli import main
+    from divekit.engine.checkpoint import CheckpointDir, load_weights
+    from divekit.tasks import train
+    from divekit.tasks.classify import ClassifyConfig
+
+    out = tmp_path / "run"
+    common = dict(data="digits", limit=150, epochs=2, lr=0.3, device="cpu", seed=3)
+    # 150 samples, global batch 2 × 16 = 32: 5 steps an epoch, a mid-epoch checkpoint at step 4
+    monkeypatch.setenv("DIVEKIT_CRASH_AT_STEP", "7")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    tests_dir = str(Path(__file__).parent)  # the workers import faults.KillWorker
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    flags = [a for k, v in common.items() for a in (f"--{k}", str(v))]
+    code = main(["train", "lenet", *flags, "--batch-size", "16", "--nproc", "2",
+                 "--strategy", "async", "--staleness", "0", "--max-restarts", "1",
+                 "--checkpoint-every", "4", "--quiet", "--callbacks", "faults:KillWorker",
+                 "--out", str(out)])
+    captured = capfd.readouterr()
+    assert code == 0, captured.err[-2000:]
+    single = train(ClassifyConfig(model="lenet", batch_size=32, quiet=True,
+                                  out=str(tmp_path / "one"), **common))
+    model = single.model
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    load_weights(model, CheckpointDir(out).latest() / "model.safetensors")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=0, atol=1e-5, msg=k)
+
+
+def _cuda_worker(rank: int, out: str) -> None:
+    for k in (0, 1):
+        cfg = TrainConfig(epochs=2, lr=0.2, momentum=0.9, strategy="async", staleness=k,
+                          quiet=True, device="cuda", seed=1)
+        trainer = Trainer(TeacherTask(75, PER_WORKER), cfg, callbacks=[Straggler(1, 0.01)])
+        history = trainer.fit()
+        torch.save({"weights": {n: v.cpu() for n, v in trainer.model.state_dict().items()},
+                    "history": history, "device": str(next(trainer.model.parameters()).device)},
+                   Path(out) / f"cuda-{k}-rank{rank}.pt")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_server_updates_on_the_gpu(tmp_path):
+    """Both workers on the GPU(s) (a gloo default group, so one GPU is enough): the master
+    weights and their updates live on the GPU, the server's messages go through CPU tensors;
+    K = 0 equals one process on the GPU and K = 1 trains."""
+    spawn_local(_cuda_worker, 2, str(tmp_path))
+    single = Trainer(TeacherTask(75, 2 * PER_WORKER),
+                     TrainConfig(epochs=2, lr=0.2, momentum=0.9, quiet=True, device="cuda",
+                                 seed=1))
+    single.fit()
+    for rank in (0, 1):
+        exact = torch.load(tmp_path / f"cuda-0-rank{rank}.pt", weights_only=True)
+        assert exact["device"].startswith("cuda")
+        for name, v in single.model.state_dict().items():
+            torch.testing.assert_close(exact["weights"][name], v.cpu(), rtol=0, atol=1e-5,
+                                       msg=name)
+        stale = torch.load(tmp_path / f"cuda-1-rank{rank}.pt", weights_only=True)
+        assert stale["history"][-1]["train_loss"] < stale["history"][0]["train_loss"]
