@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import Report, Spread, add_markdown_arg, goal_cell, interleave, paired_ratio, verdict
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -102,29 +103,68 @@ def images_per_second(loader, epochs: int) -> float:
     return seen / (time.perf_counter() - t0)
 
 
+GOALS = {"batch": 10.0, "sample": 1.0}  # issue 26: over the PIL pipeline, every worker count
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1000, help="images (default: 1000)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=5,
+                   help="interleaved rounds (d2l, batch, sample) per worker count; medians and "
+                        "the per-round ratios' min-max")
     p.add_argument("--smoke", action="store_true",
                    help="64 images, batch 16, 1 epoch, 1 worker: checks that it runs (seconds)")
+    add_markdown_arg(p)
     args = p.parse_args()
     if args.smoke:
-        args.n, args.batch_size, args.epochs, args.workers = 64, 16, 1, [1]
+        args.n, args.batch_size, args.epochs, args.workers, args.repeats = 64, 16, 1, [1], 1
     torch.set_num_threads(1)
     what, images = load_images(args.n)
     labels = np.zeros(len(images), dtype=np.int64)
-    print(f"data: {what}; batch {args.batch_size}; {args.epochs} epochs; 'standard' augmentation")
+    print(f"data: {what}; batch {args.batch_size}; {args.epochs} epochs; 'standard' augmentation; "
+          f"medians of {args.repeats} interleaved rounds")
     print(f"{'workers':>7} {'batch img/s':>12} {'sample img/s':>13} {'d2l img/s':>10} "
           f"{'batch/d2l':>10} {'sample/d2l':>11}")
+    rows, goal_rows = [], []
     for w in args.workers:
-        batched = images_per_second(divekit_batch_loader(images, labels, args.batch_size), args.epochs)
-        sample = images_per_second(divekit_loader(images, labels, args.batch_size, w), args.epochs)
-        theirs = images_per_second(d2l_loader(images, labels, args.batch_size, w), args.epochs)
-        print(f"{w:>7} {batched:>12.0f} {sample:>13.0f} {theirs:>10.0f} {batched / theirs:>10.2f} "
-              f"{sample / theirs:>11.2f}")
+        rates: dict[str, list[float]] = {"d2l": [], "batch": [], "sample": []}
+
+        def measure(side: str, make, w=w, rates=rates):
+            def run() -> None:  # a fresh loader each round, as a training epoch loop makes
+                rates[side].append(images_per_second(make(), args.epochs))
+            return run
+
+        interleave({
+            "d2l": measure("d2l", lambda w=w: d2l_loader(images, labels, args.batch_size, w)),
+            "batch": measure("batch", lambda: divekit_batch_loader(images, labels,
+                                                                   args.batch_size)),
+            "sample": measure("sample", lambda w=w: divekit_loader(images, labels,
+                                                                   args.batch_size, w)),
+        }, args.repeats)
+        med = {k: Spread.of(v).median for k, v in rates.items()}
+        ratio = {k: paired_ratio(rates[k], rates["d2l"]) for k in ("batch", "sample")}
+        print(f"{w:>7} {med['batch']:>12.0f} {med['sample']:>13.0f} {med['d2l']:>10.0f} "
+              f"{ratio['batch'].median:>10.2f} {ratio['sample'].median:>11.2f}")
+        rows.append([w, f"{med['batch']:,.0f}", f"{med['sample']:,.0f}", f"{med['d2l']:,.0f}",
+                     ratio["batch"].md(), ratio["sample"].md()])
+        for k in ("batch", "sample"):
+            goal_rows.append([f"{k} / d2l, {w} worker(s)", ratio[k].md(), goal_cell(GOALS[k]),
+                              verdict(ratio[k], GOALS[k])])
+    for row in goal_rows:
+        print(f"  goal {row[0]}: {row[1].replace('**', '').replace('×', 'x')} "
+              f"{row[2].replace('≥', '>=').replace('×', 'x')}: {row[3]}")
+    report = Report("Augmentation pipeline against the course's PIL approach", threads=1)
+    report.table(["workers", "batch img/s", "sample img/s", "d2l img/s", "batch / d2l",
+                  "sample / d2l"], rows, align="rrrrrr",
+                 caption=f"{what}, batch {args.batch_size}, {args.epochs} epochs a round, one "
+                         f"thread per process; medians of {args.repeats} interleaved rounds "
+                         "(d2l, batch, sample), ratios: median and min–max of the per-round "
+                         "ratios.")
+    report.table(["ratio", "× (min–max)", "goal", "verdict"], goal_rows, align="lrll")
+    report.write(args.markdown)
 
 
 if __name__ == "__main__":
