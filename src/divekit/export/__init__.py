@@ -111,7 +111,8 @@ class _FlipTTA(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         a = self.model(images).float().log_softmax(1)
         b = self.model(images.flip(-1)).float().log_softmax(1)
-        return torch.logaddexp(a, b) - math.log(2)
+        top = torch.maximum(a, b)  # logaddexp, written with operators every exporter knows
+        return top + torch.log(torch.exp(a - top) + torch.exp(b - top)) - math.log(2)
 
 
 class _TextModel(nn.Module):

@@ -49,11 +49,12 @@ class GraphSpec:
 
 # ----------------------------------------------------------------------------- bad exports
 _OPERATOR = [
+    re.compile(r"\b(aten\.(?:item|_local_scalar_dense)\.default)"),  # a branch on tensor values
     re.compile(r"operator '([\w:.]+)'"),       # TorchScript: Exporting the operator 'aten::x'
     re.compile(r"export of operator ([\w:.]+)"),  # TorchScript: ONNX export of operator x, ...
     re.compile(r"\b(aten::\w+(?:\.\w+)?)"),
     re.compile(r"\b((?:aten|prims|torchvision|divekit)\.\w+(?:\.\w+)?)"),  # dynamo: aten.x.default
-    re.compile(r"\b(torch\.(?:ops\.)?[\w.]+)\b"),
+    re.compile(r"\b(torch\.ops\.[\w.]+)\b"),
 ]
 
 
@@ -81,10 +82,14 @@ def _first_line(error: BaseException) -> str:
 def export_failed(what: str, errors: dict[str, BaseException]) -> DivekitError:
     """One line for a model no exporter could write, naming the operator when one is known."""
     named = [(name, op, e) for name, e in errors.items() if (op := operator_in(e))]
+    named += [(name, "aten.item", e) for name, e in errors.items()  # a value read by Python
+              if "data-dependent" in str(e) and not operator_in(e)]
     tried = " and ".join(errors)
     if named:
         name, op, e = named[-1]
-        return DivekitError(f"{what} cannot be exported: operator {op} ({tried} tried; "
+        why = (" (a Python branch on tensor values, which the graph cannot hold)"
+               if "data-dependent" in str(e) else "")
+        return DivekitError(f"{what} cannot be exported: operator {op}{why} ({tried} tried; "
                             f"{name}: {_first_line(e)})")
     said = "; ".join(f"{name}: {_first_line(e)}" for name, e in errors.items())
     return DivekitError(f"{what} cannot be exported ({said})")
