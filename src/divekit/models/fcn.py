@@ -30,20 +30,68 @@ from divekit.ops.conv import bilinear_kernel
 
 
 def probe_body(body: nn.Module, in_channels: int, size: int = 64) -> tuple[int, int]:
-    """The body's output channels and stride, from one forward pass on a ``size × size`` probe."""
+    """The body's output channels and stride, from forward passes on ``size × size``,
+    ``2size × 2size`` and ``3size × 3size`` probes. A body fits when each map is exactly the
+    input over one stride ``s``; one whose map does not follow the input (a classifier
+    ending in adaptive pooling, as LeNet's features do, or with unpadded convolutions) gives
+    scores that cannot be laid back onto the pixels, and is refused (:class:`UnfitBody`)."""
     was_training = body.training
     body.eval()
     try:
         with torch.no_grad():
             p = next(body.parameters(), None)
-            x = torch.zeros(1, in_channels, size, size, device=p.device if p is not None else None)
-            y = body(x)
+            device = p.device if p is not None else None
+            sizes = (size, 2 * size, 3 * size)
+            ys = [body(torch.zeros(1, in_channels, n, n, device=device)) for n in sizes]
     finally:
         body.train(was_training)
+    y = ys[0]
     if y.ndim != 4 or y.shape[-1] < 1:
         raise DivekitError(f"the body must give (N, C, H, W) maps, got {tuple(y.shape)}")
-    stride = round(size / y.shape[-1])
-    return int(y.shape[1]), max(1, stride)
+    stride = max(1, round(size / y.shape[-1]))
+    if any(tuple(out.shape[-2:]) != (n // stride, n // stride) or n % stride
+           for out, n in zip(ys, sizes)):
+        got = ", ".join(f"{n}x{n} -> {out.shape[-2]}x{out.shape[-1]}" for out, n in zip(ys, sizes))
+        raise UnfitBody(f"its maps do not follow the input size ({got})")
+    return int(y.shape[1]), stride
+
+
+class UnfitBody(DivekitError):
+    """A body whose output map is not the input over one stride (see :func:`probe_body`)."""
+
+
+def check_backbone(name: str) -> None:
+    """Refuse, in one line naming the classifiers that fit, a ``--backbone`` whose features
+    cannot be an FCN body; probed on the meta device (shapes only), before any run file."""
+    info = model_info(name)
+    if info.task != "classify":
+        raise DivekitError(f"--backbone {name!r} is a {info.task} model; choose a classifier "
+                           "(see `divekit models`)")
+    try:
+        with torch.device("meta"):
+            probe_body(create_model(name, num_classes=2, in_channels=3).features, 3)
+    except UnfitBody as e:
+        raise DivekitError(f"--backbone {name!r} cannot be an FCN body: {e}; choose one of "
+                           f"{', '.join(fitting_backbones())}") from None
+
+
+def fitting_backbones() -> list[str]:
+    """The registered classifiers whose ``features`` fit an FCN body, probed on the meta device
+    (shapes only, no weights; a few seconds, so only when a refusal names them)."""
+    from divekit.models import list_models
+
+    names = []
+    for name in list_models():
+        if model_info(name).task != "classify":
+            continue
+        try:
+            with torch.device("meta"):
+                body = create_model(name, num_classes=2, in_channels=3).features
+            probe_body(body, 3)
+        except Exception:  # noqa: BLE001 - any failure means: not a body
+            continue
+        names.append(name)
+    return names
 
 
 class FCN(nn.Module):
@@ -85,9 +133,12 @@ def fcn(backbone: str | nn.Module = "resnet18", *, num_classes: int = 21,
             raise DivekitError(f"--backbone {backbone!r} is a {info.task} model; choose a classifier "
                                "(see `divekit models`)")
         body = create_model(backbone, num_classes=num_classes, in_channels=in_channels).features
-    else:
-        body = backbone
-    return FCN(body, num_classes, in_channels=in_channels)
+        try:
+            return FCN(body, num_classes, in_channels=in_channels)
+        except UnfitBody as e:
+            raise DivekitError(f"--backbone {backbone!r} cannot be an FCN body: {e}; choose one "
+                               f"of {', '.join(fitting_backbones())}") from None
+    return FCN(backbone, num_classes, in_channels=in_channels)
 
 
 RECIPES = {

@@ -102,8 +102,9 @@ class SegmentConfig(TaskConfig):
         "hflip", "batch augmentation on the training device; labels follow the geometric ops "
         "(nearest, never interpolated), e.g. hflip or hflip,crop:0.5-1,jitter:0.3", metavar="SPEC")
     backbone: str = option(
-        "resnet18", "the body: any classifier of `divekit models` (its features), or "
-        "torchvision:ARCH", metavar="NAME")
+        "resnet18", "the body: a classifier of `divekit models` whose features follow the "
+        "input size (resnet*, vgg11, googlenet, densenet121; not lenet), or torchvision:ARCH",
+        metavar="NAME")
     backbone_weights: str | None = option(
         None, "start the body from a divekit classification run directory or a weights file "
         "(.safetensors, or a torchvision .pth loaded with weights_only=True)", metavar="PATH")
@@ -217,6 +218,16 @@ class SegmentationTask(Task, name="segment"):
                                  batch_transform=self._val_batch)
 
     # ------------------------------------------------------------ model
+    def prepare(self) -> None:
+        """A zoo ``--backbone`` of an FCN is probed (shapes only) before the run's files are
+        written: one whose features cannot be a body (lenet's end in adaptive pooling) is
+        refused in one line naming the classifiers that fit."""
+        cfg = self.config
+        if cfg.model.startswith("fcn") and not cfg.backbone.startswith(TORCHVISION_PREFIX):
+            from divekit.models.fcn import check_backbone
+
+            check_backbone(cfg.backbone)
+
     def build_model(self) -> nn.Module:
         cfg = self.config
         k = len(self.facts["classes"])
