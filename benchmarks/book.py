@@ -535,6 +535,10 @@ def import_line(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
 
 # ---------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> None:
+    # the shared helpers sit beside this file (imported here: tests load this file by path)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import Report, add_markdown_arg
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES),
@@ -553,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--json", type=Path, help="also write every run's result here")
     p.add_argument("--worker", nargs=2, metavar=("SIDE", "CASES"), help=argparse.SUPPRESS)
     p.add_argument("--size", default="standard", help=argparse.SUPPRESS)
+    add_markdown_arg(p)
     args = p.parse_args(argv)
 
     if args.worker:
@@ -584,6 +589,10 @@ def main(argv: Sequence[str] | None = None) -> None:
               "DIVEKIT_SHARED_DATA to the shared data folder)")
         cases = [c for c in cases if c not in absent]
         if not cases:
+            report = Report("The book's calls: `divekit.compat.d2l` against the book's own "
+                            "package", threads=args.threads)
+            report.text(f"Not measured: the shared data of every case is absent ({SHARED_DATA}).")
+            report.write(args.markdown)
             return
     sides = SIDES if with_book else ("compat",)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {c: {s: [] for s in sides}
@@ -618,6 +627,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print(import_line(results))
     print(f"total wall time {time.perf_counter() - wall:.1f} s")
+    report = Report("The book's calls: `divekit.compat.d2l` against the book's own package",
+                    threads=args.threads)
+    report.text(f"{size} sizes, {repeats} interleaved repeat(s) per case (compat, book, "
+                f"compat, ...; seeds {args.seed}–{args.seed + repeats - 1}), "
+                f"{args.threads} thread(s); "
+                + (f"book side: d2l {PEER_VERSION}." if with_book else "peer skipped: the "
+                   "book's package is not installed.")
+                + (f" Shared data absent: {', '.join(absent)} skipped." if absent else "")
+                + " Ratio: book time ÷ compat time, median of the pairs with their min–max; "
+                "metrics: median [min–max] over the seeds.")
+    report.text(table(results, with_book))
+    report.text(f"{import_line(results)}; total wall time {time.perf_counter() - wall:.0f} s.")
+    report.write(args.markdown)
     for case in cases:
         print(f"  {case}: {WHAT[case]}")
     if args.json:

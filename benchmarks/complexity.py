@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import Report, add_markdown_arg
 from torch import nn
 
 from divekit.models.attention import MultiHeadAttention
@@ -122,6 +123,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true",
                    help="d = 32, n up to 512, 1 repeat, the figure in a temporary folder: checks "
                         "that it runs (seconds)")
+    add_markdown_arg(p)
     args = p.parse_args()
     if args.smoke:
         args.d, args.max_n, args.repeats = 32, 512, 1
@@ -177,7 +179,24 @@ def run(args: argparse.Namespace) -> None:
            title=f"d = {d}, one sequence, {args.threads} thread(s)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    print(f"wrote {save_figure(fig, args.out)}")
+    written = save_figure(fig, args.out)
+    print(f"wrote {written}")
+    report = Report("Complexity: CNN, RNN, self-attention", threads=args.threads)
+    report.table(["n", *(f"{name.strip()} (ms)" for name in layers)],
+                 [[f"{n:,}", *(f"{times[k][i] * 1e3:.3g}" for k in layers)]
+                  for i, n in enumerate(ns)], align="r" * (len(layers) + 1),
+                 caption=f"Forward + backward at d = {d}, one sequence, {args.threads} "
+                         f"thread(s), the best of {args.repeats} (\"projections\" and "
+                         "\"attention core\" are self-attention's two parts).")
+    report.table(["layer", "computation", "sequential ops", "max path length", "expected slope",
+                  "measured slope (n ≥ 256)"],
+                 [[name, comp, seq, path, expected, f"{slopes[name]:.2f}"]
+                  for name, comp, seq, path, expected in TABLE], align="llllrr")
+    report.text(f"Self-attention's n² d part (its attention core) overtakes its n d² part (the "
+                f"projections) at {where} on this machine (multiply-add count: n = 2d = "
+                f"{2 * d}). Figure: `{Path(written).name}`"
+                + ("" if args.smoke else " (`docs/complexity.png` by default)") + ".")
+    report.write(args.markdown)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _common import Report, add_markdown_arg
 
 from divekit.data.loader import TensorBatchLoader
 from divekit.engine import TrainConfig, Trainer
@@ -111,6 +112,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, 1 epoch: checks that every strategy runs (seconds)")
+    add_markdown_arg(p)
     args = p.parse_args()
     if args.smoke:  # workers are forked: what is imported here, they need not import again
         args.samples, args.global_batch, args.epochs = 256, 64, 1
@@ -129,6 +131,17 @@ def main() -> int:
     for name, r, eff in rows:
         print(f"{name:<16} {r['samples_per_s']:>10.0f} {r['MB_per_step']:>13.3f} "
               f"{r['MB_per_step_max']:>12.3f} {eff:>10.0%}")
+    report = Report("Data-parallel training on one machine", threads=args.threads)
+    report.table(["run", "samples/s", "MB sent per worker per step", "max MB per step",
+                  "scaling efficiency"],
+                 [[name, f"{r['samples_per_s']:.0f}", f"{r['MB_per_step']:.3f}",
+                   f"{r['MB_per_step_max']:.3f}", f"{eff:.0%}"] for name, r, eff in rows],
+                 caption=f"{args.model} at {args.size}×{args.size}, {args.samples:,} samples, "
+                         f"global batch {args.global_batch}, {args.epochs} epoch(s) (samples/s "
+                         f"of the last), {args.threads} thread(s) per process, device "
+                         f"{args.device}; one run of each (no peer: the efficiency is against "
+                         "the 1-process run of this invocation).")
+    report.write(args.markdown)
     return 0
 
 

@@ -58,6 +58,7 @@ STANDARD: dict[str, list[str]] = {
     "rnn": ["--rounds", "5"],
     "translation": ["--repeats", "5"],
     "detection_ops": ["--repeats", "7"],
+    "hardware": ["--repeats", "5"],  # SCALE-Sim's run is ~2 min over all layers a round
     "book": ["--repeats", "5"],
 }
 HEADER = "header"
@@ -173,13 +174,18 @@ def run_script(name: str, smoke: bool, timeout_s: float, echo: bool = True) -> O
         killer.start()
         lines = []
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if echo:
-                print(f"  {name}| {line}", end="", flush=True)
-        code = proc.wait()
-        timed_out = not killer.is_alive()
-        killer.cancel()
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if echo:
+                    print(f"  {name}| {line}", end="", flush=True)
+            code = proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM: the script runs in its own session, stop it
+            kill_group(proc)
+            raise
+        finally:
+            timed_out = not killer.is_alive()
+            killer.cancel()
         seconds = time.perf_counter() - start
         output = "".join(lines)
         if timed_out:
@@ -324,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] {shown(command_of(name, args.smoke))}", flush=True)
         o = run_script(name, args.smoke, timeout, echo=not args.quiet)
         outcomes.append(o)
-        status = "ok" if o.ok else f"FAILED (exit {o.returncode})"
+        status = ("ok" if o.ok else f"FAILED (exit {o.returncode})" if o.returncode
+                  else "FAILED (exit 0, but it wrote no --markdown section)")
         print(f"[{name}] {status} in {o.seconds:.0f} s", flush=True)
         if not o.ok and args.quiet:
             print(o.output[-3000:], flush=True)
@@ -350,4 +357,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like Ctrl-C, so the running script (a session of its own) is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

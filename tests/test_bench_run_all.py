@@ -17,6 +17,7 @@ import importlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -189,12 +190,16 @@ def test_failure_keeps_the_old_section(run_all, tmp_path, monkeypatch, capsys):
         '    open(sys.argv[sys.argv.index("--markdown") + 1], "w").write("## Good\\n\\n| a |\\n")\n')
     (scripts / "plain.py").write_text('"""Console only."""\nprint("plain figures 2.0x")\n')
     (scripts / "bad.py").write_text('"""Broken."""\nraise SystemExit("it broke")\n')
+    (scripts / "slow.py").write_text('"""Hangs."""\nimport time\ntime.sleep(60)\n')
     template = tmp_path / "T.md"
     template.write_text("# B\n\n<!-- bench:bad -->\nlast good bad figures\n<!-- /bench:bad -->\n")
     monkeypatch.setattr(run_all, "HERE", scripts)
     out = tmp_path / "out.md"
-    code = run_all.main(["--template", str(template), "-o", str(out), "--no-gemm", "--quiet"])
+    start = time.perf_counter()
+    code = run_all.main(["--template", str(template), "-o", str(out), "--no-gemm", "--quiet",
+                         "--timeout", "5"])
     assert code == 1
+    assert time.perf_counter() - start < 40  # slow.py was stopped at its timeout
     text = out.read_text()
     assert run_all.block_of(text, "bad") == "last good bad figures\n"
     good = run_all.block_of(text, "good")
@@ -202,4 +207,6 @@ def test_failure_keeps_the_old_section(run_all, tmp_path, monkeypatch, capsys):
     plain = run_all.block_of(text, "plain")
     assert plain.startswith("## Console only\n") and "plain figures 2.0x" in plain
     assert "`bad`" in run_all.block_of(text, "header").split("failed")[1].splitlines()[0]
-    assert "FAILED: bad" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "FAILED: bad, slow" in said and "stopped after 5 s" in said
+    assert run_all.block_of(text, "slow") is None  # never ran to the end: no section
