@@ -76,6 +76,33 @@ class Straggler(Callback):
             time.sleep(self.seconds)
 
 
+class UnevenLoader:
+    """Rank ``r`` of ``W`` gets ``5 - 2r`` batches of 8 an epoch: unequal step counts, which
+    divekit's own loaders never give (each walks the same global batches) but a user's may."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.rank, self.world = x, y, 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        self.rank, self.world = rank, world_size
+
+    def __len__(self) -> int:
+        return 5 - 2 * self.rank
+
+    def global_batch_size(self, index: int) -> int:
+        return 8 * self.world
+
+    def __iter__(self):
+        for b in range(len(self)):
+            rows = slice(8 * (2 * b + self.rank), 8 * (2 * b + self.rank + 1))
+            yield self.x[rows], self.y[rows]
+
+
+class UnevenTask(TeacherTask):
+    def train_data(self):
+        return UnevenLoader(self.x, self.y)
+
+
 def _config(strategy: str, staleness: int | None = None, channels_last: bool | None = None,
             epochs: int = 1, scheduler: str = "cosine") -> TrainConfig:
     return TrainConfig(epochs=epochs, lr=0.2, momentum=0.9, weight_decay=1e-3,
@@ -116,6 +143,12 @@ def _worker(rank: int, out: str) -> None:
         history = resumed.fit(resume=True)
         torch.save({"whole": whole.model.state_dict(), "resumed": resumed.model.state_dict(),
                     "history": history}, out_dir / f"resume-{k}-rank{rank}.pt")
+    # ranks with unequal step counts: no deadlock, whatever K
+    for k in (0, 1, None):
+        trainer = Trainer(UnevenTask(80, PER_WORKER), _config("async", k, epochs=2))
+        history = trainer.fit()
+        torch.save({"weights": trainer.model.state_dict(), "history": history},
+                   out_dir / f"uneven-{k}-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +196,15 @@ def test_resume_from_a_checkpoint(runs, k):
             assert torch.isfinite(run["resumed"][name]).all()
             if k == 0:  # deterministic: the server's momentum came back with the weights
                 torch.testing.assert_close(run["resumed"][name], v, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("k", [0, 1, None])
+def test_unequal_step_counts_end_without_deadlock(runs, k):
+    ranks = [torch.load(runs / f"uneven-{k}-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [len(run["history"]) for run in ranks] == [2, 2]
+    for name, v in ranks[0]["weights"].items():  # both hold the server's final weights
+        assert torch.isfinite(v).all()
+        torch.testing.assert_close(ranks[1]["weights"][name], v, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.slow

@@ -35,13 +35,21 @@ free for the Trainer's collectives). Every rank's training loop, rank 0's includ
 worker with its own copy of the model. The server enforces the bound by holding back a
 worker's pull until the bound allows it.
 
-**Consistent points.** Validation, checkpoints and the end-of-epoch files need one model:
-there (``before_validation``, ``full_state_dict``) every worker sends a *sync*; the server
-waits for all of them, applies whatever is still pending, and every rank takes the master
-weights (and rank 0's BatchNorm statistics, which are otherwise each worker's own). A worker
-with fewer steps than the others counts as infinitely far ahead while it waits there, so
-unequal step counts cannot deadlock. The optimizer's state lives on the server; checkpoints
-carry it in the layout of the Trainer's optimizer, so a run resumes under any strategy.
+**Consistent points.** The end of an epoch, validation, checkpoints and the end-of-epoch
+files need one model: there (after a rank's last step of the epoch, ``before_validation``,
+``full_state_dict``) every worker sends a *sync*; the server waits for all of them, applies
+whatever is still pending, and every rank takes the master weights (and rank 0's BatchNorm
+statistics, which are otherwise each worker's own). A worker waiting at a sync has no more
+steps to push: the clocks the others complete without it count its gradient as zero (as an
+empty share's), and the bound counts it as infinitely far ahead, so unequal step counts cannot
+deadlock. The last sync of the run ends the server's threads. The optimizer's state lives on
+the server; checkpoints carry it in the layout of the Trainer's optimizer, so a run resumes
+under any strategy and any number of workers.
+
+**Staleness is momentum.** A gradient computed on weights ``s`` updates old acts much like
+extra momentum (Mitliagkas et al., "Asynchrony begets momentum", 2016): on top of SGD's
+momentum of 0.9 it made LeNet on digits diverge at ``K = 1`` already (lr 0.1), while plain SGD
+trained as well as ``K = 0``. With ``K > 0``, lower ``--momentum`` (or ``--lr``).
 """
 
 from __future__ import annotations
@@ -150,7 +158,8 @@ class ParameterServer:
         total: Tensor | None = None
         for rank in sorted(grads):  # rank order, as ps sums
             total = grads[rank].clone() if total is None else total.add_(grads[rank])
-        assert total is not None
+        if total is None:  # nobody pushed this clock (possible only with unequal step counts)
+            return
         set_flat_grads(self.master, total / self.world)
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.master, self.grad_clip)
@@ -162,9 +171,13 @@ class ParameterServer:
         self.updates += 1
 
     def _apply_ready(self) -> None:
-        while self.applied < min(self.pushed):
+        """Apply, in order, every clock that is complete: pushed by every worker, or by every
+        worker still training (one waiting at a sync has no more steps in this epoch: its
+        missing gradient counts as zero, as an empty share's does)."""
+        active = [c for w, c in zip(self.waiting, self.pushed) if not w]
+        while active and self.applied < min(active):
             self.applied += 1
-            self._update(self.pending.pop(self.applied))
+            self._update(self.pending.pop(self.applied, {}))
 
     # ------------------------------------------------------------ the protocol
     def _wait(self, ready: Any, what: str) -> None:
@@ -204,6 +217,7 @@ class ParameterServer:
         with self.cond:
             round_ = self._round
             self.waiting[rank] = True
+            self._apply_ready()
             if all(self.waiting):
                 for clock in sorted(self.pending):  # only unequal step counts leave any
                     self._update(self.pending[clock])
@@ -284,13 +298,19 @@ class AsyncParameterServerStrategy(Strategy):
         self._count(grad)
 
     def after_update(self) -> None:
-        """Pull the weights: returns once the bound lets this worker start its next step."""
+        """Pull the weights: returns once the bound lets this worker start its next step. After
+        this rank's last step of an epoch, a sync: every worker then holds the epoch's final
+        weights before the Trainer's end-of-epoch collectives, and a rank with fewer steps than
+        the others waits there without holding them back."""
         if self.server is not None:
             flat = self.server.pull(0, self.clock)
         else:
             flat = torch.empty(self.numel, dtype=self.dtype)
             dist.recv(flat, src=0, group=self.group)
         _unflat(flat.to(self.device), self.params)
+        t = self.trainer
+        if t is not None and (t.global_step + 1) % t.steps_per_epoch == 0:
+            self._sync(last=t.global_step + 1 >= t.config.epochs * t.steps_per_epoch)
 
     def _send_header(self, kind: int) -> None:
         dist.send(torch.tensor([kind, self.clock], dtype=torch.int64), dst=0, group=self.group)
@@ -337,13 +357,15 @@ class AsyncParameterServerStrategy(Strategy):
             self.server.fail(e)
 
     # ------------------------------------------------------------ consistent points
-    def _sync(self) -> None:
+    def _sync(self, last: bool | None = None) -> None:
         """Every rank: wait for all workers, then hold the server's weights (collective).
-        The last sync of the run (every step done) also ends the server's threads."""
+        The last sync of the run (``last``; default: every step done) also ends the server's
+        threads; after it there is nothing left to sync."""
         if self.stopped:
             return
         t = self.trainer
-        last = t is not None and t.global_step >= t.config.epochs * t.steps_per_epoch
+        if last is None:
+            last = t is not None and t.global_step >= t.config.epochs * t.steps_per_epoch
         if self.server is not None:
             self._serve()
             params, buffers = self.server.sync(0)
