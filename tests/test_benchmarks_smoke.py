@@ -84,6 +84,12 @@ SMOKES = {
                *(rf"(?m)^2 x {strategy}\s+\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+%$"
                  for strategy in ("ddp", "allreduce", "ps"))),
     ),
+    "fsdp_memory": Smoke(
+        table=(r"model\s+parameters\s+1 process MB\s+fsdp rank MB \(max of 2\)\s+params ratio",
+               *(rf"(?m)^{model}\s+[\d,]+\s+\d+\.\d\d\s+\d+\.\d\d(\s+0\.[45]\d\d){{4}}$"
+                 for model in ("lenet", "bert_small"))),
+        timeout_s=240,  # one process, then 2 spawned gloo processes
+    ),
     "pipeline_bubble": Smoke(
         table=(r"schedule\s+M\s+formula\s+measured\s+stage 0\s+stage 1\s+step ms",
                r"(?m)^gpipe\s+1\s+50\.0%\s+\d+\.\d%\s+\d+\.\d%\s+\d+\.\d%\s+\d+\.\d$",

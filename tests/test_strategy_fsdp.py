@@ -8,6 +8,7 @@ uninterrupted process ends."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,12 @@ def _single(case: str, epochs: int = 1, run_dir: Path | None = None, resume: boo
     return trainer
 
 
+@functools.cache
+def _reference(case: str) -> Trainer:
+    """One process, one epoch of ``case`` (shared by the tests below)."""
+    return _single(case)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
@@ -178,7 +185,7 @@ def _assert_same_weights(got: dict, want: dict) -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_fsdp_workers_equal_one_process(runs, case):
-    single = _single(case)
+    single = _reference(case)
     reference = single.model.state_dict()
     rank0 = torch.load(runs / f"{case}-rank0.pt", weights_only=True)
     rank1 = torch.load(runs / f"{case}-rank1.pt", weights_only=True)
@@ -201,7 +208,7 @@ def test_two_fsdp_workers_equal_one_process(runs, case):
 def test_each_rank_holds_about_half(runs, case):
     from divekit.engine.fsdp import local_bytes
 
-    single = _single(case)
+    single = _reference(case)
     whole = local_bytes(single.model, single.optimizer)
     for rank in (0, 1):
         held = torch.load(runs / f"{case}-rank{rank}.pt", weights_only=True)["bytes"]
