@@ -68,17 +68,26 @@ SCHEDULES = ("gpipe", "1f1b")
 
 # ------------------------------------------------------------------ cutting the model
 class _Chain(nn.Module):
-    """Pieces run one after the other: the first takes every input, the others one tensor."""
+    """Pieces run one after the other: the first takes every input, the others one tensor.
+
+    Activations travel between stages in the plain (contiguous) layout, which send and receive
+    need; a stage of a channels_last model takes its 4-D input back to channels_last
+    (``channels_last_in``), so its convolutions run as on one process."""
 
     def __init__(self, pieces: Sequence[nn.Module]):
         super().__init__()
         self.pieces = nn.ModuleList(pieces)
+        self.channels_last_in = False  # set for a stage after the first of a channels_last model
+        self.contiguous_out = False  # set for every stage but the last
 
     def forward(self, *inputs: Tensor) -> Tensor:
+        if self.channels_last_in:
+            inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4
+                           else x for x in inputs)
         x = self.pieces[0](*inputs)
         for piece in self.pieces[1:]:
             x = piece(x)
-        return x
+        return x.contiguous() if self.contiguous_out else x
 
 
 class _TransformerEmbedding(nn.Module):
@@ -174,17 +183,45 @@ def balance(costs: Sequence[float], stages: int) -> list[tuple[int, int]]:
     return runs[::-1]
 
 
-def split_model(model: nn.Module, stages: int) -> list[nn.Module]:
-    """``model`` cut into ``stages`` modules of about equal parameter count, in order; they
-    share their parameters with ``model``. Each piece costs its parameters plus one (a layer
-    without parameters still takes time)."""
+@torch.no_grad()
+def piece_flops(pieces: Sequence[nn.Module], example: tuple[Tensor, ...]) -> list[float] | None:
+    """The forward FLOPs of each piece on ``example`` (one microbatch), counted by
+    ``torch.utils.flop_counter`` in eval mode (no statistic moves); None where it is missing.
+    A convolution's cost grows with its feature map, which its parameter count ignores: the
+    early layers of a CNN have few parameters and most of the work."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        return None
+    flops, x = [], example
+    for piece in pieces:
+        was = piece.training
+        piece.eval()
+        try:
+            with FlopCounterMode(display=False) as counter:
+                out = piece(*x)
+        finally:
+            piece.train(was)
+        flops.append(float(counter.get_total_flops()))
+        x = (out,)
+    return flops
+
+
+def split_model(model: nn.Module, stages: int,
+                example: tuple[Tensor, ...] | None = None) -> list[_Chain]:
+    """``model`` cut into ``stages`` modules of about equal cost, in order; they share their
+    parameters with ``model``. A piece costs its forward FLOPs on ``example`` when given (and
+    countable), else its parameter count; plus one (a layer with neither still takes time)."""
     pieces = model_pieces(model)
     if len(pieces) < stages:
         raise DivekitError(
             f"--strategy pipeline: {type(model).__name__} has {len(pieces)} layer(s) to cut at, "
             f"fewer than the {stages} stages asked for"
         )
-    costs = [1 + sum(p.numel() for p in piece.parameters()) for piece in pieces]
+    flops = piece_flops(pieces, example) if example is not None else None
+    costs = [1 + (flops[i] if flops is not None
+                  else sum(p.numel() for p in piece.parameters()))
+             for i, piece in enumerate(pieces)]
     chains = [_Chain(pieces[a:b]) for a, b in balance(costs, stages)]
     owners: dict[int, int] = {}
     for s, chain in enumerate(chains):
@@ -262,11 +299,23 @@ class PipelineStrategy(Strategy):
         self.num_stages = stages
         self.stage_index = env.rank
         self.is_first, self.is_last = env.rank == 0, env.rank == stages - 1
-        self.chains = split_model(model, stages)
         self.device = next(model.parameters()).device
-        self._owned = [self._owned_tensors(chain) for chain in self.chains]
-        self._schedules: dict[Any, Any] = {}
+        # cut by parameter count now (a model that cannot be cut fails here, in one line),
+        # then again by FLOPs once the first batch shows the input's shape
+        self._cut(split_model(model, stages))
+        self._cut_by_flops = True
         self._step: dict[str, Any] = {}
+
+    def _cut(self, chains: list[_Chain]) -> None:
+        channels_last = any(m.weight.dim() == 4 and not m.weight.is_contiguous()
+                            and m.weight.is_contiguous(memory_format=torch.channels_last)
+                            for m in self.model.modules() if isinstance(m, nn.Conv2d))
+        for s, chain in enumerate(chains):
+            chain.channels_last_in = channels_last and s > 0
+            chain.contiguous_out = s < len(chains) - 1
+        self.chains = chains
+        self._owned = [self._owned_tensors(chain) for chain in chains]
+        self._schedules: dict[Any, Any] = {}
 
     def _owned_tensors(self, chain: nn.Module) -> list[Tensor]:
         """A stage's parameters and buffers (a shared one counted once, in model order)."""
@@ -363,6 +412,9 @@ class PipelineStrategy(Strategy):
         """This rank's stage and schedule for microbatches shaped as ``padded``'s ``rows``
         (built once per shape: the stage's receive buffers are sized for it)."""
         example = tuple(x[:rows] for x in padded)
+        if self._cut_by_flops:  # the same shapes on every rank: the same cut
+            self._cut_by_flops = False
+            self._cut(split_model(self.model, self.num_stages, example))
         key = (chunks, tuple((tuple(x.shape), x.dtype, x.stride()) for x in example))
         if key not in self._schedules:
             stage_in, stage_out = self._probe(example)
