@@ -169,6 +169,12 @@ def _reference(case: str) -> Trainer:
     return _single(case)
 
 
+@functools.cache
+def _uninterrupted() -> dict[str, torch.Tensor]:
+    """One process, two epochs at a constant rate: where a resumed run must end."""
+    return _single(RESUMED, epochs=2, scheduler="none").model.state_dict()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
@@ -221,7 +227,7 @@ def test_each_rank_holds_about_half(runs, case):
 def test_checkpoint_resumes_with_another_number_of_ranks(runs, saved_by):
     """saved-by-2: epoch 1 on 2 ranks, epoch 2 in one process (here); saved-by-1: epoch 1 in
     one process, epoch 2 on 2 ranks. Both end at one uninterrupted process's weights."""
-    uninterrupted = _single(RESUMED, epochs=2, scheduler="none").model.state_dict()
+    uninterrupted = _uninterrupted()
     if saved_by == "saved-by-2":
         resumed = _single(RESUMED, epochs=2, run_dir=runs / saved_by, resume=True,
                           scheduler="none")
@@ -234,3 +240,109 @@ def test_checkpoint_resumes_with_another_number_of_ranks(runs, saved_by):
         assert latest is not None and latest.name == "epoch-0002"
         weights = read_weights(latest / "model.safetensors")
     _assert_same_weights(weights, uninterrupted)
+
+
+# ---------------------------------------------------------------- CUDA (nccl)
+def _cuda_exact() -> None:
+    """Full fp32 convolutions and products (no TF32), so that GPU runs compare at 1e-5."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _cuda_worker(rank: int, world: int, port: int, out: str) -> None:
+    import dataclasses
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _cuda_exact()
+    for case, (task, *_) in CASES.items():
+        cfg = dataclasses.replace(_config(case), device="cuda")  # cuda:LOCAL_RANK, nccl
+        trainer = Trainer(task(N, 2 * PER_WORKER // world), cfg)
+        trainer.fit()
+        whole = trainer.strategy.full_state_dict()
+        if world == 1:  # one GPU: FSDPStrategy itself, on a 1-rank nccl group (see below)
+            whole = {k: v.cpu() for k, v in trainer.model.state_dict().items()}
+        if rank == 0:
+            torch.save(whole, Path(out) / f"{case}.pt")
+
+
+def _one_rank_fsdp(rank: int, port: int, out: str) -> None:
+    """FSDPStrategy on a 1-rank nccl group (what a machine with one GPU can run): sharding,
+    a few Adam steps with clipping and the full-state round trip of model and optimizer."""
+    import os
+
+    import torch.distributed as dist
+
+    from divekit.engine.distributed import DistEnv
+    from divekit.engine.fsdp import FSDPStrategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _cuda_exact()
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        results = {}
+        for sharded in (False, True):
+            torch.manual_seed(0)
+            model = BERTModel(BERT).cuda()
+            strategy = FSDPStrategy(model, DistEnv(0, 1, 0)) if sharded else None
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+            task = BertTask(N, 16)
+            for batch in task.train_data():
+                batch = tuple(t.cuda() for t in batch)
+                opt.zero_grad()
+                task.training_step(model, batch)[0].backward()
+                if strategy is not None:
+                    strategy.clip_grad_norm_(0.5)
+                else:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                opt.step()
+            if strategy is None:
+                results["plain"] = {k: v.cpu() for k, v in model.state_dict().items()}
+                results["plain_opt"] = opt.state_dict()
+                continue
+            results["fsdp"] = strategy.full_state_dict()
+            saved_opt = strategy.optimizer_state_dict(opt)
+            results["fsdp_opt"] = saved_opt
+            strategy.load_full_state_dict(results["plain"])
+            strategy.load_optimizer_state_dict(opt, results["plain_opt"])
+            results["reloaded"] = strategy.full_state_dict()
+            results["reloaded_opt"] = strategy.optimizer_state_dict(opt)
+        torch.save(results, Path(out) / "one_rank.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fsdp_on_one_gpu_matches_plain_training_and_round_trips(tmp_path):
+    import torch.multiprocessing as mp
+
+    from divekit.engine.launch import free_port
+
+    mp.spawn(_one_rank_fsdp, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
+    r = torch.load(tmp_path / "one_rank.pt", weights_only=True)
+    # dropout is off and the BERT's W_k bias is excluded: Adam amplifies its rounding noise
+    keep = [k for k in r["plain"] if not k.endswith("W_k.bias")]
+    _assert_same_weights({k: r["fsdp"][k] for k in keep}, {k: r["plain"][k] for k in keep})
+    _assert_same_weights(r["reloaded"], r["plain"])
+    for i, state in r["plain_opt"]["state"].items():
+        for k, v in state.items():
+            torch.testing.assert_close(r["reloaded_opt"]["state"][i][k].cpu().float(),
+                                       v.cpu().float(), rtol=0, atol=0, msg=f"{i} {k}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl needs one GPU per process")
+def test_two_gpus_equal_one_gpu(tmp_path):
+    import torch.multiprocessing as mp
+
+    from divekit.engine.launch import free_port
+
+    for world in (2, 1):
+        (tmp_path / str(world)).mkdir()
+        mp.spawn(_cuda_worker, args=(world, free_port(), str(tmp_path / str(world))),
+                 nprocs=world, join=True)
+    for case in CASES:
+        _assert_same_weights(torch.load(tmp_path / "2" / f"{case}.pt", weights_only=True),
+                             torch.load(tmp_path / "1" / f"{case}.pt", weights_only=True))
