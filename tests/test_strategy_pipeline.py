@@ -257,6 +257,8 @@ def test_stages_are_balanced_and_cover_the_model():
     torch.testing.assert_close(chains[1](chains[0](x)), model(x))
     with pytest.raises(DivekitError, match="fewer than the 9 stages"):
         split_model(model, 9)
+    with pytest.raises(DivekitError, match="not a chain of layers"):
+        split_model(nn.Bilinear(2, 2, 2), 2)
     bert = BertTask(4).build_model()
     chains = split_model(bert, 3)
     owned = [{id(p) for p in c.parameters()} for c in chains]

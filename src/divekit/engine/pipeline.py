@@ -43,6 +43,11 @@ How divekit uses PyTorch's pipelining here:
   (and the running averages take ``M`` updates per step), so a BatchNorm model trains
   differently, like data parallelism with ``M`` workers without SyncBatchNorm.
 
+Validation runs the whole (gathered) model on every rank, unpipelined. A model that is not a
+chain (the encoder–decoder Transformer, whose decoder reads the encoder's output in every
+block; BERT with its two pretraining heads) is refused in one line, as is a weight tied across
+two stages.
+
 The stages' buffers are allocated for one microbatch shape; a batch of another size (the last
 of an epoch) gets its own stages and schedule, kept for the next epoch.
 """
@@ -213,6 +218,10 @@ def split_model(model: nn.Module, stages: int,
     parameters with ``model``. A piece costs its forward FLOPs on ``example`` when given (and
     countable), else its parameter count; plus one (a layer with neither still takes time)."""
     pieces = model_pieces(model)
+    if len(pieces) == 1 and stages > 1:
+        raise DivekitError(
+            f"--strategy pipeline cannot cut {type(model).__name__}: it is not a chain of layers "
+            "(a zoo classifier, an nn.Sequential, a Transformer or BERT encoder stack)")
     if len(pieces) < stages:
         raise DivekitError(
             f"--strategy pipeline: {type(model).__name__} has {len(pieces)} layer(s) to cut at, "
