@@ -54,6 +54,9 @@ POINTER = "latest"
 # what ``latest`` may hold: one plain, visible name (no separator, no leading dot, no "..")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _POINTER_BYTES = 256  # a longer pointer is not one divekit wrote
+# an end-of-epoch checkpoint (validated: its epoch's losses were finite), as opposed to a
+# mid-epoch one, epoch-NNNN-step-SSSSSS (a restart point nothing has validated)
+_EPOCH_END = re.compile(r"epoch-\d+")
 
 
 def rng_state() -> dict[str, Any]:
@@ -248,9 +251,38 @@ class CheckpointDir:
         tensors and plain values is refused in one line before any of it runs."""
         return load_plain(path / STATE, "checkpoint state")
 
+    def discard_epoch(self, epoch: int) -> int:
+        """Epoch ``epoch`` ended with a non-finite loss: remove the mid-epoch checkpoints taken
+        during it (``epoch-{epoch-1}-step-*``; nothing validated their weights, and a huge
+        learning rate can leave finite weights with NaN outputs) and point ``latest`` back at
+        the newest end-of-epoch checkpoint (or remove it: none is good). The pointer moves
+        first, so a reader never follows it to a removed directory. Returns how many were
+        removed."""
+        if not self.root.is_dir():
+            return 0
+        prefix = f"epoch-{epoch - 1:04d}-step-"
+        doomed = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(prefix)]
+        if not doomed:
+            return 0
+        ends = sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and _EPOCH_END.fullmatch(p.name))
+        if ends:
+            atomic_write_text(self.root / POINTER, ends[-1] + "\n", mode=FILE_MODE)
+        else:
+            (self.root / POINTER).unlink(missing_ok=True)
+        _fsync_dir(self.root)
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+        return len(doomed)
+
     def _prune(self, keep_name: str) -> None:
+        """Keep the ``keep`` newest checkpoints, and always the newest end-of-epoch one: a run
+        of mid-epoch checkpoints (``--checkpoint-every``) never prunes the last validated
+        state away (:meth:`discard_epoch` returns to it when an epoch diverges)."""
         done = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for old in [p for p in done if p.name != keep_name][: max(0, len(done) - self.keep)]:
+        ends = [p.name for p in done if _EPOCH_END.fullmatch(p.name)]
+        kept = {keep_name, *ends[-1:]}
+        for old in [p for p in done if p.name not in kept][: max(0, len(done) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".*"):  # temp dirs and files left by a crash
             if stale.is_dir():

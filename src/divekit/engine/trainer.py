@@ -7,6 +7,7 @@ logging and curves; a :class:`Task` owns what a batch means.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -36,6 +37,8 @@ from divekit.engine.strategies import make_strategy
 from divekit.engine.task import Task
 from divekit.errors import DivekitError, TrainingDiverged
 from divekit.io import atomic_write_json
+
+log = logging.getLogger("divekit")
 
 __all__ = ["Task", "TrainConfig", "Trainer", "run_validation", "seed_everything"]
 
@@ -168,8 +171,10 @@ class Trainer:
         else:
             load_weights(self.model, path / "model.safetensors")
         state = self.checkpoints.load_state(path)
+        fresh = [float(g.get("initial_lr", g["lr"])) for g in self.optimizer.param_groups]
         self.strategy.load_optimizer_state_dict(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_forced_lr(fresh, path.name)
         rngs = state.get("rng_ranks")
         set_rng_state(rngs[self.env.rank] if rngs and len(rngs) == self.env.world_size
                       else state["rng"])
@@ -185,6 +190,28 @@ class Trainer:
         self.history = [dict(row) for row in state["history"]]
         self._restore_task(state.get("task_state"))
         return True
+
+    def _apply_forced_lr(self, fresh: list[float], checkpoint: str) -> None:
+        """``--resume --force-resume --lr X``: the loaded optimizer and scheduler state carry
+        the run's old learning rates, which would otherwise win silently. Each param group's
+        ``initial_lr`` and the scheduler's ``base_lrs`` become the ones built from the config
+        now (``fresh``), and its ``lr`` keeps its place on the schedule (old lr × new base /
+        old base); the change is logged (config.json's ``forced_changes`` holds the option).
+        Without ``--force-resume`` the resume guard has already refused a different --lr."""
+        groups = self.optimizer.param_groups
+        if not getattr(self.config, "force_resume", False) or len(fresh) != len(groups):
+            return
+        old = [float(g.get("initial_lr", g["lr"])) for g in groups]
+        if all(math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0) for a, b in zip(old, fresh)):
+            return
+        for group, base_then, base_now in zip(groups, old, fresh):
+            group["lr"] = group["lr"] * base_now / base_then if base_then else base_now
+            group["initial_lr"] = base_now
+        if hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = list(fresh)
+            self.scheduler._last_lr = [g["lr"] for g in groups]  # what get_last_lr() reports
+        log.warning("--force-resume: learning rate %s -> %s from %s on (the schedule's place "
+                    "kept)", _lrs(old), _lrs(fresh), checkpoint)
 
     def _restore_task(self, entries: Any) -> None:
         """Give the task its rank's entry back (see :class:`Task`): now at an epoch boundary,
@@ -451,7 +478,10 @@ class Trainer:
     def _diverged_at_epoch_end(self, bad: dict[str, float]) -> TrainingDiverged:
         """A loss of the epoch's row (the training mean or the validation loss) is NaN or
         infinite: finite weights can still give non-finite outputs (a huge --lr). The epoch's
-        checkpoint is not written; the last good one stays."""
+        checkpoint is not written; the last good one stays, and the mid-epoch checkpoints of
+        this epoch (``--checkpoint-every``), which nothing validated, are removed."""
+        dropped = self.checkpoints.discard_epoch(self.epoch) if self.writes and self.checkpoints \
+            else 0
         latest = self.checkpoints.latest() if self.checkpoints else None
         kept = (
             f"the last good checkpoint ({latest.name}) is kept in {self.checkpoints.root}"
@@ -459,10 +489,17 @@ class Trainer:
             else "no checkpoint was written yet"
         )
         shown = ", ".join(f"{k} {'NaN' if math.isnan(v) else v}" for k, v in bad.items())
+        removed = (f" ({dropped} mid-epoch checkpoint(s) of epoch {self.epoch} removed: their "
+                   "weights were never validated)" if dropped else "")
         return TrainingDiverged(
             f"{shown} at the end of epoch {self.epoch}; stopping without checkpointing it: "
-            f"{kept}. Try a lower --lr or --grad-clip."
+            f"{kept}{removed}. Try a lower --lr or --grad-clip."
         )
+
+
+def _lrs(values: list[float]) -> str:
+    shown = sorted({f"{v:g}" for v in values})
+    return shown[0] if len(shown) == 1 else "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 def _non_finite_losses(row: dict[str, Any]) -> dict[str, float]:
