@@ -96,6 +96,12 @@ SMOKES = {
                r"(?m)^1f1b\s+4\s+20\.0%\s+\d+\.\d%"),
         timeout_s=180,
     ),
+    "tensor_parallel": Smoke(
+        table=(r"model\s+shape\s+all-reduces\s+measured KB\s+formula KB\s+measured/formula",
+               *(rf"(?m)^{m}\s+B=4.*\s+{n}\s+\d+\.\d\s+\d+\.\d\s+1\.000\s+\d+\.\d\s+\d+\.\d$"
+                 for m, n in (("transformer encoder", 8), ("bert", 8), ("lenet", 2)))),
+        timeout_s=240,  # 2 spawned gloo processes
+    ),
     "hardware": Smoke(
         table=(r"layer\s+array\s+df\s+MxKxN\s+cycles",
                r"(?m)^gemm 32x16x32\s+8x4\s+ws",
