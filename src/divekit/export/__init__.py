@@ -87,9 +87,8 @@ def check_output_path(path: Path, inputs: list[Path], overwrite: bool, *, folder
     """Refuse an output that is an input (whatever ``overwrite``) or that exists without it."""
     if folder:
         for item in inputs:
-            if same_file(path, item) or (path.exists() and same_file(path, item.parent)
-                                         and item.parent != path.parent):
-                raise DivekitError(f"-o {str(path)!r} holds the run's own files "
+            if same_file(path, item) or same_file(path, item.parent):  # a file would land on it
+                raise DivekitError(f"-o {str(path)!r} holds files the export reads "
                                    f"({str(item)!r}); choose another folder")
         if path.exists() and not path.is_dir():
             raise DivekitError(f"-o {str(path)!r} exists and is not a folder")
@@ -239,9 +238,22 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path | None = None, 
     if opset is not None and not 7 <= opset <= 30:
         raise DivekitError(f"--opset must be an ONNX opset version (7 to 30), got {opset}")
     run_dir = Path(run_dir)
-    read_record(run_dir)  # a folder that is not a run: one line before anything else
+    record = read_record(run_dir)  # a folder that is not a run: one line before anything else
+    if fmt == "torchvision":  # an architecture torchvision lacks: refused before loading
+        from divekit.export.torchvision_names import refuse_early
+
+        refuse_early(str(record.get("task", "classify")), str(record["config"].get("model")),
+                     run_dir)
     path = Path(output) if output is not None else default_output(run_dir, fmt)
     inputs = run_inputs(run_dir)
+    if record.get("base_checkpoint"):  # a fine-tuned BERT also reads its base checkpoint
+        from divekit.models.bert_checkpoint import resolve_checkpoint
+
+        try:
+            base = resolve_checkpoint(str(record["base_checkpoint"]))
+            inputs += [base, *(p for p in base.iterdir() if p.is_file())]
+        except (DivekitError, OSError):
+            pass
     if fmt == "hf":
         from divekit.export.hf import export_hf
 

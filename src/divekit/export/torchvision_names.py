@@ -156,17 +156,23 @@ def torchvision_state(model: Any, name: str, in_channels: int, image_size: list[
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def refuse_early(task: str, name: str, run_dir: Path) -> None:
+    """The refusals the run's record alone decides (its task, its model's name)."""
+    if task != "classify":
+        raise DivekitError(f"{run_dir} is a {task} run; --format torchvision writes classifiers")
+    if name.startswith("torchvision:"):
+        raise DivekitError(f"{name} is torchvision's own network split into divekit's "
+                           "features/head; --format torchvision writes the zoo's models")
+    if name in NOT_THE_SAME:
+        raise DivekitError(f"{name} cannot be written for torchvision: {NOT_THE_SAME[name]}")
+
+
 def export_torchvision(run: Any, path: Path, meta_path: Path) -> Any:
     from divekit.export import ExportResult
     from divekit.io import atomic_write_bytes, atomic_write_text
 
-    task = str(run.record.get("task", "classify"))
-    if task != "classify":
-        raise DivekitError(f"{run.dir} is a {task} run; --format torchvision writes classifiers")
-    name = run.config.model
-    if name.startswith("torchvision:"):
-        raise DivekitError(f"{name} is torchvision's own network split into divekit's "
-                           "features/head; --format torchvision writes the zoo's models")
+    task, name = str(run.record.get("task", "classify")), run.config.model
+    refuse_early(task, name, run.dir)
     f = run.task.facts
     state = torchvision_state(run.model, name, int(f["in_channels"]), list(f["image_size"]))
     import io
