@@ -126,6 +126,15 @@ SMOKES = {
                     r"(?m)^d2l RNNLM\(GRU\)\s+[\d,]+"),
         without_peers="d2l is not installed",
     ),
+    "serve": Smoke(
+        table=(r"model\s+batch\s+eager ms\s+onnxruntime ms\s+ratio",
+               r"(?m)^ResNet-18 1x32x32\s+1\s+\d+\.\d\d"),
+        peers=("onnxruntime",),
+        with_peers=(rf"(?m)^ResNet-18 1x32x32\s+4\s+\d+\.\d\d\s+\d+\.\d\d\s+{RATIO}",
+                    rf"(?m)^MiniLM classify, 16 tokens\s+4\s+\d+\.\d\d\s+\d+\.\d\d\s+{RATIO}"),
+        without_peers="onnxruntime not installed",
+        timeout_s=240,
+    ),
     "train_throughput": Smoke(
         table=(r"lenet at 28x28, batch 32",
                r"resnet18 at 96x96, batch 4",
