@@ -47,7 +47,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
                    help="mean over the tokens (sentence-transformers) or the [CLS] state (default: mean)")
     p.add_argument("--normalize", action="store_true", help="scale every embedding to unit length")
     p.add_argument("--similar", metavar="QUERY", help="rank the texts by cosine similarity to QUERY")
-    p.add_argument("--top-k", type=int, default=5, metavar="K", help="with --similar: show K (default: 5)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="with --similar: show K (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per batch (default: 32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -113,6 +114,12 @@ def _check_output(args: argparse.Namespace) -> Path:
 def cmd_embed(args: argparse.Namespace) -> None:
     from divekit.tasks.embed import Embedder
 
+    if args.top_k is not None and args.similar is None:
+        raise DivekitError("--top-k ranks the texts for --similar QUERY; give --similar as well, "
+                           "or leave --top-k out")
+    if args.similar is not None and (args.output or args.normalize):
+        raise DivekitError("--similar prints a ranking; -o and --normalize apply to embeddings "
+                           "without --similar")
     texts = _texts(args)
     out = _check_output(args) if args.output else None
     if args.batch_size < 1:
@@ -120,7 +127,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
     embedder = Embedder(args.checkpoint, args.device)
     progress = not args.quiet and len(texts) > 4 * args.batch_size and sys.stderr.isatty()
     if args.similar is not None:
-        for i, score, text in embedder.most_similar(args.similar, texts, args.top_k, args.pooling,
+        top_k = 5 if args.top_k is None else args.top_k
+        for i, score, text in embedder.most_similar(args.similar, texts, top_k, args.pooling,
                                                     args.batch_size, progress):
             print(f"{score:.4f}\t{i + 1}\t{_shown(text)}")
         return

@@ -45,12 +45,38 @@ def text_config(given: dict[str, Any]) -> Any:
     if foreign:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
         raise DivekitError(f"{flags} apply to image fine-tuning, not to --task {given['task']}")
+    typed = dict(given)
     if given.get("resume") and given.get("out"):
         saved = read_record(given["out"])["config"]
         given = {**saved_options(TextFinetuneConfig, saved, given, given["out"]), **given}
     cfg = config_from_dict(TextFinetuneConfig, given)
     cfg.validate()
+    check_option_pairs(cfg, typed)
     return cfg
+
+
+def check_option_pairs(cfg: Any, typed: dict[str, Any]) -> None:
+    """Options typed without the one they need, or with data they do not apply to, are refused
+    in one line instead of being dropped: --lora-targets/--lora-alpha/--lora-dropout need
+    --lora, --unfreeze needs something frozen (--lora, --adapters or --add-tokens), and
+    --text-columns/--label-column read csv:PATH data only (one or two columns)."""
+    needs = {"lora_targets": "--lora R", "lora_alpha": "--lora R", "lora_dropout": "--lora R"}
+    for key, need in needs.items():
+        if key in typed and not cfg.lora:
+            raise DivekitError(f"--{key.replace('_', '-')} applies to LoRA only: give {need} "
+                               "as well, or leave it out")
+    if typed.get("unfreeze") and not (cfg.lora or cfg.adapters or cfg.add_tokens):
+        raise DivekitError("--unfreeze trains the encoder alongside --lora, --adapters or "
+                           "--add-tokens, which freeze it; without them the whole encoder "
+                           "trains anyway: leave --unfreeze out")
+    columns = [c for c in str(cfg.text_columns).split(",")]
+    if len(columns) > 2 or not all(c.strip() for c in columns):
+        raise DivekitError(f"--text-columns takes one column or two (a,b), got "
+                           f"{cfg.text_columns!r}")
+    for key in ("text_columns", "label_column"):
+        if key in typed and not cfg.data_name.startswith("csv:"):
+            raise DivekitError(f"--{key.replace('_', '-')} reads csv:PATH data; --data "
+                               f"{cfg.data_name} has its own columns")
 
 
 def cmd_finetune_text(args: argparse.Namespace) -> None:

@@ -39,10 +39,12 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
         "(--topology, with SCALE-Sim v2's conventions).")
     p.add_argument("model", nargs="?", help="model name (see `divekit models`)")
     _model_options(p)
-    p.add_argument("--array", default="128x128", metavar="RxC",
-                   help="array rows x columns, sides up to 65536 (default: 128x128)")
-    p.add_argument("--dataflow", default="ws", choices=["ws", "os", "is"],
-                   help="weight-, output- or input-stationary (default: ws)")
+    p.add_argument("--array", default=None, metavar="RxC",
+                   help="array rows x columns, sides up to 65536 (default: 128x128; with "
+                   "--config: the .cfg's)")
+    p.add_argument("--dataflow", default=None, choices=["ws", "os", "is"],
+                   help="weight-, output- or input-stationary (default: ws; with --config: "
+                   "the .cfg's)")
     p.add_argument("--bandwidth-gbs", type=float, metavar="B",
                    help="memory bandwidth in GB/s: a layer takes the longer of compute and "
                    "moving its 8-bit operands once")
@@ -97,6 +99,12 @@ def _cmd_hw_help(parser: argparse.ArgumentParser):
 
 
 def _check_positive(args: argparse.Namespace) -> None:
+    import math
+
+    for flag, value in (("--clock-ghz", args.clock_ghz),
+                        ("--bandwidth-gbs", getattr(args, "bandwidth_gbs", None))):
+        if value is not None and not math.isfinite(value):
+            raise DivekitError(f"{flag} must be a finite number, got {value}")
     if not 0 < args.batch <= MAX_HW_BATCH:
         raise DivekitError(f"--batch must be positive and at most {MAX_HW_BATCH}, got {args.batch}")
     if args.clock_ghz <= 0:
@@ -163,9 +171,12 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         return
     if not args.model:
         raise DivekitError("hw simulate needs a MODEL or --topology FILE.csv")
+    if args.config:
+        raise DivekitError("--config (a SCALE-Sim .cfg) goes with --topology; for a MODEL give "
+                           "--array and --dataflow")
     from divekit.hardware.zoo import format_result, simulate_model
 
-    array = ArraySpec(*parse_array(args.array), args.dataflow)
+    array = ArraySpec(*parse_array(args.array or "128x128"), args.dataflow or "ws")
     out_csv = _output_path(args.csv, [], args.overwrite) if args.csv else None
     out_png = _output_path(args.plot, [args.csv], args.overwrite, "--plot") if args.plot else None
     model, shape = _build(args, weights=args.mode == "cycle")
@@ -220,11 +231,19 @@ def _simulate_topology(args: argparse.Namespace) -> None:
     if args.mode != "analytic" or args.overlap:
         raise DivekitError("--topology runs follow SCALE-Sim v2 (analytic, no overlap); drop "
                            "--mode cycle / --overlap")
+    if args.plot:
+        raise DivekitError("--plot draws a MODEL's batch curve; a --topology run writes its "
+                           "table (--csv) only")
+    if args.config and (args.array or args.dataflow):
+        given = " and ".join(f for f, v in (("--array", args.array),
+                                             ("--dataflow", args.dataflow)) if v)
+        raise DivekitError(f"--config {args.config} sets the array and dataflow; drop {given} "
+                           "(or --config)")
     out_csv = (_output_path(args.csv, [args.topology, args.config], args.overwrite)
                if args.csv else None)
     layers = read_topology(args.topology)
     array = (read_config(args.config) if args.config
-             else ArraySpec(*parse_array(args.array), args.dataflow))
+             else ArraySpec(*parse_array(args.array or "128x128"), args.dataflow or "ws"))
     stats = simulate_topology(layers, array)
     rows = [("layer", "ofmap", "GEMM (MxK·KxN)", "folds", "cycles", "overall util %",
              "map eff %", "compute util %", "time us")]

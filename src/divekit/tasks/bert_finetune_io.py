@@ -96,6 +96,7 @@ def predict_inputs(inputs: Any, task: str, columns: tuple[Sequence[str], str] | 
                 and path.suffix.lower() in (".csv", ".tsv") and path.is_file()):
             out.extend(table_inputs(path, columns[0], columns[1], known))
             continue
+        _refuse_file_name(text, task)
         if task in ("pair", "qa"):
             a, sep, b = text.partition(SEPARATOR)
             if not sep or not a.strip() or not b.strip():
@@ -117,6 +118,29 @@ def predict_inputs(inputs: Any, task: str, columns: tuple[Sequence[str], str] | 
     if task in ("classify", "pair"):
         out = [item if len(item) == 3 else (*item, None) for item in out]
     return out
+
+
+FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".txt", ".bin", ".npy", ".pt", ".gz")
+
+
+def _refuse_file_name(text: str, task: str) -> None:
+    """A file's name given where a text is expected is refused, not classified as a sentence:
+    an existing file other than a ``.csv``/``.tsv`` table (those only for classify and pair),
+    or a single word that ends like a file name and names nothing."""
+    if len(text) > 1024 or any(c in text for c in "\n\0") or SEPARATOR in text:
+        return
+    path = Path(text)
+    try:
+        exists = path.is_file()
+    except OSError:
+        return
+    tables = "a .csv or .tsv file of texts, or " if task in ("classify", "pair") else ""
+    if exists:
+        raise DivekitError(f"{text!r} is a file; predict on a {task} run takes {tables}the "
+                           "texts themselves")
+    if " " not in text.strip() and path.suffix.lower() in FILE_SUFFIXES:
+        raise DivekitError(f"{text!r} looks like a file name but there is no such file; "
+                           f"predict on a {task} run takes {tables}the texts themselves")
 
 
 def _read_passage(path: Path) -> str:
