@@ -25,18 +25,20 @@ N, BATCH, STEPS, WIDTH, BLOCKS = 40, 16, 6, 16, 2
 
 class EncoderClassifier(nn.Module):
     """divekit's Transformer encoder (4 heads), mean-pooled over the valid positions, then a
-    linear classifier."""
+    linear classifier. No attention biases: the key projection's bias has a zero gradient
+    (softmax ignores a shift of every score), whose rounding noise Adam would amplify."""
 
     def __init__(self):
         super().__init__()
         from divekit.models.transformer import TransformerEncoder
 
-        self.encoder = TransformerEncoder(20, WIDTH, 32, 4, BLOCKS, dropout=0.0, use_bias=True)
+        self.encoder = TransformerEncoder(20, WIDTH, 32, 4, BLOCKS, dropout=0.0)
         self.out = nn.Linear(WIDTH, 3)
 
     def forward(self, tokens, valid_lens):
         h = self.encoder(tokens, valid_lens)  # (B, T, d)
-        keep = (torch.arange(tokens.shape[1]) < valid_lens[:, None]).float()[..., None]
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        keep = (positions < valid_lens[:, None]).float()[..., None]
         return self.out((h * keep).sum(1) / keep.sum(1))
 
 
@@ -239,3 +241,99 @@ def test_plan_refuses_heads_that_do_not_divide():
     assert sorted(plan.values()) == ["colwise", "rowwise"]  # 400→120 by columns, 120→84 by rows
     with pytest.raises(DivekitError, match="nothing to split"):
         tensor_parallel_plan(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), 2)
+
+
+# ----------------------------------------------------------------- CUDA (nccl)
+def _cuda_exact() -> None:
+    """Full fp32 products (no TF32), so that GPU runs compare at 1e-5."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _one_rank_tensor(rank: int, port: int, out: str) -> None:
+    """TensorParallelStrategy on a 1-rank nccl group (what one GPU can run): a CUDA device
+    mesh, DTensor parameters, the optimizer guard, clipping and the whole-state round trip,
+    against plain training of the same model."""
+    import os
+
+    import torch.distributed as dist
+
+    from divekit.engine.distributed import DistEnv
+    from divekit.engine.tensor_parallel import TensorParallelStrategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _cuda_exact()
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        results = {}
+        for split in (False, True):
+            torch.manual_seed(0)
+            task = BertTask()
+            model = task.build_model().cuda()
+            strategy = TensorParallelStrategy(model, DistEnv(0, 1, 0)) if split else None
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+            for batch in task.train_data():
+                batch = tuple(t.cuda() for t in batch)
+                opt.zero_grad()
+                task.training_step(model, batch)[0].backward()
+                if strategy is not None:
+                    strategy.clip_grad_norm_(0.5)
+                else:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                opt.step()
+            if strategy is None:
+                results["plain"] = {k: v.cpu() for k, v in model.state_dict().items()}
+                results["plain_opt"] = opt.state_dict()
+                continue
+            results["split"] = {k: v.cpu() for k, v in strategy.full_state_dict().items()}
+            strategy.load_full_state_dict(results["plain"])
+            strategy.load_optimizer_state_dict(opt, results["plain_opt"])
+            results["reloaded"] = {k: v.cpu() for k, v in strategy.full_state_dict().items()}
+        torch.save(results, Path(out) / "one_rank.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tensor_strategy_on_one_gpu_matches_plain_training_and_round_trips(tmp_path):
+    import torch.multiprocessing as mp
+
+    from divekit.engine.launch import free_port
+
+    mp.spawn(_one_rank_tensor, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
+    r = torch.load(tmp_path / "one_rank.pt", weights_only=True)
+    _close(r["split"], r["plain"])
+    _close(r["reloaded"], r["plain"])
+
+
+def _cuda_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _cuda_exact()
+    for name, (task, *_rest) in CASES.items():
+        cfg = dataclasses.replace(_config(name, "tensor" if world > 1 else "ddp"), device="cuda")
+        trainer = Trainer(task(), cfg)
+        trainer.fit()
+        whole = (trainer.strategy.full_state_dict() if world > 1
+                 else trainer.model.state_dict())
+        if rank == 0:
+            torch.save({k: v.cpu() for k, v in whole.items()}, Path(out) / f"{name}.pt")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl needs one GPU per process")
+def test_two_gpus_equal_one_gpu(tmp_path):
+    import torch.multiprocessing as mp
+
+    from divekit.engine.launch import free_port
+
+    for world in (2, 1):
+        (tmp_path / str(world)).mkdir()
+        mp.spawn(_cuda_worker, args=(world, free_port(), str(tmp_path / str(world))),
+                 nprocs=world, join=True)
+    for name in CASES:
+        _close(torch.load(tmp_path / "2" / f"{name}.pt", weights_only=True),
+               torch.load(tmp_path / "1" / f"{name}.pt", weights_only=True))
