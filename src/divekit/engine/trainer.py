@@ -441,7 +441,10 @@ class Trainer:
         packed = torch.stack([torch.tensor(float(seen), device=self.device, dtype=torch.float64)]
                              + [sums[k].double() for k in keys])
         total = D.all_reduce_sum(packed)
-        return {k: total[j + 1].float() for j, k in enumerate(keys)}, int(round(total[0].item()))
+        reduced = {k: total[j + 1].float() for j, k in enumerate(keys)}
+        # packed in sorted order (the same on every rank), returned in the task's order, so
+        # metrics.csv has one column order whatever the world size
+        return {k: reduced[k] for k in sums}, int(round(total[0].item()))
 
     def _epoch_row(self, sums: dict[str, Tensor], seen: int, t0: float) -> dict[str, Any]:
         train_seconds = time.perf_counter() - t0
