@@ -26,6 +26,9 @@ What differs from one process:
 * BatchNorm normalizes over each rank's own share of the batch (its running statistics are
   buffers, which FSDP neither shards nor averages), as under ``ddp`` without ``--sync-bn``;
   a model with BatchNorm is close to, not equal to, one process.
+* Validation runs on a whole copy of the weights, gathered on every rank when it starts and
+  dropped when training goes on (:meth:`FSDPStrategy.before_validation` says why); training
+  itself never holds more than one block whole.
 * FSDP2 shards a parameter as rows of a contiguous tensor and refuses channels_last
   (non-contiguous) parameters, so the weights are made contiguous before sharding; the
   activations stay channels_last (``--channels-last``), and a convolution takes its weight in
@@ -39,6 +42,7 @@ and keeping each rank's shard, so a run saved with ``W`` ranks resumes with any 
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any
 
@@ -119,6 +123,19 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in chosen]
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device (shapes and
+    dtypes, no storage): ``copy.deepcopy`` with every tensor of the model swapped for an empty
+    one, so the copy costs no memory until ``to_empty`` gives it some."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                   requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
 def _local(t: Tensor) -> Tensor:
     """The rank's own part of a DTensor (FSDP's sharded parameters), a plain tensor as is."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -172,6 +189,8 @@ class FSDPStrategy(Strategy):
                 p.data = p.data.contiguous()
         # start from rank 0's replica, as every divekit strategy does
         self._broadcast(list(model.parameters()) + list(model.buffers()))
+        self._template = _meta_copy(model)  # validation's whole replica, without storage
+        self._replica: nn.Module | None = None
         self.mesh = init_device_mesh(device.type, (env.world_size,))
         self.units = shard_units(model)
         for unit in self.units:
@@ -224,6 +243,34 @@ class FSDPStrategy(Strategy):
         if not torch.allclose(gathered, torch.ones(world)):
             raise DivekitError(f"gloo's reduce-scatter average is wrong in torch "
                                f"{torch.__version__}; use --strategy ddp")
+
+    # ------------------------------------------------------------ validation
+    def before_validation(self) -> None:
+        """Gather the whole weights on every rank into a plain replica of the model.
+
+        FSDP's forward pass is collective (each block's all-gather waits for every rank), but
+        validation need not be: a task's held-out data may split into a different number of
+        batches per rank, or not split at all (rank 0 then validates alone while the others
+        wait), and either would deadlock. The replica holds the parameters and buffers only (no
+        gradients, no optimizer state) and is dropped when training resumes."""
+        api = _state_dict_api()
+        state = api.get_model_state_dict(self.model, options=self._options())  # all ranks
+        device = next(iter(state.values())).device if state else torch.device("cpu")
+        replica = copy.deepcopy(self._template).to_empty(device=device)
+        replica.load_state_dict(state)
+        del state
+        live = dict(self.model.named_buffers())  # buffers are not sharded: BatchNorm's stats,
+        with torch.no_grad():  # and the non-persistent ones a state dict leaves out
+            for name, buffer in replica.named_buffers():
+                buffer.copy_(live[name])
+        self._replica = replica
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self._replica if self._replica is not None else self.model
+
+    def before_forward(self) -> None:
+        self._replica = None
 
     # ------------------------------------------------------------ gradient clipping
     def clip_grad_norm_(self, max_norm: float) -> None:
