@@ -167,7 +167,7 @@ CASES = [(model, schedule) for model, (_, _, schedules) in MODELS.items()
 
 def _config(strategy: str = "ddp", schedule: str = "gpipe",
             channels_last: bool | None = None, epochs: int = 2) -> TrainConfig:
-    return TrainConfig(epochs=epochs, lr=0.1, momentum=0.9, weight_decay=1e-3, grad_clip=1.0,
+    return TrainConfig(epochs=epochs, lr=0.1, momentum=0.9, weight_decay=1e-3, grad_clip=0.25,
                        strategy=strategy, quiet=True, device="cpu", seed=1,
                        channels_last=channels_last, microbatches=MICRO,
                        pipeline_schedule=schedule)
