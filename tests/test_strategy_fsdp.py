@@ -8,6 +8,7 @@ uninterrupted process ends."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def _worker(rank: int, out: str) -> None:
 
     root = Path(out)
     for case, (task, *_) in CASES.items():
-        trainer = Trainer(task(N, PER_WORKER), _config(case))
+        config = dataclasses.replace(_config(case), profile_comm=True)
+        trainer = Trainer(task(N, PER_WORKER), config)
         history = trainer.fit()
         assert isinstance(trainer.strategy, FSDPStrategy)
         whole = trainer.strategy.full_state_dict()  # collective: every rank calls it
@@ -211,6 +213,10 @@ def test_two_fsdp_workers_equal_one_process(runs, case):
         assert run["history"][0]["train_loss"] == pytest.approx(
             single.history[0]["train_loss"], abs=1e-5)
         assert run["history"][0]["val_seen"] == N
+        # --profile-comm: 2 all-gathers and 1 reduce-scatter of the parameters per step, each
+        # sending (W-1)/W = 1/2 of their bytes (the ring model)
+        param_bytes = sum(p.numel() * p.element_size() for p in single.model.parameters())
+        assert run["history"][0]["comm_MB_per_step"] == pytest.approx(1.5 * param_bytes / 1e6)
         assert run["history"][0]["val_loss"] == pytest.approx(
             single.history[0]["val_loss"], abs=1e-5)
     # the weights moved: not a comparison of two untouched initialisations
@@ -296,7 +302,6 @@ def _cuda_exact() -> None:
 
 
 def _cuda_worker(rank: int, world: int, port: int, out: str) -> None:
-    import dataclasses
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),

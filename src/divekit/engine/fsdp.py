@@ -189,6 +189,7 @@ class FSDPStrategy(Strategy):
                 p.data = p.data.contiguous()
         # start from rank 0's replica, as every divekit strategy does
         self._broadcast(list(model.parameters()) + list(model.buffers()))
+        self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self._template = _meta_copy(model)  # validation's whole replica, without storage
         self._replica: nn.Module | None = None
         self.mesh = init_device_mesh(device.type, (env.world_size,))
@@ -243,6 +244,15 @@ class FSDPStrategy(Strategy):
         if not torch.allclose(gathered, torch.ones(world)):
             raise DivekitError(f"gloo's reduce-scatter average is wrong in torch "
                                f"{torch.__version__}; use --strategy ddp")
+
+    def reduce_gradients(self) -> None:
+        """Nothing to do (FSDP reduce-scattered every block's gradients during the backward
+        pass); with ``--profile-comm`` the step's traffic is counted by the ring model, as for
+        ``ddp``: an all-gather of the parameters for the forward pass, another for the backward
+        pass and a reduce-scatter of the gradients, each sending ``(W-1)/W`` of their bytes."""
+        if self.counter is not None:
+            world = self.env.world_size
+            self.counter.add(round(3 * (world - 1) / world * self.param_bytes))
 
     # ------------------------------------------------------------ validation
     def before_validation(self) -> None:
