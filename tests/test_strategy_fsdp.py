@@ -258,6 +258,24 @@ def test_checkpoint_resumes_with_another_number_of_ranks(runs, saved_by):
 
 
 
+
+def test_blocks_are_the_encoder_blocks_and_the_cnn_stages():
+    from divekit.engine.fsdp import shard_units
+    from divekit.models.registry import create_model
+
+    def names(model: nn.Module) -> list[str]:
+        ids = {id(m) for m in shard_units(model)}
+        return [n for n, m in model.named_modules() if id(m) in ids]
+
+    assert names(BERTModel(BERT)) == ["encoder.blks.0", "encoder.blks.1", "hidden.0"]
+    assert names(create_model("resnet18")) == [f"features.b{i}" for i in range(1, 6)] + [
+        "head.2"]
+    assert names(create_model("lenet")) == ["features.0", "features.3", "head.1", "head.3",
+                                            "head.5"]
+    # a Sequential model: each layer with parameters
+    assert names(CASES["conv"][0](N, 1).build_model()) == ["0", "2", "5"]
+
+
 # ---------------------------------------------------------------- kill -9, restart, same end
 @pytest.mark.slow
 def test_a_killed_fsdp_worker_restarts_and_ends_where_one_process_ends(tmp_path, monkeypatch,

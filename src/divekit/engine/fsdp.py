@@ -18,7 +18,8 @@ Since the Trainer back-propagates ``L_r · n_r · W / m`` (see :mod:`divekit.eng
 that average is the gradient of the global batch's mean loss, as one process computes it, so
 ``fsdp`` on ``W`` ranks gives one process's weights. Per rank, parameters, gradients and
 optimizer state take about ``1/W`` of one process's bytes (:func:`local_bytes` counts them); only
-the block being computed is whole, for a moment, which is why the model is sharded block by
+the block being computed is whole, for a moment (with the root's own parameters, which stay
+gathered from the forward pass to the backward pass), which is why the model is sharded block by
 block (:func:`shard_units`) and not as one piece.
 
 What differs from one process:
@@ -28,7 +29,7 @@ What differs from one process:
   a model with BatchNorm is close to, not equal to, one process.
 * Validation runs on a whole copy of the weights, gathered on every rank when it starts and
   dropped when training goes on (:meth:`FSDPStrategy.before_validation` says why); training
-  itself never holds more than one block whole.
+  itself holds one block (and the root's own parameters) whole at a time.
 * FSDP2 shards a parameter as rows of a contiguous tensor and refuses channels_last
   (non-contiguous) parameters, so the weights are made contiguous before sharding; the
   activations stay channels_last (``--channels-last``), and a convolution takes its weight in
