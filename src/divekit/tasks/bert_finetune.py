@@ -347,7 +347,37 @@ class TextFinetuneTask(Task, name="bert_finetune"):
     def save_extras(self, run_dir: Any) -> None:
         self.tokenizer.save(Path(run_dir) / TOKENIZER)
 
+    def check_loaded(self, run_dir: Any) -> None:
+        """A run's ``config.json`` is checked for ranges as the command line is (the config's
+        :meth:`checks`, less the --add-tokens file, which is not needed once trained), and its
+        facts for what this task knows: ``model`` is ``bert``, ``head`` is the config's task,
+        ``labels`` are distinct non-empty strings (two or more but for tag). One line naming
+        the file and the value (a tampered ``max_len -5`` was used as is)."""
+        path = Path(run_dir) / "config.json"
+        wrong = [msg for ok, msg in self.config.checks()
+                 if not ok and not msg.startswith("--add-tokens")]
+        if wrong:
+            raise DivekitError(f"{path}: {wrong[0]}")
+        if self.config.model != "bert":
+            raise DivekitError(f"{path}: model {self.config.model!r} is not a text fine-tuning "
+                               "model (bert)")
+        head = self.record.get("head", self.config.task)
+        if head != self.config.task:
+            raise DivekitError(f"{path}: head {head!r} does not match the config's task "
+                               f"{self.config.task!r}")
+        labels = self.record.get("labels")
+        if self.config.task != "qa":
+            fewest = 1 if self.config.task == "tag" else 2
+            if (not isinstance(labels, list) or len(labels) < fewest
+                    or not all(isinstance(x, str) and x for x in labels)):
+                raise DivekitError(f"{path}: labels must be a list of {fewest} or more non-empty "
+                                   f"strings, got {str(labels)[:80]}")
+            if len(set(labels)) != len(labels):
+                dup = next(x for x in labels if labels.count(x) > 1)
+                raise DivekitError(f"{path}: labels name {dup!r} twice")
+
     def load_extras(self, run_dir: Any) -> None:
+        self.check_loaded(run_dir)
         self.check_base(run_dir)
         tok = BertTokenizer.load(resolve_checkpoint(self.base))
         if self.added_words:
