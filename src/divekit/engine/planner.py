@@ -552,7 +552,7 @@ def _units_of(model, counts: dict[str, float], root: str):
         if isinstance(module, nn.Sequential | nn.ModuleList) and children:
             for n, c in children:
                 yield from walk(f"{prefix}.{n}" if prefix else n, c)
-        elif lists and prefix is not None:
+        elif lists:
             inner = sum(flops_of(f"{prefix}.{n}.{i}") for n, c in lists for i in range(len(c)))
             yield (f"{prefix or root}(own)", None, flops_of(prefix) - inner)
             for n, c in lists:
