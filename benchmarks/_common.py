@@ -127,6 +127,38 @@ def goal_cell(goal: float | None) -> str:
     return "—" if goal is None else f"≥ {goal:g}×"
 
 
+# ----------------------------------------------------------------------------- profiles
+
+
+def top_ops(fn: Callable[[], object], k: int = 8) -> list[tuple[str, float, int]]:
+    """The ``k`` operators that took the most self CPU time in one call of ``fn``, under
+    torch's profiler: ``[(operator, self CPU ms, calls), ...]``. Where a goal is not met, the
+    top operators of both sides say where the time goes (the same kernels on both sides: the
+    gap is overhead around them; a kernel only one side runs: that kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events[:k]]
+
+
+def profile_table(sides: Mapping[str, Callable[[], object]], k: int = 8) -> tuple[
+        list[str], list[list[str]]]:
+    """Headers and rows of a side-by-side table of each side's :func:`top_ops` (one call
+    each), for :meth:`Report.table`."""
+    tops = {name: top_ops(fn, k) for name, fn in sides.items()}
+    headers = ["#"] + [f"{name}: operator, self ms (calls)" for name in sides]
+    rows = []
+    for i in range(k):
+        row = [str(i + 1)]
+        for name in sides:
+            ops = tops[name]
+            row.append(f"`{ops[i][0]}` {ops[i][1]:.1f} ({ops[i][2]})" if i < len(ops) else "")
+        rows.append(row)
+    return headers, rows
+
+
 # ----------------------------------------------------------------------------- memory
 
 

@@ -27,7 +27,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import Report, Spread, add_markdown_arg, goal_cell, interleave, paired_ratio, verdict
+from _common import (
+    Report,
+    Spread,
+    add_markdown_arg,
+    goal_cell,
+    interleave,
+    paired_ratio,
+    profile_table,
+    verdict,
+)
 from torch import nn
 
 # --smoke: the same code paths at sizes that take seconds
@@ -91,12 +100,19 @@ def rate(times: list[float], work: float) -> float:
     return work / Spread.of(times).median
 
 
-def add_row(what: str, ours: str, peer: str, ratio: Spread | None, goal: float) -> str:
-    """Record a row of the report; returns the console's ratio and verdict text."""
+PROFILES: list[tuple[str, tuple[list[str], list[list[str]]]]] = []  # for goals not met
+
+
+def add_row(what: str, ours: str, peer: str, ratio: Spread | None, goal: float,
+            sides: dict | None = None) -> str:
+    """Record a row of the report; returns the console's ratio and verdict text. A goal not met
+    adds the top operators of both ``sides`` (``{"peer": fn, "divekit": fn}``, one call each)."""
     if ratio is None:
         ROWS.append([what, ours, peer, "—", goal_cell(goal), "peer skipped"])
         return ""
     ROWS.append([what, ours, peer, ratio.md(), goal_cell(goal), verdict(ratio, goal)])
+    if sides is not None and verdict(ratio, goal) == "not met":
+        PROFILES.append((what, profile_table(sides)))
     return (f"ratio {ratio.median:.2f}x ({ratio.lo:.2f}-{ratio.hi:.2f}, goal >= {goal}x: "
             f"{verdict(ratio, goal)})")
 
@@ -226,10 +242,13 @@ def encoder_forward(repeats: int, ckpt: str, shapes=FULL["encoder"]) -> None:
                 add_row(what, f"{rate(a, n):,.0f} tok/s", "transformers not installed", None,
                         GOALS["encoder"])
                 continue
-            b, a = compare(lambda: hf(input_ids=tokens, token_type_ids=segments,  # noqa: B023
-                                      attention_mask=mask), run_ours, repeats)  # noqa: B023
-        said = add_row(what, f"{rate(a, n):,.0f} tok/s", f"transformers {rate(b, n):,.0f} tok/s",
-                       paired_ratio(b, a), GOALS["encoder"])
+            def run_hf():
+                return hf(input_ids=tokens, token_type_ids=segments,  # noqa: B023
+                          attention_mask=mask)  # noqa: B023
+            b, a = compare(run_hf, run_ours, repeats)
+            said = add_row(what, f"{rate(a, n):,.0f} tok/s",
+                           f"transformers {rate(b, n):,.0f} tok/s", paired_ratio(b, a),
+                           GOALS["encoder"], {"transformers": run_hf, "divekit": run_ours})
         print(f"encoder forward {B}x{T}: divekit {rate(a, n):,.0f} tok/s, transformers "
               f"{rate(b, n):,.0f} tok/s, {said}")
 
@@ -273,7 +292,8 @@ def pretraining_steps(repeats: int, sizes=FULL["pretrain"]) -> None:
     used = float(batch[4].mean())
     said = add_row(f"pretraining step, bert_small, {B} × {T}, vocab {vocab:,}, Adam",
                    f"{rate(a, 1):.2f} steps/s", f"course's BERT {rate(b, 1):.2f} steps/s",
-                   paired_ratio(b, a), GOALS["pretrain"])
+                   paired_ratio(b, a), GOALS["pretrain"],
+                   {"course": step_course, "divekit": step_ours})
     print(f"pretraining step bert_small {B}x{T} ({used:.0%} of the MLM slots used): divekit "
           f"{rate(a, 1):.2f} steps/s, course {rate(b, 1):.2f} steps/s, {said}")
 
@@ -336,7 +356,7 @@ def finetune_steps(repeats: int, ckpt: str, batch: int = 32, seq: int = 128) -> 
         b, a = compare(step_hf, step_ours, repeats)
         peer = "transformers" + (" + peft" if mode == "lora" else "")
         said = add_row(what, f"{rate(a, 1):.2f} steps/s", f"{peer} {rate(b, 1):.2f} steps/s",
-                       paired_ratio(b, a), GOALS["finetune"])
+                       paired_ratio(b, a), GOALS["finetune"], {peer: step_hf, "divekit": step_ours})
         print(f"fine-tuning step MiniLM {mode} {batch}x{seq}: divekit {rate(a, 1):.2f} steps/s, "
               f"transformers {rate(b, 1):.2f} steps/s, {said}")
 
@@ -375,6 +395,10 @@ def main() -> None:
                  caption=f"Rates at the median of {args.repeats} interleaved rounds (peer, "
                          "divekit) after a warm-up round; the ratio is the median and min–max "
                          "of the per-round ratios of times.")
+    for what, (headers, rows) in PROFILES:
+        report.table(headers, rows, align="lll",
+                     caption=f"Not met: {what}. The top operators by self CPU time in one call "
+                             "of each side (torch.profiler):")
     report.write(args.markdown)
 
 

@@ -33,7 +33,14 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _common import Report, add_markdown_arg, goal_cell, paired_ratio, verdict
+from _common import (
+    Report,
+    add_markdown_arg,
+    goal_cell,
+    paired_ratio,
+    profile_table,
+    verdict,
+)
 from torch import Tensor, nn
 
 Model = Callable[[Tensor], Tensor]  # token ids (B, T) -> logits (B, T, V)
@@ -146,7 +153,7 @@ def main() -> None:
         print(f"{name:<30} {r:>10,.0f}  {vs_d2l:>7}  {vs_concise:>10}")
         rows.append([name, f"{r:,.0f}", d2l_ratio.md() if d2l_ratio else "—",
                      concise_ratio.md() if concise_ratio else "—"])
-    goal_rows = []
+    goal_rows, profiles = [], []
     for (name, other), goal in GOALS.items():
         ratio = versus(name, other)
         if ratio is None:
@@ -155,6 +162,9 @@ def main() -> None:
             continue
         print(f"goal {name} / {other} >= {goal}x: {ratio} {verdict(ratio, goal)}")
         goal_rows.append([name, other, ratio.md(), goal_cell(goal), verdict(ratio, goal)])
+        if verdict(ratio, goal) == "not met":  # where the time goes, both sides
+            profiles.append((name, other, profile_table(
+                {k: lambda k=k: train_steps(models[k], batches[:2]) for k in (name, other)})))
     report = Report("Recurrent language models", threads=args.threads)
     report.table(["implementation", "tokens/s", "vs d2l (min–max)", "vs concise (min–max)"],
                  rows,
@@ -166,6 +176,10 @@ def main() -> None:
                          "of the per-round ratios.")
     report.table(["divekit", "against", "ratio (min–max)", "goal", "verdict"], goal_rows,
                  align="llrll")
+    for name, other, (headers, rows_) in profiles:
+        report.table(headers, rows_, align="lll",
+                     caption=f"Not met: {name} against {other}, the top operators by self CPU "
+                             "time over 2 training steps of each (torch.profiler):")
     report.write(args.markdown)
 
 

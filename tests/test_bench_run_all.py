@@ -106,6 +106,17 @@ def test_md_table_and_report(common, tmp_path):
                                 "--repeats", "5"]) == "python benchmarks/bert.py --repeats 5"
 
 
+def test_profile_table_names_the_operators(common):
+    import torch
+
+    a = torch.randn(64, 64)
+    headers, rows = common.profile_table({"mm": lambda: a @ a @ a,
+                                          "add": lambda: a + a}, k=3)
+    assert headers == ["#", "mm: operator, self ms (calls)", "add: operator, self ms (calls)"]
+    assert len(rows) == 3 and any("aten::mm" in r[1] for r in rows)
+    assert any("aten::add" in r[2] for r in rows)
+
+
 def test_gemm_rate_is_positive(common):
     assert common.gemm_gflops(n=128, seconds=0.05, threads=1) > 0.01
 
