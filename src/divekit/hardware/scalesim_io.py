@@ -67,9 +67,12 @@ def read_topology(path: str | os.PathLike) -> list[TopologyLayer]:
     """The layers of a SCALE-Sim topology CSV (conv or GEMM form, told apart by the header)."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise DivekitError(f"cannot read topology {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise DivekitError(f"topology {path} is not UTF-8 text ({e.reason} at byte "
+                           f"{e.start})") from None
     rows = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     if not rows:
         raise DivekitError(f"topology {path} is empty")
@@ -120,10 +123,13 @@ def read_config(path: str | os.PathLike) -> ArraySpec:
     """The array (``ArrayHeight``×``ArrayWidth``) and ``Dataflow`` of a SCALE-Sim ``.cfg``."""
     parser = configparser.ConfigParser()
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             parser.read_file(f)
     except OSError as e:
         raise DivekitError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise DivekitError(f"config {path} is not UTF-8 text ({e.reason} at byte "
+                           f"{e.start})") from None
     except configparser.Error as e:
         raise DivekitError(f"config {path} is not a SCALE-Sim .cfg: "
                            f"{str(e).splitlines()[0]}") from None

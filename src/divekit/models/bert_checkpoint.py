@@ -158,23 +158,29 @@ class BertTokenizer:
         a_ids = self.ids(texts)
         b_ids: list[list[int] | None] = list(self.ids(pairs)) if pairs is not None else [None] * len(a_ids)
         out = []
+        cut: list[tuple[str, int]] = []  # (text, tokens) of each text cut: one warning for all
         for text, a, b in zip(texts, a_ids, b_ids):
             if not a or (b is not None and not b):
                 raise DivekitError(f"text {text[:40]!r} has no tokens after cleaning")
-            a, b = self._truncate(a, b, text)
+            total = len(a) + (len(b) if b is not None else 0)
+            a, b = self._truncate(a, b)
+            if len(a) + (len(b) if b is not None else 0) < total:
+                cut.append((text, total))
             tokens = [self.cls_id, *a, self.sep_id] + ([*b, self.sep_id] if b is not None else [])
             segments = [0] * (len(a) + 2) + ([1] * (len(b) + 1) if b is not None else [])
             out.append((tokens, segments))
+        if cut:  # one warning per call, however many texts (hundreds were printed one by one)
+            (text, total), more = cut[0], len(cut) - 1
+            others = f" and {more} more text(s) were" if more else " was"
+            warnings.warn(f"text {text[:40]!r}... ({total} tokens){others} truncated to max_len "
+                          f"{self.max_len}", stacklevel=3)
         return out
 
-    def _truncate(self, a: list[int], b: list[int] | None, text: str
-                  ) -> tuple[list[int], list[int] | None]:
+    def _truncate(self, a: list[int], b: list[int] | None) -> tuple[list[int], list[int] | None]:
         budget = self.max_len - (3 if b is not None else 2)
         total = len(a) + (len(b) if b is not None else 0)
         if total <= budget:
             return a, b
-        warnings.warn(f"text {text[:40]!r}... has {total} tokens; truncated to max_len "
-                      f"{self.max_len}", stacklevel=4)
         if b is None:
             return a[:budget], None
         la, lb = len(a), len(b)  # longest first: cut the longer one until both fit
@@ -331,7 +337,14 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
         try:
             state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors come in many types
-            raise DivekitError(f"{directory / 'pytorch_model.bin'} cannot be read: {e}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "weights_only" in str(e):  # torch's advice (weights_only=False) would run code
+                raise DivekitError(
+                    f"{directory / 'pytorch_model.bin'} is a pickle that asks for more than "
+                    "tensors and plain values, which divekit never unpickles (it could run "
+                    "code); save the checkpoint as model.safetensors instead") from None
+            raise DivekitError(f"{directory / 'pytorch_model.bin'} cannot be read: {first}") \
+                from None
         return dict(state)
     raise DataNotFoundError(f"{directory}: missing model.safetensors (or pytorch_model.bin)")
 
