@@ -13,7 +13,11 @@ function; only the model differs:
   scratch and no LSTM class, so those rows have no d2l peer.
 
 The hidden state starts at zero every batch (random sampling), as in d2l 1.0's ``RNNLM``.
-Rounds alternate between implementations (in a rotating order); the median round is reported.
+Rounds alternate between implementations (in a rotating order); the median round is reported,
+and each ratio as the median and min-max of the per-round ratios. Goals (issue 26), met only when
+the whole spread clears them: ``rnn_scratch`` >= 1.2x d2l's scratch RNN, ``gru_scratch`` and
+``lstm_scratch`` >= 0.9x ``nn.GRU``/``nn.LSTM`` (a goal not met adds both sides' top operators
+to the ``--markdown`` section).
 
     python benchmarks/rnn.py                       # B=32, T=35, V=28, H=256, 2 threads
     python benchmarks/rnn.py --hidden 512 --steps 10 --rounds 5
