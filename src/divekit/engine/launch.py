@@ -16,6 +16,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from divekit.engine import distributed as D
@@ -175,11 +176,36 @@ def worker(cfg: Any) -> Iterator[Any]:
             D.destroy_process_group()
 
 
+def job_id() -> str | None:
+    """torchrun's ``--rdzv-id`` of this job (None outside torchrun, or torchrun's default
+    ``none``, which every job shares and so identifies none)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return run_id if run_id and run_id != "none" else None
+
+
+def _started_by_this_job(out: str | None) -> bool:
+    """Whether the run directory ``out`` was started by this torchrun job (same ``--rdzv-id``):
+    then this attempt is a restart, whatever its node's restart count says."""
+    import json
+
+    run_id = job_id()
+    if out is None or run_id is None:
+        return False
+    try:
+        record = json.loads((Path(out) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and (record.get("distributed") or {}).get("job_id") == run_id
+
+
 def _choose(cfg: Any) -> tuple[str, bool]:
     from divekit.engine.checkpoint import CheckpointDir
     from divekit.engine.run import choose_run_dir
 
-    if restart_count() > 0:  # a restarted attempt: continue the run the failed one left
+    if restart_count() > 0 or _started_by_this_job(cfg.out):
+        # a restarted attempt: continue the run the failed one left. Across machines a node
+        # whose workers were restarted because another node's failed has restart count 0; the
+        # run directory then says it was started by this very job (config.json's run id)
         if cfg.out is not None:
             return cfg.out, CheckpointDir(cfg.out).latest() is not None
         with contextlib.suppress(DivekitError):

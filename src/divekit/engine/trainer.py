@@ -31,6 +31,7 @@ from divekit.engine.checkpoint import (
 )
 from divekit.engine.config import TrainConfig
 from divekit.engine.device import autocast, to_device
+from divekit.engine.launch import job_id
 from divekit.engine.optim import build_optimizer, build_scheduler
 from divekit.engine.run import Run
 from divekit.engine.strategies import make_strategy
@@ -269,6 +270,7 @@ class Trainer:
         per_worker = getattr(self.train_loader, "batch_size", getattr(self.config, "batch_size", None))
         info = {
             "world_size": self.env.world_size,
+            "job_id": job_id(),  # torchrun's --rdzv-id: a restarted node knows its run by it
             "strategy": self.config.strategy if self.env.enabled else "none",
             "backend": D.backend_for(self.device) if self.env.enabled else None,
             "batch_size_per_worker": per_worker,
