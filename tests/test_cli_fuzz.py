@@ -59,6 +59,7 @@ STOPS = [
     ("divekit.engine.comm", "comm_ratio_table"), ("divekit.viz", "plot_image_grid"),
     ("divekit.data.hub", "download"), ("urllib.request", "urlopen"),
     ("divekit.book.runner", "run_section"),  # `book run|reproduce` start a Jupyter kernel
+    ("divekit.export", "write_onnx"), ("divekit.export", "write_pt2"),  # `export`: the exporters
 ]
 # `divekit models` builds every classifier to count its parameters: stopped at the first
 BUILDS = ("divekit.models", "create_model")
