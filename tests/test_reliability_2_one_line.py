@@ -66,3 +66,26 @@ def test_many_long_texts_give_one_warning(tmp_path):
     shown = [w for w in caught if "truncated" in str(w.message)]
     assert len(shown) == 1 and "199 more text(s)" in str(shown[0].message)
     shutil.rmtree(base)
+
+
+def test_an_overflowing_seed_is_one_line(tmp_path, capsys):
+    line = _one_line(capsys, main(["kernel-regression", "--seed", str(10**20), "-o",
+                                   str(tmp_path / "k")]))
+    assert "--seed must be in [0, 2^32)" in line
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_in_proc_is_one_line(capsys):
+    line = _one_line(capsys, main(["hw", "simulate", "--topology",
+                                   str(__import__("pathlib").Path(__file__).parent / "fixtures"
+                                       / "hardware" / "test.csv"), "--csv", "/proc/x.csv"]))
+    assert "cannot write /proc/x.csv" in line
+
+
+def test_a_csv_field_over_128_kb_is_one_line(tmp_path, capsys):
+    path = tmp_path / "big.csv"
+    path.write_text("text,label\n" + "a" * 200_000 + ",positive\nok,negative\n")
+    line = _one_line(capsys, main(["finetune", "minilm", "--task", "classify", "--data",
+                                   f"csv:{path}", "--out", str(tmp_path / "r"), "--device",
+                                   "cpu"]))
+    assert str(path) in line and "field larger than field limit" in line

@@ -22,14 +22,27 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class NotWritable(DivekitError, OSError):
+    """An output whose folder cannot hold a new file (``/proc``, read-only, not a folder): one
+    line naming it. Still an :class:`OSError` for the callers that handle those."""
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in ``path``'s folder (made if missing), or :class:`NotWritable`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise NotWritable(f"cannot write {path}: {e.strerror or e} (in {path.parent})") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``.
 
     ``mode`` gives the file's permission bits (default: ``0666`` less the umask, as ``open``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

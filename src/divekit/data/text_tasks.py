@@ -119,6 +119,16 @@ def load_snli(data_dir: str | Path | None = None, **_: Any) -> TextTaskData:
 def read_table(path: Path, text_columns: list[str], label_column: str | None) -> list[TextExample]:
     """Rows of a CSV (``,``) or TSV (``.tsv``: tab, no quoting, as GLUE) file with a header;
     ``label_column=None`` reads the texts only (label ``""``)."""
+    try:
+        return _read_table(path, text_columns, label_column)
+    except csv.Error as e:  # a field over csv's 128 KB limit, a NUL byte, a broken quote
+        raise DivekitError(f"{path} is not a CSV/TSV file divekit can read: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DivekitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_table(path: Path, text_columns: list[str], label_column: str | None
+                ) -> list[TextExample]:
     tsv = path.suffix.lower() == ".tsv"
     with _need(path, "a CSV/TSV file").open(encoding="utf-8", newline="") as f:
         reader = (csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f))

@@ -172,7 +172,10 @@ def report_rows(stats: list[GemmStats]) -> list[str]:
 def atomic_write(path: str | os.PathLike, text: str | bytes) -> None:
     """Write to a temporary file next to ``path``, then rename it over ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise DivekitError(f"cannot write {path}: {e.strerror or e} (in {path.parent})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(text.encode() if isinstance(text, str) else text)

@@ -153,6 +153,8 @@ def kernel_regression(n_train: int = 50, epochs: int = 5, seed: int = 0) -> Kern
     """All three attention poolings on the course's toy data."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= MAX_EPOCHS:
         raise DivekitError(f"--epochs must be 1 to {MAX_EPOCHS}, got {epochs!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise DivekitError(f"--seed must be in [0, 2^32), got {seed!r}")
     data = toy_data(n_train, seed)
     q, k, v = data.x_test, data.x_train, data.y_train
     preds, weights = {}, {}
