@@ -152,3 +152,28 @@ def test_a_resume_without_force_keeps_the_loaded_lr_untouched(tmp_path):
     resumed = Trainer(Toy(), TaskConfig(**{**base, "resume": True}), tmp_path)
     assert resumed.restore()
     assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+
+
+def test_a_resume_that_extends_an_epoch_dependent_schedule_says_so(tmp_path, caplog):
+    """issue 25, item 9: `train ... --epochs 2`, then `--resume --epochs 4` differs from 4
+    epochs straight under a cosine planned for 2, and the resume printed nothing."""
+    base = dict(scheduler="cosine", optimizer="sgd", lr=0.1, quiet=True, device="cpu")
+    Trainer(Toy(), TrainConfig(epochs=2, **base), tmp_path).fit()
+    with caplog.at_level("WARNING", logger="divekit"):
+        Trainer(Toy(), TaskConfig(epochs=4, resume=True, **base), tmp_path).fit(resume=True)
+    lines = [r.getMessage() for r in caplog.records if "schedule" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "the cosine learning-rate schedule was planned over 10 steps" in lines[0]
+    assert "now planned over 20 from step 10" in lines[0] and "not bit-identical" in lines[0]
+
+
+def test_a_resume_on_the_same_plan_or_without_a_schedule_says_nothing(tmp_path, caplog):
+    for scheduler, first, then in [("cosine", 2, 2), ("none", 1, 3)]:
+        run = tmp_path / scheduler
+        base = dict(scheduler=scheduler, optimizer="sgd", lr=0.1, quiet=True, device="cpu")
+        Trainer(Toy(), TrainConfig(epochs=first, **base), run).fit()
+        if first == then:  # resume after epoch 1 of the same 2-epoch plan
+            (run / "checkpoint" / "latest").write_text("epoch-0001\n")
+        with caplog.at_level("WARNING", logger="divekit"):
+            Trainer(Toy(), TaskConfig(epochs=then, resume=True, **base), run).fit(resume=True)
+    assert not [r for r in caplog.records if "schedule" in r.getMessage()]

@@ -65,6 +65,10 @@ def lr_multiplier(name: str, step: int, total_steps: int, warmup_steps: int = 0)
 def build_scheduler(
     optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int = 0
 ) -> LambdaLR:
-    """A per-step LambdaLR; stepping it once per optimizer step."""
+    """A per-step LambdaLR; stepping it once per optimizer step. Its ``plan`` (name, total and
+    warm-up steps) is part of its state_dict, so a resume can tell that the schedule it loads
+    was planned for another length (:meth:`divekit.engine.trainer.Trainer.restore`)."""
     lr_multiplier(name, 0, total_steps, warmup_steps)  # validate the name now
-    return LambdaLR(optimizer, lambda step: lr_multiplier(name, step, total_steps, warmup_steps))
+    sched = LambdaLR(optimizer, lambda step: lr_multiplier(name, step, total_steps, warmup_steps))
+    sched.plan = {"name": name, "total_steps": total_steps, "warmup_steps": warmup_steps}
+    return sched

@@ -173,8 +173,10 @@ class Trainer:
             load_weights(self.model, path / "model.safetensors")
         state = self.checkpoints.load_state(path)
         fresh = [float(g.get("initial_lr", g["lr"])) for g in self.optimizer.param_groups]
+        plan = getattr(self.scheduler, "plan", None)
         self.strategy.load_optimizer_state_dict(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._note_stretched_schedule(path.name, plan)
         self._apply_forced_lr(fresh, path.name)
         rngs = state.get("rng_ranks")
         set_rng_state(rngs[self.env.rank] if rngs and len(rngs) == self.env.world_size
@@ -191,6 +193,29 @@ class Trainer:
         self.history = [dict(row) for row in state["history"]]
         self._restore_task(state.get("task_state"))
         return True
+
+    def _note_stretched_schedule(self, checkpoint: str, plan: dict[str, Any] | None) -> None:
+        """A resume whose ``--epochs`` (or steps per epoch, or warm-up) differ from the plan of
+        the schedule it loads: from here the schedule follows the new length (a cosine
+        stretched, a step decay moved), so the run is not the one a straight run of --epochs
+        would be. Said in one line naming the schedule and both lengths; ``none`` without
+        warm-up has no plan to change. ``plan`` is the schedule built now (it is put back:
+        the loaded state carries the checkpoint's)."""
+        then = getattr(self.scheduler, "plan", None)
+        if plan is None:
+            return
+        self.scheduler.plan = plan
+        if not isinstance(then, dict) or then == plan:
+            return  # an older checkpoint (no plan saved), or the same plan: nothing to say
+        if plan["name"] == then.get("name") == "none" and not plan["warmup_steps"] \
+                and not then.get("warmup_steps"):
+            return
+        log.warning("--resume from %s with --epochs %d: the %s learning-rate schedule was "
+                    "planned over %s steps and is now planned over %d from step %d on, so this "
+                    "run is not bit-identical to %d epochs run straight", checkpoint,
+                    self.config.epochs, plan["name"], then.get("total_steps"),
+                    plan["total_steps"], int(getattr(self.scheduler, "last_epoch", 0)),
+                    self.config.epochs)
 
     def _apply_forced_lr(self, fresh: list[float], checkpoint: str) -> None:
         """``--resume --force-resume --lr X``: the loaded optimizer and scheduler state carry
