@@ -114,3 +114,19 @@ def test_a_base_that_is_gone_is_refused_in_one_line(lora_run, capsys):
     assert main(["predict", str(out), "a great kettle", "--device", "cpu"]) == 2
     line = _one_error_line(capsys)
     assert "cannot be read" in line and "train the run again" in line
+
+
+def test_image_fine_tuning_records_the_sha256_of_its_source_weights(tmp_path):
+    """The issue's 'fine-tuning from a run or file': the run holds its whole weights (it never
+    reads the source again), and records which source it was by hash."""
+    torchvision = pytest.importorskip("torchvision")
+    from divekit.tasks.finetune import FinetuneConfig, finetune
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18-0123abcd.pth"
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), path)
+    out = tmp_path / "tv"
+    finetune(FinetuneConfig(source=str(path), data="digits", classes="0-2", shots=4, epochs=1,
+                            batch_size=12, resize=32, quiet=True, device="cpu", out=str(out)))
+    record = json.loads((out / "config.json").read_text())
+    assert record["source_sha256"] == _sha(path)

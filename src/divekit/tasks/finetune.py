@@ -188,7 +188,35 @@ class FinetuneTask(classify.ClassificationTask):
         ft.frozen_to_eval(getattr(model, "module", model), self.config.freeze)
 
     def run_record(self) -> dict[str, Any]:
-        return {**super().run_record(), "source": self.source.description}
+        """The classification run's record, plus where its features came from: the source's
+        description and, for a run directory or a weights file, the SHA-256 of the weights
+        file read (``source_sha256``; the run holds its whole weights, so it never needs the
+        source again: the hash says which one it was)."""
+        record = {**super().run_record(), "source": self.source.description}
+        digest = source_sha256(self.config.source)
+        return {**record, "source_sha256": digest} if digest else record
+
+
+def source_sha256(spec: str | None) -> str | None:
+    """SHA-256 (hex) of the weights a SOURCE names: a run directory's newest
+    ``model.safetensors`` or a weights file; None for zoo and torchvision names."""
+    import hashlib
+
+    from divekit.engine.checkpoint import CheckpointDir
+
+    if not spec:
+        return None
+    path = Path(spec)
+    if path.is_dir():
+        latest = CheckpointDir(path).latest()
+        path = latest / "model.safetensors" if latest is not None else path
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def for_source(cfg: FinetuneConfig, source: Source) -> FinetuneConfig:
