@@ -4,8 +4,10 @@ Four measurements on this machine, then the planner's prediction beside the meas
 
 1. the device rate: a float32 matrix product (:func:`divekit.engine.planner.measure_flops_per_s`)
    with the same threads per process as the training runs;
-2. the network: gloo all-reduces of several sizes between 2 local processes, timed and fitted
-   to ``t = 2(W-1) alpha + 2(W-1)/W bytes / B`` (:func:`fit_alpha_beta`);
+2. the network: all-reduces of several sizes between 2 local processes (gloo's own, and
+   divekit's ring of gloo send/recv, which the strategies use), timed and each fitted to
+   ``t = 2(W-1) alpha + 2(W-1)/W bytes / B`` (:func:`fit_alpha_beta`); the predictions use
+   the divekit ring's fit;
 3. the model's own rate: one process trains with the global batch G; its step time gives the
    FLOP/s the model actually reaches (small convolutions run far below a large GEMM's rate);
 4. 2 processes train with G/2 each under ``allreduce`` and ``ps`` (divekit's Trainer, gloo).
@@ -109,20 +111,25 @@ def _allreduce_times(rank: int, world: int, port: int, args: argparse.Namespace,
     _env(rank, world, port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        times = []
-        for nbytes in args.sizes:
-            t = torch.ones(nbytes // 4)
-            for _ in range(3):
-                dist.all_reduce(t)
-            samples = []
-            for _ in range(args.reps):
-                dist.barrier()
-                start = time.perf_counter()
-                dist.all_reduce(t)
-                samples.append(time.perf_counter() - start)
-            times.append(min(samples))  # the least disturbed: other processes share the cores
+        from divekit.engine.distributed import ring_allreduce
+
+        found = {}
+        for name, reduce in (("gloo", dist.all_reduce), ("divekit ring", ring_allreduce)):
+            times = []
+            for nbytes in args.sizes:
+                t = torch.ones(nbytes // 4)
+                for _ in range(3):
+                    reduce(t)
+                samples = []
+                for _ in range(args.reps):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    reduce(t)
+                    samples.append(time.perf_counter() - start)
+                times.append(min(samples))  # the least disturbed: others share the cores
+            found[name] = times
         if rank == 0:
-            Path(f"{out}.0").write_text(json.dumps(times))
+            Path(f"{out}.0").write_text(json.dumps(found))
     finally:
         dist.destroy_process_group()
 
@@ -165,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     cost = planner.profile_model(args.model, (1, args.size, args.size), num_classes=10)
     gemm = planner.measure_flops_per_s(256 if args.smoke else 1024,
                                        0.1 if args.smoke else 1.0)
-    times = _spawn(_allreduce_times, 2, args, fork=args.smoke)[0]
-    alpha, bandwidth = planner.fit_alpha_beta(2, args.sizes, times)
+    timed = _spawn(_allreduce_times, 2, args, fork=args.smoke)[0]
+    fits = {name: planner.fit_alpha_beta(2, args.sizes, t) for name, t in timed.items()}
+    # divekit's allreduce and ps strategies move their bytes with gloo's send/recv, as
+    # divekit's own ring does: its fit is the network the predictions use
+    alpha, bandwidth = fits["divekit ring"]
     # Rounds of (1 process, 2 x allreduce, 2 x ps), interleaved so that a change in what else
     # runs on the machine touches every configuration alike; the fastest of each is kept (the
     # run least disturbed by other processes).
@@ -195,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         f"GEMM rate {gemm / 1e9:.2f} GFLOP/s; {args.model}'s own rate in 1 process "
         f"{model_rate / 1e9:.3f} GFLOP/s (step {one * 1e3:.1f} ms), in each of 2 processes "
         f"busy side by side {busy_rate / 1e9:.3f} GFLOP/s",
-        "gloo all-reduce, 2 processes: " + ", ".join(
-            f"{b >> 10} KiB {t * 1e6:.0f} us" for b, t in zip(args.sizes, times))
-        + f" -> alpha {alpha * 1e6:.1f} us, B {bandwidth / 1e9:.3f} GB/s",
+        *(f"{name} all-reduce, 2 processes: " + ", ".join(
+            f"{b >> 10} KiB {t * 1e6:.0f} us" for b, t in zip(args.sizes, timed[name]))
+          + f" -> alpha {fits[name][0] * 1e6:.1f} us, B {fits[name][1] / 1e9:.3f} GB/s"
+          for name in timed),
+        "the predictions use the divekit ring's alpha and B (the strategies' own transport)",
         "",
         "planner ms: the prediction with R = the GEMM rate, the model's 1-process rate, and "
         "the rate of 2 busy processes",
