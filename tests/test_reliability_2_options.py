@@ -102,3 +102,18 @@ def test_predict_on_a_text_run_refuses_file_names_as_sentences(text_run, tmp_pat
         _refused(capsys, main(["predict", str(text_run), name, "--device", "cpu"]), repr(name))
     assert main(["predict", str(text_run), "a great kettle", "--device", "cpu"]) == 0
     assert "a great kettle:" in capsys.readouterr().out
+
+
+def test_segmentation_limit_keeps_a_validation_set_worth_a_mean_iou(capsys):
+    """`--limit 8` cut segmentation's validation to one image; it now keeps N/5, at least 16,
+    and --help says so."""
+    from divekit.data import load_dataset
+
+    data = load_dataset("shapes-seg", limit=8, size=32)
+    assert len(data.train_images) == 8 and len(data.val_images) == 16
+    big = load_dataset("shapes-seg", limit=100, size=32)
+    assert len(big.val_images) == 20
+    with pytest.raises(SystemExit):
+        main(["train", "fcn_resnet18", "--help"])
+    assert "validation keeps N/5 of its images, at least 16" in " ".join(
+        capsys.readouterr().out.split())

@@ -232,6 +232,17 @@ def shapes_seg(num_images: int, size: int, seed: int) -> tuple[Tensor, Tensor]:
     return images.mul(255).round_().to(torch.uint8), labels
 
 
+# --limit N keeps N training images and N/5 validation ones, but never fewer than this: a mean
+# IoU over one image (--limit 8 gave one) says nothing about the model
+MIN_VAL_UNDER_LIMIT = 16
+
+
+def val_under_limit(limit: int) -> int:
+    """The validation images a ``--limit`` run keeps: a fifth of ``limit``, at least
+    :data:`MIN_VAL_UNDER_LIMIT` (or the whole split, when it is smaller)."""
+    return max(MIN_VAL_UNDER_LIMIT, limit // 5)
+
+
 @register_dataset("shapes-seg", task="segment", offline=True)
 def load_shapes_seg(data_dir: str | None = None, download: bool = False, seed: int = 0, *,
                     size: int = 128, num_train: int = 1000, num_val: int = 200,
@@ -240,7 +251,7 @@ def load_shapes_seg(data_dir: str | None = None, download: bool = False, seed: i
     if size < 32:
         raise DivekitError(f"shapes-seg: image size must be at least 32, got {size}")
     num_train = min(num_train, limit) if limit is not None else num_train
-    num_val = min(num_val, max(1, limit // 5)) if limit is not None else num_val
+    num_val = min(num_val, val_under_limit(limit)) if limit is not None else num_val
     # Fixed streams: the dataset is the same whatever the training seed.
     tx, ty = shapes_seg(num_train, size, seed=31000 + 1)
     vx, vy = shapes_seg(num_val, size, seed=31000 + 2)
@@ -293,7 +304,7 @@ def load_voc(data_dir: str | None = None, download: bool = False, seed: int = 0,
     """Pascal VOC 2012 segmentation: 1,464 train / 1,449 val images, 21 classes (VOC layout)."""
     root = find_voc_root(data_dir, download)
     train = read_voc_split(root, "train", limit)
-    val = read_voc_split(root, "val", None if limit is None else max(1, limit // 5))
+    val = read_voc_split(root, "val", None if limit is None else val_under_limit(limit))
     if not train[0]:
         raise DivekitError(f"voc: {root}/ImageSets/Segmentation/train.txt lists no images")
     return SegmentationData(*train, *val, list(VOC_CLASSES), list(VOC_COLORMAP), "voc")

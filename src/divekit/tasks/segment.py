@@ -95,6 +95,8 @@ class SegmentConfig(TaskConfig):
     model: str = option("fcn_resnet18", "model name (see `divekit models`)", cli=False)
     data: str = option("shapes-seg", "dataset name: shapes-seg (generated) or voc", metavar="NAME")
     batch_size: int = option(32, "minibatch size (per worker)", metavar="N")
+    limit: int | None = option(None, "use only the first N training images (quick runs); "
+                               "validation keeps N/5 of its images, at least 16", metavar="N")
     crop: str | None = option(
         None, "random training crop HxW, cut from image and label alike; smaller images are "
         "dropped (default: 320x480 for voc, whole images for shapes-seg)", metavar="HxW")
