@@ -22,12 +22,12 @@ when the last batch splits unevenly. The strategies differ in how that average i
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-
-from contextlib import AbstractContextManager
-from typing import Any
 
 from divekit.engine.distributed import CommCounter, DistEnv, ring_allreduce
 from divekit.errors import DivekitError, UnknownNameError
