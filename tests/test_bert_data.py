@@ -247,6 +247,8 @@ def _held_out_nsp(model, corpus, tok, max_len: int, draws: int) -> tuple[int, in
     return correct, total
 
 
+# slow: 600 steps (a statistical result; the short pretraining and NSP tests stay in make test)
+@pytest.mark.slow
 def test_pretraining_on_pydoc_raises_held_out_nsp_above_chance(one_thread):
     """A small BERT (2 layers, 64 hidden) pretrained on pydoc for 600 steps of 128 pairs: MLM
     falls and NSP accuracy on held-out paragraphs' pairs leaves chance by more than 3 standard

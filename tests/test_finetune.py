@@ -161,6 +161,8 @@ def test_cli_finetune_from_a_run_directory(trained_lenet_run, tmp_path, capsys):
     assert "--freeze must be in 0..8" in capsys.readouterr().err
 
 
+# slow: 4 + 20 epochs on two models (a quality result; test_cli_finetune_* keep fine-tuning in make test)
+@pytest.mark.slow
 def test_transfer_fine_tuning_beats_scratch_on_a_few_shot_target():
     # pretrain LeNet-BN on digits 0-4, then learn 5-9 from 3 images per class; same budget
     r = transfer_experiment(shots=3, epochs=20, source_epochs=4, seed=2, out=None, threads=2)
