@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all test-gpu test-book lint bench clean
+.PHONY: demo test test-all test-gpu test-book test-browser lint bench clean
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.11 or newer found (tried python3.13, python3.12, python3.11, python3)"; exit 1; }
@@ -44,6 +44,12 @@ test-gpu: $(STAMP)
 # runs/book-sections/SUMMARY.md, beside each section's report)
 test-book: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -m book tests/test_book_sections.py
+
+# divekit serve's page in headless Chromium (playwright and its browser are fetched once)
+test-browser: $(STAMP)
+	$(PIP) install -q playwright
+	$(VENV)/bin/playwright install chromium
+	$(PY) -m pytest -p no:cacheprovider -m browser -v tests/test_serve.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

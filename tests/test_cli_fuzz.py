@@ -60,6 +60,7 @@ STOPS = [
     ("divekit.data.hub", "download"), ("urllib.request", "urlopen"),
     ("divekit.book.runner", "run_section"),  # `book run|reproduce` start a Jupyter kernel
     ("divekit.export", "write_onnx"), ("divekit.export", "write_pt2"),  # `export`: the exporters
+    ("divekit.serve", "ServedRun"),  # `serve`: its options checked, then the run opened
 ]
 # `divekit models` builds every classifier to count its parameters: stopped at the first
 BUILDS = ("divekit.models", "create_model")

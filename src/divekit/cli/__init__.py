@@ -22,7 +22,8 @@ from divekit.config import add_config_options, typed_options
 # name (TASKS) how `divekit evaluate` and `predict` print their results
 AREA_MODULES = ["divekit.cli.vision", "divekit.cli.detect", "divekit.cli.text",
                 "divekit.cli.translate", "divekit.cli.dense", "divekit.cli.bert", "divekit.cli.bert_finetune",
-                "divekit.cli.hw", "divekit.cli.book", "divekit.cli.dist", "divekit.cli.export"]
+                "divekit.cli.hw", "divekit.cli.book", "divekit.cli.dist", "divekit.cli.export",
+                "divekit.cli.serve"]
 
 
 def area_modules() -> list[ModuleType]:
