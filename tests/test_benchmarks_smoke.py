@@ -135,6 +135,12 @@ SMOKES = {
         without_peers="onnxruntime not installed",
         timeout_s=240,
     ),
+    "serve_load": Smoke(
+        table=(r"server\s+p50 ms\s+p99 ms\s+requests/s\s+items/pass\s+RSS growth MB",
+               r"(?m)^dynamic batching \(32, 5 ms\)\s+\d+\.\d\s+\d+\.\d\s+\d+\s+\d+\.\d\s+[+-]\d",
+               r"(?m)^no batching \(--max-batch 1\)\s+\d+\.\d\s+\d+\.\d\s+\d+\s+1\.0\s+[+-]\d"),
+        timeout_s=240,  # a one-epoch run, then two servers
+    ),
     "train_throughput": Smoke(
         table=(r"lenet at 28x28, batch 32",
                r"resnet18 at 96x96, batch 4",
