@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import os
 import socket
@@ -47,11 +48,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(run: Path, **options: Any) -> Iterator[str]:
+def serving(run: Path, device: str = "cpu", **options: Any) -> Iterator[str]:
     """uvicorn serving ``run`` in a thread of this process; yields the base URL."""
     import uvicorn
 
-    app = build_app(ServedRun(run), **options)
+    app = build_app(ServedRun(run, device), **options)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
                                            access_log=False))
@@ -262,6 +263,66 @@ def test_200_requests_from_20_clients_all_answered_memory_flat(trained_lenet_run
         proc.wait(timeout=20)
 
 
+def test_segmentation_replies_hold_the_class_map_and_its_colour_overlay(tmp_path):
+    """An FCN run with random weights: the served class map and shares equal predict RUN's,
+    and the overlay PNG is the class map painted with the run's colour map."""
+    import base64
+    import dataclasses
+
+    import torch
+    from PIL import Image
+
+    from divekit.engine.checkpoint import CheckpointDir
+    from divekit.tasks.segment import SegmentationTask, SegmentConfig
+
+    config = SegmentConfig(model="fcn_resnet18", data="shapes-seg", image_size=32, quiet=True)
+    facts = {"classes": ["background", "disc", "square"],
+             "colormap": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop": None}
+    torch.manual_seed(0)
+    net = SegmentationTask(config, record=facts).build_model().eval()
+    run = tmp_path / "fcn"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({
+        "task": "segment", "divekit_version": "test", "command": "",
+        "config": dataclasses.asdict(config), **facts}))
+    CheckpointDir(run).save(net, {}, "epoch-0001")
+    picture = tmp_path / "scene.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(picture)
+    expected = run_predict(run, [str(picture)], device="cpu")[0]
+    with serving(run) as url:
+        status, reply = post_images(url, [("scene.png", picture.read_bytes())])
+        info = request(url + "/info")[1]
+    assert status == 200, reply
+    got = reply["predictions"][0]
+    label_map = np.array(got["label_map"])
+    assert np.array_equal(label_map, expected["label_map"].numpy())
+    assert got["fractions"] == pytest.approx(expected["fractions"])
+    overlay = np.array(Image.open(io.BytesIO(base64.b64decode(got["overlay_png"]))))
+    assert np.array_equal(overlay, np.array(facts["colormap"], dtype=np.uint8)[label_map])
+    assert info["task"] == "segment" and info["classes"] == facts["classes"]
+
+
+@pytest.mark.cuda
+def test_a_run_served_on_cuda_answers_as_on_the_cpu(trained_lenet_run, digit_files):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    expected = run_predict(trained_lenet_run, [str(p) for p in digit_files], device="cpu")
+    with serving(trained_lenet_run, "cuda") as url:
+        with ThreadPoolExecutor(8) as pool:  # concurrent requests: batches on the GPU
+            replies = list(pool.map(lambda p: post_images(url, [(p.name, p.read_bytes())]),
+                                    digit_files * 4))
+    for (status, reply), e in zip(replies, expected * 4):
+        assert status == 200, reply
+        got = reply["predictions"][0]["predictions"]
+        assert [p["class"] for p in got][:1] == [c for c, _ in e["predictions"]][:1]
+        assert np.allclose([p["probability"] for p in got], [p for _, p in e["predictions"]],
+                           atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- the batcher
 def test_batcher_groups_waiting_jobs_and_isolates_a_bad_one():
     calls: list[list[Any]] = []
@@ -357,6 +418,40 @@ def test_bert_texts_get_what_predict_run_gives_and_bad_texts_are_refused(bert_ru
         assert info["task"] == "bert_finetune" and info["head"] == "classify"
         assert info["max_len"] == 32 and info["input"] == "text"
         assert post({"text": texts[1]})[1]["predictions"][0]["label"] == expected[1]["label"]
+
+
+def test_translations_and_their_attention_equal_the_runs(tmp_path):
+    """A tiny Transformer trained one epoch on numbers-fr: the served translations are
+    predict RUN's, and the attention is the run's ``attention_map`` with its heads averaged."""
+    from divekit.engine.run import load_run, make_config, train
+    from divekit.tasks.translate import TranslateConfig, TranslationTask
+
+    cfg = make_config(TranslateConfig, dict(
+        model="transformer", data="numbers-fr", max_examples=400, batch_size=64, epochs=1,
+        bleu_examples=20, quiet=True, device="cpu", num_hiddens=32, ffn_num_hiddens=64,
+        num_heads=2, num_blks=1, dropout=0.1, out=str(tmp_path / "mt")))
+    run = train(TranslationTask(cfg)).run_dir
+    sentences = ["twenty one .", "three hundred and four ."]
+    expected = run_predict(run, sentences, device="cpu")
+    with serving(run) as url:
+        status, reply = request(url + "/predict", json.dumps(
+            {"texts": sentences, "attention": True}).encode(), "application/json")
+        bad = request(url + "/predict", json.dumps({"text": "x", "attention": "yes"}).encode(),
+                      "application/json")
+    assert status == 200, reply
+    opened = load_run(run)
+    assert any(e["translation"] for e in expected)  # some attention is compared
+    for got, e in zip(reply["predictions"], expected):
+        assert got["translation"] == e["translation"] and got["source"] == e["source"]
+        if not e["translation"]:
+            assert got["attention"] is None
+            continue
+        want = opened.task.attention_map(opened.model, e["source"], e["translation"])
+        assert got["attention"]["source_tokens"] == want.src_tokens
+        assert got["attention"]["output_tokens"] == want.out_tokens
+        assert np.allclose(got["attention"]["weights"], want.weights.float().mean(0).numpy(),
+                           atol=1e-4)
+    assert bad[0] == 400 and "attention" in bad[1]["error"]
 
 
 # ----------------------------------------------------------------------------- command line

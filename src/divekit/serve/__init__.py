@@ -91,7 +91,7 @@ def text_items(body: Any, task: str, head: str | None) -> list[str]:
     if not isinstance(body, dict):
         raise DivekitError('the JSON body must be an object: {"text": ...}, {"texts": [...]} '
                            'or {"pairs": [[a, b], ...]}')
-    known = {"text", "texts", "pairs", "text_pair", "top_k"}
+    known = {"text", "texts", "pairs", "text_pair", "top_k", "attention"}
     unknown = sorted(set(body) - known)
     if unknown:
         raise DivekitError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
@@ -258,10 +258,30 @@ class ServedRun:
         return "image" if self.task_name in IMAGE_TASKS else "text"
 
     def predict(self, items: list[Any], **options: Any) -> list[Any]:
-        assert self.run.task is not None and self.run.model is not None
+        """The task's ``predict`` on a batch; ``attention=True`` (translation) adds each
+        translation's encoder-decoder attention (heads averaged) with its tokens."""
+        task, model = self.run.task, self.run.model
+        assert task is not None and model is not None
+        attention = bool(options.pop("attention", False))
         if self.task_name == "translate":
             options.pop("top_k", None)
-        return self.run.task.predict(self.run.model, items, **options)
+        results = task.predict(model, items, **options)
+        if attention:
+            for item in results:
+                item["attention"] = self._attention(item["source"], item["translation"])
+        return results
+
+    def _attention(self, source: str, translation: str) -> dict[str, Any] | None:
+        if not translation or not hasattr(self.run.task, "attention_map"):
+            return None
+        try:
+            found = self.run.task.attention_map(self.run.model, source, translation)
+        except DivekitError:  # a model without attention (plain seq2seq)
+            return None
+        weights = found.weights.float()
+        weights = weights.mean(0) if weights.ndim == 3 else weights  # (T_out, T_src)
+        return {"weights": [[round(v, 4) for v in row] for row in weights.tolist()],
+                "source_tokens": list(found.src_tokens), "output_tokens": list(found.out_tokens)}
 
     def classes(self) -> list[str] | None:
         task = self.run.task
@@ -487,6 +507,10 @@ def build_app(served: ServedRun, *, max_batch: int = 32, max_wait_ms: float = 5.
             items = text_items(body, served.task_name, served.head)
             if isinstance(body, dict) and body.get("top_k") is not None:
                 options["top_k"] = top_k_of(body["top_k"])
+            if isinstance(body, dict) and body.get("attention") is not None:
+                if served.task_name != "translate" or not isinstance(body["attention"], bool):
+                    raise DivekitError('"attention" is true or false, for translation runs')
+                options["attention"] = body["attention"]
             notes = [served.truncation(t) for t in items]
         if served.task_name == "translate":
             options.pop("top_k", None)

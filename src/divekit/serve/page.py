@@ -95,12 +95,21 @@ function showImage(file, p) {
   $("result").innerHTML = out;
 }
 
+function heat(a) {  // rows: output tokens, columns: source tokens; darker = more attention
+  const head = "<tr><td></td>" + a.source_tokens.map((t) => `<th>${esc(t)}</th>`).join("") + "</tr>";
+  const rows = a.weights.map((row, i) => `<tr><th>${esc(a.output_tokens[i])}</th>` +
+    row.map((w) => `<td title="${w.toFixed(3)}" style="background:rgba(40,90,200,${w})">` +
+                   "&nbsp;&nbsp;</td>").join("") + "</tr>").join("");
+  return `<p>attention</p><table id="attention">${head}${rows}</table>`;
+}
+
 function showText(p) {
   $("stage").innerHTML = "";
   let out = "";
   if (p.translation !== undefined) {
     out = `<p>translation: <strong id="top1">${esc(p.translation)}</strong></p>`;
     if (p.unknown && p.unknown.length) out += `<p>unknown words: ${esc(p.unknown.join(", "))}</p>`;
+    if (p.attention) out += heat(p.attention);
   } else if (p.top) {
     out = `<p>label: <strong id="top1">${esc(p.label)}</strong></p>` + bars(p.top);
   } else if (p.tags) {
@@ -135,6 +144,7 @@ if (INFO.input === "image") {
     const pair = t.split("|||");
     const body = (INFO.head === "pair" && pair.length === 2)
       ? {pairs: [[pair[0], pair[1]]]} : {text: t};
+    if (INFO.task === "translate") body.attention = true;
     const preds = await post(JSON.stringify(body), {"content-type": "application/json"});
     if (preds) showText(preds[0]);
   };
