@@ -304,6 +304,39 @@ def test_segmentation_replies_hold_the_class_map_and_its_colour_overlay(tmp_path
     assert info["task"] == "segment" and info["classes"] == facts["classes"]
 
 
+def test_detections_equal_predict_runs(tmp_path):
+    """A tiny SSD trained one epoch on generated shapes: boxes, classes and scores of the
+    served run are predict RUN's (same images in one batch, threshold 0 so boxes are found)."""
+    from PIL import Image
+
+    from divekit.engine.run import make_config, train
+    from divekit.tasks.detect import DetectConfig, DetectionTask
+
+    cfg = make_config(DetectConfig, {"model": "tiny_ssd", "image_size": 64, "quiet": True,
+                                     "threads": 1, "device": "cpu", "epochs": 1,
+                                     "batch_size": 16, "limit": 32, "pictures": 0,
+                                     "out": str(tmp_path / "ssd")})
+    run = train(DetectionTask(cfg)).run_dir
+    rng = np.random.default_rng(1)
+    pictures = []
+    for i in range(2):
+        pictures.append(tmp_path / f"scene{i}.png")
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(pictures[-1])
+    expected = run_predict(run, [str(p) for p in pictures], threshold=0.0, device="cpu")
+    with serving(run) as url:
+        status, reply = post_images(url, [(p.name, p.read_bytes()) for p in pictures],
+                                    threshold="0")
+        bad = post_images(url, [(p.name, p.read_bytes()) for p in pictures], threshold="2")
+    assert status == 200, reply
+    assert sum(len(e["detections"]) for e in expected) > 0
+    for got, e in zip(reply["predictions"], expected):
+        assert len(got["detections"]) == len(e["detections"])
+        for d, (c, score, box) in zip(got["detections"], e["detections"]):
+            assert d["class"] == c and d["score"] == pytest.approx(score, abs=1e-5)
+            assert d["box"] == pytest.approx(box, abs=0.11)
+    assert bad[0] == 400 and "threshold" in bad[1]["error"]
+
+
 @pytest.mark.cuda
 def test_a_run_served_on_cuda_answers_as_on_the_cpu(trained_lenet_run, digit_files):
     import torch

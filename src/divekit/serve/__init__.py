@@ -40,7 +40,7 @@ from typing import Any
 from divekit.errors import DivekitError
 
 IMAGE_TASKS = ("classify", "detect", "segment")
-TEXT_TASKS = ("bert_finetune", "translate", "language_model")
+TEXT_TASKS = ("bert_finetune", "translate")  # a language model generates: not served
 MAX_ITEMS = 64  # images or texts in one request
 DEFAULT_MAX_BODY = 10 * 2**20
 
@@ -130,6 +130,18 @@ def text_items(body: Any, task: str, head: str | None) -> list[str]:
     if len(items) > MAX_ITEMS:
         raise DivekitError(f"{len(items)} texts in one request; at most {MAX_ITEMS}")
     return items
+
+
+def _fraction(text: str, name: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise DivekitError(f"{name} must be a number in [0, 1], got {text[:20]!r}")
+    return value
 
 
 def top_k_of(value: Any) -> int | None:
@@ -542,6 +554,8 @@ def build_app(served: ServedRun, *, max_batch: int = 32, max_wait_ms: float = 5.
                                        f"{str(form.get('top_k'))[:20]!r}") from None
             if served.task_name != "classify":
                 options.pop("top_k", None)
+            if served.task_name == "detect" and form.get("threshold") is not None:
+                options["threshold"] = _fraction(str(form.get("threshold")), "threshold")
             uploads = []
             for f in files:
                 data = await f.read()
