@@ -488,8 +488,17 @@ def test_translations_and_their_attention_equal_the_runs(tmp_path):
 
 
 # ----------------------------------------------------------------------------- command line
-def test_serve_command_refusals_are_one_line(tmp_path, capsys):
+def test_serve_command_defaults_to_this_machine_and_refuses_in_one_line(tmp_path, capsys,
+                                                                      monkeypatch):
+    import divekit.serve
     from divekit.cli import main
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(divekit.serve, "serve", lambda run, **kw: seen.update(run=run, **kw))
+    assert main(["serve", "RUN", "--max-body", "2M", "--max-batch", "1"]) == 0
+    assert seen == {"run": "RUN", "host": "127.0.0.1", "port": 8000, "device": "cpu",
+                    "max_batch": 1, "max_wait_ms": 5.0, "max_body": 2 * 2**20}
+    monkeypatch.undo()
 
     for argv, words in [(["serve", str(tmp_path / "nope")], "nope"),
                         (["serve", str(tmp_path), "--max-body", "lots"], "--max-body"),
