@@ -551,3 +551,68 @@ def test_page_is_self_contained_and_escapes_the_run_facts(trained_lenet_run):
     assert "http://" not in html_text and "https://" not in html_text  # nothing from elsewhere
     assert json.loads(html_text.split("const INFO = ", 1)[1].split(";\n", 1)[0])["classes"] \
         == ["</script><b>x"]
+
+
+@pytest.mark.skipif(__import__("shutil").which("node") is None, reason="needs node")
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_the_page_script_parses(tmp_path, kind):
+    """Where no browser is installed, node at least parses the page's script (a syntax error
+    would leave the page dead in every browser)."""
+    from divekit.serve.page import page_html
+
+    info = {"run": "r", "task": "classify" if kind == "image" else "translate", "head": None,
+            "model": "m", "input": kind, "classes": ["a"], "metrics": {"val_acc": 0.5}}
+    script = page_html(info).split("<script>", 1)[1].split("</script>", 1)[0]
+    (tmp_path / "page.js").write_text(script)
+    proc = subprocess.run(["node", "--check", str(tmp_path / "page.js")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+# the page's script under node with a minimal DOM: its upload goes to the real server and the
+# reply is rendered into the result element (fetch, FormData and File are node's own)
+_NODE_DOM = r"""
+const fs = require("fs");
+const [script, base, image] = process.argv.slice(2);
+const elements = {};
+const el = (id) => elements[id] || (elements[id] = {
+  id, hidden: true, textContent: "", innerHTML: "", value: "", files: [],
+  classList: {add() {}, remove() {}}, click() {}, appendChild() {}});
+globalThis.document = {getElementById: el, createElement: () => el("created")};
+globalThis.URL.createObjectURL = () => "blob:x";
+const realFetch = globalThis.fetch;
+globalThis.fetch = (path, init) => realFetch(new URL(path, base), init);
+eval(fs.readFileSync(script, "utf8"));
+const input = el("file");
+input.files = [new File([fs.readFileSync(image)], "digit.png", {type: "image/png"})];
+input.onchange();
+const start = Date.now();
+(function wait() {
+  const html = el("result").innerHTML;
+  if (html.includes('id="top1"') || el("error").textContent) {
+    console.log(JSON.stringify({hidden: el("image-input").hidden, result: html,
+                                error: el("error").textContent}));
+  } else if (Date.now() - start > 20000) { console.log("timeout"); process.exit(1); }
+  else setTimeout(wait, 20);
+})();
+"""
+
+
+@pytest.mark.skipif(__import__("shutil").which("node") is None, reason="needs node")
+def test_the_page_script_uploads_and_shows_the_top1_under_node(trained_lenet_run, digit_files,
+                                                               tmp_path):
+    expected = run_predict(trained_lenet_run, [str(digit_files[7])], device="cpu")[0]
+    (tmp_path / "dom.js").write_text(_NODE_DOM)
+    with serving(trained_lenet_run) as url:
+        status, page = request(url + "/")
+        (tmp_path / "page.js").write_text(page.split("<script>", 1)[1].split("</script>", 1)[0])
+        proc = subprocess.run(["node", str(tmp_path / "dom.js"), str(tmp_path / "page.js"),
+                               url + "/", str(digit_files[7])],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["error"] == "" and shown["hidden"] is False
+    top1 = expected["predictions"][0][0]
+    assert f'<strong id="top1">{top1}</strong>' in shown["result"]
+    for name, _ in expected["predictions"]:
+        assert f'<td class="cls">{name}</td>' in shown["result"]
