@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py")
+                 if not p.name.startswith("_") and p.stem != "run_all")  # run_all: its own tests
 RATIO = r"\d+\.\d+x"
 
 
@@ -178,13 +179,38 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _run_smoke(name: str) -> subprocess.CompletedProcess | subprocess.TimeoutExpired:
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    try:
+        return subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--smoke"],
+                              cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=SMOKES[name].timeout_s)
+    except subprocess.TimeoutExpired as e:
+        return e
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(request) -> dict[str, subprocess.CompletedProcess | subprocess.TimeoutExpired]:
+    """Every selected script's smoke, two at a time (most of a smoke is starting Python and
+    importing torch, which two cores overlap well), the slowest first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [item.callspec.params["name"] for item in request.session.items
+             if getattr(item, "originalname", "") == "test_benchmark_smoke"
+             and hasattr(item, "callspec")]
+    names = sorted((n for n in names if n in SMOKES), key=lambda n: -SMOKES[n].timeout_s)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {n: pool.submit(_run_smoke, n) for n in names}
+    return {n: f.result() for n, f in futures.items()}
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_benchmark_smoke(name):
+def test_benchmark_smoke(name, smoke_runs):
     smoke = SMOKES.get(name)
     assert smoke is not None, f"benchmarks/{name}.py has no entry in SMOKES (and --smoke?)"
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--smoke"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=smoke.timeout_s)
+    proc = smoke_runs[name]
+    if isinstance(proc, subprocess.TimeoutExpired):
+        pytest.fail(f"benchmarks/{name}.py --smoke ran past {smoke.timeout_s} s")
     out = proc.stdout
     detail = f"\n--- stdout ---\n{out[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, f"benchmarks/{name}.py --smoke exited {proc.returncode}{detail}"
