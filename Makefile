@@ -46,9 +46,11 @@ test-book: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -m book tests/test_book_sections.py
 
 # divekit serve's page in headless Chromium (playwright and its browser are fetched once)
+# the served page in a real headless Chromium: Debian's (apt-get install chromium), driven by
+# playwright's client (nothing downloaded from playwright's servers)
 test-browser: $(STAMP)
+	@command -v chromium >/dev/null || { echo "error: no chromium: apt-get install chromium"; exit 1; }
 	$(PIP) install -q playwright
-	$(VENV)/bin/playwright install chromium
 	$(PY) -m pytest -p no:cacheprovider -m browser -v tests/test_serve.py
 
 lint: $(STAMP)

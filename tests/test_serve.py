@@ -510,10 +510,17 @@ def test_serve_command_defaults_to_this_machine_and_refuses_in_one_line(tmp_path
 
 # ----------------------------------------------------------------------------- the page
 def _chromium() -> str | None:
+    """Debian's Chromium (`apt-get install chromium`) driven by playwright's client, or
+    playwright's own download where there is one; None when either piece is missing."""
+    import shutil
+
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         return None
+    system = shutil.which("chromium") or shutil.which("chromium-browser")
+    if system:
+        return system
     try:
         with sync_playwright() as p:
             path = p.chromium.executable_path
@@ -523,14 +530,16 @@ def _chromium() -> str | None:
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(_chromium() is None, reason="needs playwright's headless Chromium")
+@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (apt-get install chromium) "
+                    "and playwright (pip install playwright)")
 def test_page_in_headless_chromium_shows_the_top1_of_an_uploaded_digit(trained_lenet_run,
-                                                                       digit_files):
+                                                                       digit_files, tmp_path):
     from playwright.sync_api import sync_playwright
 
     expected = run_predict(trained_lenet_run, [str(digit_files[7])], device="cpu")[0]
     with serving(trained_lenet_run) as url, sync_playwright() as p:
-        browser = p.chromium.launch(headless=True)
+        browser = p.chromium.launch(headless=True, executable_path=_chromium(),
+                                    args=["--no-sandbox"])
         try:
             page = browser.new_page()
             page.goto(url + "/")
@@ -538,6 +547,8 @@ def test_page_in_headless_chromium_shows_the_top1_of_an_uploaded_digit(trained_l
             page.wait_for_selector("#top1", timeout=20_000)
             assert page.inner_text("#top1") == expected["predictions"][0][0]
             assert page.is_visible("#picture")
+            page.screenshot(path=str(tmp_path / "serve.png"))  # how docs/serve.png was made
+            assert (tmp_path / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         finally:
             browser.close()
 
