@@ -152,31 +152,12 @@ def pipeline_bubble(stages: int, microbatches: int) -> float:
 
 def balanced_stages(flops: Sequence[float], stages: int) -> list[int]:
     """Split units with ``flops`` into ``stages`` contiguous, non-empty groups whose largest
-    total is as small as possible (dynamic programming over split points). Returns the index
-    of each group's last unit; the last is ``len(flops) - 1``."""
-    n = len(flops)
-    if not 1 <= stages <= n:
-        raise DivekitError(f"cannot split {n} units into {stages} stages")
-    prefix = [0.0]
-    for f in flops:
-        prefix.append(prefix[-1] + f)
-    inf = float("inf")
-    # best[s][i]: the smallest largest-stage cost of units[:i] in s stages; cut[s][i]: the start
-    # of the last of those stages
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        for i in range(s, n + 1):
-            for j in range(s - 1, i):
-                cost = max(best[s - 1][j], prefix[i] - prefix[j])
-                if cost < best[s][i]:
-                    best[s][i], cut[s][i] = cost, j
-    ends, i = [], n
-    for s in range(stages, 0, -1):
-        ends.append(i - 1)
-        i = cut[s][i]
-    return ends[::-1]
+    total is as small as possible: the cut ``--strategy pipeline`` makes
+    (:func:`divekit.engine.pipeline.balance`). Returns the index of each group's last unit; the
+    last is ``len(flops) - 1``."""
+    from divekit.engine.pipeline import balance
+
+    return [end - 1 for _, end in balance(flops, stages)]
 
 
 # --------------------------------------------------------------------------- step times
