@@ -18,7 +18,6 @@ import argparse
 import importlib
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from _common import Report, add_markdown_arg
 
 from divekit.data.loader import TensorBatchLoader
 from divekit.engine import TrainConfig, Trainer
+from divekit.engine.launch import free_port
 from divekit.engine.task import Task
 from divekit.models import create_model
 
@@ -63,12 +63,6 @@ class SyntheticTask(Task):
         return loss, {"loss": loss.detach()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, strategy: str,
             out: str) -> None:
     torch.set_num_threads(args.threads)
@@ -95,7 +89,7 @@ def run(world: int, strategy: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
         # --smoke forks (no re-import per worker); the measured runs spawn fresh interpreters
-        mp.start_processes(_worker, args=(world, _free_port(), args, strategy, out), nprocs=world,
+        mp.start_processes(_worker, args=(world, free_port(), args, strategy, out), nprocs=world,
                            join=True, start_method="fork" if args.smoke else "spawn")
         return json.loads(Path(out).read_text())
 

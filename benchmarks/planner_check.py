@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import sys
 import tempfile
 import time
@@ -38,45 +37,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
+from distributed import SyntheticTask  # the random-image task benchmarks/distributed.py times
 
-from divekit.data.loader import TensorBatchLoader
 from divekit.engine import TrainConfig, Trainer, planner
-from divekit.engine.task import Task
-from divekit.models import create_model
-
-
-class RandomImages(Task):
-    """Random images and labels in memory: the training loop, not the data, is timed."""
-
-    Config = TrainConfig
-
-    def __init__(self, config: TrainConfig, model: str, samples: int, size: int, batch: int):
-        super().__init__(config)
-        g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(samples, 1, size, size, generator=g)
-        self.y = torch.randint(0, 10, (samples,), generator=g)
-        self.model_name, self.batch = model, batch
-
-    def build_model(self):
-        return create_model(self.model_name, num_classes=10, in_channels=1)
-
-    def train_data(self):
-        return TensorBatchLoader(self.x, self.y, batch_size=self.batch, shuffle=True)
-
-    def val_data(self):
-        return None
-
-    def training_step(self, model, batch):
-        x, y = batch
-        loss = F.cross_entropy(model(x), y)
-        return loss, {"loss": loss.detach()}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from divekit.engine.launch import free_port
 
 
 def _env(rank: int, world: int, port: int) -> None:
@@ -96,7 +60,7 @@ def _train(rank: int, world: int, port: int, args: argparse.Namespace, strategy:
     cfg = TrainConfig(epochs=args.epochs, lr=0.05, quiet=True,
                       strategy="allreduce" if alone else strategy)
     samples = args.samples // world if alone else args.samples
-    task = RandomImages(cfg, args.model, samples, args.size, args.global_batch // world)
+    task = SyntheticTask(cfg, args.model, samples, args.size, args.global_batch // world)
     history = Trainer(task, cfg).fit()
     steps = -(-args.samples // args.global_batch)
     row = history[-1]  # the last epoch: start-up excluded
@@ -139,7 +103,7 @@ def _spawn(fn, world: int, *args, fork: bool = False) -> list:
     ``out.RANK`` (rank 0 at least), in rank order."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
-        mp.start_processes(fn, args=(world, _port(), *args, out), nprocs=world, join=True,
+        mp.start_processes(fn, args=(world, free_port(), *args, out), nprocs=world, join=True,
                            start_method="fork" if fork else "spawn")
         return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)
                 if Path(f"{out}.{r}").exists()]
