@@ -97,6 +97,10 @@ def test_bytes_per_step_models():
     assert bytes_per_step("allreduce", 1000, 4) == pytest.approx(1500)
     assert bytes_per_step("ps", 1000, 4, rank=0) == 3000  # the server sends W-1 copies
     assert bytes_per_step("ps", 1000, 4, rank=2) == 1000
+    assert bytes_per_step("async", 1000, 4, rank=0) == 3000
+    assert bytes_per_step("fsdp", 1000, 2) == pytest.approx(1500)  # 2 all-gathers + 1 scatter
+    with pytest.raises(DivekitError, match="activations"):
+        bytes_per_step("tensor", 1000, 2)
     with pytest.raises(DivekitError, match="unknown strategy 'bogus'"):
         bytes_per_step("bogus", 1, 2)
 

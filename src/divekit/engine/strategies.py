@@ -53,16 +53,25 @@ def ring_bytes(nbytes: int, world: int) -> float:
 def bytes_per_step(strategy: str, param_bytes: int, world: int, rank: int = 1) -> float:
     """Gradient traffic one worker sends per step (the model behind ``--profile-comm``).
 
-    ``ddp``/``allreduce``: a ring all-reduce of the gradients. ``ps``: a worker pushes its
-    gradients (``P`` bytes); the server (rank 0) sends the parameters to ``W-1`` workers.
+    ``ddp``/``allreduce``: a ring all-reduce of the gradients. ``ps`` and ``async``: a worker
+    pushes its gradients (``P`` bytes); the server (rank 0) sends the parameters to ``W-1``
+    workers. ``fsdp``: two all-gathers of the parameters (forward, backward) and a
+    reduce-scatter of the gradients, each ``(W-1)/W · P`` over a ring. ``pipeline`` and
+    ``tensor`` send activations, not gradients: their traffic depends on the batch
+    (:func:`divekit.engine.tensor_parallel.activation_bytes_per_step`, the planner).
     """
+    if strategy not in STRATEGIES:
+        raise UnknownNameError("strategy", strategy, STRATEGIES)
     if world == 1:
         return 0.0
     if strategy in ("ddp", "allreduce"):
         return ring_bytes(param_bytes, world)
-    if strategy == "ps":
+    if strategy in ("ps", "async"):
         return float((world - 1) * param_bytes if rank == 0 else param_bytes)
-    raise UnknownNameError("strategy", strategy, STRATEGIES)
+    if strategy == "fsdp":
+        return 3 * (world - 1) / world * param_bytes
+    raise DivekitError(f"--strategy {strategy} sends activations, not gradients: its bytes per "
+                       "step depend on the batch (see divekit dist plan)")
 
 
 def _params(model: nn.Module) -> list[nn.Parameter]:
