@@ -17,19 +17,17 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from divekit.data.loader import TensorBatchLoader
 from divekit.engine.checkpoint import CheckpointDir
 from divekit.engine.config import TaskConfig, TrainConfig
 from divekit.engine.optim import lr_multiplier
-from divekit.engine.task import Task
 from divekit.engine.trainer import Trainer
 from divekit.errors import TrainingDiverged
+from tensor_task import CrossEntropyTask
 
 
-class Toy(Task):
+class Toy(CrossEntropyTask):
     """96 points, batch 20: five steps an epoch. From epoch ``blow_up_at`` on, validation sees
     the last layer scaled to 3e38 (finite weights, overflowing logits), as after a huge --lr."""
 
@@ -39,28 +37,11 @@ class Toy(Task):
         self.x = torch.randn(96, 8, generator=g)
         self.y = (self.x[:, 0] > 0).long()
         self.blow_up_at, self.epoch = blow_up_at, 0
+        self.per_batch, self.val_batch, self.shuffle_seed = 20, 48, 3
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-
-    def train_data(self):
-        return TensorBatchLoader(self.x, self.y, batch_size=20, shuffle=True, seed=3)
-
-    def val_data(self):
-        return TensorBatchLoader(self.x, self.y, batch_size=48)
-
-    def training_step(self, model, batch):
-        x, y = batch
-        loss = F.cross_entropy(model(x), y)
-        return loss, {"loss": loss.detach()}
-
-    def validation_step(self, model, batch):
-        x, y = batch
-        return {"loss": F.cross_entropy(model(x), y, reduction="sum"), "count": len(y)}
-
-    def validation_end(self, sums):
-        return {"loss": float(sums["loss"]) / float(sums["count"])}
 
     def on_epoch_start(self, model, epoch):
         self.epoch = epoch

@@ -16,19 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from divekit.data.loader import TensorBatchLoader
-from divekit.engine import Task, TrainConfig, Trainer
+from divekit.engine import TrainConfig, Trainer
 from divekit.engine.callbacks import Callback
 from divekit.engine.launch import spawn_local
+from tensor_task import CrossEntropyTask
 
 PER_WORKER = 8
 # 75 = 4·16 + 11: the last global batch splits 6/5; 49 = 3·16 + 1: rank 1's last share is empty
 
 
-class TeacherTask(Task):
+class TeacherTask(CrossEntropyTask):
     """Labels of a fixed random linear teacher on random inputs (learnable, no BatchNorm)."""
 
     def __init__(self, n: int, batch_size: int, conv: bool = False):
@@ -46,23 +45,6 @@ class TeacherTask(Task):
                                  nn.Tanh(), nn.Flatten(), nn.Linear(36, 3))
         return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
-    def train_data(self):
-        return TensorBatchLoader(self.x, self.y, batch_size=self.per_batch, shuffle=True, seed=7)
-
-    def val_data(self):
-        return TensorBatchLoader(self.x, self.y, batch_size=7)
-
-    def training_step(self, model, batch):
-        x, y = batch
-        loss = F.cross_entropy(model(x), y)
-        return loss, {"loss": loss.detach()}
-
-    def validation_step(self, model, batch):
-        x, y = batch
-        return {"loss": F.cross_entropy(model(x), y, reduction="sum"), "count": len(y)}
-
-    def validation_end(self, sums):
-        return {"loss": float(sums["loss"]) / sums["count"]}
 
 
 class Straggler(Callback):

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from divekit.data.loader import TensorBatchLoader
-from divekit.engine import Task, TrainConfig, Trainer
+from divekit.engine import TrainConfig, Trainer
 from divekit.engine.launch import spawn_local
 from divekit.models.bert import BertConfig, BERTModel
+from tensor_task import CrossEntropyTask
 
 pytest.importorskip("torch.distributed.checkpoint.state_dict")
 
@@ -28,7 +29,7 @@ PER_WORKER = 8
 N = 75  # 4·16 + 11: the last global batch splits 6/5
 
 
-class ConvTask(Task):
+class ConvTask(CrossEntropyTask):
     """Softmax regression through two convolutions (no BatchNorm) on fixed random 2×6×6
     images; validation on the same data, split over the ranks and summed."""
 
@@ -44,23 +45,6 @@ class ConvTask(Task):
         return nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3),
                              nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
 
-    def train_data(self):
-        return TensorBatchLoader(self.x, self.y, batch_size=self.per_batch, shuffle=True, seed=7)
-
-    def val_data(self):
-        return TensorBatchLoader(self.x, self.y, batch_size=7)
-
-    def training_step(self, model, batch):
-        x, y = batch
-        loss = F.cross_entropy(model(x), y)
-        return loss, {"loss": loss.detach()}
-
-    def validation_step(self, model, batch):
-        x, y = batch
-        return {"loss": F.cross_entropy(model(x), y, reduction="sum"), "count": len(y)}
-
-    def validation_end(self, sums):
-        return {"loss": float(sums["loss"]) / sums["count"], "seen": sums["count"]}
 
 
 class WholeValidationTask(ConvTask):
