@@ -140,6 +140,9 @@ def build_parser(train_model: str | None = None, train_data: str | None = None,
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--tta", choices=["none", "flip"], default=argparse.SUPPRESS,
                    help="classifiers: test-time augmentation (default: the run's own setting)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: dynamic int8 quantization of the Linear/LSTM/GRU layers for CPU "
+                   "inference (BERT, Transformer and RNN language-model runs; default: none)")
 
     p = sub.add_parser("predict", parents=[parent], help="run a trained model on input files",
                        description="Run a trained model on inputs, by the run's task: a classifier "
@@ -161,6 +164,9 @@ def build_parser(train_model: str | None = None, train_data: str | None = None,
                    help="detection: IoU above which NMS drops the weaker box (default: 0.5)")
     p.add_argument("--max-answer-len", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="question answering: longest answer span, in tokens (default: the run's)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: dynamic int8 quantization of the Linear/LSTM/GRU layers for CPU "
+                   "inference (BERT, Transformer and RNN language-model runs; default: none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
     for module in [owner] if owner is not None else modules:
@@ -325,7 +331,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ok, message = data_dir_check(str(record["config"].get("data")), args.data_dir)
     if not ok:  # the same check as `train --data-dir`
         raise DivekitError(message)
-    print(_format_metrics(task, evaluate(args.run_dir, device=args.device, **overrides)))
+    print(_format_metrics(task, evaluate(args.run_dir, device=args.device,
+                                         quantize=args.quantize, **overrides)))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -341,7 +348,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     task = str(read_record(args.run_dir).get("task", "classify"))
     module = area_for(task)
     # engine.run.predict refuses an option the run's task does not take, before loading it
-    results = predict(args.run_dir, args.inputs, device=args.device, **options)
+    results = predict(args.run_dir, args.inputs, device=args.device,
+                      quantize=getattr(args, "quantize", "none"), **options)
     for item in results:
         print(module.format_prediction(item) if module is not None else item)
 

@@ -75,3 +75,11 @@ def configure_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 51
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def module_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` lives: its first parameter's (or buffer's) device, the CPU for a module
+    with neither (a recurrent language model whose layers are all int8, ``--quantize int8``)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")

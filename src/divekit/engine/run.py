@@ -238,17 +238,36 @@ def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
     return run
 
 
-def evaluate(run_dir: str | Path, *, device: str = "auto", **overrides: Any) -> dict[str, Any]:
+def _quantized(run: Run, quantize: str) -> None:
+    """Replace ``run.model`` by its dynamic int8 form (``--quantize int8``)."""
+    if quantize in (None, "none"):
+        return
+    from divekit.engine.quantize import QUANTIZE_CHOICES, quantize_dynamic_int8
+
+    if quantize not in QUANTIZE_CHOICES:
+        raise DivekitError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, "
+                           f"got {quantize!r}")
+    assert run.model is not None
+    run.model = quantize_dynamic_int8(run.model, str(run.record.get("task", "classify")))
+
+
+def evaluate(run_dir: str | Path, *, device: str = "auto", quantize: str = "none",
+             **overrides: Any) -> dict[str, Any]:
     """The validation metrics of a run's newest checkpoint, through the Trainer's validation
-    loop, plus what the task's ``on_evaluate`` adds (reports written into the run)."""
+    loop, plus what the task's ``on_evaluate`` adds (reports written into the run);
+    ``quantize="int8"``: of its dynamic int8 form (CPU)."""
+    from divekit.engine.device import module_device
     from divekit.engine.trainer import run_validation
 
+    if quantize == "int8" and device == "auto":
+        device = "cpu"  # the int8 kernels are the CPU's
     run = load_run(run_dir, device, **overrides)
+    _quantized(run, quantize)
     assert run.task is not None and run.model is not None
     loader = run.task.val_data()
     if loader is None:
         raise DivekitError(f"{run_dir}: this run's data has no validation split")
-    model_device = next(run.model.parameters()).device
+    model_device = module_device(run.model)  # (an int8 one-hot RNN LM has no parameters left)
     metrics = run_validation(run.task, run.model, loader, model_device)
     extra = run.task.on_evaluate(run.model, run, metrics)
     scalars = {k: float(v) for k, v in metrics.items() if _is_scalar(v)}
@@ -262,7 +281,7 @@ def _is_scalar(v: Any) -> bool:
 
 
 def predict(run_dir: str | Path, inputs: list[Any], *, device: str = "auto",
-            **options: Any) -> list[dict[str, Any]]:
+            quantize: str = "none", **options: Any) -> list[dict[str, Any]]:
     """The run's task's inference on ``inputs`` (image files, sentences). An option the task's
     ``predict`` does not take is refused in one line before anything is loaded (``threshold``
     for a classifier), as on the command line."""
@@ -275,6 +294,9 @@ def predict(run_dir: str | Path, inputs: list[Any], *, device: str = "auto",
     takes = [name for name, p in inspect.signature(task_class(task).predict).parameters.items()
              if p.kind is p.KEYWORD_ONLY]
     refuse_unused(options, task_class(task).predict, f"a {task} run", takes)
+    if quantize == "int8" and device == "auto":
+        device = "cpu"  # the int8 kernels are the CPU's
     run = load_run(run_dir, device)
+    _quantized(run, quantize)
     assert run.task is not None and run.model is not None
     return run.task.predict(run.model, inputs, **options)

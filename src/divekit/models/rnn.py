@@ -400,7 +400,9 @@ def begin_state(
     """Zeros shaped as ``cell``'s state, for scratch and ``nn`` recurrent modules alike."""
     if isinstance(cell, RecurrentScratch):
         return cell.begin_state(batch_size, device)
-    if not isinstance(cell, nn.RNNBase):
+    # nn.RNN/GRU/LSTM, and their dynamic int8 forms (torch.ao, --quantize int8), which are not
+    # nn.RNNBase but carry the same shape attributes and name their kind in ``mode``
+    if not all(hasattr(cell, a) for a in ("num_layers", "bidirectional", "hidden_size")):
         raise DivekitError(f"not a recurrent module: {type(cell).__name__}")
     h = torch.zeros(
         cell.num_layers * (2 if cell.bidirectional else 1),
@@ -408,7 +410,8 @@ def begin_state(
         cell.hidden_size,
         device=device,
     )
-    return (h, torch.zeros_like(h)) if isinstance(cell, nn.LSTM) else h
+    lstm = isinstance(cell, nn.LSTM) or getattr(cell, "mode", None) == "LSTM"
+    return (h, torch.zeros_like(h)) if lstm else h
 
 
 def detach_state(state: State) -> State:
@@ -454,7 +457,9 @@ class RNNLM(nn.Module):
         if self.embedding is not None:
             inputs = self.embedding(X)  # (T, B, E)
         else:
-            inputs = F.one_hot(X, self.vocab_size).to(self.output.weight.dtype)  # (T, B, V)
+            weight = self.output.weight  # a method once the layer is int8 (--quantize int8)
+            dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+            inputs = F.one_hot(X, self.vocab_size).to(dtype)  # (T, B, V)
         if state is None:
             state = self.begin_state(X.shape[1], X.device)
         outputs, state = self.cell(inputs, state)  # (T, B, dirs * H)

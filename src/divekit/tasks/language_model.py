@@ -33,6 +33,7 @@ from divekit.config import option
 from divekit.data import dataset_info
 from divekit.data.text import SAMPLERS, TOKEN_MODES, SeqDataLoader, Vocab, corpus_lines, tokenize
 from divekit.engine.config import TaskConfig, finite
+from divekit.engine.device import module_device
 from divekit.engine.run import Run, choose_run_dir
 from divekit.engine.task import Task
 from divekit.errors import DivekitError
@@ -302,7 +303,7 @@ class LanguageModelTask(Task, name=TASK):
         if hidden is None:
             self.state = None
             return
-        device = next(model.parameters()).device
+        device = module_device(model)
         if isinstance(hidden, tuple | list):
             self.state = tuple(h.to(device) for h in hidden)  # type: ignore[assignment]
         else:
@@ -385,7 +386,7 @@ def generate(run: Run, prefix: str, length: int = 50, *, temperature: float = 1.
             "and after it, and while generating there is no text after; train without "
             "--bidirectional to generate"
         )
-    dev = next(model.parameters()).device
+    dev = module_device(model)
     ids = encode_prefix(prefix, task)
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     logits, state = model(torch.tensor([ids], device=dev))  # warm-up: (1, T, V)
