@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -p no:cacheprovider
+	$(PY) -m pytest -p no:cacheprovider --durations=15    # the slowest, for the 10-minute budget
 
 test-all: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -m 'not book'    # the slow ones too; the book's 45 sections: make test-book

@@ -67,6 +67,8 @@ def test_predict_converts_any_image_like_training(trained_lenet_run, tmp_path):
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
 
 
+# slow (16 s): tests/test_kill_loop.py resumes through the CLI and checks bit-identity in make test
+@pytest.mark.slow
 def test_cli_resume_continues_to_the_new_total_bit_identically(tmp_path, capsys):
     common = ["--data", "digits", "--limit", "200", "--batch-size", "32", "--lr", "0.05", "--scheduler", "none",
               "--device", "cpu", "--quiet", "--seed", "7"]
