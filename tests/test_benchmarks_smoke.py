@@ -198,7 +198,7 @@ def _run_smoke(name: str) -> subprocess.CompletedProcess | subprocess.TimeoutExp
 
 @pytest.fixture(scope="session")
 def smoke_runs(request) -> dict[str, subprocess.CompletedProcess | subprocess.TimeoutExpired]:
-    """Every selected script's smoke, two at a time (most of a smoke is starting Python and
+    """Every selected script's smoke, three at a time (most of a smoke is starting Python and
     importing torch, which two cores overlap well), the slowest first."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -206,7 +206,7 @@ def smoke_runs(request) -> dict[str, subprocess.CompletedProcess | subprocess.Ti
              if getattr(item, "originalname", "") == "test_benchmark_smoke"
              and hasattr(item, "callspec")]
     names = sorted((n for n in names if n in SMOKES), key=lambda n: -SMOKES[n].timeout_s)
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {n: pool.submit(_run_smoke, n) for n in names}
     return {n: f.result() for n, f in futures.items()}
 

@@ -84,6 +84,7 @@ def one_process(tmp_path_factory) -> dict[str, torch.Tensor]:
     return _one_process(tmp_path_factory.mktemp("one") / "run")
 
 
+@pytest.mark.slow  # 11 s: two torchrun agents and three trainings (make test-all runs it)
 def test_two_torchrun_nodes_equal_one_process(tmp_path, one_process):
     out = tmp_path / "two-nodes"
     _two_nodes(out, "allreduce", [], _node_env())
