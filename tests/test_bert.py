@@ -11,7 +11,7 @@ import torch
 
 from divekit.errors import DivekitError
 from divekit.models import create_model, list_models
-from divekit.models.bert import BertConfig, BERTModel, get_tokens_and_segments, mlm_loss
+from divekit.models.bert import BertConfig, BertModel, get_tokens_and_segments, mlm_loss
 from divekit.models.bert_checkpoint import (
     NAME_TABLE,
     BertTokenizer,
@@ -80,7 +80,7 @@ def test_minilm_has_no_pretraining_heads_so_they_stay_fresh(minilm):
 
 
 def test_name_table_round_trips_every_parameter():
-    model = BERTModel(BertConfig(num_layers=2, num_hiddens=32, num_heads=2, ffn_num_hiddens=64,
+    model = BertModel(BertConfig(num_layers=2, num_hiddens=32, num_heads=2, ffn_num_hiddens=64,
                                  vocab_size=50, max_len=16))
     for name, _ in model.named_parameters():
         assert divekit_name(checkpoint_name(name)) == name
@@ -90,7 +90,7 @@ def test_name_table_round_trips_every_parameter():
 def test_export_opens_in_divekit_and_in_transformers(tmp_path):
     cfg = BertConfig(num_layers=2, num_hiddens=32, num_heads=2, ffn_num_hiddens=64, vocab_size=40,
                      max_len=24, dropout=0.0)
-    model = BERTModel(cfg).eval()
+    model = BertModel(cfg).eval()
     tok = BertTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghij"])
     save_pretrained(model, tok, tmp_path)
     again, tok2 = load_pretrained(tmp_path)
@@ -191,7 +191,7 @@ def test_long_text_is_truncated_with_a_warning_and_empty_text_refused(minilm):
 def small_checkpoint(tmp_path):
     cfg = BertConfig(num_layers=1, num_hiddens=16, num_heads=2, ffn_num_hiddens=32, vocab_size=20, max_len=8)
     tok = BertTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"])
-    save_pretrained(BERTModel(cfg), tok, tmp_path / "ckpt")
+    save_pretrained(BertModel(cfg), tok, tmp_path / "ckpt")
     return tmp_path / "ckpt"
 
 

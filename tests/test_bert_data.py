@@ -255,13 +255,13 @@ def test_pretraining_on_pydoc_raises_held_out_nsp_above_chance(one_thread):
     errors (8 draws of the 106 held-out pairs: n = 848; under chance — a prediction independent
     of the coin-flip label — accuracy is Binomial(n, ½), so > ½ + 3·½/√n has p < 0.0015).
     48 s measured on one core at load ~4."""
-    from divekit.models.bert import BertConfig, BERTModel
+    from divekit.models.bert import BertConfig, BertModel
     from divekit.tasks.bert_pretrain import BertPretrainConfig, BertPretrainTask
 
     torch.manual_seed(0)
     cfg = BertPretrainConfig(model="bert_small", data="pydoc", batch_size=128, lr=2e-3, max_len=24)
     task = BertPretrainTask(cfg)
-    model = BERTModel(BertConfig(vocab_size=len(task.tokenizer), num_layers=2, num_hiddens=64,
+    model = BertModel(BertConfig(vocab_size=len(task.tokenizer), num_layers=2, num_hiddens=64,
                                  num_heads=2, ffn_num_hiddens=128, max_len=24, dropout=0.1))
     held_out = task.corpus("valid")
     before, n = _held_out_nsp(model, held_out, task.tokenizer, 24, 8)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from divekit.errors import DivekitError
-from divekit.models.bert import BertConfig, BERTModel
+from divekit.models.bert import BertConfig, BertModel
 from divekit.models.bert_heads import BertForTask, ClassifierHead
 from divekit.models.lora import (
     Adapter,
@@ -30,7 +30,7 @@ TINY = BertConfig(vocab_size=50, num_layers=2, num_hiddens=32, num_heads=4, ffn_
 
 def _model(seed: int = 0) -> BertForTask:
     torch.manual_seed(seed)
-    return BertForTask(BERTModel(TINY).encoder, ClassifierHead(32, 3, dropout=0.0)).eval()
+    return BertForTask(BertModel(TINY).encoder, ClassifierHead(32, 3, dropout=0.0)).eval()
 
 
 def _batch():

@@ -18,7 +18,7 @@ import torch
 
 from divekit.cli import main
 from divekit.data.text_generated import GENERATED
-from divekit.models.bert import BertConfig, BERTModel
+from divekit.models.bert import BertConfig, BertModel
 from divekit.models.bert_checkpoint import SPECIAL_TOKENS, BertTokenizer, save_pretrained
 
 pytest.importorskip("tokenizers")
@@ -30,7 +30,7 @@ def write_tiny_base(directory: Path, seed: int) -> Path:
                     for w in e.text.split()} - {""} - set(SPECIAL_TOKENS))
     tok = BertTokenizer([*SPECIAL_TOKENS, *words], max_len=64)
     torch.manual_seed(seed)
-    model = BERTModel(BertConfig(vocab_size=len(tok), num_layers=2, num_hiddens=32, num_heads=2,
+    model = BertModel(BertConfig(vocab_size=len(tok), num_layers=2, num_hiddens=32, num_heads=2,
                                  ffn_num_hiddens=64, max_len=64, dropout=0.0))
     directory.mkdir(parents=True, exist_ok=True)
     return save_pretrained(model, tok, directory)

@@ -20,7 +20,7 @@ from torch import nn
 from divekit.data.loader import TensorBatchLoader
 from divekit.engine import TrainConfig, Trainer
 from divekit.engine.launch import spawn_local
-from divekit.models.bert import BertConfig, BERTModel
+from divekit.models.bert import BertConfig, BertModel
 from tensor_task import CrossEntropyTask
 
 pytest.importorskip("torch.distributed.checkpoint.state_dict")
@@ -76,7 +76,7 @@ class BertTask(ConvTask):
         self.x = self.tokens  # the loaders below carry every field
 
     def build_model(self) -> nn.Module:
-        return BERTModel(BERT)
+        return BertModel(BERT)
 
     def train_data(self):
         return TensorBatchLoader(self.tokens, self.segments, self.valid, self.positions,
@@ -251,7 +251,7 @@ def test_blocks_are_the_encoder_blocks_and_the_cnn_stages():
         ids = {id(m) for m in shard_units(model)}
         return [n for n, m in model.named_modules() if id(m) in ids]
 
-    assert names(BERTModel(BERT)) == ["encoder.blks.0", "encoder.blks.1", "hidden.0"]
+    assert names(BertModel(BERT)) == ["encoder.blks.0", "encoder.blks.1", "hidden.0"]
     assert names(create_model("resnet18")) == [f"features.b{i}" for i in range(1, 6)] + [
         "head.2"]
     assert names(create_model("lenet")) == ["features.0", "features.3", "head.1", "head.3",
@@ -301,7 +301,7 @@ def _one_rank_fsdp(rank: int, port: int, out: str) -> None:
         results = {}
         for sharded in (False, True):
             torch.manual_seed(0)
-            model = BERTModel(BERT).cuda()
+            model = BertModel(BERT).cuda()
             strategy = FSDPStrategy(model, DistEnv(0, 1, 0)) if sharded else None
             opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
             task = BertTask(N, 16)

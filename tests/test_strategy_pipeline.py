@@ -20,7 +20,7 @@ from divekit.engine.callbacks import Callback
 from divekit.engine.launch import spawn_local
 from divekit.engine.pipeline import balance, model_pieces, split_model
 from divekit.errors import DivekitError
-from divekit.models.bert import BertConfig, BERTEncoder
+from divekit.models.bert import BertConfig, BertEncoder
 from divekit.models.transformer import TransformerEncoder
 
 N, BATCH, MICRO = 45, 16, 3  # batches 16, 16, 13: microbatches 6+6+4 (2 padding rows), 5+5+3
@@ -96,8 +96,8 @@ class BertTask(TransformerTask):
     def build_model(self) -> nn.Module:
         config = BertConfig(vocab_size=11, num_layers=2, num_hiddens=16, num_heads=2,
                             ffn_num_hiddens=32, max_len=8, dropout=0.0)
-        encoder = BERTEncoder(config)
-        nn.init.normal_(encoder.pos_embedding, std=0.02)  # BERTModel's init; bare it is empty
+        encoder = BertEncoder(config)
+        nn.init.normal_(encoder.pos_embedding, std=0.02)  # BertModel's init; bare it is empty
         return nn.Sequential(encoder, FirstToken(), nn.Linear(16, 3))
 
 

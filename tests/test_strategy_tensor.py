@@ -91,9 +91,9 @@ class BertTask(TextTask):
         self.y = self.y % 2  # "is the next sentence": two classes
 
     def build_model(self) -> nn.Module:
-        from divekit.models.bert import BertConfig, BERTModel
+        from divekit.models.bert import BertConfig, BertModel
 
-        return BERTModel(BertConfig(vocab_size=20, num_layers=BLOCKS, num_hiddens=WIDTH,
+        return BertModel(BertConfig(vocab_size=20, num_layers=BLOCKS, num_hiddens=WIDTH,
                                     num_heads=4, ffn_num_hiddens=32, max_len=8, dropout=0.0))
 
     def logits(self, model, batch):

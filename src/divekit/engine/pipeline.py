@@ -109,7 +109,7 @@ class _TransformerEmbedding(nn.Module):
 
 
 class _BertEmbedding(nn.Module):
-    """A :class:`~divekit.models.bert.BERTEncoder`'s input: token + segment + position
+    """A :class:`~divekit.models.bert.BertEncoder`'s input: token + segment + position
     embeddings, normalized, then dropout (the encoder's own modules and parameter, shared)."""
 
     def __init__(self, encoder: nn.Module):
@@ -144,7 +144,7 @@ def model_pieces(model: nn.Module) -> list[nn.Module]:
     (``features`` then ``head``), ``nn.Sequential`` (children, expanded), the Transformer and
     BERT encoders (embedding, then one piece per block). Anything else is one piece."""
     from divekit.models.base import Classifier
-    from divekit.models.bert import BERTEncoder
+    from divekit.models.bert import BertEncoder
     from divekit.models.transformer import TransformerEncoder
 
     if hasattr(model, "pipeline_pieces"):
@@ -155,7 +155,7 @@ def model_pieces(model: nn.Module) -> list[nn.Module]:
         return [p for child in model for p in model_pieces(child)]
     if isinstance(model, TransformerEncoder):
         return [_TransformerEmbedding(model), *(_Block(b, 1) for b in model.blks)]
-    if isinstance(model, BERTEncoder):
+    if isinstance(model, BertEncoder):
         return [_BertEmbedding(model), *(_Block(b, 2) for b in model.blks)]
     return [model]
 

@@ -203,7 +203,7 @@ class TransformerEncoderBlock(nn.Module):
         return self.addnorm2(Y, self.ffn(Y))
 
 
-class BERTEncoder(nn.Module):
+class BertEncoder(nn.Module):
     """Token, segment and position embeddings, then ``num_layers`` encoder blocks.
 
     ``forward(tokens (B, T), segments (B, T), valid_lens (B,) or None) → (B, T, H)``, the last
@@ -280,7 +280,7 @@ class NextSentencePred(nn.Module):
         return self.output(X)
 
 
-class BERTModel(nn.Module):
+class BertModel(nn.Module):
     """The encoder with both pretraining heads.
 
     ``forward(tokens, segments, valid_lens=None, pred_positions=None)`` returns
@@ -292,7 +292,7 @@ class BERTModel(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
-        self.encoder = BERTEncoder(config)
+        self.encoder = BertEncoder(config)
         self.hidden = nn.Sequential(nn.Linear(config.num_hiddens, config.num_hiddens), nn.Tanh())
         self.mlm = MaskLM(config)
         self.nsp = NextSentencePred(config.num_hiddens)
@@ -357,14 +357,14 @@ def mlm_loss(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
     return (per_token * w).sum() / w.sum().clamp_min(1e-8)
 
 
-def _build(config: BertConfig, overrides: dict[str, Any]) -> BERTModel:
+def _build(config: BertConfig, overrides: dict[str, Any]) -> BertModel:
     from dataclasses import replace
 
-    return BERTModel(replace(config, **overrides))
+    return BertModel(replace(config, **overrides))
 
 
 @register_model("bert_small", input_shape=None, task="bert_pretrain")
-def bert_small(**overrides: Any) -> BERTModel:
+def bert_small(**overrides: Any) -> BertModel:
     """BERT as the course pretrains it: 2 layers, 128 hidden, 2 heads, FFN 256."""
     small = BertConfig(num_layers=2, num_hiddens=128, num_heads=2, ffn_num_hiddens=256,
                        max_len=512, dropout=0.2)
@@ -372,12 +372,12 @@ def bert_small(**overrides: Any) -> BERTModel:
 
 
 @register_model("bert_base", input_shape=None, task="bert_pretrain")
-def bert_base(**overrides: Any) -> BERTModel:
+def bert_base(**overrides: Any) -> BertModel:
     """BERT-base: 12 layers, 768 hidden, 12 heads, FFN 3072 (110M parameters)."""
     return _build(BertConfig(), overrides)
 
 
-def load_pretrained(directory: Any) -> tuple[BERTModel, Any]:
+def load_pretrained(directory: Any) -> tuple[BertModel, Any]:
     """``(model, tokenizer)`` from a BERT checkpoint directory, a divekit pretraining run or
     ``'minilm'``; see :func:`divekit.models.bert_checkpoint.load_pretrained`."""
     from divekit.models.bert_checkpoint import load_pretrained as _load
@@ -386,6 +386,6 @@ def load_pretrained(directory: Any) -> tuple[BERTModel, Any]:
 
 
 __all__ = [
-    "BERTEncoder", "BERTModel", "BertConfig", "MaskLM", "NextSentencePred",
+    "BertEncoder", "BertModel", "BertConfig", "MaskLM", "NextSentencePred",
     "get_tokens_and_segments", "load_pretrained", "mlm_loss",
 ]

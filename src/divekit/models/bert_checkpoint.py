@@ -31,7 +31,7 @@ from torch import Tensor
 
 from divekit.errors import DataNotFoundError, DivekitError
 from divekit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from divekit.models.bert import BertConfig, BERTModel
+from divekit.models.bert import BertConfig, BertModel
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -349,7 +349,7 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
     raise DataNotFoundError(f"{directory}: missing model.safetensors (or pytorch_model.bin)")
 
 
-def load_state(model: BERTModel, weights: dict[str, Tensor]) -> list[str]:
+def load_state(model: BertModel, weights: dict[str, Tensor]) -> list[str]:
     """Copy checkpoint ``weights`` into ``model`` through :data:`NAME_TABLE`.
 
     Every encoder parameter must be there with its shape; a head missing as a whole keeps its
@@ -380,10 +380,10 @@ def load_state(model: BERTModel, weights: dict[str, Tensor]) -> list[str]:
     return missing
 
 
-def load_pretrained(directory: str | Path) -> tuple[BERTModel, BertTokenizer]:
+def load_pretrained(directory: str | Path) -> tuple[BertModel, BertTokenizer]:
     """``(model, tokenizer)`` from a BERT checkpoint directory, a pretraining run or ``'minilm'``.
 
-    The model is a :class:`BERTModel` in eval mode on the CPU; ``model.encoder(tokens, segments,
+    The model is a :class:`BertModel` in eval mode on the CPU; ``model.encoder(tokens, segments,
     valid_lens)`` gives the last hidden states ``(B, T, H)``. Heads the checkpoint lacks (a bare
     ``BertModel`` has no MLM or NSP head) keep a fresh initialisation and are listed in
     ``model.fresh_parameters``."""
@@ -393,12 +393,12 @@ def load_pretrained(directory: str | Path) -> tuple[BERTModel, BertTokenizer]:
     if len(tokenizer) > config.vocab_size:
         raise DivekitError(f"{path}: vocab.txt has {len(tokenizer)} tokens but config.json's "
                            f"vocab_size is {config.vocab_size}")
-    model = BERTModel(config)
+    model = BertModel(config)
     model.fresh_parameters = load_state(model, read_weights(path))
     return model.eval(), tokenizer
 
 
-def save_pretrained(model: BERTModel, tokenizer: BertTokenizer, directory: str | Path) -> Path:
+def save_pretrained(model: BertModel, tokenizer: BertTokenizer, directory: str | Path) -> Path:
     """Write ``config.json``, ``model.safetensors`` (checkpoint names) and ``vocab.txt`` so that
     :func:`load_pretrained` and ``transformers``' ``BertForPreTraining`` read them."""
     from safetensors.torch import save

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from divekit.models.bert import BERTEncoder, _init_weights
+from divekit.models.bert import BertEncoder, _init_weights
 
 HEADS = ("classify", "pair", "tag", "qa")
 
@@ -110,7 +110,7 @@ class BertForTask(nn.Module):
     a LoRA/adapter run's checkpoint is then its adapters and head, and the frozen base comes
     from the base checkpoint the run points to. :meth:`load_state_dict` reads such a file."""
 
-    def __init__(self, encoder: BERTEncoder, head: nn.Module):
+    def __init__(self, encoder: BertEncoder, head: nn.Module):
         super().__init__()
         self.encoder = encoder
         self.head = head

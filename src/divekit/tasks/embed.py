@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from divekit.engine.device import resolve_device
 from divekit.errors import DivekitError
-from divekit.models.bert import BERTModel
+from divekit.models.bert import BertModel
 from divekit.models.bert_checkpoint import BertTokenizer, load_pretrained, resolve_checkpoint
 
 POOLINGS = ("mean", "cls")
@@ -37,7 +37,7 @@ class Embedder:
     """A loaded checkpoint that embeds texts; reuse it for many calls."""
 
     def __init__(self, checkpoint_or_run: str | Path, device: str = "cpu"):
-        self.model: BERTModel
+        self.model: BertModel
         self.tokenizer: BertTokenizer
         self.model, self.tokenizer = load_pretrained(checkpoint_or_run)
         self.device = resolve_device(device)

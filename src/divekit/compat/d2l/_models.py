@@ -469,10 +469,10 @@ def _book_pos_embedding(module: nn.Module, state_dict: dict[str, Any], prefix: s
         state_dict[key] = value[0]
 
 
-class BERTEncoder(_bert.BERTEncoder):
+class BERTEncoder(_bert.BertEncoder):
     """Token, segment and position embeddings, then ``num_layers`` encoder blocks:
     ``forward(tokens (B, T), segments (B, T), valid_lens (B,) or None) → (B, T, num_hiddens)``
-    (divekit's :class:`~divekit.models.bert.BERTEncoder`)."""
+    (divekit's :class:`~divekit.models.bert.BertEncoder`)."""
 
     def __init__(self, vocab_size: int, num_hiddens: int, norm_shape: int | Sequence[int],
                  ffn_num_input: int, ffn_num_hiddens: int, num_heads: int, num_layers: int,
@@ -514,8 +514,8 @@ class NextSentencePred(_bert.NextSentencePred):
         super().__init__(num_inputs)
 
 
-class BERTModel(_bert.BERTModel):
-    """BERT with both pretraining heads (divekit's :class:`~divekit.models.bert.BERTModel`):
+class BERTModel(_bert.BertModel):
+    """BERT with both pretraining heads (divekit's :class:`~divekit.models.bert.BertModel`):
     ``forward(tokens, segments, valid_lens=None, pred_positions=None)`` returns
     ``(encoded_X (B, T, H), mlm_Y_hat (B, P, V) or None, nsp_Y_hat (B, 2))``; ``encoder``,
     ``hidden`` (the ``[CLS]`` pooler), ``mlm`` and ``nsp`` are its parts. The book's saved
