@@ -62,6 +62,8 @@ class RNNCellScratch(nn.Module):
         self, num_inputs: int, num_hiddens: int, sigma: float = 0.01, nonlinearity: str = "tanh"
     ):
         super().__init__()
+        if nonlinearity not in ("tanh", "relu"):
+            raise DivekitError(f"unknown nonlinearity {nonlinearity!r}; choose tanh or relu")
         self.W_xh = _weight(num_inputs, num_hiddens, sigma=sigma)
         self.W_hh = _weight(num_hiddens, num_hiddens, sigma=sigma)
         self.b_h = _bias(num_hiddens)
@@ -209,9 +211,14 @@ class RecurrentScratch(nn.Module):
     Layer ``l > 0`` reads the concatenated forward and backward outputs of layer ``l − 1``.
     Attribute names (``input_size``, ``hidden_size``, ``num_layers``, ``bidirectional``) match
     ``nn.RNN`` so code can treat both alike.
+
+    A subclass names its ``cell_type`` (and the ``nn`` module it copies from); ``sigma`` (the
+    weights' initial scale) and the other keywords go to every cell, so a cell's own options
+    (the RNN's ``nonlinearity``, the GRU's ``reset_after``) are declared and checked once, there.
     """
 
     torch_type: type[nn.RNNBase] = nn.RNNBase
+    cell_type: type[nn.Module]  # one layer, one direction: the subclass's cell
 
     def __init__(
         self,
@@ -219,7 +226,9 @@ class RecurrentScratch(nn.Module):
         hidden_size: int,
         num_layers: int = 1,
         bidirectional: bool = False,
-        **cell_kw,
+        *,
+        sigma: float = 0.01,
+        **cell_kw: Any,
     ):
         super().__init__()
         if input_size < 1 or hidden_size < 1 or num_layers < 1:
@@ -230,17 +239,15 @@ class RecurrentScratch(nn.Module):
         self.num_layers, self.bidirectional = num_layers, bidirectional
         self.num_directions = 2 if bidirectional else 1
         self.cells = nn.ModuleList(
-            self.make_cell(
+            self.cell_type(
                 input_size if layer == 0 else hidden_size * self.num_directions,
                 hidden_size,
+                sigma=sigma,
                 **cell_kw,
             )
             for layer in range(num_layers)
             for _ in range(self.num_directions)
         )  # index layer * num_directions + direction, as PyTorch's state
-
-    def make_cell(self, num_inputs: int, num_hiddens: int, **cell_kw) -> nn.Module:
-        raise NotImplementedError
 
     def begin_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         shape = (self.num_layers * self.num_directions, batch_size, self.hidden_size)
@@ -302,34 +309,15 @@ class RecurrentScratch(nn.Module):
 
 
 class RNNScratch(RecurrentScratch):
-    """Deep and bidirectional vanilla RNN from scratch (tanh by default)."""
+    """Deep and bidirectional vanilla RNN from scratch; ``nonlinearity="relu"`` for ReLU cells."""
 
     torch_type = nn.RNN
+    cell_type = RNNCellScratch
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bidirectional: bool = False,
-        *,
-        sigma: float = 0.01,
-        nonlinearity: str = "tanh",
-    ):
-        if nonlinearity not in ("tanh", "relu"):
-            raise DivekitError(f"unknown nonlinearity {nonlinearity!r}; choose tanh or relu")
-        super().__init__(
-            input_size,
-            hidden_size,
-            num_layers,
-            bidirectional,
-            sigma=sigma,
-            nonlinearity=nonlinearity,
-        )
-        self.nonlinearity = nonlinearity
-
-    def make_cell(self, num_inputs, num_hiddens, **cell_kw):
-        return RNNCellScratch(num_inputs, num_hiddens, **cell_kw)
+    @property
+    def nonlinearity(self) -> str:
+        """``"tanh"`` (the default) or ``"relu"``, as every cell holds it."""
+        return self.cells[0].nonlinearity
 
     def _check_torch(self, module):
         if module.nonlinearity != self.nonlinearity:
@@ -342,44 +330,19 @@ class GRUScratch(RecurrentScratch):
     """Deep and bidirectional GRU from scratch; ``reset_after=True`` for ``nn.GRU``'s variant."""
 
     torch_type = nn.GRU
+    cell_type = GRUCellScratch
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bidirectional: bool = False,
-        *,
-        sigma: float = 0.01,
-        reset_after: bool = False,
-    ):
-        super().__init__(
-            input_size, hidden_size, num_layers, bidirectional, sigma=sigma, reset_after=reset_after
-        )
-        self.reset_after = reset_after
-
-    def make_cell(self, num_inputs, num_hiddens, **cell_kw):
-        return GRUCellScratch(num_inputs, num_hiddens, **cell_kw)
+    @property
+    def reset_after(self) -> bool:
+        """Whether the cells reset after the hidden matmul (``nn.GRU``) or before (the course)."""
+        return self.cells[0].reset_after
 
 
 class LSTMScratch(RecurrentScratch):
     """Deep and bidirectional LSTM from scratch; the state is ``(h, c)``."""
 
     torch_type = nn.LSTM
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bidirectional: bool = False,
-        *,
-        sigma: float = 0.01,
-    ):
-        super().__init__(input_size, hidden_size, num_layers, bidirectional, sigma=sigma)
-
-    def make_cell(self, num_inputs, num_hiddens, **cell_kw):
-        return LSTMCellScratch(num_inputs, num_hiddens, **cell_kw)
+    cell_type = LSTMCellScratch
 
     def begin_state(self, batch_size, device=None):
         h = super().begin_state(batch_size, device)
