@@ -22,13 +22,14 @@ the WMT standard and sacrebleu's default) or split on whitespace (``tokenize="no
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from divekit.errors import DivekitError
 
@@ -298,15 +299,7 @@ def corpus_bleu_stats(
     return BleuStats(score, tuple(precisions), tuple(counts), tuple(totals), bp, sys_len, ref_len)
 
 
-def corpus_bleu(
-    hypotheses: Sequence[str],
-    references: Sequence[str] | Sequence[Sequence[str]],
-    max_order: int = 4,
-    smooth: Smoothing = "none",
-    tokenize: Tokenizer = "13a",
-    lowercase: bool = False,
-    smooth_value: float | None = None,
-) -> float:
+def corpus_bleu(*args: Any, **kwargs: Any) -> float:
     """Standard corpus BLEU on a 0-100 scale (sacrebleu's number for the same options).
 
     ``hypotheses`` is one string per sentence; ``references`` has one entry per hypothesis, a
@@ -320,8 +313,12 @@ def corpus_bleu(
     ``"exp"`` (NIST's, sacrebleu's default). A corpus with no matching unigram scores 0 whatever
     the smoothing. ``tokenize="13a"`` is mteval-v13a's tokenizer (``tokenize_13a``); ``"none"``
     splits on whitespace. ``lowercase`` folds case first. ``corpus_bleu_stats`` returns the
-    precisions, brevity penalty and lengths as well.
+    precisions, brevity penalty and lengths as well; this is its ``score``, and its arguments are
+    these (one list of them, shown by ``help`` and ``inspect.signature`` here too).
     """
-    return corpus_bleu_stats(
-        hypotheses, references, max_order, smooth, tokenize, lowercase, smooth_value
-    ).score
+    return corpus_bleu_stats(*args, **kwargs).score
+
+
+corpus_bleu.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    corpus_bleu_stats
+).replace(return_annotation="float")
