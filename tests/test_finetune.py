@@ -69,7 +69,7 @@ def test_features_are_copied_and_the_head_is_fresh_for_the_new_classes(trained_l
     model = task.build_model()
     source = create_model("lenet_bn", num_classes=10, in_channels=1)
     from divekit.engine.checkpoint import load_weights
-    from divekit.engine.run import Run
+    from divekit.engine.task import Run
 
     load_weights(source, Run(trained_lenet_run, None).latest_weights())
     for (k, a), b in zip(model.features.state_dict().items(), source.features.state_dict().values()):

@@ -18,7 +18,7 @@ from divekit.cli import main
 from divekit.config import option
 from divekit.engine.checkpoint import CheckpointDir
 from divekit.engine.config import TaskConfig
-from divekit.engine.run import resume_changes
+from divekit.engine.record import resume_changes
 from divekit.errors import DivekitError
 from divekit.tasks import train
 from divekit.tasks.classify import ClassifyConfig

@@ -273,7 +273,8 @@ def train_config(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from divekit.config import known_values
     from divekit.engine.config import LaunchConfig
-    from divekit.engine.run import make_config, resume_values
+    from divekit.engine.record import resume_values
+    from divekit.engine.run import make_config
 
     config_cls, _ = _train_classes(args.model)
     typed = typed_options(args)
@@ -322,7 +323,8 @@ def _format_metrics(task: str, metrics: dict[str, Any]) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from divekit.engine.config import data_dir_check
-    from divekit.engine.run import evaluate, read_record
+    from divekit.engine.record import read_record
+    from divekit.engine.run import evaluate
     from divekit.errors import DivekitError
 
     record = read_record(args.run_dir)
@@ -336,7 +338,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from divekit.engine.run import predict, read_record
+    from divekit.engine.record import read_record
+    from divekit.engine.run import predict
 
     offered = ("top_k", "output", "overwrite", "threshold", "nms_iou", "max_answer_len")
     options = {k: v for k, v in vars(args).items() if k in offered}

@@ -37,7 +37,7 @@ def add_text_options(p: argparse.ArgumentParser, skip: set[str]) -> None:
 def text_config(given: dict[str, Any]) -> Any:
     """The :class:`TextFinetuneConfig` of what was typed; image-only options are refused."""
     from divekit.config import config_from_dict, field_names
-    from divekit.engine.run import read_record, saved_options
+    from divekit.engine.record import read_record, saved_options
     from divekit.tasks.bert_finetune import TextFinetuneConfig
 
     names = field_names(TextFinetuneConfig)

@@ -56,7 +56,8 @@ def read_sentences(path: str) -> list[str]:
 
 
 def _cmd_translate(args: argparse.Namespace) -> None:
-    from divekit.engine.run import load_run, read_record
+    from divekit.engine.record import read_record
+    from divekit.engine.run import load_run
     from divekit.tasks.translate import check_decoding, translate
 
     check_decoding(args.beam, args.length_penalty, args.n_best, args.batch_size)

@@ -102,7 +102,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         return
     from divekit.cli import print_final
     from divekit.config import config_from_dict
-    from divekit.engine.run import read_record, saved_options
+    from divekit.engine.record import read_record, saved_options
     from divekit.tasks.finetune import FinetuneConfig, finetune
 
     given = typed_options(args)

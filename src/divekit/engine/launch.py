@@ -110,7 +110,7 @@ def spawn(cfg: Any, launch_cfg: Any) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from divekit.engine.run import choose_run_dir
+    from divekit.engine.record import choose_run_dir
 
     if launch_cfg.port is not None and not port_is_free(launch_cfg.port):
         raise DivekitError(f"port {launch_cfg.port} is in use on 127.0.0.1; pick another --port or "
@@ -200,7 +200,7 @@ def _started_by_this_job(out: str | None) -> bool:
 
 def _choose(cfg: Any) -> tuple[str, bool]:
     from divekit.engine.checkpoint import CheckpointDir
-    from divekit.engine.run import choose_run_dir
+    from divekit.engine.record import choose_run_dir
 
     if restart_count() > 0 or _started_by_this_job(cfg.out):
         # a restarted attempt: continue the run the failed one left. Across machines a node

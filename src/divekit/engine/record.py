@@ -1,7 +1,7 @@
 """A run directory's record: choosing the directory, writing and reading ``config.json``
 (checked before anything is built from it), and the resume guard that compares a resume's
 options with the run's (:func:`resume_changes`). Part of the run lifecycle of
-:mod:`divekit.engine.run`, which re-exports these names.
+:mod:`divekit.engine.run`, which uses these names (import them from here).
 """
 
 from __future__ import annotations
@@ -135,6 +135,20 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def reopen_values(config_cls: type, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The config values a run is reopened with (``evaluate``, ``predict``): the saved
+    options ``config_cls`` knows, as a fresh run that writes nowhere (no ``resume``, no
+    ``out``), without the options decided anew each time and never with code named in the
+    run's files. A saved value of the wrong type is refused in one line."""
+    values = {**known_values(config_cls, record["config"]), "resume": False, "out": None}
+    values.update({k: False for k in _NOT_CARRIED if k in values})
+    values.update({k: None for k in _NAMES_CODE if k in values})  # code is never taken from a run
+    wrong = _config_type_errors(config_cls, values)
+    if wrong:
+        raise DivekitError(f"{run_dir / CONFIG}: config {'; '.join(wrong[:3])}")
+    return values
+
+
 def _config_type_errors(config_cls: type, values: dict[str, Any]) -> list[str]:
     """``key (found, expected)`` for each saved config value whose type its field refuses."""
     import typing
@@ -228,7 +242,7 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _check_resume(run_dir: Path, config: Any) -> list[dict[str, Any]]:
+def check_resume(run_dir: Path, config: Any) -> list[dict[str, Any]]:
     """Refuse to resume ``run_dir`` with options that change what it learns (one line listing
     each difference), unless ``config.force_resume``; then the run's ``forced_changes``, the
     earlier ones and these (where each happened: the checkpoint resumed from)."""

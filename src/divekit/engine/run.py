@@ -18,78 +18,45 @@ A run has one writer: ``train`` holds the run directory's lock (:mod:`divekit.en
 choosing the directory to its last checkpoint; readers take no lock. ``--resume`` continues the
 run that config.json describes: an option that changes what the run learns (``--seed``,
 ``--lr``, ...) is refused with the list of differences unless ``--force-resume`` is given, and
-then recorded in config.json as ``forced_changes`` (:func:`resume_changes`).
+then recorded in config.json as ``forced_changes``
+(:func:`divekit.engine.record.resume_changes`).
+
+Where the pieces live: the record (``config.json``: choosing the directory, reading, checking,
+the resume guard) is :mod:`divekit.engine.record`'s; :class:`~divekit.engine.task.Run` and
+:class:`~divekit.engine.task.TrainResult` sit beside :class:`~divekit.engine.task.Task`, so the
+Trainer, below this module, builds its ``Run`` without importing it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from divekit.config import config_from_dict, known_values
-from divekit.engine.checkpoint import CheckpointDir, load_weights
+from divekit.config import config_from_dict
+from divekit.engine import distributed as D
+from divekit.engine.checkpoint import load_weights
 from divekit.engine.lock import LOCK_FILE, RunLock
-from divekit.engine.record import (  # noqa: F401  (re-exported: the run lifecycle's names)
-    _NAMES_CODE,
-    _NOT_CARRIED,
+from divekit.engine.record import (
     CONFIG,
-    _check_resume,
-    _config_type_errors,
     check_record,
+    check_resume,
     choose_run_dir,
     read_record,
-    resume_changes,
+    reopen_values,
     resume_values,
-    saved_options,
     write_record,
 )
+from divekit.engine.task import Run, Task, TrainResult, task_class
+from divekit.engine.trainer import Trainer, run_validation, scalar_metrics
 from divekit.errors import DivekitError
 
 if TYPE_CHECKING:
     from divekit.engine.callbacks import Callback
-    from divekit.engine.task import Task
 
 
 log = logging.getLogger("divekit")
-
-
-@dataclass
-class Run:
-    """An open run directory: its config, the task and (once built) the model."""
-
-    dir: Path
-    config: Any
-    record: dict[str, Any] = field(default_factory=dict)
-    task: Task | None = None
-    model: nn.Module | None = field(default=None, repr=False)
-
-    @property
-    def checkpoints(self) -> CheckpointDir:
-        return CheckpointDir(self.dir)
-
-    def latest_weights(self) -> Path:
-        ckpt = self.checkpoints.latest()
-        if ckpt is None:
-            raise DivekitError(f"{self.dir} holds no checkpoint yet (train it first)")
-        return ckpt / "model.safetensors"
-
-
-@dataclass
-class TrainResult:
-    """What ``train`` returns: where the run lives, its history, the trained model."""
-
-    run_dir: Path
-    history: list[dict[str, Any]]
-    model: nn.Module = field(repr=False)
-
-    @property
-    def final(self) -> dict[str, Any]:
-        return self.history[-1] if self.history else {}
 
 
 # ------------------------------------------------------------------------ configs
@@ -131,10 +98,7 @@ def train(task: Task, callbacks: list[Callback] | None = None) -> TrainResult:
     the process that writes: rank 0 under data parallelism): a second writer is refused in one
     line naming this process. Under the lock the choice is checked again (another writer may
     have finished a run there meanwhile), and a resume is checked against the run's options
-    (:func:`resume_changes`)."""
-    from divekit.engine import distributed as D
-    from divekit.engine.trainer import Trainer
-
+    (:func:`~divekit.engine.record.resume_changes`)."""
     cfg = task.config
     cfg.validate()
     run_dir = choose_run_dir(cfg.out, cfg.run_name, cfg.resume)
@@ -169,14 +133,12 @@ def _open_for_writing(lock: RunLock | None, run_dir: Path, cfg: Any) -> list[dic
     assert lock is not None
     lock.acquire()
     choose_run_dir(str(run_dir), cfg.run_name, cfg.resume)  # again, now that no one else writes
-    return _check_resume(run_dir, cfg) if cfg.resume else []
+    return check_resume(run_dir, cfg) if cfg.resume else []
 
 
 def _on_main(fn: Any) -> Any:
     """``fn()`` on rank 0 (the writer); its :class:`DivekitError` stops every rank (the others
     with an empty message: rank 0 says why), instead of leaving them waiting in a collective."""
-    from divekit.engine import distributed as D
-
     env = D.current_env()
     result, error = None, None
     if env.is_main:
@@ -201,7 +163,6 @@ def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
     replaced, such as ``data_dir``), its extra files, and the model with the newest weights
     (``weights=False``: freshly initialised) in eval mode on ``device``."""
     from divekit.engine.device import resolve_device
-    from divekit.engine.task import task_class
 
     run_dir = Path(run_dir)
     record = read_record(run_dir)
@@ -209,12 +170,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
     # a task's facts in the record (classes, vocabulary sizes): class attribute record_keys,
     # name → type, checked here so a bad record is one line and not a KeyError later
     check_record(record, getattr(cls, "record_keys", None) or {}, run_dir / CONFIG)
-    values = {**known_values(cls.Config, record["config"]), "resume": False, "out": None}
-    values.update({k: False for k in _NOT_CARRIED if k in values})
-    values.update({k: None for k in _NAMES_CODE if k in values})  # code is never taken from a run
-    wrong = _config_type_errors(cls.Config, values)
-    if wrong:
-        raise DivekitError(f"{run_dir / CONFIG}: config {'; '.join(wrong[:3])}")
+    values = reopen_values(cls.Config, record, run_dir)
     try:
         config = config_from_dict(cls.Config, {**values, **overrides})
     except TypeError as e:
@@ -257,7 +213,6 @@ def evaluate(run_dir: str | Path, *, device: str = "auto", quantize: str = "none
     loop, plus what the task's ``on_evaluate`` adds (reports written into the run);
     ``quantize="int8"``: of its dynamic int8 form (CPU)."""
     from divekit.engine.device import module_device
-    from divekit.engine.trainer import run_validation
 
     if quantize == "int8" and device == "auto":
         device = "cpu"  # the int8 kernels are the CPU's
@@ -270,14 +225,7 @@ def evaluate(run_dir: str | Path, *, device: str = "auto", quantize: str = "none
     model_device = module_device(run.model)  # (an int8 one-hot RNN LM has no parameters left)
     metrics = run_validation(run.task, run.model, loader, model_device)
     extra = run.task.on_evaluate(run.model, run, metrics)
-    scalars = {k: float(v) for k, v in metrics.items() if _is_scalar(v)}
-    return {**scalars, **extra}
-
-
-def _is_scalar(v: Any) -> bool:
-    from torch import Tensor
-
-    return isinstance(v, int | float) or (isinstance(v, Tensor) and v.numel() == 1)
+    return {**scalar_metrics(metrics), **extra}
 
 
 def predict(run_dir: str | Path, inputs: list[Any], *, device: str = "auto",
@@ -288,7 +236,6 @@ def predict(run_dir: str | Path, inputs: list[Any], *, device: str = "auto",
     import inspect
 
     from divekit.config import refuse_unused
-    from divekit.engine.task import task_class
 
     task = str(read_record(run_dir).get("task", "classify"))
     takes = [name for name, p in inspect.signature(task_class(task).predict).parameters.items()

@@ -45,14 +45,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from divekit.engine.checkpoint import CheckpointDir
 from divekit.errors import DivekitError
-
-if TYPE_CHECKING:
-    from divekit.engine.run import Run
 
 _TASKS: dict[str, type[Task]] = {}
 
@@ -233,3 +233,44 @@ def _entry_points() -> list[Any]:
 
 def list_tasks() -> list[str]:
     return sorted({*_TASKS, *(ep.name for ep in _entry_points())})
+
+
+# ------------------------------------------------------------------ a run of a task
+@dataclass
+class Run:
+    """An open run directory: its config, the task and (once built) the model.
+
+    The Trainer makes one for the run it writes and hands it to :meth:`Task.on_epoch_end`;
+    :func:`divekit.engine.run.load_run` makes one for ``evaluate``, ``predict`` and the other
+    commands that read a run. It lives beside :class:`Task` (and not with the lifecycle in
+    :mod:`divekit.engine.run`) so that the Trainer, below the lifecycle, can build it."""
+
+    dir: Path
+    config: Any
+    record: dict[str, Any] = field(default_factory=dict)
+    task: Task | None = None
+    model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def checkpoints(self) -> CheckpointDir:
+        return CheckpointDir(self.dir)
+
+    def latest_weights(self) -> Path:
+        ckpt = self.checkpoints.latest()
+        if ckpt is None:
+            raise DivekitError(f"{self.dir} holds no checkpoint yet (train it first)")
+        return ckpt / "model.safetensors"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`divekit.engine.run.train` returns: where the run lives, its history, the
+    trained model."""
+
+    run_dir: Path
+    history: list[dict[str, Any]]
+    model: nn.Module = field(repr=False)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}

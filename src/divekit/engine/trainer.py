@@ -33,9 +33,8 @@ from divekit.engine.config import TrainConfig
 from divekit.engine.device import autocast, to_device
 from divekit.engine.launch import job_id
 from divekit.engine.optim import build_optimizer, build_scheduler
-from divekit.engine.run import Run
 from divekit.engine.strategies import make_strategy
-from divekit.engine.task import Task
+from divekit.engine.task import Run, Task
 from divekit.errors import DivekitError, TrainingDiverged
 from divekit.io import atomic_write_json
 
@@ -328,7 +327,7 @@ class Trainer:
                 row = self._train_epoch()
                 metrics = self.validate()
                 self._call("on_validation_end", metrics)
-                row.update({f"val_{k}": float(v) for k, v in metrics.items() if _is_scalar(v)})
+                row.update(scalar_metrics(metrics, prefix="val_"))
                 row = self.task.summarize(row)
                 row["lr"] = float(self.optimizer.param_groups[0]["lr"])
                 row["samples_per_s"] = row.pop("samples_per_s")  # column order of metrics.csv
@@ -541,8 +540,12 @@ def _non_finite_losses(row: dict[str, Any]) -> dict[str, float]:
             and isinstance(v, int | float) and not math.isfinite(v)}
 
 
-def _is_scalar(v: Any) -> bool:
-    return isinstance(v, int | float) or (isinstance(v, Tensor) and v.numel() == 1)
+def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers among validation ``metrics`` (plain numbers and one-element tensors) as
+    floats, each name with ``prefix`` before it: what a log row and ``divekit evaluate`` show.
+    Other values (predictions, confusion matrices) are left to the task's hooks."""
+    return {f"{prefix}{k}": float(v) for k, v in metrics.items()
+            if isinstance(v, int | float) or (isinstance(v, Tensor) and v.numel() == 1)}
 
 
 def _accumulate(sums: dict[str, Any], out: dict[str, Any]) -> None:

@@ -137,7 +137,7 @@ class _Encoder(nn.Module):
 
 
 def graph_spec(run: Any, *, dynamic_batch: bool = False) -> GraphSpec:
-    """The :class:`GraphSpec` of an opened run (:class:`divekit.engine.run.Run`)."""
+    """The :class:`GraphSpec` of an opened run (:class:`divekit.engine.task.Run`)."""
     task = str(run.record.get("task", "classify"))
     model, cfg = run.model, run.config
     batch = 2 if dynamic_batch else 1
@@ -229,7 +229,8 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path | None = None, 
                opset: int | None = None, dynamic_batch: bool = False, overwrite: bool = False,
                exporter: str = "auto") -> ExportResult:
     """Write the run at ``run_dir`` in format ``fmt`` (see the module's docstring)."""
-    from divekit.engine.run import load_run, read_record
+    from divekit.engine.record import read_record
+    from divekit.engine.run import load_run
 
     if fmt not in FORMATS:
         raise DivekitError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from divekit.engine.run import TrainResult, evaluate, load_run, make_config, predict
+from divekit.engine.run import evaluate, load_run, make_config, predict
 from divekit.engine.run import train as _train_task
-from divekit.engine.task import Task, task_class
+from divekit.engine.task import Task, TrainResult, task_class
 from divekit.models import model_info
 
 __all__ = ["evaluate", "load_run", "predict", "task_for", "train"]

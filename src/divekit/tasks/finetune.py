@@ -35,7 +35,9 @@ from divekit.data import pretrained
 from divekit.engine import finetune as ft
 from divekit.engine.checkpoint import load_weights
 from divekit.engine.config import Check, finite
-from divekit.engine.run import CONFIG, Run, TrainResult, check_record, read_record, train
+from divekit.engine.record import CONFIG, check_record, read_record
+from divekit.engine.run import train
+from divekit.engine.task import Run, TrainResult
 from divekit.errors import DivekitError
 from divekit.tasks import classify
 

@@ -34,8 +34,8 @@ from divekit.data import dataset_info
 from divekit.data.text import SAMPLERS, TOKEN_MODES, SeqDataLoader, Vocab, corpus_lines, tokenize
 from divekit.engine.config import TaskConfig, finite
 from divekit.engine.device import module_device
-from divekit.engine.run import Run, choose_run_dir
-from divekit.engine.task import Task
+from divekit.engine.record import choose_run_dir
+from divekit.engine.task import Run, Task
 from divekit.errors import DivekitError
 from divekit.io import atomic_write_bytes, atomic_write_json
 from divekit.models import create_model, model_info

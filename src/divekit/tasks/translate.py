@@ -64,7 +64,7 @@ from divekit.tasks.translate_decode import (  # the decoding helpers, importable
 )
 
 if TYPE_CHECKING:
-    from divekit.engine.run import Run
+    from divekit.engine.task import Run
 
 SRC_VOCAB_FILE, TGT_VOCAB_FILE = "src_vocab.json", "tgt_vocab.json"
 TOKENIZER_FILE = "tokenizer.model"
