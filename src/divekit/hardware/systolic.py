@@ -26,6 +26,7 @@ are measured, not assumed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,9 +190,34 @@ def _os_chunk(a_tiles: np.ndarray, b_tiles: np.ndarray, valid_count: np.ndarray
     return out, s, drained, macs
 
 
-def _chunks(n_folds: int, per_fold_elems: int, pes: int) -> list[slice]:
+def _run_folds(
+    n_folds: int,
+    fold_shape: tuple[int, int],
+    per_fold_elems: int,
+    pes: int,
+    run_chunk: Callable[[slice], tuple[np.ndarray, int, int, int]],
+) -> tuple[np.ndarray, int, int, int]:
+    """Run every fold, a chunk of folds side by side at a time, and check one timeline.
+
+    ``run_chunk(folds)`` simulates the folds of a slice and returns ``(outputs (F, *fold_shape),
+    first phase, second phase, MACs)``. Chunks hold at most ``_CHUNK_ELEMS`` elements of
+    per-fold state (``per_fold_elems`` each) and ``_CHUNK_PE`` PEs of per-cycle arrays. Every
+    fold must run the same two-phase timeline (a difference is a simulator bug); the result is
+    ``(outputs (n_folds, *fold_shape), first, second, MACs summed)``.
+    """
     size = max(1, min(_CHUNK_ELEMS // max(per_fold_elems, 1), _CHUNK_PE // pes))
-    return [slice(i, min(i + size, n_folds)) for i in range(0, n_folds, size)]
+    out = np.zeros((n_folds, *fold_shape))
+    timings = set()
+    macs = 0
+    for start in range(0, n_folds, size):
+        sl = slice(start, min(start + size, n_folds))
+        out[sl], first, second, chunk_macs = run_chunk(sl)
+        timings.add((first, second))
+        macs += chunk_macs
+    if len(timings) != 1:
+        raise RuntimeError(f"folds ran different timelines: {timings}")  # a simulator bug
+    first, second = timings.pop()
+    return out, first, second, macs
 
 
 def _run_ws(a: np.ndarray, b: np.ndarray, r: int, c: int) -> tuple[np.ndarray, int, int, int]:
@@ -205,18 +231,10 @@ def _run_ws(a: np.ndarray, b: np.ndarray, r: int, c: int) -> tuple[np.ndarray, i
     fold_kr, fold_nc = np.repeat(np.arange(fr), fc), np.tile(np.arange(fc), fr)  # f = (kr, nc)
     rows_valid = (np.arange(fr * r) < k).reshape(fr, r)[fold_kr]  # (F, R)
     cols_valid = (np.arange(fc * c) < n).reshape(fc, c)[fold_nc]  # (F, C)
-    out = np.zeros((fr * fc, m, c))
-    timings = set()
-    macs = 0
-    for sl in _chunks(fr * fc, m * (c + r), r * c):
-        o, fill, run, mc = _ws_chunk(ap[fold_kr[sl]], w_tiles[sl],
-                                     _valid_count(rows_valid[sl], cols_valid[sl]))
-        out[sl] = o
-        timings.add((fill, run))
-        macs += mc
-    if len(timings) != 1:
-        raise RuntimeError(f"folds ran different timelines: {timings}")  # a simulator bug
-    fill, run = timings.pop()
+    out, fill, run, macs = _run_folds(
+        fr * fc, (m, c), m * (c + r), r * c,
+        lambda sl: _ws_chunk(ap[fold_kr[sl]], w_tiles[sl],
+                             _valid_count(rows_valid[sl], cols_valid[sl])))
     product = out.reshape(fr, fc, m, c).sum(axis=0).transpose(1, 0, 2).reshape(m, fc * c)
     return product[:, :n], fill, run, macs
 
@@ -231,18 +249,10 @@ def _run_os(a: np.ndarray, b: np.ndarray, r: int, c: int) -> tuple[np.ndarray, i
     fold_mr, fold_nc = np.repeat(np.arange(fr), fc), np.tile(np.arange(fc), fr)
     rows_valid = (np.arange(fr * r) < m).reshape(fr, r)[fold_mr]  # (F, R)
     cols_valid = (np.arange(fc * c) < n).reshape(fc, c)[fold_nc]  # (F, C)
-    out = np.zeros((fr * fc, r, c))
-    timings = set()
-    macs = 0
-    for sl in _chunks(fr * fc, k * (r + c) + r * c, r * c):
-        o, run, drain, mc = _os_chunk(ap[fold_mr[sl]], bp[fold_nc[sl]],
-                                         _valid_count(rows_valid[sl], cols_valid[sl]))
-        out[sl] = o
-        timings.add((run, drain))
-        macs += mc
-    if len(timings) != 1:
-        raise RuntimeError(f"folds ran different timelines: {timings}")  # a simulator bug
-    run, drain = timings.pop()
+    out, run, drain, macs = _run_folds(
+        fr * fc, (r, c), k * (r + c) + r * c, r * c,
+        lambda sl: _os_chunk(ap[fold_mr[sl]], bp[fold_nc[sl]],
+                             _valid_count(rows_valid[sl], cols_valid[sl])))
     product = out.reshape(fr, fc, r, c).transpose(0, 2, 1, 3).reshape(fr * r, fc * c)
     return product[:m, :n], run, drain, macs
 
