@@ -152,13 +152,37 @@ def _cuda_fits(model: nn.Module, loss_at: Callable[[int], torch.Tensor], device:
 def cuda_fits(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int,
               device: torch.device, budget: int | None) -> Callable[[int], bool]:
     """``fits(b)``: one real forward/backward at batch ``b`` on ``device`` without running out."""
+    return _cuda_fits(model, _classify_loss(model, sample_shape, num_classes, device), device,
+                      budget)
+
+
+def _classify_loss(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int,
+                   device: torch.device) -> Callable[[int], torch.Tensor]:
+    """``loss_at(b)``: the cross-entropy of ``model`` on a random batch of ``b`` samples."""
 
     def loss_at(b: int) -> torch.Tensor:
         x = torch.randn((b, *sample_shape), device=device)
         labels = torch.randint(num_classes, (b,), device=device)
         return nn.functional.cross_entropy(model(x).float(), labels)
 
-    return _cuda_fits(model, loss_at, device, budget)
+    return loss_at
+
+
+def _fits_where(model: nn.Module, device: torch.device, memory_budget: str | int | None,
+                loss_of: Callable[[nn.Module], Callable[[int], torch.Tensor]],
+                bytes_of: Callable[[nn.Module, int], int]) -> tuple[Callable[[int], bool], str]:
+    """``fits(b)`` and the words for where it must fit: on CUDA a real step of the loss
+    ``loss_of(model)(b)`` within the memory (and ``memory_budget``), on the CPU the estimate
+    ``bytes_of(meta_model, b)`` within the RAM budget (default a quarter of the free RAM)."""
+    budget = parse_memory(memory_budget) if memory_budget is not None else None
+    if device.type == "cuda":
+        model = model.to(device).train()
+        where = f"CUDA memory{f' within {budget / 2**20:.0f} MiB' if budget else ''}"
+        return _cuda_fits(model, loss_of(model), device, budget), where
+    ram = budget if budget is not None else available_ram() // 4
+    meta = copy.deepcopy(model).to("meta")
+    where = f"a CPU RAM budget of {ram / 2**20:.0f} MiB" + ("" if budget else " (a quarter of free RAM)")
+    return (lambda b: bytes_of(meta, b) <= ram), where
 
 
 def choose_batch_size(
@@ -174,16 +198,10 @@ def choose_batch_size(
 ) -> BatchSizeChoice:
     """The batch size for ``--batch-size auto`` and the sentence that explains it."""
     device = torch.device(device)
-    budget = parse_memory(memory_budget) if memory_budget is not None else None
-    if device.type == "cuda":
-        model = model.to(device).train()
-        fits = cuda_fits(model, sample_shape, num_classes, device, budget)
-        where = f"CUDA memory{f' within {budget / 2**20:.0f} MiB' if budget else ''}"
-    else:
-        ram = budget if budget is not None else available_ram() // 4
-        meta = copy.deepcopy(model).to("meta")
-        fits = lambda b: step_memory(meta, sample_shape, b, optimizer) <= ram  # noqa: E731
-        where = f"a CPU RAM budget of {ram / 2**20:.0f} MiB" + ("" if budget else " (a quarter of free RAM)")
+    fits, where = _fits_where(
+        model, device, memory_budget,
+        lambda m: _classify_loss(m, sample_shape, num_classes, device),
+        lambda meta, b: step_memory(meta, sample_shape, b, optimizer))
     return _choice(fits, where, num_classes, cap, max_batch)
 
 
@@ -237,15 +255,8 @@ def choose_batch_size_for(
     task's tensors and ``step(model, batch)`` its training loss. The cap (10 × classes) applies
     where the task has classes (``num_classes``)."""
     device = torch.device(device)
-    budget = parse_memory(memory_budget) if memory_budget is not None else None
-    if device.type == "cuda":
-        model = model.to(device).train()
-        fits = _cuda_fits(model, lambda b: step(model, batch_of(sample, b, device)), device,
-                          budget)
-        where = f"CUDA memory{f' within {budget / 2**20:.0f} MiB' if budget else ''}"
-    else:
-        ram = budget if budget is not None else available_ram() // 4
-        meta = copy.deepcopy(model).to("meta")
-        fits = lambda b: step_memory_of(meta, sample, step, b, optimizer) <= ram  # noqa: E731
-        where = f"a CPU RAM budget of {ram / 2**20:.0f} MiB" + ("" if budget else " (a quarter of free RAM)")
+    fits, where = _fits_where(
+        model, device, memory_budget,
+        lambda m: lambda b: step(m, batch_of(sample, b, device)),
+        lambda meta, b: step_memory_of(meta, sample, step, b, optimizer))
     return _choice(fits, where, num_classes, cap, max_batch)
