@@ -18,8 +18,8 @@ import torch
 import torchvision
 from PIL import Image
 
+from divekit import hub
 from divekit.compat.d2l import _data as D
-from divekit.data import hub
 from divekit.data.detection import make_shapes, read_banana_split
 from divekit.data.idx import write_idx
 from divekit.data.segmentation import VOC_BORDER

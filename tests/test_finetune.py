@@ -10,10 +10,10 @@ import torch
 import torchvision
 
 from divekit.cli import main
-from divekit.engine import finetune as ft
 from divekit.engine.trainer import Trainer
 from divekit.errors import DivekitError
 from divekit.models import create_model, list_models
+from divekit.models import surgery as ft
 from divekit.tasks import evaluate
 from divekit.tasks.experiments import transfer_experiment
 from divekit.tasks.finetune import (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from divekit.data import hub
+from divekit import hub
 from divekit.errors import DataNotFoundError, DivekitError, UnknownNameError
 
 CONTENT = b"The Time Machine, by H. G. Wells [1898]\n" * 100

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from divekit.data import dataset_info, hub, list_datasets, load_dataset
+from divekit import hub
+from divekit.data import dataset_info, list_datasets, load_dataset
 from divekit.data.numbers_fr import _NOUNS, english_number, french_number, numbers_fr
 from divekit.data.text import Vocab
 from divekit.data.translation import (

@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from divekit.cli import main
-from divekit.engine import finetune as ft
-from divekit.engine.checkpoint import CheckpointDir, check_finite
+from divekit.engine.checkpoint import CheckpointDir
 from divekit.engine.run import load_run
 from divekit.errors import DivekitError
+from divekit.weights import check_finite, load_state_file
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_a_finetune_weights_file_with_inf_is_refused(tmp_path):
     path = tmp_path / "resnet18-weights.pth"
     torch.save(state, path)
     with pytest.raises(DivekitError, match=rf"weights file {path}: tensor 'fc.weight' holds inf"):
-        ft.load_state_file(path)
+        load_state_file(path)
 
 
 def test_check_finite_counts_both_kinds_and_ignores_integer_tensors():

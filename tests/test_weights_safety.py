@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from divekit import weights
 from divekit.cli import main
-from divekit.data import pretrained
 from divekit.engine.checkpoint import CheckpointDir
 from divekit.errors import DivekitError
 
@@ -44,7 +44,7 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(torch.hub, "_hub_dir", None)  # torch.hub.set_dir() was never called
     folder = tmp_path / "torch" / "hub" / "checkpoints"
     folder.mkdir(parents=True)
-    assert pretrained.weights_dir() == folder
+    assert weights.weights_dir() == folder
     return folder
 
 
@@ -109,7 +109,7 @@ def test_payload_whose_name_matches_its_hash_is_refused_by_weights_only(hub_cach
 
     path = sha256_named(hub_cache, "tiny", {"w": torch.zeros(2), "evil": Payload(marker)})
     fake = SimpleNamespace(url=f"https://example.invalid/models/{path.name}", name="V1")
-    msg = refused(lambda: pretrained.torchvision_state(fake, download_missing=False), marker,
+    msg = refused(lambda: weights.torchvision_state(fake, download_missing=False), marker,
                   "holds objects a checkpoint must not hold")
     assert str(path) in msg and "(io.open)" in msg
 
@@ -118,15 +118,15 @@ def test_download_is_verified_then_cached_hash_checked_before_every_use(server, 
     url, www, requests = server
     good = sha256_named(www, "tiny", {"w": torch.arange(3.0)})
     cache = tmp_path / "cache"
-    path = pretrained.weights_file(url + good.name, cache_dir=cache, progress=False)
+    path = weights.weights_file(url + good.name, cache_dir=cache, progress=False)
     assert path == cache / good.name and requests == ["/" + good.name]
-    state = pretrained.load_state_file(path)
+    state = weights.load_state_file(path)
     assert torch.equal(state["w"], torch.arange(3.0))
-    assert pretrained.weights_file(url + good.name, cache_dir=cache) == path  # from the cache
+    assert weights.weights_file(url + good.name, cache_dir=cache) == path  # from the cache
     assert len(requests) == 1
     path.write_bytes(path.read_bytes() + b"tampered")  # changed in the cache
     with pytest.raises(DivekitError, match="refusing .*sha256") as info:
-        pretrained.weights_file(url + good.name, cache_dir=cache)
+        weights.weights_file(url + good.name, cache_dir=cache)
     one_line(str(info.value))
     assert len(requests) == 1 and path.is_file()  # not fetched again, not replaced
 
@@ -135,13 +135,13 @@ def test_a_download_with_the_wrong_hash_is_not_saved(server, tmp_path):
     url, www, _ = server
     (www / "tiny-0123abcd.pth").write_bytes(b"not the file its name promises")
     with pytest.raises(DivekitError, match="expected 0123abcd"):
-        pretrained.weights_file(url + "tiny-0123abcd.pth", cache_dir=tmp_path / "c", progress=False)
+        weights.weights_file(url + "tiny-0123abcd.pth", cache_dir=tmp_path / "c", progress=False)
     assert not (tmp_path / "c" / "tiny-0123abcd.pth").exists()
 
 
 def test_a_name_without_a_hash_prefix_cannot_be_checked(tmp_path):
     with pytest.raises(DivekitError, match="carries no sha256 prefix"):
-        pretrained.weights_file("https://example.invalid/weights.pth", cache_dir=tmp_path)
+        weights.weights_file("https://example.invalid/weights.pth", cache_dir=tmp_path)
 
 
 # ----------------------------------------------------------------------------- weights files
@@ -274,8 +274,8 @@ def test_rcnn_pretrained_network_is_torchvisions(model, hub_cache, monkeypatch):
     state = {k: v + torch.rand_like(v) if v.is_floating_point() else v for k, v in state.items()}
     file = hub_cache / enum.COCO_V1.url.rsplit("/", 1)[-1]
     torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, file)
-    monkeypatch.setattr(rcnn.pretrained, "torchvision_state",
-                        lambda w, **_: pretrained.load_state_file(file))  # the name's hash is not ours
+    monkeypatch.setattr(rcnn.weight_files, "torchvision_state",
+                        lambda w, **_: weights.load_state_file(file))  # the name's hash is not ours
     settings = rcnn.small_image_settings(64)
     ours = rcnn._pretrained_net(enum, "COCO_V1", settings)
     theirs = builder(weights=enum.COCO_V1, **settings)

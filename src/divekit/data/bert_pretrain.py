@@ -95,7 +95,7 @@ def read_wikitext2(data_dir: str | os.PathLike[str] | None = None, download: boo
                    ) -> dict[str, list[Paragraph]]:
     """``{'train', 'valid'}`` paragraphs of WikiText-2 from ``data_dir`` (``wiki.*.tokens`` or
     PyTorch's ``train.txt``/``valid.txt``, also under ``wikitext-2/``), or the hub."""
-    from divekit.data import hub
+    from divekit import hub
 
     root = Path(data_dir) if data_dir is not None else hub.data_home() / "wikitext-2"
     if _wiki_file(root, "train") is None and download:

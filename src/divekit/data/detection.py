@@ -225,7 +225,7 @@ def read_banana_split(folder: Path, size: int = 256, *,
 def load_banana(data_dir: str | None = None, download: bool = False, seed: int = 0, *,
                 limit: int | None = None, **_: object) -> DetectionData:
     """The course's banana detection set: 1000 + 100 images of 256×256, one banana each."""
-    from divekit.data import hub
+    from divekit import hub
 
     roots = ([Path(data_dir)] if data_dir is not None else []) + [hub.data_home() / "banana"]
     candidates = [r / sub for r in roots for sub in ("", "banana-detection")]

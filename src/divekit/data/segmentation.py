@@ -282,7 +282,7 @@ def read_voc_split(root: Path, split: str, limit: int | None = None) -> tuple[li
 def find_voc_root(data_dir: str | os.PathLike[str] | None, download: bool) -> Path:
     """``VOC2012`` in ``--data-dir`` (itself, or ``VOCdevkit/VOC2012`` under it), the cache, or
     downloaded (the course's ``download_extract('voc2012', 'VOCdevkit/VOC2012')``)."""
-    from divekit.data import hub
+    from divekit import hub
 
     roots = ([Path(data_dir)] if data_dir is not None else []) + [hub.data_home() / "voc2012"]
     candidates = [r / sub for r in roots for sub in ("", "VOC2012", "VOCdevkit/VOC2012")]

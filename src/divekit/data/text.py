@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from divekit import hub
 from divekit.data.loader import shard_bounds
 from divekit.data.registry import register_dataset
 from divekit.errors import DataNotFoundError, DivekitError, UnknownNameError
@@ -181,15 +182,6 @@ def preprocess(lines: Sequence[str]) -> list[str]:
     return [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in lines]
 
 
-def data_home() -> Path:
-    """Where downloaded data lives: ``$DIVEKIT_DATA`` or ``~/.cache/divekit``."""
-    try:  # the hub owns the cache directory when it is there
-        from divekit.data.hub import data_home as hub_data_home  # type: ignore[import-not-found]
-    except ImportError:
-        return Path(os.environ.get("DIVEKIT_DATA", Path.home() / ".cache" / "divekit")).expanduser()
-    return Path(hub_data_home())
-
-
 def read_pydoc() -> list[str]:
     """Raw lines of English prose: Python's own help topics (``pydoc_data.topics``), in key order."""
     from pydoc_data.topics import topics
@@ -200,8 +192,9 @@ def read_pydoc() -> list[str]:
 def read_timemachine(
     data_dir: str | os.PathLike[str] | None = None, download: bool = False
 ) -> list[str]:
-    """Raw lines of H. G. Wells' *The Time Machine* from ``data_dir`` or :func:`data_home`."""
-    root = Path(data_dir) if data_dir is not None else data_home()
+    """Raw lines of H. G. Wells' *The Time Machine* from ``data_dir`` or the hub's cache
+    (:func:`divekit.hub.data_home`)."""
+    root = Path(data_dir) if data_dir is not None else hub.data_home()
     path = root / TIMEMACHINE_FILE
     if not path.is_file() and download:
         path = _download_timemachine(root)
@@ -215,13 +208,6 @@ def read_timemachine(
 
 
 def _download_timemachine(root: Path) -> Path:
-    try:
-        from divekit.data import hub  # type: ignore[attr-defined]
-    except ImportError:
-        raise DataNotFoundError(
-            f"cannot download {TIMEMACHINE_URL}: divekit.data.hub is not available; "
-            f"put {TIMEMACHINE_FILE!r} in {str(root)!r} by hand"
-        ) from None
     return Path(hub.download(TIMEMACHINE_URL, root, sha1=TIMEMACHINE_SHA1))
 
 

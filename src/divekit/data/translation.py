@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from divekit.data import hub
+from divekit import hub
 from divekit.data.loader import TensorBatchLoader
 from divekit.data.numbers_fr import NUMBERS_FR_SIZE, numbers_fr
 from divekit.data.registry import register_dataset
@@ -66,7 +66,7 @@ def read_fra_eng(data_dir: str | os.PathLike[str] | None = None, download: bool 
     """The raw text of Tatoeba's ``fra.txt`` (167,130 English→French pairs in the course's copy).
 
     Looked for in ``data_dir`` (as ``fra.txt``, ``fra-eng/fra.txt`` or ``fra-eng.zip``, which is
-    unpacked beside itself), then in :func:`~divekit.data.hub.data_home` the same way. With
+    unpacked beside itself), then in :func:`~divekit.hub.data_home` the same way. With
     ``download`` the hub's ``fra-eng`` archive is fetched (sha1-checked) into ``data_dir`` or the
     cache and unpacked. Files given by the user are trusted as they are.
     """

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from divekit.data import hub
+from divekit import hub
 from divekit.data.idx import read_idx_pair
 from divekit.data.registry import register_dataset
 from divekit.errors import DivekitError

@@ -16,9 +16,10 @@ while ``latest`` names it (pruning runs after the pointer moved on).
 ``latest`` is confined to its run: it must hold the plain name of a complete checkpoint directory
 of this ``checkpoint/`` folder, neither a link nor a path (``../other-run``, ``/abs/path``), else
 :meth:`CheckpointDir.latest` refuses in one line naming the pointer and what it holds. Weights
-holding NaN or infinity are refused when loaded (:func:`check_finite`), naming the tensor. ``state.pt`` holds only tensors and plain
-Python values and loads with ``torch.load(weights_only=True)``
-(:func:`divekit.data.pretrained.load_plain`: a pickle asking for more is refused in one line).
+holding NaN or infinity are refused when loaded (:func:`divekit.weights.check_finite`), naming
+the tensor. ``state.pt`` holds only tensors and plain Python values and loads with
+``torch.load(weights_only=True)`` (:func:`divekit.weights.load_plain`: a pickle asking for more
+is refused in one line).
 
 Every file of a checkpoint (``model.safetensors``, ``state.pt``, ``latest``) is written with mode
 ``0600`` (:data:`FILE_MODE`): readable and writable by its owner only, whatever the umask, since
@@ -43,9 +44,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from divekit.data.pretrained import load_plain
 from divekit.errors import DivekitError
 from divekit.io import atomic_write_bytes, atomic_write_text
+from divekit.weights import check_finite, load_plain
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -120,24 +121,6 @@ def save_weights(model: nn.Module | dict[str, torch.Tensor], path: str | os.Path
     state = model if isinstance(model, dict) else model.state_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write_bytes(path, safetensors_bytes(tensors), mode=FILE_MODE)
-
-
-def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse weights holding NaN or ±inf, in one line naming the first such tensor: such
-    weights turn every output into NaN, which would otherwise be printed as if it were a result.
-    Integer tensors (step counters) cannot hold either and are skipped."""
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()):
-            continue
-        bad = ~torch.isfinite(t)
-        if bool(bad.any()):
-            n_nan = int(torch.isnan(t).sum())
-            kinds = " and ".join(k for k, n in (("NaN", n_nan), ("inf", int(bad.sum()) - n_nan))
-                                 if n)
-            raise DivekitError(
-                f"{what}: tensor {name!r} holds {kinds} ({int(bad.sum())} of {t.numel()} values); "
-                "refusing weights that are not finite (did the training diverge?)"
-            )
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

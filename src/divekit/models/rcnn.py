@@ -53,7 +53,7 @@ for 800 px COCO photos), all overridable by keyword:
 
 Weights: random initialisation by default (no download). ``weights=`` takes a torchvision
 weights name (``"DEFAULT"``, ``"COCO_V1"`` or the full enum name) only when its file is
-already in torch's hub cache, read by :mod:`divekit.data.pretrained` (sha256 checked against
+already in torch's hub cache, read by :mod:`divekit.weights` (sha256 checked against
 the file name on every use, ``weights_only=True``; torchvision's own loader, which unpickles
 anything, is never called), or the path of a saved state dict (``weights_only=True`` too);
 the class-specific predictor layers are then replaced by fresh ones for C + 1 classes.
@@ -85,7 +85,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from divekit.data import pretrained
+from divekit import weights as weight_files
 from divekit.errors import DivekitError
 from divekit.models.detector import ADAM_RECIPE, Detector
 from divekit.models.registry import register_model
@@ -296,7 +296,7 @@ def _pretrained_net(enum: Any, name: str, settings: dict[str, Any]) -> Generaliz
     """The network torchvision's builder makes for its weights ``name`` — FrozenBatchNorm2d in
     the backbone (default eps, as the builder passes ``norm_layer`` bare), all but the top
     ``trainable_backbone_layers`` (default 3) backbone stages frozen, its class count — with the
-    weights read by :func:`divekit.data.pretrained.torchvision_state` (hash checked on every
+    weights read by :func:`divekit.weights.torchvision_state` (hash checked on every
     use, ``weights_only=True``), never by torchvision's loader."""
     weights = _weights_enum(enum, name)
     settings = dict(settings)
@@ -311,7 +311,7 @@ def _pretrained_net(enum: Any, name: str, settings: dict[str, Any]) -> Generaliz
                                       norm_layer=FrozenBatchNorm2d, trainable_layers=trainable)
         anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
         net = FasterRCNN(backbone, classes, rpn_anchor_generator=anchors, **settings)
-    net.load_state_dict(pretrained.torchvision_state(weights, download_missing=False))
+    net.load_state_dict(weight_files.torchvision_state(weights, download_missing=False))
     if weights == MaskRCNN_ResNet50_FPN_Weights.COCO_V1:
         overwrite_eps(net, 0.0)  # as torchvision's builder: these legacy weights were trained so
     return net
@@ -330,7 +330,7 @@ def load_state_file(net: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise DivekitError(f"weights file {path} does not exist")
-    state = pretrained.load_state_file(path)  # weights_only=True; a pickle asking more: one line
+    state = weight_files.load_state_file(path)  # weights_only=True; a pickle asking more: one line
     state = {k.removeprefix("net."): v for k, v in state.items()}
     own = net.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}

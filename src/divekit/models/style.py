@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from divekit.data import pretrained
+from divekit import weights as weight_files
 from divekit.errors import DivekitError
 
 log = logging.getLogger("divekit")
@@ -66,7 +66,7 @@ def load_vgg19_weights(features: nn.Sequential, path: str | os.PathLike[str]) ->
     path = Path(path)
     # torch.load(weights_only=True) through divekit's loader: a pickle asking for code is
     # refused before any of it runs, every failure one line naming the file
-    obj = pretrained.load_state_file(path, "--weights")
+    obj = weight_files.load_state_file(path, "--weights")
     state = _features_state(obj)
     own = features.state_dict()
     missing = [k for k in own if k not in state]
@@ -81,7 +81,7 @@ def resolve_vgg19(weights: str | os.PathLike[str] | None) -> tuple[nn.Sequential
     """VGG-19 features and a description of their weights.
 
     ``weights``: a weight file; a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``),
-    downloaded into the cache by :mod:`divekit.data.pretrained` (hash-checked, loaded with
+    downloaded into the cache by :mod:`divekit.weights` (hash-checked, loaded with
     ``weights_only=True``; the only path here that uses the network); or ``None``: that cached
     file when it is there (checked the same way, never downloaded), else random weights, said
     in one warning line.
@@ -91,7 +91,7 @@ def resolve_vgg19(weights: str | os.PathLike[str] | None) -> tuple[nn.Sequential
             "IMAGENET1K_V1", "DEFAULT"):
         from torchvision.models import VGG19_Weights
 
-        state = pretrained.torchvision_state(VGG19_Weights[str(weights).upper()])  # checked, weights_only
+        state = weight_files.torchvision_state(VGG19_Weights[str(weights).upper()])  # checked, weights_only
         features.load_state_dict(_features_state(state))
         return features, f"torchvision VGG19_Weights.{str(weights).upper()}"
     if weights is not None:
@@ -100,8 +100,8 @@ def resolve_vgg19(weights: str | os.PathLike[str] | None) -> tuple[nn.Sequential
     from torchvision.models import VGG19_Weights
 
     cached = VGG19_Weights.IMAGENET1K_V1
-    if pretrained.is_cached(cached):  # hash checked before use, never downloaded here
-        state = pretrained.torchvision_state(cached, download_missing=False)
+    if weight_files.is_cached(cached):  # hash checked before use, never downloaded here
+        state = weight_files.torchvision_state(cached, download_missing=False)
         features.load_state_dict(_features_state(state))
         return features, f"torchvision VGG19_Weights.IMAGENET1K_V1 ({VGG19_URL_FILE}, cached)"
     log.warning("stylize: no VGG-19 weights (pass --weights PATH to torchvision's %s, or "

@@ -32,12 +32,12 @@ from divekit.data.vision import ImageClassificationData, load_image_file, resize
 from divekit.engine.batch_size import choose_batch_size
 from divekit.engine.config import Check, TaskConfig, check_call
 from divekit.engine.device import resolve_device
-from divekit.engine.finetune import TORCHVISION_PREFIX, torchvision_classifier
 from divekit.engine.task import Task
 from divekit.errors import DivekitError
 from divekit.io import atomic_write_text
 from divekit.models import create_model, model_info
 from divekit.models.summary import layer_table
+from divekit.models.surgery import TORCHVISION_PREFIX, torchvision_classifier
 
 log = logging.getLogger(__name__)
 

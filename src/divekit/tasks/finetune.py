@@ -8,10 +8,10 @@ target's classes and trains it through the classification task (so ``divekit eva
 * a torchvision weights file (a ``.pth`` state dict, loaded with ``weights_only=True`` so nothing
   in it runs): the architecture comes from ``--arch`` or the file name (``resnet18-f37072fd.pth``)
   and is built with torchvision's own builder, split into ``features`` stages and ``head``
-  (:func:`divekit.engine.finetune.torchvision_classifier`). We do not map torchvision's names
+  (:func:`divekit.models.surgery.torchvision_classifier`). We do not map torchvision's names
   onto our zoo: the zoo follows the course, whose blocks differ (e.g. its ResNet shortcut conv);
 * ``ARCH:WEIGHTS`` such as ``resnet18:IMAGENET1K_V1``: torchvision's published weights,
-  downloaded once into torch's hub cache and read by :mod:`divekit.data.pretrained` (the
+  downloaded once into torch's hub cache and read by :mod:`divekit.weights` (the
   file's sha256 checked against its name before every use, ``weights_only=True``), never by
   torchvision's own loader.
 
@@ -30,15 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from divekit import weights as weight_files
 from divekit.config import option
-from divekit.data import pretrained
-from divekit.engine import finetune as ft
 from divekit.engine.checkpoint import load_weights
 from divekit.engine.config import Check, finite
 from divekit.engine.record import CONFIG, check_record, read_record
 from divekit.engine.run import train
 from divekit.engine.task import Run, TrainResult
 from divekit.errors import DivekitError
+from divekit.models import surgery as ft
 from divekit.tasks import classify
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def _from_torchvision_name(spec: str) -> Source:
     if tag not in enum.__members__:
         raise DivekitError(f"unknown weights {tag!r} for {arch}; choose one of: {', '.join(enum.__members__)}")
     # divekit's loader, never torchvision's: hash checked on every use, weights_only=True
-    state = pretrained.torchvision_state(enum[tag])
+    state = weight_files.torchvision_state(enum[tag])
     return _from_state(arch, state, f"torchvision {spec}")
 
 
@@ -143,7 +143,7 @@ def resolve_source(spec: str, arch: str | None = None) -> Source:
         return _from_run(path, arch)
     if path.is_file():
         arch = (arch or _guess_arch(path)).removeprefix(ft.TORCHVISION_PREFIX)
-        return _from_state(arch, ft.load_state_file(path), f"weights file {path} ({arch})")
+        return _from_state(arch, weight_files.load_state_file(path), f"weights file {path} ({arch})")
     if ":" in spec and "/" not in spec:
         return _from_torchvision_name(spec)
     raise DivekitError(

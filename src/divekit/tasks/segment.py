@@ -40,20 +40,20 @@ from divekit.data.segmentation import (
     read_image_uint8,
 )
 from divekit.engine.config import Check, TaskConfig
-from divekit.engine.finetune import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TORCHVISION_PREFIX,
-    load_matching,
-    load_state_file,
-    set_input_channels,
-    state_num_classes,
-    torchvision_classifier,
-)
 from divekit.engine.task import Task
 from divekit.errors import DivekitError
 from divekit.io import atomic_write_text, plan_outputs
 from divekit.models import create_model, model_info
+from divekit.models.surgery import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TORCHVISION_PREFIX,
+    load_matching,
+    set_input_channels,
+    state_num_classes,
+    torchvision_classifier,
+)
+from divekit.weights import load_state_file
 
 log = logging.getLogger(__name__)
 

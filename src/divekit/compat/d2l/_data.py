@@ -78,8 +78,8 @@ import torch
 from torch import Tensor
 from torch.utils import data
 
+from divekit import hub
 from divekit.compat.d2l._util import BoundedLoader, get_dataloader_workers, quick
-from divekit.data import hub
 from divekit.errors import DataNotFoundError, DivekitError, UnknownNameError
 
 __all__ = [

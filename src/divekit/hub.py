@@ -9,7 +9,11 @@ outside the destination are refused before anything is written.
 
 A hash is written ``'sha1:<hex>'``, ``'md5:<hex>'`` or ``'sha256:<hex>'``; a bare hex string is
 taken by its length (40: sha1, as in the course; 32: md5; 64: sha256); ``'sha256:<hex>...'`` is
-a digest prefix (torchvision's weight files, see :mod:`divekit.data.pretrained`).
+a digest prefix (torchvision's weight files, see :mod:`divekit.weights`).
+
+The hub sits low in the layers (beside :mod:`divekit.io`, above only :mod:`divekit.errors`):
+datasets (:mod:`divekit.data`) and weights files (:mod:`divekit.weights`, which models read
+from) both download through it, so neither has to import the other.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fine-tuning: copy a feature extractor, fresh head, frozen stages, per-group learning rates.
+"""Model surgery for fine-tuning: freeze stages, replace the head, group parameters.
 
 The course: a network is a feature extractor plus a linear classifier. Copy a model trained on
 a large source dataset, replace the output layer for the target's classes (fresh
@@ -8,18 +8,19 @@ small one, optionally freezing the bottom layers (low-level features are the mos
 Every zoo classifier is ``features`` (an ``nn.Sequential`` of stages) then ``head``; a
 torchvision classifier is split the same way by :func:`torchvision_classifier`, so everything
 here works on both. "Freeze the first N stages" means the first N children of ``features``.
+
+This module only reshapes and regroups a model; it reads no files (weights files are
+:mod:`divekit.weights`'s) and trains nothing (the fine-tuning task,
+:mod:`divekit.tasks.finetune`, puts the pieces together for the engine).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from divekit.data import pretrained
-from divekit.engine.checkpoint import check_finite
 from divekit.errors import DivekitError
 from divekit.models.base import Classifier
 
@@ -83,17 +84,6 @@ def param_groups(model: nn.Module, lr: float, *, head_lr_mult: float = 10.0,
 
 
 # ----------------------------------------------------------------------------- weights
-def load_state_file(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from ``.safetensors`` or a ``torch.save`` file, loaded with
-    ``weights_only=True`` (nothing in the file is executed; a pickle that asks for more is
-    refused in one line). ``{"state_dict": ...}`` and ``{"model": ...}`` wrappers are unwrapped.
-    See :func:`divekit.data.pretrained.load_state_file`. Weights holding NaN or inf are refused
-    in one line naming the tensor (:func:`divekit.engine.checkpoint.check_finite`)."""
-    state = pretrained.load_state_file(path)
-    check_finite(state, f"weights file {path}")
-    return state
-
-
 def load_matching(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
     """``load_state_dict(strict=True)``, with a one-line error naming what mismatched."""
     own = model.state_dict()

@@ -1,26 +1,35 @@
-"""Pretrained weights: torchvision's published files, fetched, checked and loaded by divekit.
+"""Weights files: read without executing anything, torchvision's published files by name.
+
+Every weights file divekit reads comes through here, whoever reads it: a model
+(``create_model("maskrcnn", weights="COCO_V1")``, VGG-19 for ``stylize``), a task (a
+``finetune`` SOURCE, ``resnet18:IMAGENET1K_V1``), the engine (a checkpoint's ``state.pt``). The
+module sits below :mod:`divekit.models` and :mod:`divekit.data` (it imports only the hub's
+verified download, :mod:`divekit.hub`), so a model never reads from the data layer.
+
+Reading a file:
+
+* :func:`load_plain` is ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
+  containers only, so nothing in the file can run; a pickle that asks for more is refused in
+  one line naming the file and what it asked for, instead of torch's multi-line message;
+* :func:`load_state_file` reads a state dict from ``.safetensors`` or a ``torch.save`` file
+  and refuses one holding NaN or inf (:func:`check_finite`): such weights turn every output
+  into NaN, which would otherwise be printed as if it were a result.
 
 torchvision's ``Weights.get_state_dict`` goes through ``torch.hub.load_state_dict_from_url``,
 which unpickles with ``weights_only=False`` and checks a file's hash only right after
 downloading it, never when it is already in the cache: a file put in the cache under a
-torchvision name runs whatever its pickle says. Every weights name divekit takes
-(``finetune resnet18:IMAGENET1K_V1``, ``create_model("maskrcnn", weights="COCO_V1")``, VGG-19 for
-``stylize``) comes here instead:
+torchvision name runs whatever its pickle says. Every torchvision weights name divekit takes
+comes here instead (:func:`torchvision_state`):
 
 * the file is looked for in torch's hub cache, ``$TORCH_HOME/hub/checkpoints`` (where
   torchvision puts it, so a file it downloaded before is reused);
 * its SHA-256 must start with the hex digits in its name (``resnet18-f37072fd.pth``: torch.hub's
   convention), checked before *every* use, not only after a download;
-* a missing file is fetched with :func:`divekit.data.hub.download` (temporary name, hash, then
-  rename), and only with ``download=True``;
-* it is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
-  containers only, so nothing in the file can run;
+* a missing file is fetched with :func:`divekit.hub.download` (temporary name, hash, then
+  rename), and only with ``download_missing=True``;
+* it is read with :func:`load_state_file`;
 * a file that fails any of these is refused in one line naming it, and left where it is for
   its owner to look at (divekit never deletes or replaces it).
-
-:func:`load_state_file` and :func:`load_plain` are the same ``weights_only`` reading for any
-``.pth``/``.pt`` file (``--weights``, a finetune SOURCE, a checkpoint's ``state.pt``), with the
-same one-line refusal instead of torch's multi-line message.
 """
 
 from __future__ import annotations
@@ -34,8 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from divekit.data.hub import digest_matches, download, file_digest
 from divekit.errors import DivekitError
+from divekit.hub import digest_matches, download, file_digest
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.")  # torch.hub's HASH_REGEX, at least 8 digits
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -66,9 +75,13 @@ def load_plain(path: str | os.PathLike[str], what: str = "") -> Any:
         raise DivekitError(f"{label} is not a file torch.load can read: {_first_line(e)}") from None
 
 
-def load_state_file(path: str | os.PathLike[str], what: str = "") -> dict[str, Tensor]:
+def load_state_file(path: str | os.PathLike[str], what: str = "weights file") -> dict[str, Tensor]:
     """A state dict (parameter name → tensor) from ``.safetensors`` or a ``torch.save`` file
-    (:func:`load_plain`); ``{"state_dict": ...}`` and ``{"model": ...}`` wrappers are unwrapped."""
+    (:func:`load_plain`); ``{"state_dict": ...}`` and ``{"model": ...}`` wrappers are unwrapped.
+
+    Every refusal is one line starting with ``what`` and the path: a missing or unreadable
+    file, one that holds no state dict, and weights holding NaN or inf (:func:`check_finite`).
+    """
     path = Path(path)
     label = f"{what} {path}" if what else str(path)
     if path.suffix == ".safetensors":
@@ -77,18 +90,38 @@ def load_state_file(path: str | os.PathLike[str], what: str = "") -> dict[str, T
         if not path.is_file():
             raise DivekitError(f"{label}: no such file")
         try:
-            return load_file(str(path))
+            obj: Any = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise DivekitError(f"{label} is not a safetensors file: {_first_line(e)}") from None
-    obj = load_plain(path, what)
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+    else:
+        obj = load_plain(path, what)
+        for key in ("state_dict", "model"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
     ):
         raise DivekitError(f"{label} does not hold a state dict (parameter name → tensor)")
+    check_finite(obj, label)
     return obj
+
+
+def check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    """Refuse weights holding NaN or ±inf, in one line naming the first such tensor: such
+    weights turn every output into NaN, which would otherwise be printed as if it were a result.
+    Integer tensors (step counters) cannot hold either and are skipped."""
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            n_nan = int(torch.isnan(t).sum())
+            kinds = " and ".join(k for k, n in (("NaN", n_nan), ("inf", int(bad.sum()) - n_nan))
+                                 if n)
+            raise DivekitError(
+                f"{what}: tensor {name!r} holds {kinds} ({int(bad.sum())} of {t.numel()} values); "
+                "refusing weights that are not finite (did the training diverge?)"
+            )
 
 
 def _first_line(e: BaseException) -> str:
