@@ -10,12 +10,12 @@ from divekit.data.lm_stats import (
     NGramLM,
     bigram_freqs,
     ngram_freqs,
-    plot_zipf,
     trigram_freqs,
     unigram_freqs,
 )
 from divekit.data.text import preprocess, read_pydoc, tokenize
 from divekit.errors import DivekitError
+from divekit.viz import plot_zipf
 
 
 @pytest.fixture(scope="module")

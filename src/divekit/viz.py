@@ -13,6 +13,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from divekit.errors import DivekitError
+
 
 def _subplots(nrows: int = 1, ncols: int = 1, **kw):
     """``plt.subplots`` without pyplot: a Figure (Agg canvas) and its axes."""
@@ -186,3 +188,59 @@ def plot_attention(weights, path: str | os.PathLike, *, xlabel: str = "keys", yl
                     ax.set_yticks(range(q), yticks, fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.6)
     return save_figure(fig, path)
+
+
+def plot_kernel_fit(result, name: str, path: str | os.PathLike) -> Path:
+    """One kernel-regression method's fit against the truth, with the noisy training points.
+
+    ``result`` is :func:`divekit.models.kernel_regression.kernel_regression`'s
+    ``KernelRegressionResult``: its ``data`` (``x_train``, ``y_train``, ``x_test``, ``y_truth``),
+    ``predictions[name]`` and ``test_mse[name]`` (shown in the title)."""
+    d = result.data
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    ax.plot(d.x_test, d.y_truth, label="truth")
+    ax.plot(d.x_test, result.predictions[name].detach(), "--", label="prediction")
+    ax.plot(d.x_train, d.y_train, "o", alpha=0.5, markersize=4, label="training points")
+    ax.set(xlabel="x", ylabel="y", xlim=(0, 5), title=f"{name} (test MSE "
+           f"{result.test_mse[name]:.3f})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _sorted_counts(freqs) -> list[int]:
+    """Counts, most frequent first, from a Counter, ``(item, count)`` pairs, or plain counts."""
+    if isinstance(freqs, dict):
+        counts = list(freqs.values())
+    else:
+        counts = [f[1] if isinstance(f, tuple | list) else f for f in freqs]
+    return sorted((int(c) for c in counts), reverse=True)
+
+
+def plot_zipf(freq_lists: Sequence, labels: Sequence[str], path: str | os.PathLike, *,
+              title: str = "Zipf's law") -> Path:
+    """Save the log-log plot of frequency against rank, one line per table, as a PNG: word
+    frequencies follow Zipf's law (a straight line), and so do bigrams and trigrams, with a
+    smaller slope (the course's "Language Models" section).
+
+    Each entry of ``freq_lists`` is a ``Counter`` (e.g. from
+    :func:`divekit.data.lm_stats.bigram_freqs`), a list of ``(item, count)`` pairs
+    (``Vocab.token_freqs``) or a list of counts.
+    """
+    if len(freq_lists) != len(labels):
+        raise DivekitError(f"got {len(freq_lists)} frequency tables but {len(labels)} labels")
+    fig, ax = _subplots(figsize=(5, 3.5))
+    for freqs, label in zip(freq_lists, labels):
+        counts = _sorted_counts(freqs)
+        if not counts:
+            raise DivekitError(f"frequency table {label!r} is empty")
+        ax.loglog(range(1, len(counts) + 1), counts, label=label)
+    ax.set_xlabel("token: x (rank)")
+    ax.set_ylabel("frequency: n(x)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path, dpi=100)

@@ -111,28 +111,9 @@ def _cmd_translate(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
-def plot_kernel_fit(result: Any, name: str, path: Path) -> Path:
-    """One method's fit against the truth, with the noisy training points."""
-    from matplotlib.figure import Figure
-
-    from divekit.viz import save_figure
-
-    d = result.data
-    fig = Figure(figsize=(5, 3.2))
-    ax = fig.subplots()
-    ax.plot(d.x_test, d.y_truth, label="truth")
-    ax.plot(d.x_test, result.predictions[name].detach(), "--", label="prediction")
-    ax.plot(d.x_train, d.y_train, "o", alpha=0.5, markersize=4, label="training points")
-    ax.set(xlabel="x", ylabel="y", xlim=(0, 5), title=f"{name} (test MSE "
-           f"{result.test_mse[name]:.3f})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
 def _cmd_kernel_regression(args: argparse.Namespace) -> None:
     from divekit.models.kernel_regression import kernel_regression
-    from divekit.viz import plot_attention
+    from divekit.viz import plot_attention, plot_kernel_fit
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

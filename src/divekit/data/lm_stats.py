@@ -1,7 +1,8 @@
-"""Language-model statistics: n-gram frequency tables, the Zipf plot, and an add-k n-gram model.
+"""Language-model statistics: n-gram frequency tables and an add-k n-gram model.
 
 The course's "Language Models" section: word frequencies follow Zipf's law (a straight line on a
-log-log plot of frequency against rank), and so do bigrams and trigrams, with a smaller slope.
+log-log plot of frequency against rank, :func:`divekit.viz.plot_zipf` draws it from these
+tables), and so do bigrams and trigrams, with a smaller slope.
 An n-gram model estimates ``P(x_t | x_{t-n+1}, ..., x_{t-1})`` from counts; add-k (Laplace for
 ``k = 1``) smoothing gives unseen n-grams a small probability so perplexity stays finite.
 """
@@ -9,10 +10,8 @@ An n-gram model estimates ``P(x_t | x_{t-n+1}, ..., x_{t-1})`` from counts; add-
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from divekit.errors import DivekitError
@@ -44,52 +43,6 @@ def bigram_freqs(tokens: Sequence[Any]) -> Counter[tuple[str, ...]]:
 
 def trigram_freqs(tokens: Sequence[Any]) -> Counter[tuple[str, ...]]:
     return ngram_freqs(tokens, 3)
-
-
-def _sorted_counts(freqs: Any) -> list[int]:
-    """Counts, most frequent first, from a Counter, ``(item, count)`` pairs, or plain counts."""
-    if isinstance(freqs, dict):
-        counts = list(freqs.values())
-    else:
-        counts = [f[1] if isinstance(f, tuple | list) else f for f in freqs]
-    return sorted((int(c) for c in counts), reverse=True)
-
-
-def plot_zipf(
-    freq_lists: Sequence[Any],
-    labels: Sequence[str],
-    path: str | os.PathLike[str],
-    *,
-    title: str = "Zipf's law",
-) -> Path:
-    """Save the log-log plot of frequency against rank, one line per table, as a PNG.
-
-    Each entry of ``freq_lists`` is a ``Counter`` (e.g. from :func:`bigram_freqs`), a list of
-    ``(item, count)`` pairs (``Vocab.token_freqs``) or a list of counts.
-    """
-    if len(freq_lists) != len(labels):
-        raise DivekitError(f"got {len(freq_lists)} frequency tables but {len(labels)} labels")
-    # The object API with the Agg canvas draws without touching pyplot's global backend.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for freqs, label in zip(freq_lists, labels):
-        counts = _sorted_counts(freqs)
-        if not counts:
-            raise DivekitError(f"frequency table {label!r} is empty")
-        ax.loglog(range(1, len(counts) + 1), counts, label=label)
-    ax.set_xlabel("token: x (rank)")
-    ax.set_ylabel("frequency: n(x)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
-    return path
 
 
 class NGramLM:
