@@ -48,7 +48,13 @@ from divekit.config import option
 from divekit.errors import DivekitError
 from divekit.models.detector import ADAM_RECIPE, Detector, real_rows
 from divekit.models.registry import register_model
-from divekit.models.yolo import check_images, check_labels, conv_bn, pack_detections
+from divekit.models.yolo import (
+    check_at_least,
+    check_images,
+    check_labels,
+    conv_bn,
+    pack_detections,
+)
 from divekit.ops.boxes import box_corner_to_center
 
 FOCAL_ALPHA = 2.0
@@ -149,12 +155,8 @@ class CenterNetTiny(Detector):
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, *,
                  max_detections: int = 100):
         super().__init__()
-        if num_classes < 1:
-            raise DivekitError(f"centernet_tiny needs num_classes >= 1, got {num_classes}")
-        if width < 1:
-            raise DivekitError(f"centernet_tiny needs width >= 1, got {width}")
-        if max_detections < 1:
-            raise DivekitError(f"centernet_tiny needs max_detections >= 1, got {max_detections}")
+        check_at_least("centernet_tiny", num_classes=(num_classes, 1), width=(width, 1),
+                       max_detections=(max_detections, 1))
         self.num_classes, self.in_channels, self.max_detections = num_classes, in_channels, max_detections
         self.stride4 = nn.Sequential(
             conv_bn(in_channels, 16), conv_bn(16, 32, stride=2), conv_bn(32, 32),

@@ -69,6 +69,14 @@ def check_images(x: Tensor, in_channels: int, model: str) -> None:
         raise DivekitError(f"{model} takes images (N, {in_channels}, H, W), got shape {tuple(x.shape)}")
 
 
+def check_at_least(model: str, **sizes: tuple[int, int]) -> None:
+    """Refuse a hyper-parameter below its least value, in one line: ``name=(value, least)``
+    gives ``"<model> needs <name> >= <least>, got <value>"`` (the first offender, in order)."""
+    for name, (value, least) in sizes.items():
+        if value < least:
+            raise DivekitError(f"{model} needs {name} >= {least}, got {value}")
+
+
 def check_labels(labels: Tensor, batch: int, num_classes: int, model: str) -> None:
     """Refuse labels that are not ``(N, G, 5)`` rows for this batch, or name a class the model
     lacks (naming the first offending ``[image, row]``); class indexing would fail cryptically."""
@@ -164,14 +172,11 @@ class YoloGrid(Detector):
     def __init__(self, num_classes: int, in_channels: int = 3, grid_size: int = 8, boxes_per_cell: int = 2,
                  *, rescore: bool = True, max_detections: int = 100, min_score: float = 1e-3):
         super().__init__()
-        if num_classes < 1:
-            raise DivekitError(f"yolo_grid needs num_classes >= 1, got {num_classes}")
+        check_at_least("yolo_grid", num_classes=(num_classes, 1), max_detections=(max_detections, 1))
         if grid_size < 2:
             raise DivekitError(f"yolo_grid needs a grid of at least 2×2 cells, got grid_size {grid_size}")
         if boxes_per_cell < 1:
             raise DivekitError(f"yolo_grid needs at least 1 box per cell, got boxes_per_cell {boxes_per_cell}")
-        if max_detections < 1:
-            raise DivekitError(f"yolo_grid needs max_detections >= 1, got {max_detections}")
         self.num_classes, self.in_channels = num_classes, in_channels
         self.grid_size, self.boxes_per_cell = grid_size, boxes_per_cell
         self.rescore, self.max_detections, self.min_score = rescore, max_detections, min_score
