@@ -10,7 +10,7 @@ one path from pixels to model input, shared by training and by ``divekit predict
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,37 +229,38 @@ def load_idx_dataset(
     return build_data(name, classes, train, val, resize=resize, limit=limit)
 
 
-@register_dataset("mnist", task="classify", offline=False)
-def load_mnist(
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    download: bool = False,
-    seed: int = 0,
-    resize: Size | None = None,
-    limit: int | None = None,
-    **_: object,
-) -> ImageClassificationData:
-    """MNIST handwritten digits, 28×28 grayscale, 60,000 train / 10,000 test (IDX files)."""
-    return load_idx_dataset(
-        "mnist", DIGIT_CLASSES, subdirs=("", "raw", "MNIST/raw", "mnist"),
-        data_dir=data_dir, download=download, resize=resize, limit=limit,
-    )
+def _idx_loader(
+    name: str, classes: Sequence[str], subdirs: Sequence[str], doc: str
+) -> Callable[..., ImageClassificationData]:
+    """Register the IDX dataset ``name``: a loader of the registry's form whose files are looked
+    for in ``subdirs`` of ``--data-dir`` (the layouts torchvision and the publishers use)."""
+
+    def load(
+        *,
+        data_dir: str | os.PathLike[str] | None = None,
+        download: bool = False,
+        seed: int = 0,
+        resize: Size | None = None,
+        limit: int | None = None,
+        **_: object,
+    ) -> ImageClassificationData:
+        return load_idx_dataset(
+            name, classes, subdirs=subdirs, data_dir=data_dir, download=download, resize=resize,
+            limit=limit,
+        )
+
+    load.__name__ = load.__qualname__ = f"load_{name.replace('-', '_')}"
+    load.__doc__ = doc
+    return register_dataset(name, task="classify", offline=False)(load)
 
 
-@register_dataset("fashion-mnist", task="classify", offline=False)
-def load_fashion_mnist(
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    download: bool = False,
-    seed: int = 0,
-    resize: Size | None = None,
-    limit: int | None = None,
-    **_: object,
-) -> ImageClassificationData:
-    """Fashion-MNIST clothing images, 28×28 grayscale, 60,000 train / 10,000 test (IDX files)."""
-    return load_idx_dataset(
-        "fashion-mnist", FASHION_MNIST_CLASSES,
-        subdirs=("", "raw", "FashionMNIST/raw", "fashion-mnist", "data/fashion"),
-        data_dir=data_dir, download=download, resize=resize, limit=limit,
-    )
+load_mnist = _idx_loader(
+    "mnist", DIGIT_CLASSES, ("", "raw", "MNIST/raw", "mnist"),
+    "MNIST handwritten digits, 28×28 grayscale, 60,000 train / 10,000 test (IDX files).",
+)
+load_fashion_mnist = _idx_loader(
+    "fashion-mnist", FASHION_MNIST_CLASSES,
+    ("", "raw", "FashionMNIST/raw", "fashion-mnist", "data/fashion"),
+    "Fashion-MNIST clothing images, 28×28 grayscale, 60,000 train / 10,000 test (IDX files).",
+)
 
