@@ -173,8 +173,7 @@ class FSDPStrategy(Strategy):
     """
 
     name = "fsdp"
-    shards_data = True
-    sharded = True
+    sharded = True  # each rank holds 1/W of every parameter: gathered for checkpoints
 
     def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None,
                  config: Any = None):

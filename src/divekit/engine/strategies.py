@@ -230,10 +230,10 @@ _counting_allreduce_hook.__annotations__ = {
 }
 
 
-class AllReduceStrategy(Strategy):
-    """Replicated parameters and optimizers; gradients summed by divekit's ring all-reduce."""
-
-    name = "allreduce"
+class _ReplicatedStrategy(Strategy):
+    """Every rank holds the whole model, starting from rank 0's replica, and its BatchNorm
+    statistics follow rank 0's before each forward pass; the strategies built on it differ in
+    how the gradients (and the parameters) travel."""
 
     def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None,
                  config: Any = None):
@@ -244,29 +244,26 @@ class AllReduceStrategy(Strategy):
     def before_forward(self) -> None:
         self._sync_buffers()
 
+
+class AllReduceStrategy(_ReplicatedStrategy):
+    """Replicated parameters and optimizers; gradients summed by divekit's ring all-reduce."""
+
+    name = "allreduce"
+
     def reduce_gradients(self) -> None:
         flat = flat_grads(self.params)
         ring_allreduce(flat, counter=self.counter)
         set_flat_grads(self.params, flat / self.env.world_size)
 
 
-class ParameterServerStrategy(Strategy):
+class ParameterServerStrategy(_ReplicatedStrategy):
     """Synchronous parameter server on rank 0; every rank also computes gradients."""
 
     name = "ps"
 
-    def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None,
-                 config: Any = None):
-        super().__init__(model, env, counter, config)
-        self.params = _params(model)
-        self._broadcast(self.params + list(model.buffers()))
-
     @property
     def updates_here(self) -> bool:
         return self.env.is_main
-
-    def before_forward(self) -> None:
-        self._sync_buffers()
 
     def reduce_gradients(self) -> None:
         """Workers push their gradients; the server sums them (in rank order) and averages."""

@@ -229,8 +229,8 @@ class TensorParallelStrategy(Strategy):
     every rank trains on the whole batch and holds ``1/N`` of the split layers' weights."""
 
     name = "tensor"
-    shards_data = False
-    sharded = True
+    shards_data = False  # every rank trains on the whole batch
+    sharded = True  # each rank holds 1/tp of the split layers' weights
 
     def __init__(self, model: nn.Module, env: DistEnv, counter: CommCounter | None = None,
                  config: Any = None):
