@@ -130,14 +130,14 @@ def test_a_qa_passage_over_the_limit_is_refused_in_one_line(qa_run, tmp_path, ca
 def test_long_passages_run_in_chunks_and_give_the_one_batch_answer(qa_run, monkeypatch):
     """A passage of ~100 windows runs QA_CHUNK windows at a time; the answer is the one of all
     the windows in one batch (QA_CHUNK set past the number of windows)."""
-    import divekit.tasks.bert_finetune as bf
+    import divekit.tasks.finetune_heads as heads
     from divekit.engine.run import load_run
 
     run = load_run(qa_run, "cpu")
     passage = " ".join(f"person{i} lives in city{i} ." for i in range(300))
     item = f"where does person7 live ||| {passage}"
     chunked = run.task.predict(run.model, [item])[0]
-    monkeypatch.setattr(bf, "QA_CHUNK", 10**6)
+    monkeypatch.setattr(heads, "QA_CHUNK", 10**6)
     whole = run.task.predict(run.model, [item])[0]
     assert chunked["answer"] == whole["answer"] and chunked["start"] == whole["start"]
     assert chunked["score"] == pytest.approx(whole["score"], abs=1e-4)

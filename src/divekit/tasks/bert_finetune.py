@@ -1,10 +1,9 @@
 """Fine-tuning a pretrained BERT (d2l 16.6–16.7): ``divekit finetune CKPT --task classify|pair|tag|qa``.
 
-One task, four heads (:mod:`divekit.models.bert_heads`); the losses are cross-entropies:
-
-* classify / pair: ``L = CE(ŷ, y)`` on the ``[CLS]`` logits;
-* tag: ``L = Σ_t m_t CE(ŷ_t, y_t) / Σ_t m_t`` where ``m_t = 1`` only on a word's first sub-token;
-* qa: ``L = (CE(s, i*) + CE(e, j*)) / 2`` over the positions (start and end of the gold span).
+One task, four heads. The task loads the encoder, the tokenizer and the data, and builds the
+model; everything that differs by head (how examples become tensors, the loss, the metrics,
+``predict`` and how results print) is one object of :mod:`divekit.tasks.finetune_heads`, picked
+once from ``--task`` (the layers themselves are :mod:`divekit.models.bert_heads`').
 
 Parameter-efficient options (:mod:`divekit.models.lora`): ``--lora R`` (LoRA on
 ``--lora-targets``), ``--adapters SIZE`` and ``--add-tokens FILE`` freeze the encoder (unless
@@ -24,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,37 +31,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divekit.config import option
 from divekit.data.loader import TensorBatchLoader
-from divekit.data.text_features import IGNORE, encode_qa, encode_tagged, encode_texts
 from divekit.data.text_generated import GENERATED
 from divekit.data.text_tasks import REAL, TextTaskData, load_csv
 from divekit.engine.config import TaskConfig, finite
 from divekit.engine.task import Task
 from divekit.errors import DivekitError
 from divekit.models import lora
-from divekit.models.bert_checkpoint import (
-    BertTokenizer,
-    load_pretrained,
-    read_weights,
-    resolve_checkpoint,
-)
-from divekit.models.bert_heads import HEADS, BertForTask, ExtendedEmbedding, make_head
-from divekit.ops import seq_metrics as M
-from divekit.tasks.bert_finetune_io import add_words, predict_inputs, read_words
+from divekit.models.bert_checkpoint import load_pretrained, read_weights, resolve_checkpoint
+from divekit.models.bert_heads import BertForTask, ExtendedEmbedding, make_head
+from divekit.tasks.bert_finetune_io import add_words, read_words
+from divekit.tasks.finetune_heads import HEAD_CLASSES, FinetuneHead
+from divekit.tokenizers import BertTokenizer
 
 log = logging.getLogger("divekit")
-DEFAULT_DATA = {"classify": "sentiment-gen", "pair": "nli-gen", "tag": "ner-gen", "qa": "qa-gen"}
 TOKENIZER = "tokenizer"
 # the largest sizes a user may give, checked before anything is allocated: a LoRA rank or an
 # adapter width past the encoder's width (MiniLM 384, BERT-large 1024) adds nothing a full
 # fine-tuning would not, and --adapters 1e8 asked for 51 GB
 MAX_LORA_RANK = 1024
 MAX_ADAPTER_SIZE = 4096
-QA_CHUNK = 32  # predict: the windows of a long passage run through the model this many at a time
 
 
 @dataclass(frozen=True)
@@ -70,7 +62,7 @@ class TextFinetuneConfig(TaskConfig):
 
     source: str = option("minilm", "BERT checkpoint directory, pretraining run, or minilm", cli=False)
     task: str = option("classify", "the head: classify (one text), pair (two texts), tag (a "
-                       "label per word), qa (an answer span)", choices=list(HEADS))
+                       "label per word), qa (an answer span)", choices=list(HEAD_CLASSES))
     model: str = option("bert", "", cli=False)
     epochs: int = option(3, "total epochs")
     lr: float = option(1e-4, "learning rate")
@@ -99,7 +91,8 @@ class TextFinetuneConfig(TaskConfig):
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
-            (self.task in HEADS, f"--task must be one of {', '.join(HEADS)}, got {self.task!r}"),
+            (self.task in HEAD_CLASSES,
+             f"--task must be one of {', '.join(HEAD_CLASSES)}, got {self.task!r}"),
             (isinstance(self.max_len, int) and 16 <= self.max_len <= 4096,
              f"--max-len must be in [16, 4096], got {self.max_len}"),
             (isinstance(self.max_answer_len, int) and self.max_answer_len >= 1,
@@ -121,7 +114,7 @@ class TextFinetuneConfig(TaskConfig):
 
     @property
     def data_name(self) -> str:
-        return self.data or DEFAULT_DATA[self.task]
+        return self.data or HEAD_CLASSES[self.task].default_data
 
     @property
     def run_name(self) -> str:
@@ -130,6 +123,79 @@ class TextFinetuneConfig(TaskConfig):
     @property
     def frozen_base(self) -> bool:
         return bool(self.lora or self.adapters or self.add_tokens) and not self.unfreeze
+
+
+def is_bert_source(spec: str | None) -> bool:
+    """Whether SOURCE names a BERT to fine-tune: ``minilm``, a checkpoint directory (its
+    ``config.json`` has a ``model_type``), or a pretraining run (a ``bert/`` export, or a
+    ``bert_pretrain`` record). Nothing is loaded: ``divekit finetune`` picks the text path by
+    this and the image path by :func:`divekit.tasks.finetune.is_image_source`."""
+    if spec == "minilm":
+        return True
+    path = Path(spec or "")
+    if not spec or not path.is_dir():
+        return False
+    if (path / "bert" / "config.json").is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and ("model_type" in config
+                                         or config.get("task") == "bert_pretrain")
+
+
+def text_finetune_config(typed: dict[str, Any]) -> TextFinetuneConfig:
+    """The :class:`TextFinetuneConfig` of what was typed (``source`` and the options), over the
+    run's own options with ``--resume`` (:func:`~divekit.engine.record.resume_values`).
+
+    Options of image fine-tuning, and options typed without the one they need
+    (:func:`check_option_pairs`), are refused in one line. Without ``task`` the head is
+    ``classify``, and a note says so."""
+    from divekit.config import config_from_dict, field_names, flag_name
+    from divekit.engine.record import resume_values
+
+    foreign = sorted(k for k in typed if k not in field_names(TextFinetuneConfig))
+    task = typed.get("task", TextFinetuneConfig.task)
+    if foreign:
+        flags = ", ".join(flag_name(k) for k in foreign)
+        raise DivekitError(f"{flags} apply to image fine-tuning, not to --task {task}")
+    if "task" not in typed and not typed.get("resume"):
+        log.info("no --task: fine-tuning %s as %s (one label per text; --task pair, tag or qa "
+                 "for the other heads)", typed.get("source", "minilm"), task)
+    given = dict(typed)
+    if typed.get("resume"):
+        probe = config_from_dict(TextFinetuneConfig, typed)
+        probe.validate()
+        given = resume_values(TextFinetuneConfig, typed, probe.run_name)
+    config = config_from_dict(TextFinetuneConfig, given)
+    config.validate()
+    check_option_pairs(config, typed)
+    return config
+
+
+def check_option_pairs(cfg: TextFinetuneConfig, typed: dict[str, Any]) -> None:
+    """Options typed without the one they need, or with data they do not apply to, are refused
+    in one line instead of being dropped: --lora-targets/--lora-alpha/--lora-dropout need
+    --lora, --unfreeze needs something frozen (--lora, --adapters or --add-tokens), and
+    --text-columns/--label-column read csv:PATH data only (one or two columns)."""
+    needs = {"lora_targets": "--lora R", "lora_alpha": "--lora R", "lora_dropout": "--lora R"}
+    for key, need in needs.items():
+        if key in typed and not cfg.lora:
+            raise DivekitError(f"--{key.replace('_', '-')} applies to LoRA only: give {need} "
+                               "as well, or leave it out")
+    if typed.get("unfreeze") and not (cfg.lora or cfg.adapters or cfg.add_tokens):
+        raise DivekitError("--unfreeze trains the encoder alongside --lora, --adapters or "
+                           "--add-tokens, which freeze it; without them the whole encoder "
+                           "trains anyway: leave --unfreeze out")
+    columns = [c for c in str(cfg.text_columns).split(",")]
+    if len(columns) > 2 or not all(c.strip() for c in columns):
+        raise DivekitError(f"--text-columns takes one column or two (a,b), got "
+                           f"{cfg.text_columns!r}")
+    for key in ("text_columns", "label_column"):
+        if key in typed and not cfg.data_name.startswith("csv:"):
+            raise DivekitError(f"--{key.replace('_', '-')} reads csv:PATH data; --data "
+                               f"{cfg.data_name} has its own columns")
 
 
 def load_text_task(config: TextFinetuneConfig) -> TextTaskData:
@@ -145,8 +211,7 @@ def load_text_task(config: TextFinetuneConfig) -> TextTaskData:
         known = sorted([*GENERATED, *REAL])
         raise DivekitError(f"--data {name!r} is not a text task; choose one of {', '.join(known)} "
                            "or csv:PATH")
-    kinds = {"classify": ("classify",), "pair": ("pair",), "tag": ("tag",), "qa": ("qa",)}
-    if data.kind not in kinds[config.task]:
+    if data.kind != config.task:
         raise DivekitError(f"--data {name} is a {data.kind} dataset, not one for --task {config.task}")
     if config.limit:
         data.train = data.train[: config.limit]
@@ -180,16 +245,34 @@ def _trim(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return tuple(x[:, :t] if x.dim() == 2 and x.shape[1] > 2 else x for x in batch)
 
 
+@dataclass(frozen=True)
+class TextPredictConfig:
+    """Options of ``divekit predict`` on a text fine-tuning run (each head reads its own)."""
+
+    top_k: int = option(3, "classify/pair: labels to show per text", metavar="K")
+    max_answer_len: int | None = option(None, "question answering: longest answer span, in "
+                                        "tokens (default: the run's)", metavar="N")
+
+
 class TextFinetuneTask(Task, name="bert_finetune"):
-    """A pretrained BERT encoder with a fresh head for one of the four tasks."""
+    """A pretrained BERT encoder with a fresh head for one of the four tasks; the head's own
+    work is :attr:`head`'s (:mod:`divekit.tasks.finetune_heads`)."""
 
     Config = TextFinetuneConfig
+    PredictConfig = TextPredictConfig
 
     def __init__(self, config: TextFinetuneConfig, record: dict[str, Any] | None = None):
         super().__init__(config, record)
         self._tokenizer: BertTokenizer | None = None
         self.added_words: list[str] = list(self.record.get("added_tokens", []))
-        self.val_features: list[Any] = []
+
+    @cached_property
+    def head(self) -> FinetuneHead:
+        """The head ``--task`` names, made once (a run's record is checked before it is used)."""
+        if self.config.task not in HEAD_CLASSES:
+            raise DivekitError(f"--task must be one of {', '.join(HEAD_CLASSES)}, "
+                               f"got {self.config.task!r}")
+        return HEAD_CLASSES[self.config.task](self)
 
     # ------------------------------------------------------------------ data
     @cached_property
@@ -218,15 +301,7 @@ class TextFinetuneTask(Task, name="bert_finetune"):
         return self._tokenizer
 
     def _encode(self, examples: list[Any], where: str) -> tuple[Tensor, ...]:
-        kind, tok = self.config.task, self.tokenizer
-        if kind == "tag":
-            return encode_tagged(tok, examples, self.labels, where)
-        if kind == "qa":
-            tensors, features = encode_qa(tok, examples, self.config.doc_stride)
-            if where == "validation":
-                self.val_features = features
-            return tensors
-        return encode_texts(tok, examples, self.labels, where)
+        return self.head.encode(examples, where)
 
     def train_data(self) -> TensorBatchLoader:
         return TensorBatchLoader(*self._encode(self.data.train, "training data"),
@@ -258,7 +333,7 @@ class TextFinetuneTask(Task, name="bert_finetune"):
             quiet.setLevel(level)
         choice = choose_batch_size_for(
             model, tuple(t[:1] for t in tensors), lambda m, b: self.training_step(m, b)[0],
-            num_classes=len(self.labels) if cfg.task != "qa" else None,
+            num_classes=self.head.num_classes(),
             device=resolve_device(cfg.device), max_batch=max(1, len(tensors[0])),
             optimizer=cfg.optimizer)
         log.info("--batch-size auto: %d (%s)", choice.batch_size, choice.reason)
@@ -271,9 +346,9 @@ class TextFinetuneTask(Task, name="bert_finetune"):
         encoder = bert.encoder
         if self.added_words or self.record.get("added_tokens"):
             encoder.token_embedding = ExtendedEmbedding(encoder.token_embedding, len(self.added_words))
-        n_out = len(self.labels) if c.task != "qa" else 2
-        pooler = bert.hidden if c.task in ("classify", "pair") else None
-        model = BertForTask(encoder, make_head(c.task, bert.config.num_hiddens, n_out, c.head_dropout, pooler))
+        pooler = bert.hidden if self.head.pooled else None
+        model = BertForTask(encoder, make_head(self.head.name, bert.config.num_hiddens,
+                                               self.head.outputs(), c.head_dropout, pooler))
         if c.lora:
             lora.apply_lora(model.encoder, lora.parse_targets(c.lora_targets), c.lora, c.lora_alpha,
                             c.lora_dropout)
@@ -366,8 +441,8 @@ class TextFinetuneTask(Task, name="bert_finetune"):
             raise DivekitError(f"{path}: head {head!r} does not match the config's task "
                                f"{self.config.task!r}")
         labels = self.record.get("labels")
-        if self.config.task != "qa":
-            fewest = 1 if self.config.task == "tag" else 2
+        fewest = self.head.fewest_labels
+        if fewest is not None:
             if (not isinstance(labels, list) or len(labels) < fewest
                     or not all(isinstance(x, str) and x for x in labels)):
                 raise DivekitError(f"{path}: labels must be a list of {fewest} or more non-empty "
@@ -387,145 +462,26 @@ class TextFinetuneTask(Task, name="bert_finetune"):
     # ------------------------------------------------------------------ steps
     def training_step(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         tokens, segments, valid, y = batch[:4]
-        out = model(tokens, segments, valid)
-        if self.config.task == "qa":
-            loss = (F.cross_entropy(out[..., 0], y[:, 0]) + F.cross_entropy(out[..., 1], y[:, 1])) / 2
-            return loss, {"loss": loss.detach()}
-        if self.config.task == "tag":
-            loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
-            keep = y != IGNORE
-            acc = ((out.argmax(-1) == y) & keep).sum() / keep.sum().clamp_min(1)
-            return loss, {"loss": loss.detach(), "acc": acc.float()}
-        loss = F.cross_entropy(out, y)
-        return loss, {"loss": loss.detach(), "acc": (out.argmax(-1) == y).float().mean()}
+        return self.head.loss(model(tokens, segments, valid), y)
 
     def validation_step(self, model: nn.Module, batch: Any) -> dict[str, Any]:
-        tokens, segments, valid, y = batch[:4]
-        out = model(tokens, segments, valid).float()
-        if self.config.task == "qa":
-            return self._qa_step(out, batch[4])
-        if self.config.task == "tag":
-            keep = y != IGNORE
-            names = self.labels
-            gold = [[names[int(t)] for t in row[k]] for row, k in zip(y, keep)]
-            pred = [[names[int(t)] for t in row[k]] for row, k in zip(out.argmax(-1), keep)]
-            counts = M.entity_counts(gold, pred)
-            return {"loss": F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=IGNORE,
-                                            reduction="sum"), "tokens": keep.sum(),
-                    "tok_correct": ((out.argmax(-1) == y) & keep).sum(), "ent_correct": counts["correct"],
-                    "ent_pred": counts["pred"], "ent_gold": counts["gold"], "count": len(y)}
-        pred = out.argmax(-1)
-        return {"loss": F.cross_entropy(out, y, reduction="sum"), "correct": (pred == y).sum(),
-                "pred": pred.tolist(), "gold": y.tolist(), "count": len(y)}
-
-    def _qa_step(self, out: Tensor, index: Tensor) -> dict[str, Any]:
-        from divekit.data.text_features import best_spans
-
-        feats = [self.val_features[int(i)] for i in index]
-        c0 = torch.tensor([f.context_start for f in feats], device=out.device)
-        n = torch.tensor([len(f.offsets) for f in feats], device=out.device)
-        i, j, score = best_spans(out[..., 0], out[..., 1], c0, n, self.config.max_answer_len)
-        return {"qa_index": index.tolist(), "qa_start": i.tolist(), "qa_end": j.tolist(),
-                "qa_score": score.tolist(), "count": len(index)}
+        tokens, segments, valid = batch[:3]
+        return self.head.validation_step(model(tokens, segments, valid).float(), batch)
 
     def validation_end(self, sums: dict[str, Any]) -> dict[str, Any]:
-        if self.config.task == "qa":
-            return self._qa_metrics(sums)
-        n = max(float(sums["count"]), 1.0)
-        if self.config.task == "tag":
-            prf = M.prf(float(sums["ent_correct"]), float(sums["ent_pred"]), float(sums["ent_gold"]))
-            tokens = max(float(sums["tokens"]), 1.0)
-            return {"loss": float(sums["loss"]) / tokens, "acc": float(sums["tok_correct"]) / tokens,
-                    "entity_precision": prf["precision"], "entity_recall": prf["recall"],
-                    "entity_f1": prf["f1"]}
-        return {"loss": float(sums["loss"]) / n, "acc": float(sums["correct"]) / n,
-                "macro_f1": M.macro_f1(sums["pred"], sums["gold"])}
-
-    def _qa_metrics(self, sums: dict[str, Any]) -> dict[str, Any]:
-        best: dict[int, tuple[float, str]] = {}
-        for f_idx, i, j, score in zip(sums["qa_index"], sums["qa_start"], sums["qa_end"], sums["qa_score"]):
-            feat = self.val_features[f_idx]
-            a, b = feat.offsets[i - feat.context_start][0], feat.offsets[j - feat.context_start][1]
-            text = self.data.valid[feat.example].context[a:b]
-            if feat.example not in best or score > best[feat.example][0]:
-                best[feat.example] = (score, text)
-        em = f1 = 0.0
-        for k, ex in enumerate(self.data.valid):
-            e, f = M.squad_scores(best.get(k, (0.0, ""))[1], ex.answers)
-            em, f1 = em + e, f1 + f
-        n = max(len(self.data.valid), 1)
-        return {"exact_match": em / n, "f1": f1 / n}
+        return self.head.validation_end(sums)
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
     def predict(self, model: nn.Module, inputs: Any, **options: Any) -> list[dict[str, Any]]:
+        """The head's predictions on ``inputs`` (:meth:`FinetuneHead.read_inputs` reads them);
+        ``options`` are :class:`TextPredictConfig`'s (``top_k``, ``max_answer_len``)."""
         model.eval()
         device = next(model.parameters()).device
-        items = predict_inputs(inputs, self.config.task, self._table_columns(), self.labels)
-        if self.config.task == "tag":
-            return [self._tag_one(model, words, device) for words in items]
-        if self.config.task == "qa":
-            return [self._qa_one(model, q, ctx, device, options) for q, ctx in items]
-        from divekit.data.text_features import pad
+        return self.head.predict(model, self.head.read_inputs(inputs), device, options)
 
-        rows = self.tokenizer.encode_batch([a for a, _, _ in items], [b for _, b, _ in items]
-                                           if self.config.task == "pair" else None)
-        tokens, segments, valid = (t.to(device) for t in pad(rows, self.tokenizer.pad_id))
-        probs = model(tokens, segments, valid).float().softmax(-1).cpu()
-        k = min(int(options.get("top_k") or 3), len(self.labels))
-        out = []
-        for (a, b, gold), p in zip(items, probs):
-            top = torch.topk(p, k)
-            ranked = [(self.labels[int(i)], float(v)) for v, i in zip(top.values, top.indices)]
-            out.append({"input": a if b is None else f"{a} ||| {b}", "label": ranked[0][0],
-                        "probability": ranked[0][1], "top": ranked,
-                        **({"gold": gold} if gold is not None else {})})
-        return out
+    def format_metrics(self, metrics: dict[str, Any]) -> str:
+        return self.head.format_metrics(metrics)
 
-    def _table_columns(self) -> tuple[list[str], str]:
-        """The text and label columns a CSV/TSV given to ``predict`` is read by: the run's own
-        (``--text-columns``/``--label-column``, or its GLUE task's); a pair run trained on
-        one-column settings (generated data, SNLI) reads ``sentence1,sentence2``."""
-        from divekit.data.text_tasks import GLUE
-
-        c = self.config
-        if c.data in GLUE:
-            return list(GLUE[c.data][0]), GLUE[c.data][1]
-        text = [x.strip() for x in c.text_columns.split(",")]
-        if c.task == "pair" and len(text) != 2:
-            text = ["sentence1", "sentence2"]
-        return text, c.label_column
-
-    def _tag_one(self, model: nn.Module, words: list[str], device: torch.device) -> dict[str, Any]:
-        from divekit.data.text_features import tag_row
-
-        ids, _, firsts = tag_row(self.tokenizer, words)
-        x = torch.tensor([ids], device=device)
-        logits = model(x, torch.zeros_like(x), torch.tensor([len(ids)], device=device))[0]
-        tags = [self.labels[int(logits[p].argmax())] for p in firsts]
-        tags += ["O"] * (len(words) - len(tags))
-        entities = [(kind, " ".join(words[s : e + 1])) for kind, s, e in M.get_entities(tags)]
-        return {"input": " ".join(words), "words": words, "tags": tags, "entities": entities}
-
-    def _qa_one(self, model: nn.Module, question: str, context: str, device: torch.device,
-                options: dict[str, Any]) -> dict[str, Any]:
-        from divekit.data.text_features import best_spans, pad, qa_windows
-
-        max_answer = options.get("max_answer_len", self.config.max_answer_len)
-        if isinstance(max_answer, bool) or not isinstance(max_answer, int) or max_answer < 1:
-            raise DivekitError(f"--max-answer-len must be a whole number >= 1, got {max_answer!r}")
-        windows = qa_windows(self.tokenizer, question, context, self.config.doc_stride)
-        spans = []  # QA_CHUNK windows at a time: memory stays that of one batch at any length
-        for s in range(0, len(windows), QA_CHUNK):
-            chunk = windows[s : s + QA_CHUNK]
-            tokens, segments, valid = (t.to(device) for t in pad([(w[0], w[1]) for w in chunk],
-                                                                 self.tokenizer.pad_id))
-            out = model(tokens, segments, valid).float()
-            c0 = torch.tensor([w[2] for w in chunk], device=device)
-            n = torch.tensor([len(w[3]) for w in chunk], device=device)
-            spans.append(best_spans(out[..., 0], out[..., 1], c0, n, max_answer))
-        i, j, score = (torch.cat(parts) for parts in zip(*spans))
-        w = int(score.argmax())
-        offsets = windows[w][3]
-        a, b = offsets[int(i[w]) - windows[w][2]][0], offsets[int(j[w]) - windows[w][2]][1]
-        return {"input": question, "answer": context[a:b], "score": float(score[w]), "start": a}
+    def format_prediction(self, item: dict[str, Any]) -> str:
+        return self.head.format_prediction(item)
