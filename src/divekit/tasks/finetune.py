@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from divekit import weights as weight_files
-from divekit.config import option
+from divekit.config import config_from_dict, field_names, flag_name, option
 from divekit.engine.checkpoint import load_weights
 from divekit.engine.config import Check, finite
-from divekit.engine.record import CONFIG, check_record, read_record
+from divekit.engine.record import CONFIG, check_record, read_record, resume_values
 from divekit.engine.run import train
 from divekit.engine.task import Run, TrainResult
 from divekit.errors import DivekitError
@@ -134,6 +134,23 @@ def _from_torchvision_name(spec: str) -> Source:
     # divekit's loader, never torchvision's: hash checked on every use, weights_only=True
     state = weight_files.torchvision_state(enum[tag])
     return _from_state(arch, state, f"torchvision {spec}")
+
+
+def is_image_source(spec: str | None) -> bool:
+    """Whether SOURCE names an image classifier to fine-tune: a divekit run directory (its
+    ``config.json`` a run's record), a weights file, or ``ARCH:WEIGHTS``. Only what the name
+    and the files say is looked at (nothing is loaded): ``divekit finetune`` picks its path by
+    this and :func:`divekit.tasks.bert_finetune.is_bert_source`."""
+    if not spec:
+        return False
+    path = Path(spec)
+    if path.is_dir():
+        try:
+            record = read_record(path)
+        except DivekitError:
+            return False
+        return "task" in record
+    return path.is_file() or (":" in spec and "/" not in spec)
 
 
 def resolve_source(spec: str, arch: str | None = None) -> Source:
@@ -236,3 +253,22 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     source = resolve_source(config.source, config.arch)
     log.info("fine-tuning from %s", source.description)
     return train(FinetuneTask(for_source(config, source), source))
+
+
+def finetune_config(typed: dict[str, Any]) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of what was typed (``source`` and the options), over the
+    run's own options with ``--resume`` (:func:`~divekit.engine.record.resume_values`).
+    Options of text fine-tuning are refused in one line naming them."""
+    foreign = sorted(k for k in typed if k not in field_names(FinetuneConfig))
+    if foreign:
+        flags = ", ".join(flag_name(k) for k in foreign)
+        raise DivekitError(f"{flags} apply to text fine-tuning (a BERT SOURCE such as minilm), "
+                           f"not to image fine-tuning of {typed.get('source') or 'SOURCE'}")
+    if typed.get("resume"):
+        probe = config_from_dict(FinetuneConfig, typed)
+        name = "" if typed.get("out") or not probe.source else for_source(
+            probe, resolve_source(probe.source, probe.arch)).run_name
+        typed = resume_values(FinetuneConfig, typed, name)
+    config = config_from_dict(FinetuneConfig, typed)
+    config.validate()
+    return config
