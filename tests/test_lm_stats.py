@@ -13,8 +13,9 @@ from divekit.data.lm_stats import (
     trigram_freqs,
     unigram_freqs,
 )
-from divekit.data.text import preprocess, read_pydoc, tokenize
+from divekit.data.text import preprocess, read_pydoc
 from divekit.errors import DivekitError
+from divekit.tokenizers import tokenize
 from divekit.viz import plot_zipf
 
 

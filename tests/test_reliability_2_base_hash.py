@@ -19,7 +19,8 @@ import torch
 from divekit.cli import main
 from divekit.data.text_generated import GENERATED
 from divekit.models.bert import BertConfig, BertModel
-from divekit.models.bert_checkpoint import SPECIAL_TOKENS, BertTokenizer, save_pretrained
+from divekit.models.bert_checkpoint import save_pretrained
+from divekit.tokenizers import SPECIAL_TOKENS, BertTokenizer
 
 pytest.importorskip("tokenizers")
 

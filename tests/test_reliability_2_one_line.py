@@ -54,7 +54,7 @@ def test_binary_or_utf16_topology_and_config_are_one_line(tmp_path, capsys, enco
 
 
 def test_many_long_texts_give_one_warning(tmp_path):
-    from divekit.models.bert_checkpoint import BertTokenizer
+    from divekit.tokenizers import BertTokenizer
 
     base = write_tiny_base(tmp_path / "base", seed=0)
     tok = BertTokenizer.load(base, max_len=16)

@@ -18,9 +18,9 @@ from divekit.data.text import (
     preprocess,
     seq_data_iter_random,
     seq_data_iter_sequential,
-    tokenize,
 )
 from divekit.errors import DataNotFoundError, DivekitError
+from divekit.tokenizers import tokenize
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

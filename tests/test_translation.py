@@ -412,7 +412,7 @@ def test_fra_eng_is_registered_for_the_translate_task():
 
 def test_sentencepiece_tokens_replace_words():
     pytest.importorskip("sentencepiece")
-    from divekit.data.tokenizer import train_tokenizer
+    from divekit.tokenizers import train_tokenizer
 
     lines = [s for line in numbers_fr(500).splitlines() for s in preprocess_nmt(line).split("\t")]
     tok = train_tokenizer(lines, 120)
@@ -554,7 +554,7 @@ def test_every_text_file_of_the_translation_area_is_opened_with_an_encoding():
     import divekit
 
     root = Path(divekit.__file__).parent
-    files = ["data/translation.py", "data/tokenizer.py", "tasks/translate.py",
+    files = ["data/translation.py", "tokenizers.py", "tasks/translate.py",
              "tasks/translate_decode.py", "cli/translate.py",
              "ops/bleu.py", "ops/decoding.py", "models/kernel_regression.py"]
     missing = []

@@ -1,4 +1,4 @@
-"""Atomic file writes, the leaf every layer may import.
+"""Atomic file writes (and a checked JSON read), the leaf every layer may import.
 
 A file is written to a temporary name in its own directory, flushed to disk, then renamed over
 its final name, so a reader (or a crash) never sees half a file: the old version or the new one.
@@ -61,6 +61,19 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = Non
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, mode: int | None = None) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", mode)
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``path`` (a ``config.json``, a ``tokenizer_config.json``); a file that
+    is not valid JSON, or holds a list or a number instead of an object, is one line naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DivekitError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DivekitError(f"{path} is not a JSON object")
+    return data
 
 
 # ----------------------------------------------------------------------------- output paths

@@ -2,7 +2,7 @@
 ``divekit sequence``, and how ``divekit evaluate`` prints a language model's metrics.
 
 Each handler calls library functions (:mod:`divekit.tasks.language_model`,
-:mod:`divekit.tasks.sequence`, :mod:`divekit.data.tokenizer`) and does the printing.
+:mod:`divekit.tasks.sequence`, :mod:`divekit.tokenizers`) and does the printing.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------ divekit tokenizer
 def _add_tokenizer(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    from divekit.data.tokenizer import MODEL_TYPES
+    from divekit.tokenizers import MODEL_TYPES
 
     p = sub.add_parser("tokenizer", parents=[parent], help="train or try a SentencePiece tokenizer",
                        description="Subword tokenizers (SentencePiece) for every text task's --tokenizer.")
@@ -92,9 +92,9 @@ def _add_tokenizer(sub: argparse._SubParsersAction, parent: argparse.ArgumentPar
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from divekit.data.text import corpus_lines
-    from divekit.data.tokenizer import train_tokenizer
     from divekit.engine.config import data_dir_check
     from divekit.io import check_output
+    from divekit.tokenizers import train_tokenizer
 
     ok, message = data_dir_check(args.data, args.data_dir, args.download)
     if not ok:
@@ -108,8 +108,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
-    from divekit.data.tokenizer import SentencePieceTokenizer
     from divekit.tasks.language_model import clean_prefix
+    from divekit.tokenizers import SentencePieceTokenizer
 
     print(" ".join(SentencePieceTokenizer.load(args.model).encode(clean_prefix(args.text))))
 

@@ -1,9 +1,10 @@
-"""The text pipeline: tokenize, ``Vocab``, corpora, and minibatch sampling for language models.
+"""The text pipeline: ``Vocab``, corpora, and minibatch sampling for language models.
 
-Follows the course's chapter "Text Preprocessing" and "Language Models" (``d2l``'s ``tokenize``,
-``Vocab``, ``load_corpus_time_machine``, ``seq_data_iter_random``, ``seq_data_iter_sequential``,
+Follows the course's chapter "Text Preprocessing" and "Language Models" (``d2l``'s ``Vocab``,
+``load_corpus_time_machine``, ``seq_data_iter_random``, ``seq_data_iter_sequential``,
 ``SeqDataLoader``) with the same argument orders; the sampling is vectorised with tensor indexing
-and reproducible from a ``torch.Generator``.
+and reproducible from a ``torch.Generator``. The course's ``tokenize`` lives with every other
+tokenizer, :func:`divekit.tokenizers.tokenize`.
 """
 
 from __future__ import annotations
@@ -25,30 +26,16 @@ from divekit import hub
 from divekit.data.loader import shard_bounds
 from divekit.data.registry import register_dataset
 from divekit.errors import DataNotFoundError, DivekitError, UnknownNameError
+from divekit.tokenizers import tokenize
 
 UNK = "<unk>"
-TOKEN_MODES = ("word", "char")
 
 TIMEMACHINE_FILE = "timemachine.txt"
 TIMEMACHINE_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 
 
-# ----------------------------------------------------------------------------- tokens
-
-
-def tokenize(lines: Sequence[str] | str, token: str = "word") -> list[list[str]]:
-    """Split each line into word tokens (``line.split()``) or character tokens (``list(line)``).
-
-    A single string is treated as one line.
-    """
-    if token not in TOKEN_MODES:
-        raise DivekitError(f"unknown token mode {token!r}; choose one of: {', '.join(TOKEN_MODES)}")
-    if isinstance(lines, str):
-        lines = [lines]
-    if token == "word":
-        return [line.split() for line in lines]
-    return [list(line) for line in lines]
+# ----------------------------------------------------------------------------- vocabulary
 
 
 def _flatten(tokens: Sequence[Any]) -> list[str]:

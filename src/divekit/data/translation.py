@@ -48,8 +48,8 @@ from divekit.data.loader import TensorBatchLoader
 from divekit.data.numbers_fr import NUMBERS_FR_SIZE, numbers_fr
 from divekit.data.registry import register_dataset
 from divekit.data.text import Vocab
-from divekit.data.tokenizer import tokenizer_from_spec
 from divekit.errors import DataNotFoundError, DivekitError, UnknownNameError
+from divekit.tokenizers import tokenizer_from_spec
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 RESERVED_TOKENS = (PAD, BOS, EOS)  # after <unk>: indices 1, 2, 3, as in the course
@@ -407,7 +407,7 @@ def load_translation(
     training pairs only: words that occur only in validation sentences then map to ``<unk>``, as
     unseen words do at translation time, so validation loss and BLEU are not flattered by a
     vocabulary that has seen them (the course counts all pairs; it has no validation split).
-    ``tokenizer`` (a :class:`~divekit.data.tokenizer.SentencePieceTokenizer`, one for both
+    ``tokenizer`` (a :class:`~divekit.tokenizers.SentencePieceTokenizer`, one for both
     languages, or a spec such as ``"bpe:8000"``, trained here on the training split's cleaned
     sentences of both sides) replaces the word split of each cleaned sentence by its pieces.
     ``val_size`` holds out exactly that many pairs instead of ``val_fraction``.

@@ -112,7 +112,7 @@ def predict_texts(model: OnnxModel, items: Sequence[tuple[str, str | None, Any]]
     """A BERT classify or pair head's label per text, as ``predict RUN``: ``items`` are
     ``(text, pair or None, gold or None)``."""
     from divekit.data.text_features import pad
-    from divekit.models.bert_checkpoint import BertTokenizer
+    from divekit.tokenizers import BertTokenizer
 
     m = model.meta
     if m.get("head") not in ("classify", "pair"):

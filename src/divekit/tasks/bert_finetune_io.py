@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from divekit.errors import DivekitError
-from divekit.models.bert_checkpoint import BertTokenizer, _tokenizers
+from divekit.tokenizers import BertTokenizer, _tokenizers
 
 SEPARATOR = "|||"
 # the longest input ``predict`` takes, in characters (a text, or a QA passage given inline or as

@@ -33,7 +33,8 @@ from divekit.engine.task import Task
 from divekit.errors import DivekitError, UnknownNameError
 from divekit.models import create_model
 from divekit.models.bert import mlm_loss
-from divekit.models.bert_checkpoint import BertTokenizer, load_pretrained, save_pretrained
+from divekit.models.bert_checkpoint import load_pretrained, save_pretrained
+from divekit.tokenizers import BertTokenizer
 
 EXPORT = "bert"
 

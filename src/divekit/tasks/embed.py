@@ -28,7 +28,8 @@ from tqdm import tqdm
 from divekit.engine.device import resolve_device
 from divekit.errors import DivekitError
 from divekit.models.bert import BertModel
-from divekit.models.bert_checkpoint import BertTokenizer, load_pretrained, resolve_checkpoint
+from divekit.models.bert_checkpoint import load_pretrained, resolve_checkpoint
+from divekit.tokenizers import BertTokenizer
 
 POOLINGS = ("mean", "cls")
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from divekit.config import option
 from divekit.data import dataset_info
-from divekit.data.text import SAMPLERS, TOKEN_MODES, SeqDataLoader, Vocab, corpus_lines, tokenize
+from divekit.data.text import SAMPLERS, SeqDataLoader, Vocab, corpus_lines
 from divekit.engine.config import TaskConfig, finite
 from divekit.engine.device import module_device
 from divekit.engine.record import choose_run_dir
@@ -40,6 +40,7 @@ from divekit.errors import DivekitError
 from divekit.io import atomic_write_bytes, atomic_write_json
 from divekit.models import create_model, model_info
 from divekit.models.rnn import State, detach_state
+from divekit.tokenizers import TOKEN_MODES, tokenize
 
 TASK = "language_model"
 VOCAB_FILE = "vocab.json"
@@ -102,7 +103,7 @@ class TextData:
 def load_tokenizer(path: str | Path | None) -> Any | None:
     if path is None:
         return None
-    from divekit.data.tokenizer import SentencePieceTokenizer
+    from divekit.tokenizers import SentencePieceTokenizer
 
     return SentencePieceTokenizer.load(path)
 

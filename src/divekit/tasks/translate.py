@@ -42,7 +42,6 @@ from divekit.config import option
 from divekit.data import dataset_info, load_dataset
 from divekit.data.loader import TensorBatchLoader
 from divekit.data.text import Vocab
-from divekit.data.tokenizer import SentencePieceTokenizer, parse_tokenizer_spec
 from divekit.data.translation import BOS, PAD, TranslationData, decoder_inputs, detokenize
 from divekit.engine.config import TaskConfig, clip_norm, finite
 from divekit.engine.task import Task
@@ -62,6 +61,7 @@ from divekit.tasks.translate_decode import (  # the decoding helpers, importable
     translate_sentences,
     unknown_words,
 )
+from divekit.tokenizers import SentencePieceTokenizer, parse_tokenizer_spec
 
 if TYPE_CHECKING:
     from divekit.engine.task import Run

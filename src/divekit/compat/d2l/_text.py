@@ -72,6 +72,7 @@ import torch
 from torch import Tensor
 from torch.utils import data as torch_data
 
+from divekit import tokenizers
 from divekit.compat.d2l import _data
 from divekit.compat.d2l._util import BoundedLoader, bounded, get_dataloader_workers
 from divekit.data import bert_pretrain as _bert
@@ -110,7 +111,7 @@ def _generator() -> torch.Generator:
 # ------------------------------------------------------------------------------ tokens, Vocab
 def tokenize(lines: Sequence[str], token: str = "word") -> list[list[str]]:
     """Split each line into words (``line.split()``) or characters (divekit's ``tokenize``)."""
-    return _text.tokenize(lines, token)
+    return tokenizers.tokenize(lines, token)
 
 
 def _book_flat(tokens: Sequence[Any] | None) -> list[Any]:
