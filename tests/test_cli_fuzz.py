@@ -56,7 +56,7 @@ STOPS = [
     ("divekit.tasks.sequence", "run"), ("divekit.models.kernel_regression", "kernel_regression"),
     ("divekit.tasks.embed", "Embedder"), ("divekit.hardware.zoo", "simulate_model"),
     ("divekit.hardware.explore", "sweep"), ("divekit.models.summary", "layer_table"),
-    ("divekit.engine.comm", "comm_ratio_table"), ("divekit.viz", "plot_image_grid"),
+    ("divekit.models.summary", "comm_ratio_table"), ("divekit.viz", "plot_image_grid"),
     ("divekit.hub", "download"), ("urllib.request", "urlopen"),
     ("divekit.book.runner", "run_section"),  # `book run|reproduce` start a Jupyter kernel
     ("divekit.export", "write_onnx"), ("divekit.export", "write_pt2"),  # `export`: the exporters

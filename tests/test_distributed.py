@@ -272,7 +272,7 @@ def test_rendezvous_times_out_instead_of_hanging(monkeypatch):
 
 # ----------------------------------------------------------------- comm ratio
 def test_comm_ratio_ranks_inception_over_resnet_over_alexnet():
-    from divekit.engine.comm import comm_ratio_table
+    from divekit.models.summary import comm_ratio_table
 
     rows = {r.name: r for r in comm_ratio_table(["alexnet", "googlenet", "resnet18"])}
     assert rows["googlenet"].ratio_224 > rows["resnet18"].ratio_224 > rows["alexnet"].ratio_224

@@ -216,7 +216,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         raise UnknownNameError("task", task, known)
     names = list_models(task)
     if getattr(args, "comm_ratio", False):
-        from divekit.engine.comm import comm_ratio_table, format_comm_ratio
+        from divekit.models.summary import comm_ratio_table, format_comm_ratio
 
         print(format_comm_ratio(comm_ratio_table(names)))
         return
