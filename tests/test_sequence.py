@@ -13,6 +13,7 @@ from divekit.cli.text import format_sequence_table
 from divekit.engine import Trainer
 from divekit.engine.config import TaskConfig
 from divekit.errors import DivekitError
+from divekit.models.sequence import LatentRNN, mlp
 from divekit.tasks import sequence as seq
 
 
@@ -54,7 +55,7 @@ def _brute_mlp_k_step(net, x, tau, t, k):
 
 def test_mlp_k_step_matches_a_recursive_brute_force():
     torch.manual_seed(0)
-    net, x, tau = seq.mlp(4), torch.randn(120), 4
+    net, x, tau = mlp(4), torch.randn(120), 4
     preds = seq.mlp_k_step(net, x, tau, (1, 4, 16))
     features, _ = seq.lagged_features(x, tau)
     with torch.no_grad():
@@ -68,7 +69,7 @@ def test_mlp_k_step_matches_a_recursive_brute_force():
 
 def test_rnn_k_step_matches_a_step_by_step_rollout():
     torch.manual_seed(0)
-    model, x = seq.LatentRNN(8).eval(), torch.randn(50)
+    model, x = LatentRNN(8).eval(), torch.randn(50)
     preds = seq.rnn_k_step(model, x, (1, 3, 8))
     cell = torch.nn.GRUCell(1, 8)  # independent recurrence: the same weights in a GRUCell
     with torch.no_grad():
@@ -108,7 +109,7 @@ def test_regression_task_fits_a_line_and_reports_its_mse():
     task = seq.RegressionTask(cfg, lambda: torch.nn.Linear(1, 1), x, y, val=(x, y))
     history = Trainer(task, cfg).fit()
     assert history[-1]["val_mse"] < 0.01 < history[0]["val_mse"]
-    out = seq.LatentRNN(4)(torch.randn(2, 5))  # a recurrent model's (ŷ, state) is taken apart
+    out = LatentRNN(4)(torch.randn(2, 5))  # a recurrent model's (ŷ, state) is taken apart
     batch = (torch.randn(2, 5), torch.randn(2, 5))
     loss, _ = task.training_step(lambda x: (out[0], out[1]), batch)
     assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(out[0], batch[1]).item())

@@ -33,6 +33,7 @@ from divekit.engine.task import Task
 from divekit.engine.trainer import Trainer
 from divekit.errors import DivekitError
 from divekit.io import atomic_write_json
+from divekit.models.sequence import LatentRNN, mlp
 
 STEPS = (1, 4, 16, 64)
 
@@ -104,19 +105,6 @@ def lagged_features(x: Tensor, tau: int) -> tuple[Tensor, Tensor]:
     return features, x[tau:]
 
 
-class LatentRNN(nn.Module):
-    """``h_t = GRU(h_{t-1}, x_{t-1})``, ``x̂_t = W h_t + b``. Input ``(B, L)`` → predictions ``(B, L)``."""
-
-    def __init__(self, hidden: int = 16):
-        super().__init__()
-        self.rnn = nn.GRU(1, hidden)
-        self.head = nn.Linear(hidden, 1)
-
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        out, state = self.rnn(x.T.unsqueeze(-1), state)  # (L, B, H)
-        return self.head(out).squeeze(-1).T, state  # (B, L)
-
-
 class RegressionTask(Task, name="sequence_regression"):
     """Squared loss ``(ŷ - y)²`` on ``(inputs, targets)`` pairs, for a model from ``build``;
     ``model(x)`` may return ``(ŷ, state)`` (a recurrent one). ``val``: optional held-out pairs,
@@ -166,11 +154,6 @@ def _fit(build: Callable[[], nn.Module], x: Tensor, y: Tensor, cfg: SequenceConf
     trainer = Trainer(RegressionTask(train_cfg, build, x, y), train_cfg)
     history = trainer.fit()
     return trainer.model, history
-
-
-def mlp(tau: int) -> nn.Module:
-    """The course's autoregressive model: ``Linear(τ, 10) → ReLU → Linear(10, 1)``."""
-    return nn.Sequential(nn.Linear(tau, 10), nn.ReLU(), nn.Linear(10, 1))
 
 
 # ----------------------------------------------------------------------------- k-step predictions
