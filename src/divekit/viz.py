@@ -22,12 +22,13 @@ def _subplots(nrows: int = 1, ncols: int = 1, **kw):
     return fig, fig.subplots(nrows, ncols, **kw)
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Render to memory, then write atomically: a reader never sees half a PNG."""
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120, tight: bool = True) -> Path:
+    """Render to memory, then write atomically: a reader never sees half a PNG. ``tight``:
+    crop the page to what is drawn (else the figure's own size, as its layout placed it)."""
     from divekit.io import atomic_write_bytes
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
@@ -243,4 +244,108 @@ def plot_zipf(freq_lists: Sequence, labels: Sequence[str], path: str | os.PathLi
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return save_figure(fig, path, dpi=100)
+    return save_figure(fig, path, dpi=100, tight=False)
+
+
+def plot_k_step(result: dict, path: str | os.PathLike) -> Path:
+    """The course's k-step predictions of a noisy sine, in three panels: the data with 1-step
+    and multistep MLP predictions; the MLP's k-step predictions; the GRU's. ``result`` is what
+    :func:`divekit.tasks.sequence.run` returns."""
+    cfg, t, x = result["config"], result["time"], result["x"]
+    fig = Figure(figsize=(7, 8), layout="tight")
+    axes = fig.subplots(3, 1, sharex=True)
+    axes[0].plot(t, x, color="0.7", lw=1, label="data")
+    axes[0].plot(t, result["mlp_preds"][1], lw=1, label="MLP 1-step")
+    axes[0].plot(t, result["mlp_multistep"], lw=1.5,
+                 label=f"MLP multistep (from t={cfg['n_train']})")
+    for ax, key, name in ((axes[1], "mlp_preds", f"MLP, τ={cfg['tau']}"),
+                          (axes[2], "rnn_preds", "GRU (latent state)")):
+        ax.plot(t, x, color="0.8", lw=1, label="data")
+        for k, pred in result[key].items():
+            mse = result["mse"]["mlp" if key == "mlp_preds" else "rnn"][k]
+            ax.plot(t, pred, lw=1, label=f"{k}-step (test MSE {mse:.3f})")
+        ax.set_title(name, fontsize=10)
+    for ax in axes:
+        ax.axvline(cfg["n_train"], color="k", ls=":", lw=0.8)
+        ax.set_ylabel("x")
+        ax.set_ylim(-2, 2)
+        ax.legend(fontsize=7, loc="lower left", ncol=2)
+    axes[0].set_title("noisy sine: x_t = sin(0.01 t) + N(0, 0.2²)", fontsize=10)
+    axes[2].set_xlabel("time")
+    return save_figure(fig, path)
+
+
+def plot_plan(plan, path: str | os.PathLike, *, target: float, note: str = "") -> Path:
+    """``divekit dist plan --plot``: scaling efficiency against devices (left), and the global
+    batch allreduce needs for ``target`` efficiency against devices (right).
+
+    ``plan`` is :func:`divekit.engine.planner.plan`'s ``Plan``: its ``rows`` (``devices``,
+    ``steps`` and ``efficiencies`` by strategy, ``batch_for_80``), ``cost.name``, ``batch`` and
+    ``verdict(strategy)``; ``note`` is the line above the panels (the plan's inputs)."""
+    fig, (ax, bx) = _subplots(1, 2, figsize=(11, 4.2))
+    ns = [r.devices for r in plan.rows]
+    for s in plan.rows[0].steps:
+        pts = [(r.devices, r.efficiencies[s]) for r in plan.rows if r.efficiencies[s] is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=s)
+    ax.axhline(target, color="grey", ls="--", lw=1)
+    last = plan.verdict("allreduce")["last_efficient"]
+    if last is not None:
+        ax.axvline(last, color="C0", ls=":", lw=1)
+        ax.annotate(f"allreduce >= {target:.0%}\nup to N={last}", (last, target), fontsize=8,
+                    xytext=(5, 8), textcoords="offset points")
+    ax.set(xscale="log", xlabel="devices N", ylabel="efficiency T(1) / (N T(N))", ylim=(0, 1.05),
+           title=f"{plan.cost.name}, G = {plan.batch}")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+    pts = [(r.devices, r.batch_for_80) for r in plan.rows if r.batch_for_80 is not None]
+    if pts:
+        bx.plot(*zip(*pts), marker="o", ms=3, color="C0", label=f"allreduce: G for {target:.0%}")
+    bx.axhline(plan.batch, color="grey", ls="--", lw=1, label=f"G = {plan.batch}")
+    bx.set_xscale("log", base=2)
+    bx.set_yscale("log")
+    bx.set(xlabel="devices N", ylabel="global batch", xlim=(min(ns), max(ns) or 1),
+           title="the batch at which data parallelism pays again")
+    bx.legend(fontsize=8)
+    fig.suptitle(note, fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110, tight=False)
+
+
+def plot_batching(points: Sequence, path: str | os.PathLike, title: str) -> Path:
+    """``divekit hw ... --plot``: a systolic array's utilisation and per-sample latency against
+    the batch size (log2 x axis). ``points``: :func:`divekit.hardware.explore.batch_curve`'s,
+    each with ``batch``, ``utilisation`` (a fraction) and ``ms_per_sample``."""
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    ax_u, ax_l = fig.subplots(1, 2)
+    batches = [p.batch for p in points]
+    ax_u.plot(batches, [100 * p.utilisation for p in points], "o-")
+    ax_u.set(xscale="log", xlabel="batch size", ylabel="utilisation %", title="array utilisation")
+    ax_u.set_xscale("log", base=2)
+    ax_l.plot(batches, [p.ms_per_sample for p in points], "o-", color="tab:red")
+    ax_l.set(xlabel="batch size", ylabel="ms per sample", title="latency per sample")
+    ax_l.set_xscale("log", base=2)
+    for ax in (ax_u, ax_l):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return save_figure(fig, path, dpi=110, tight=False)
+
+
+def plot_sweep(points: Sequence, path: str | os.PathLike, title: str) -> Path:
+    """``divekit hw sweep``: grouped bars, the utilisation of each array shape, one bar per
+    dataflow. ``points``: :func:`divekit.hardware.explore.sweep`'s, each with ``rows``,
+    ``cols``, ``dataflow`` and ``utilisation`` (a fraction)."""
+    arrays = list(dict.fromkeys((p.rows, p.cols) for p in points))
+    dataflows = list(dict.fromkeys(p.dataflow for p in points))
+    util = {(p.rows, p.cols, p.dataflow): 100 * p.utilisation for p in points}
+    fig = Figure(figsize=(max(6.0, 1.1 * len(arrays) + 2), 3.8), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(dataflows)
+    for i, df in enumerate(dataflows):
+        xs = [j + (i - (len(dataflows) - 1) / 2) * width for j in range(len(arrays))]
+        ax.bar(xs, [util[(r, c, df)] for r, c in arrays], width, label=df)
+    ax.set_xticks(range(len(arrays)), [f"{r}x{c}" for r, c in arrays])
+    ax.set(xlabel="array (rows x columns)", ylabel="utilisation %", title=title)
+    ax.legend(title="dataflow")
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path, dpi=110, tight=False)

@@ -147,5 +147,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         planner.write_csv(result, str(out_csv))
         print(f"csv: {args.csv}")
     if out_png is not None:
-        planner.plot_plan(result, str(out_png))
+        from divekit.viz import plot_plan
+
+        plot_plan(result, out_png, target=planner.TARGET_EFFICIENCY, note=planner.describe(result))
         print(f"plot: {args.plot}")

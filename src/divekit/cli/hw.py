@@ -190,8 +190,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         _write_layer_csv(out_csv, result, args.clock_ghz, args.bandwidth_gbs)
         print(f"csv: {args.csv}")
     if out_png is not None:
-        from divekit.hardware.explore import batch_curve, plot_batching
+        from divekit.hardware.explore import batch_curve
         from divekit.hardware.zoo import trace_model
+        from divekit.viz import plot_batching
 
         traced, _ = trace_model(model, shape)
         points = batch_curve(traced, array, args.clock_ghz, overlap=args.overlap)
@@ -271,8 +272,9 @@ def _simulate_topology(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from divekit.hardware.analytic import DATAFLOWS, parse_array
-    from divekit.hardware.explore import format_points, plot_sweep, sweep
+    from divekit.hardware.explore import format_points, sweep
     from divekit.hardware.zoo import trace_model
+    from divekit.viz import plot_sweep
 
     _check_positive(args)
     arrays = tuple(parse_array(a.strip()) for a in args.arrays.split(",") if a.strip())

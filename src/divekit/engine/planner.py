@@ -437,46 +437,6 @@ def write_csv(p: Plan, path: str) -> str:
     return text
 
 
-def plot_plan(p: Plan, path: str) -> None:
-    """Scaling efficiency against devices (left), and the global batch allreduce needs for 80%
-    efficiency against devices (right), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ns = [r.devices for r in p.rows]
-    for s in p.rows[0].steps:
-        pts = [(r.devices, r.efficiencies[s]) for r in p.rows if r.efficiencies[s] is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=s)
-    ax.axhline(TARGET_EFFICIENCY, color="grey", ls="--", lw=1)
-    v = p.verdict("allreduce")
-    if v["last_efficient"] is not None:
-        ax.axvline(v["last_efficient"], color="C0", ls=":", lw=1)
-        ax.annotate(f"allreduce >= 80%\nup to N={v['last_efficient']}",
-                    (v["last_efficient"], TARGET_EFFICIENCY), fontsize=8,
-                    xytext=(5, 8), textcoords="offset points")
-    ax.set(xscale="log", xlabel="devices N", ylabel="efficiency T(1) / (N T(N))", ylim=(0, 1.05),
-           title=f"{p.cost.name}, G = {p.batch}")
-    ax.set_xscale("log", base=2)
-    ax.legend(fontsize=8)
-    pts = [(r.devices, r.batch_for_80) for r in p.rows if r.batch_for_80 is not None]
-    if pts:
-        bx.plot(*zip(*pts), marker="o", ms=3, color="C0", label="allreduce: G for 80%")
-    bx.axhline(p.batch, color="grey", ls="--", lw=1, label=f"G = {p.batch}")
-    bx.set_xscale("log", base=2)
-    bx.set_yscale("log")
-    bx.set(xlabel="devices N", ylabel="global batch", xlim=(min(ns), max(ns) or 1),
-           title="the batch at which data parallelism pays again")
-    bx.legend(fontsize=8)
-    fig.suptitle(describe(p), fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- measurement
 def measure_flops_per_s(size: int = 1024, seconds: float = 0.5, device: str = "cpu") -> float:
     """FLOP/s of a float32 ``size × size`` matrix product on ``device`` (``2 size³`` FLOPs

@@ -1,4 +1,5 @@
-"""Batch-size curves and array-shape sweeps of a traced model (analytic mode), with pictures.
+"""Batch-size curves and array-shape sweeps of a traced model (analytic mode); their
+pictures are :func:`divekit.viz.plot_batching` and :func:`divekit.viz.plot_sweep`.
 
 Batching: a layer's M grows with the batch (M = batch · output pixels), so the fill, skew and
 drain of every fold, and the preload of every stationary tile, are paid once per batch instead
@@ -8,11 +9,9 @@ of once per sample: per-sample latency = cycles(batch) / (batch · clock) falls 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from divekit.hardware.analytic import DATAFLOWS, ArraySpec
-from divekit.hardware.scalesim_io import atomic_write
 from divekit.hardware.zoo import TracedLayer, map_layers, table_lines
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -60,50 +59,3 @@ def format_points(points: list[Point], title: str) -> str:
     rows = [head] + [(f"{p.rows}x{p.cols}", p.dataflow, str(p.batch), f"{p.cycles:,}",
                       f"{100 * p.utilisation:.1f}", f"{p.ms_per_sample:.4f}") for p in points]
     return "\n".join(table_lines(title, rows))
-
-
-def _save(fig, path: str | os.PathLike) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write(path, buf.getvalue())
-
-
-def plot_batching(points: list[Point], path: str | os.PathLike, title: str) -> None:
-    """Utilisation and per-sample latency against batch size (log2 x axis)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
-    ax_u, ax_l = fig.subplots(1, 2)
-    batches = [p.batch for p in points]
-    ax_u.plot(batches, [100 * p.utilisation for p in points], "o-")
-    ax_u.set(xscale="log", xlabel="batch size", ylabel="utilisation %", title="array utilisation")
-    ax_u.set_xscale("log", base=2)
-    ax_l.plot(batches, [p.ms_per_sample for p in points], "o-", color="tab:red")
-    ax_l.set(xlabel="batch size", ylabel="ms per sample", title="latency per sample")
-    ax_l.set_xscale("log", base=2)
-    for ax in (ax_u, ax_l):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    _save(fig, path)
-
-
-def plot_sweep(points: list[Point], path: str | os.PathLike, title: str) -> None:
-    """Grouped bars: utilisation of each array shape, one bar per dataflow."""
-    from matplotlib.figure import Figure
-
-    arrays = list(dict.fromkeys((p.rows, p.cols) for p in points))
-    dataflows = list(dict.fromkeys(p.dataflow for p in points))
-    util = {(p.rows, p.cols, p.dataflow): 100 * p.utilisation for p in points}
-    fig = Figure(figsize=(max(6.0, 1.1 * len(arrays) + 2), 3.8), layout="constrained")
-    ax = fig.subplots()
-    width = 0.8 / len(dataflows)
-    for i, df in enumerate(dataflows):
-        xs = [j + (i - (len(dataflows) - 1) / 2) * width for j in range(len(arrays))]
-        ax.bar(xs, [util[(r, c, df)] for r, c in arrays], width, label=df)
-    ax.set_xticks(range(len(arrays)), [f"{r}x{c}" for r, c in arrays])
-    ax.set(xlabel="array (rows x columns)", ylabel="utilisation %", title=title)
-    ax.legend(title="dataflow")
-    ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)

@@ -231,6 +231,8 @@ def run(cfg: SequenceConfig | None = None) -> dict[str, Any]:
         "mlp_multistep": multistep(net, x, cfg.tau, n),
     }
     if cfg.out is not None:
+        from divekit.viz import plot_k_step
+
         out = Path(cfg.out)
         result["plot"] = str(plot_k_step(result, out / "kstep.png"))
         atomic_write_json(out / "mse.json", {"mse": result["mse"], "config": result["config"]})
@@ -246,31 +248,3 @@ def multistep(net: nn.Module, x: Tensor, tau: int, n_train: int) -> Tensor:
     pred = torch.full((len(x),), math.nan)
     pred[n_train:] = torch.stack(seq[n_train:])
     return pred
-
-
-def plot_k_step(result: dict[str, Any], path: str | Path) -> Path:
-    """Three panels: data with 1-step and multistep predictions; MLP k-step; GRU k-step."""
-    from matplotlib.figure import Figure
-
-    from divekit.viz import save_figure
-
-    cfg, t, x = result["config"], result["time"], result["x"]
-    fig = Figure(figsize=(7, 8), layout="tight")
-    axes = fig.subplots(3, 1, sharex=True)
-    axes[0].plot(t, x, color="0.7", lw=1, label="data")
-    axes[0].plot(t, result["mlp_preds"][1], lw=1, label="MLP 1-step")
-    axes[0].plot(t, result["mlp_multistep"], lw=1.5, label=f"MLP multistep (from t={cfg['n_train']})")
-    for ax, key, name in ((axes[1], "mlp_preds", f"MLP, τ={cfg['tau']}"), (axes[2], "rnn_preds", "GRU (latent state)")):
-        ax.plot(t, x, color="0.8", lw=1, label="data")
-        for k, pred in result[key].items():
-            mse = result["mse"]["mlp" if key == "mlp_preds" else "rnn"][k]
-            ax.plot(t, pred, lw=1, label=f"{k}-step (test MSE {mse:.3f})")
-        ax.set_title(name, fontsize=10)
-    for ax in axes:
-        ax.axvline(cfg["n_train"], color="k", ls=":", lw=0.8)
-        ax.set_ylabel("x")
-        ax.set_ylim(-2, 2)
-        ax.legend(fontsize=7, loc="lower left", ncol=2)
-    axes[0].set_title("noisy sine: x_t = sin(0.01 t) + N(0, 0.2²)", fontsize=10)
-    axes[2].set_xlabel("time")
-    return save_figure(fig, path)
