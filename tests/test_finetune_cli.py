@@ -139,3 +139,24 @@ def test_each_head_prints_its_predictions():
     assert heads["qa"].format_prediction(answer) == "where does anna live: 'paris' (score 7.250)"
     metrics = {"exact_match": 0.5, "f1": 0.75, "note": "x"}
     assert heads["qa"].format_metrics(metrics) == "exact_match 0.5000, f1 0.7500"
+
+
+def test_a_bert_without_task_is_classify_and_resume_takes_the_runs_own_options(
+        bert_run, tmp_path, monkeypatch, capsys):
+    """`finetune minilm` (no --task) trains a classify head and says so; `--resume` without
+    --out continues the newest run of that name with its own options under what is typed
+    (engine.record.resume_values): its --lr 3e-4 is taken over, not refused as a change."""
+    from divekit.engine.checkpoint import CheckpointDir
+
+    monkeypatch.chdir(tmp_path)
+    data = ["--data", f"csv:{bert_run.parent / 'reviews.csv'}"]
+    assert main(["finetune", "minilm", *data, "--epochs", "1", "--lr", "3e-4", "--limit", "6",
+                 "--batch-size", "6", "--max-len", "16", "--device", "cpu", "--quiet"]) == 0
+    assert "no --task: fine-tuning minilm as classify" in capsys.readouterr().out
+    run = tmp_path / "runs" / "bert-classify-reviews"
+    assert json.loads((run / "config.json").read_text())["config"]["task"] == "classify"
+    assert main(["finetune", "minilm", "--task", "classify", *data, "--epochs", "2",
+                 "--resume", "--quiet"]) == 0
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["lr"] == 3e-4 and config["limit"] == 6 and config["max_len"] == 16
+    assert CheckpointDir(run).latest().name == "epoch-0002"
