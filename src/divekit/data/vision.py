@@ -4,7 +4,8 @@
 ``fashion-mnist`` read the four official IDX files from ``--data-dir`` or the cache, or download
 them with ``--download``. Every loader returns an :class:`ImageClassificationData` whose images
 are ``(N, C, H, W)`` float32 in [0, 1]. :func:`resize_images` and :func:`load_image_file` are the
-one path from pixels to model input, shared by training and by ``divekit predict``.
+one path from pixels to model input, shared by training and by ``divekit predict``
+(:func:`load_image_batch` for a classifier's batch of files).
 """
 
 from __future__ import annotations
@@ -122,6 +123,16 @@ def load_image_file(path: str | os.PathLike[str], in_channels: int, size: Size |
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
     x = x.float().div_(255)
     return resize_images(x, size) if size is not None else x
+
+
+def load_image_batch(
+    paths: Sequence[str | os.PathLike[str]], in_channels: int, size: Size
+) -> Tensor:
+    """Image files as one batch ``(N, C, H, W)`` float32 in [0, 1], each read and resized by
+    :func:`load_image_file` (what ``divekit predict`` gives a classifier); no files is an error."""
+    if not paths:
+        raise DivekitError("no image files given")
+    return torch.stack([load_image_file(p, in_channels, size) for p in paths])
 
 
 # ----------------------------------------------------------------------------- building the data

@@ -3,7 +3,7 @@ model involved, with the preprocessing its metadata records (:func:`divekit.expo
 
 The results are the dictionaries ``divekit predict RUN`` gives, so the command prints them the
 same way: a classifier's top-k classes per image, a BERT classifier's label and probabilities
-per text. Images are read as training read them (:func:`divekit.data.vision.load_image_file`),
+per text. Images are read as training read them (:func:`divekit.data.vision.load_image_batch`),
 texts tokenised with the vocabulary stored in the file.
 """
 
@@ -84,14 +84,12 @@ def predict_images(model: OnnxModel, inputs: Sequence[Any], top_k: int = 3) -> l
     """A classifier's top-k ``(class, probability)`` per image file, as ``predict RUN``."""
     import torch
 
-    from divekit.data.vision import load_image_file
+    from divekit.data.vision import load_image_batch
 
-    if not inputs:
-        raise DivekitError("no image files given")
     if top_k < 1:
         raise DivekitError(f"--top-k must be at least 1, got {top_k}")
     m = model.meta
-    x = torch.stack([load_image_file(p, m["in_channels"], tuple(m["input_size"])) for p in inputs])
+    x = load_image_batch(inputs, m["in_channels"], tuple(m["input_size"]))
     mean = torch.tensor(m["mean"], dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(m["std"], dtype=torch.float32).view(-1, 1, 1)
     logits = model.run(images=((x - mean) / std).numpy().astype(np.float32))

@@ -28,7 +28,7 @@ from divekit.data import dataset_info, load_dataset
 from divekit.data.augment import Augment, BatchMix, SampleTransform
 from divekit.data.batch_augment import BatchAugment
 from divekit.data.loader import TensorBatchLoader
-from divekit.data.vision import ImageClassificationData, load_image_file, resize_images
+from divekit.data.vision import ImageClassificationData, load_image_batch, resize_images
 from divekit.engine.batch_size import choose_batch_size
 from divekit.engine.config import Check, TaskConfig, check_call
 from divekit.engine.device import resolve_device
@@ -365,12 +365,10 @@ class ClassificationTask(Task, name="classify"):
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], *, top_k: int = 3) -> list[dict[str, Any]]:
         """Top-k classes of image files of any size and mode, converted as training did."""
-        if not inputs:
-            raise DivekitError("no image files given")
         if top_k < 1:
             raise DivekitError(f"--top-k must be at least 1, got {top_k}")
         f = self.facts
-        x = torch.stack([load_image_file(p, f["in_channels"], tuple(f["image_size"])) for p in inputs])
+        x = load_image_batch(inputs, f["in_channels"], tuple(f["image_size"]))
         device = next(model.parameters()).device
         with torch.inference_mode():
             probs = class_scores(model, self.normalize(x.to(device)), self.config.tta).softmax(1).cpu()
