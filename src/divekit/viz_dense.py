@@ -2,12 +2,11 @@
 matrices, style-transfer loss curves and side-by-side panels.
 
 Figures are built with :class:`matplotlib.figure.Figure` (no pyplot state, no backend switch)
-and written atomically, so a reader never sees half a PNG.
+and written atomically (:func:`divekit.viz.save_figure`), so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,15 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch import Tensor
 
-from divekit.io import atomic_write_bytes
-
-
-def save(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Render to memory, then write atomically."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+from divekit.viz import save_figure
 
 
 def _hwc(image: Tensor) -> np.ndarray:
@@ -65,7 +56,7 @@ def plot_overlay(image: Tensor, label_map: Tensor, classes: Sequence[str],
                for c, n in enumerate(counts.tolist()) if n]
     ax_seg.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8,
                   frameon=False, title="classes", title_fontsize=8)
-    return save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pixel_confusion(matrix: Tensor, classes: Sequence[str], path: str | os.PathLike,
@@ -91,7 +82,7 @@ def plot_pixel_confusion(matrix: Tensor, classes: Sequence[str], path: str | os.
     ax.set_ylabel("true")
     ax.set_title(title or "pixel confusion matrix (% of each true class)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss_curves(history: Mapping[str, Sequence[float]], path: str | os.PathLike,
@@ -109,7 +100,7 @@ def plot_loss_curves(history: Mapping[str, Sequence[float]], path: str | os.Path
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_side_by_side(images: Sequence[Tensor], titles: Sequence[str], path: str | os.PathLike,
@@ -124,4 +115,4 @@ def plot_side_by_side(images: Sequence[Tensor], titles: Sequence[str], path: str
         ax.axis("off")
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    return save(fig, path)
+    return save_figure(fig, path)
