@@ -91,32 +91,26 @@ __all__ = [
     "read_csv_labels", "copyfile", "reorg_train_valid", "reorg_test",
 ]
 
-DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"
+DATA_URL = hub.DATA_URL
+
+# The book's files that divekit's own hub serves too: their (url, sha1) live there, once.
+_IN_DIVEKIT_HUB = ("kaggle_house_train", "kaggle_house_test", "time_machine", "fra-eng", "airfoil",
+                   "hotdog", "banana-detection", "voc2012")
 
 DATA_HUB: dict[str, tuple[str, str]] = {
-    "kaggle_house_train": (DATA_URL + "kaggle_house_pred_train.csv",
-                           "585e9cc93e70b39160e7921475f9bcd7d31219ce"),
-    "kaggle_house_test": (DATA_URL + "kaggle_house_pred_test.csv",
-                          "fa19780a7b011d9b009e8bff8e99922a8ee2eb90"),
-    "time_machine": (DATA_URL + "timemachine.txt", "090b5e7e70c295757f55df93cb0a180b9691891a"),
-    "fra-eng": (DATA_URL + "fra-eng.zip", "94646ad1522d915e7b0f9296181140edcf86a4f5"),
-    "airfoil": (DATA_URL + "airfoil_self_noise.dat", "76e5be1548fd8222e5074cf0faae75edff8cf93f"),
-    "hotdog": (DATA_URL + "hotdog.zip", "fba480ffa8aa7e0febbb511d181409f899b9baa5"),
-    "banana-detection": (DATA_URL + "banana-detection.zip",
-                         "5de26c8fce5ccdea9f91267273464dc968d20d72"),
-    "voc2012": (DATA_URL + "VOCtrainval_11-May-2012.tar",
-                "4e443f8a2eca6b1dac8a6c57641b67dd40621a49"),
+    **{name: hub.DATA_HUB[name] for name in _IN_DIVEKIT_HUB},
     "cifar10_tiny": (DATA_URL + "kaggle_cifar10_tiny.zip",
                      "2068874e4b9a9f0fb07ebe0ad2b29754449ccacd"),
     "dog_tiny": (DATA_URL + "kaggle_dog_tiny.zip", "0cb91d09b814ecdc07b50f31f8dcad3e81d6a86d"),
-    "ptb": (DATA_URL + "ptb.zip", "319d85e578af0cdc590547f26231e4e31cdf1e42"),
+    "ptb": hub.DATA_HUB["ptb"],
     "glove.6b.50d": (DATA_URL + "glove.6B.50d.zip", "0b8703943ccdb6eb788e6f091b8946e82231bc4d"),
     "glove.6b.100d": (DATA_URL + "glove.6B.100d.zip", "cd43bfb07e44e6f27cbcc7bc9ae3d80284fdaf5a"),
     "glove.42b.300d": (DATA_URL + "glove.42B.300d.zip",
                        "b5116e234e9eb9076672cfeabf5469f3eec904fa"),
     "wiki.en": (DATA_URL + "wiki.en.zip", "c1816da3821ae9f43899be655002f6c723e91b88"),
+    # the book's address (gone; _MIRRORS fetches the same zip from divekit's), divekit's sha1
     "wikitext-2": ("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
-                   "3c914d17d80b1459be871a5039ac23e752a53cbe"),
+                   hub.DATA_HUB["wikitext-2"][1]),
     "aclImdb": ("http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
                 "01ada507287d82875905620988597833ad4e0903"),
     "SNLI": ("https://nlp.stanford.edu/projects/snli/snli_1.0.zip",
