@@ -22,6 +22,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -149,60 +150,24 @@ def _cuda_fits(model: nn.Module, loss_at: Callable[[int], torch.Tensor], device:
     return fits
 
 
-def cuda_fits(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int,
-              device: torch.device, budget: int | None) -> Callable[[int], bool]:
-    """``fits(b)``: one real forward/backward at batch ``b`` on ``device`` without running out."""
-    return _cuda_fits(model, _classify_loss(model, sample_shape, num_classes, device), device,
-                      budget)
+def choose_batch_size(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int,
+                      **options: Any) -> BatchSizeChoice:
+    """The batch size for ``--batch-size auto`` of a classifier of ``num_classes`` classes on
+    inputs shaped ``sample_shape``, and the sentence that explains it: :func:`choose_batch_size_for`
+    with a batch of images and labels and the cross-entropy as its step, the CPU estimate
+    counting the inputs and the logits (:func:`step_memory`). ``options`` are
+    :func:`choose_batch_size_for`'s (``device``, ``memory_budget``, ``cap``, ``max_batch``,
+    ``optimizer``)."""
+    sample = (torch.zeros((1, *sample_shape)), torch.zeros(1, dtype=torch.long))
 
+    def step(m: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(batch[0]).float(), batch[1])
 
-def _classify_loss(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int,
-                   device: torch.device) -> Callable[[int], torch.Tensor]:
-    """``loss_at(b)``: the cross-entropy of ``model`` on a random batch of ``b`` samples."""
+    def estimate(meta: nn.Module, b: int, optimizer: str) -> int:
+        return step_memory(meta, sample_shape, b, optimizer)
 
-    def loss_at(b: int) -> torch.Tensor:
-        x = torch.randn((b, *sample_shape), device=device)
-        labels = torch.randint(num_classes, (b,), device=device)
-        return nn.functional.cross_entropy(model(x).float(), labels)
-
-    return loss_at
-
-
-def _fits_where(model: nn.Module, device: torch.device, memory_budget: str | int | None,
-                loss_of: Callable[[nn.Module], Callable[[int], torch.Tensor]],
-                bytes_of: Callable[[nn.Module, int], int]) -> tuple[Callable[[int], bool], str]:
-    """``fits(b)`` and the words for where it must fit: on CUDA a real step of the loss
-    ``loss_of(model)(b)`` within the memory (and ``memory_budget``), on the CPU the estimate
-    ``bytes_of(meta_model, b)`` within the RAM budget (default a quarter of the free RAM)."""
-    budget = parse_memory(memory_budget) if memory_budget is not None else None
-    if device.type == "cuda":
-        model = model.to(device).train()
-        where = f"CUDA memory{f' within {budget / 2**20:.0f} MiB' if budget else ''}"
-        return _cuda_fits(model, loss_of(model), device, budget), where
-    ram = budget if budget is not None else available_ram() // 4
-    meta = copy.deepcopy(model).to("meta")
-    where = f"a CPU RAM budget of {ram / 2**20:.0f} MiB" + ("" if budget else " (a quarter of free RAM)")
-    return (lambda b: bytes_of(meta, b) <= ram), where
-
-
-def choose_batch_size(
-    model: nn.Module,
-    sample_shape: tuple[int, ...],
-    num_classes: int,
-    *,
-    device: torch.device | str = "cpu",
-    memory_budget: str | int | None = None,
-    cap: bool = True,
-    max_batch: int = 1 << 16,
-    optimizer: str = "sgd",
-) -> BatchSizeChoice:
-    """The batch size for ``--batch-size auto`` and the sentence that explains it."""
-    device = torch.device(device)
-    fits, where = _fits_where(
-        model, device, memory_budget,
-        lambda m: _classify_loss(m, sample_shape, num_classes, device),
-        lambda meta, b: step_memory(meta, sample_shape, b, optimizer))
-    return _choice(fits, where, num_classes, cap, max_batch)
+    return choose_batch_size_for(model, sample, step, num_classes=num_classes,
+                                 estimate=estimate, **options)
 
 
 def _choice(fits: Callable[[int], bool], where: str, num_classes: int | None, cap: bool,
@@ -224,7 +189,8 @@ def batch_of(sample: tuple[torch.Tensor, ...], b: int, device: torch.device | st
     row repeated (real token ids and labels, so that embeddings and losses accept them)."""
     if torch.device(device).type == "meta":
         return tuple(torch.empty((b, *t.shape[1:]), dtype=t.dtype, device="meta") for t in sample)
-    return tuple(t[:1].expand(b, *t.shape[1:]).contiguous().to(device) for t in sample)
+    # the copies are made where they are used: a large batch of images never sits in host RAM
+    return tuple(t[:1].to(device).expand(b, *t.shape[1:]).contiguous() for t in sample)
 
 
 def step_memory_of(model: nn.Module, sample: tuple[torch.Tensor, ...], step: Step, batch_size: int,
@@ -250,13 +216,26 @@ def choose_batch_size_for(
     cap: bool = True,
     max_batch: int = 1 << 16,
     optimizer: str = "sgd",
+    estimate: Callable[[nn.Module, int, str], int] | None = None,
 ) -> BatchSizeChoice:
-    """:func:`choose_batch_size` for any task: ``sample`` is a batch of one or more rows of the
-    task's tensors and ``step(model, batch)`` its training loss. The cap (10 × classes) applies
-    where the task has classes (``num_classes``)."""
+    """The batch size for ``--batch-size auto`` of any task, and the sentence that explains it:
+    ``sample`` is a batch of one or more rows of the task's tensors and ``step(model, batch)``
+    its training loss. The cap (10 × classes) applies where the task has classes
+    (``num_classes``). On CUDA a real step of ``b`` rows (the first row repeated) must fit the
+    memory (and ``memory_budget``); on the CPU the estimate of a step on the meta device must fit
+    the RAM budget (``memory_budget``, default a quarter of the free RAM). ``estimate(meta_model,
+    b, optimizer)`` replaces that estimate (default :func:`step_memory_of`)."""
     device = torch.device(device)
-    fits, where = _fits_where(
-        model, device, memory_budget,
-        lambda m: lambda b: step(m, batch_of(sample, b, device)),
-        lambda meta, b: step_memory_of(meta, sample, step, b, optimizer))
+    budget = parse_memory(memory_budget) if memory_budget is not None else None
+    if device.type == "cuda":
+        model = model.to(device).train()
+        fits = _cuda_fits(model, lambda b: step(model, batch_of(sample, b, device)), device,
+                          budget)
+        where = f"CUDA memory{f' within {budget / 2**20:.0f} MiB' if budget else ''}"
+    else:
+        ram = budget if budget is not None else available_ram() // 4
+        meta = copy.deepcopy(model).to("meta")
+        bytes_at = estimate or (lambda m, b, opt: step_memory_of(m, sample, step, b, opt))
+        fits = lambda b: bytes_at(meta, b, optimizer) <= ram  # noqa: E731
+        where = f"a CPU RAM budget of {ram / 2**20:.0f} MiB" + ("" if budget else " (a quarter of free RAM)")
     return _choice(fits, where, num_classes, cap, max_batch)
