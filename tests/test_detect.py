@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from divekit.cli.detect import format_metrics, format_prediction
 from divekit.data import load_dataset
 from divekit.data.detection import SHAPE_COLOURS, DetectionData, make_shapes
 from divekit.engine import Trainer
@@ -137,7 +136,8 @@ def test_evaluate_and_predict_open_the_run_without_its_training_data(tmp_path, t
     metrics = evaluate(run, device="cpu")
     assert metrics["map50"] == pytest.approx(result.final["val_map50"], abs=1e-6)
     assert metrics["loss"] == pytest.approx(result.final["val_loss"], rel=1e-5)
-    assert format_metrics(metrics).startswith("loss ") and ", map50 " in format_metrics(metrics)
+    shown = DetectionTask(_config()).format_metrics(metrics)  # what `divekit evaluate` prints
+    assert shown.startswith("loss ") and ", map50 " in shown
     images = [_save(tiny_shapes.val_images[i], tmp_path / d / "scene.png") for i, d in ((0, "a"), (1, "b"))]
     before = [p.read_bytes() for p in images]
     out = predict(run, images, threshold=0.0, output=tmp_path / "a", device="cpu")
@@ -154,6 +154,8 @@ def test_evaluate_and_predict_open_the_run_without_its_training_data(tmp_path, t
 
 
 def test_a_detection_prints_as_before():
+    task = DetectionTask(_config())
+    format_metrics, format_prediction = task.format_metrics, task.format_prediction
     item = {"image": "street.jpg", "detections": [("disc", 0.9123, [1.0, 2.5, 30.0, 40.0]),
                                                   ("square", 0.5, [0.0, 0.0, 8.0, 8.0])],
             "picture": "out/street.pred.png"}

@@ -1,4 +1,10 @@
-"""The ``divekit`` command. A thin layer: parse, call one task function, print.
+"""The ``divekit`` command. A thin layer: parse, call one function, print.
+
+Every module of this package (but those named ``_*``) adds commands: ``add_commands(sub,
+parent)`` adds the parsers of the commands its ``COMMANDS`` tuple names, each with its
+handler. They are found by :func:`cli_modules`, so a new module is all a new command needs;
+``divekit COMMAND`` builds only the parser of the module that names COMMAND. ``train`` is built
+here: its options depend on the MODEL (and ``--data``) named on the command line.
 
 Errors a user can fix print as one line on stderr with a non-zero exit; ``--debug`` shows the
 traceback instead.
@@ -18,22 +24,17 @@ from typing import Any
 
 from divekit.config import add_config_options, typed_options
 
-# the command-line modules of each area: extra commands (add_commands), and for the tasks they
-# name (TASKS) how `divekit evaluate` and `predict` print their results
-AREA_MODULES = ["divekit.cli.vision", "divekit.cli.detect", "divekit.cli.text",
-                "divekit.cli.translate", "divekit.cli.dense", "divekit.cli.bert", "divekit.cli.bert_finetune",
-                "divekit.cli.hw", "divekit.cli.book", "divekit.cli.dist", "divekit.cli.export",
-                "divekit.cli.serve"]
 
+def cli_modules() -> list[ModuleType]:
+    """The modules of :mod:`divekit.cli` that add commands, in the order ``divekit --help``
+    lists them: by ``HELP_ORDER`` (0: before ``train``, 1: just after it; default 2), then by
+    name. Their imports are light: each imports what its commands need when they run."""
+    import pkgutil
 
-def area_modules() -> list[ModuleType]:
-    from importlib.util import find_spec
+    found = [importlib.import_module(f"{__name__}.{m.name}")
+             for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    return sorted(found, key=lambda m: getattr(m, "HELP_ORDER", 2))
 
-    return [importlib.import_module(m) for m in AREA_MODULES if find_spec(m) is not None]
-
-
-def area_for(task: str) -> ModuleType | None:
-    return next((m for m in area_modules() if task in getattr(m, "TASKS", ())), None)
 
 EXAMPLES = """\
 examples:
@@ -70,29 +71,25 @@ def _option_value(argv: Sequence[str], flag: str) -> str | None:
     return None
 
 
-def _train_model_name(argv: Sequence[str]) -> str | None:
-    """The MODEL of ``divekit [--debug] train MODEL ...``, before the full parse."""
-    rest = [a for a in argv if a != "--debug"]
-    if len(rest) >= 2 and rest[0] == "train" and not rest[1].startswith("-"):
-        return rest[1]
-    return None
-
-
-def _command(argv: Sequence[str]) -> str | None:
-    """The COMMAND of ``divekit [--debug] COMMAND ...``, before the full parse."""
-    rest = [a for a in argv if a != "--debug"]
-    return rest[0] if rest and not rest[0].startswith("-") else None
+def _command(argv: Sequence[str]) -> tuple[str | None, str | None]:
+    """The COMMAND of ``divekit [--debug] COMMAND ...`` and the MODEL of ``divekit train MODEL
+    ...``, before the full parse."""
+    rest = [a for a in argv if a != "--debug"] + [""]
+    command = rest[0] if rest[0] and not rest[0].startswith("-") else None
+    return command, rest[1] if command == "train" and rest[1][:1] not in ("", "-") else None
 
 
 def build_parser(train_model: str | None = None, train_data: str | None = None,
                  command: str | None = None) -> argparse.ArgumentParser:
-    """The whole command line; with ``command``, only what parsing that command needs (an area
-    module that lists it in its ``COMMANDS`` is the only one imported, and ``train``'s options,
-    which import every task, are built only for ``train``), so ``divekit hw ...`` starts in a
+    """The whole command line; with ``command``, only what parsing that command needs (only
+    the modules that list it in their ``COMMANDS`` add their parsers, and ``train``'s options,
+    which import its task, are built only for ``train``), so ``divekit hw ...`` starts in a
     fraction of the time."""
-    modules = area_modules()
-    owner = next((m for m in modules if command in getattr(m, "COMMANDS", ())), None)
+    modules = cli_modules()
+    owners = [m for m in modules if command in getattr(m, "COMMANDS", ())]
     lazy = command is not None and command != "train"
+    if command == "train":
+        modules = []
     parent = _parent()
     parser = OneLineParser(
         prog="divekit", parents=[parent],
@@ -104,26 +101,8 @@ def build_parser(train_model: str | None = None, train_data: str | None = None,
     parser.add_argument("--version", action="version", version=f"divekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("models", parents=[parent], help="list the model zoo",
-                       description="Every registered model: parameters, default input, description.")
-    p.add_argument("--task", help="only models of this task (classify, detect, language_model, ...)")
-    p.add_argument("--comm-ratio", action="store_true",
-                   help="rank the classifiers by training FLOPs per byte of gradient exchanged")
-
-    sub.add_parser("datasets", parents=[parent], help="list the datasets",
-                   description="Every registered dataset, and whether it works offline.")
-
-    p = sub.add_parser(
-        "summary", parents=[parent], help="layer-by-layer output shapes, parameters, multiply-adds",
-        description="Run one zero image through each top-level layer and print its output shape, "
-        "parameters and multiply-adds (the course's `for layer in net: X = layer(X)`).",
-    )
-    p.add_argument("model", help="model name (see `divekit models`)")
-    p.add_argument("--input-shape", metavar="C,H,W",
-                   help="C,H,W, each at most 4096 (default: the model's own)")
-    p.add_argument("--num-classes", type=int, default=10,
-                   help="output classes, 1 to 100000 (default: 10)")
-
+    for module in [m for m in owners or modules if getattr(m, "HELP_ORDER", 2) == 0]:
+        module.add_commands(sub, parent)
     p = sub.add_parser(
         "train", parents=[parent], help="train a model, writing a run directory",
         description="Train MODEL on --data. Every epoch writes metrics.csv, curves.png and a "
@@ -132,44 +111,8 @@ def build_parser(train_model: str | None = None, train_data: str | None = None,
     p.add_argument("model", help="model name (see `divekit models`); its task decides the options")
     if not lazy:
         _add_train_options(p, train_model, train_data)
-
-    p = sub.add_parser("evaluate", parents=[parent], help="validation metrics of a run",
-                       description="Load a run's newest checkpoint and evaluate it on the validation split.")
-    p.add_argument("run_dir", help="a run directory written by `divekit train`")
-    p.add_argument("--data-dir", help="where the dataset's files are, if not where training found them")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--tta", choices=["none", "flip"], default=argparse.SUPPRESS,
-                   help="classifiers: test-time augmentation (default: the run's own setting)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: dynamic int8 quantization of the Linear/LSTM/GRU layers for CPU "
-                   "inference (BERT, Transformer and RNN language-model runs; default: none)")
-
-    p = sub.add_parser("predict", parents=[parent], help="run a trained model on input files",
-                       description="Run a trained model on inputs, by the run's task: a classifier "
-                       "converts each image as training did (mode, size, normalisation) and prints "
-                       "the top-k classes with probabilities.")
-    p.add_argument("run_dir", help="a run directory written by `divekit train`")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files (any size or mode)")
-    p.add_argument("--top-k", type=int, default=argparse.SUPPRESS,
-                   help="classifiers: classes to show per image (default: 3)")
-    p.add_argument("-o", "--output", metavar="DIR", default=argparse.SUPPRESS,
-                   help="folder for annotated pictures (detection: STEM.pred.png, segmentation: "
-                   "STEM.seg.png; a second input with the same STEM gets STEM-2, the next -3; "
-                   "an input file is never replaced)")
-    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
-                   help="replace pictures that already exist in -o (default: refuse)")
-    p.add_argument("--threshold", type=float, default=argparse.SUPPRESS,
-                   help="detection: minimum confidence to draw a box (default: 0.5)")
-    p.add_argument("--nms-iou", type=float, default=argparse.SUPPRESS,
-                   help="detection: IoU above which NMS drops the weaker box (default: 0.5)")
-    p.add_argument("--max-answer-len", type=int, default=argparse.SUPPRESS, metavar="N",
-                   help="question answering: longest answer span, in tokens (default: the run's)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: dynamic int8 quantization of the Linear/LSTM/GRU layers for CPU "
-                   "inference (BERT, Transformer and RNN language-model runs; default: none)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-
-    for module in [owner] if owner is not None else modules:
+    p.set_defaults(handler=cmd_train)
+    for module in [m for m in owners or modules if getattr(m, "HELP_ORDER", 2) != 0]:
         if hasattr(module, "add_commands"):
             module.add_commands(sub, parent)
     return parser
@@ -194,8 +137,8 @@ def _add_train_options(p: argparse.ArgumentParser, model: str | None, data: str 
 
 def _train_classes(model: str | None) -> tuple[type, type | None]:
     """The task config and the model-family config of ``divekit train MODEL``."""
+    from divekit.engine.task import task_for
     from divekit.models import model_info
-    from divekit.tasks import task_for
 
     if model is None:
         from divekit.tasks.classify import ClassifyConfig
@@ -204,88 +147,21 @@ def _train_classes(model: str | None) -> tuple[type, type | None]:
     return task_for(model).Config, model_info(model).config
 
 
-# ------------------------------------------------------------------------------------ commands
-def cmd_models(args: argparse.Namespace) -> None:
-    from divekit.models import create_model, list_models, model_info
-    from divekit.models.summary import count_params
-
-    task = getattr(args, "task", None)
-    if task is not None and task not in (known := {model_info(n).task for n in list_models()}):
-        from divekit.errors import UnknownNameError
-
-        raise UnknownNameError("task", task, known)
-    names = list_models(task)
-    if getattr(args, "comm_ratio", False):
-        from divekit.models.summary import comm_ratio_table, format_comm_ratio
-
-        print(format_comm_ratio(comm_ratio_table(names)))
-        return
-    width = max([14, *map(len, names)])
-    print(f"{'name':<{width}} {'params':>12}  {'input':<12} description")
-    for name in names:
-        info = model_info(name)
-        if info.task == "classify":
-            model = create_model(name, num_classes=10, in_channels=info.input_shape[0])
-            params = f"{count_params(model):,}"
-        else:
-            params = "-"
-        shape = "x".join(map(str, info.input_shape)) if info.input_shape else "tokens"
-        print(f"{name:<{width}} {params:>12}  {shape:<12} {info.description}")
-
-
-def cmd_datasets(args: argparse.Namespace) -> None:
-    from divekit.data import dataset_info, list_datasets
-
-    print(f"{'name':<16} {'task':<10} {'offline':<8} description")
-    for name in list_datasets():
-        info = dataset_info(name)
-        print(f"{name:<16} {info.task:<10} {'yes' if info.offline else 'no':<8} {info.description}")
-
-
-SUMMARY_MAX_SIDE, SUMMARY_MAX_CLASSES = 4096, 100_000  # one zero image goes through the model
-
-
-def cmd_summary(args: argparse.Namespace) -> None:
-    from divekit.models import create_model, model_info
-    from divekit.models.summary import format_table, layer_table, parse_shape
-
-    info = model_info(args.model)
-    if info.input_shape is None:
-        from divekit.errors import DivekitError
-
-        raise DivekitError(f"summary works on image models; {args.model!r} is a {info.task} model")
-    shape = parse_shape(args.input_shape) if args.input_shape else info.input_shape
-    if max(shape) > SUMMARY_MAX_SIDE or not 1 <= args.num_classes <= SUMMARY_MAX_CLASSES:
-        from divekit.errors import DivekitError
-
-        raise DivekitError(f"summary takes --input-shape sides up to {SUMMARY_MAX_SIDE} and "
-                           f"--num-classes in 1..{SUMMARY_MAX_CLASSES}, got "
-                           f"{','.join(map(str, shape))} and {args.num_classes}")
-    model = create_model(args.model, num_classes=args.num_classes, in_channels=shape[0])
-    rows = layer_table(model, shape)
-    print(format_table(rows, title=f"{args.model} on input (1, {', '.join(map(str, shape))})"))
-
-
+# ------------------------------------------------------------------------------------ train
 def train_config(args: argparse.Namespace) -> tuple[Any, Any]:
     """The task config and the launch config of ``divekit train``: what was typed, over the
-    saved run's options with ``--resume``, over the model's recipe for the dataset."""
-    import dataclasses
-
-    from divekit.config import known_values
+    saved run's options with ``--resume``, over the model's recipe for the dataset (all three
+    merged by :func:`~divekit.engine.run.make_config`)."""
+    from divekit.config import field_names
     from divekit.engine.config import LaunchConfig
-    from divekit.engine.record import resume_values
     from divekit.engine.run import make_config
 
-    config_cls, _ = _train_classes(args.model)
     typed = typed_options(args)
-    launch = LaunchConfig(**known_values(LaunchConfig, typed))
+    launching = field_names(LaunchConfig)
+    launch = LaunchConfig(**{k: v for k, v in typed.items() if k in launching})
     launch.validate()
-    typed = {k: v for k, v in typed.items() if k not in {f.name for f in dataclasses.fields(LaunchConfig)}}
-    if typed.get("resume"):
-        defaults = config_cls(model=args.model)
-        name = f"{args.model}-{typed.get('data', defaults.data)}"
-        typed = resume_values(config_cls, typed, name)
-    return make_config(config_cls, typed), launch
+    config_cls, _ = _train_classes(args.model)
+    return make_config(config_cls, {k: v for k, v in typed.items() if k not in launching}), launch
 
 
 def print_final(result: Any) -> None:
@@ -300,7 +176,7 @@ def print_final(result: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from divekit.engine import launch
     from divekit.engine.run import train
-    from divekit.tasks import task_for
+    from divekit.engine.task import task_for
 
     cfg, launch_cfg = train_config(args)
     if launch.should_spawn(launch_cfg):  # --nproc N: the same command on N processes (torchrun)
@@ -312,59 +188,6 @@ def cmd_train(args: argparse.Namespace) -> None:
             return
     print_final(result)
     print(f"curves: {result.run_dir / 'curves.png'}")
-
-
-def _format_metrics(task: str, metrics: dict[str, Any]) -> str:
-    module = area_for(task)
-    if module is not None and hasattr(module, "format_metrics"):
-        return module.format_metrics(metrics)
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from divekit.engine.config import data_dir_check
-    from divekit.engine.record import read_record
-    from divekit.engine.run import evaluate
-    from divekit.errors import DivekitError
-
-    record = read_record(args.run_dir)
-    task = str(record.get("task", "classify"))
-    overrides = {k: getattr(args, k) for k in ("data_dir", "tta") if getattr(args, k, None) is not None}
-    ok, message = data_dir_check(str(record["config"].get("data")), args.data_dir)
-    if not ok:  # the same check as `train --data-dir`
-        raise DivekitError(message)
-    print(_format_metrics(task, evaluate(args.run_dir, device=args.device,
-                                         quantize=args.quantize, **overrides)))
-
-
-def cmd_predict(args: argparse.Namespace) -> None:
-    from divekit.engine.record import read_record
-    from divekit.engine.run import predict
-
-    offered = ("top_k", "output", "overwrite", "threshold", "nms_iou", "max_answer_len")
-    options = {k: v for k, v in vars(args).items() if k in offered}
-    if args.run_dir.lower().endswith(".onnx"):  # an export: onnxruntime, no run (cli.export)
-        from divekit.cli.export import predict_onnx
-
-        print("\n".join(predict_onnx(args.run_dir, args.inputs, options)))
-        return
-    task = str(read_record(args.run_dir).get("task", "classify"))
-    module = area_for(task)
-    # engine.run.predict refuses an option the run's task does not take, before loading it
-    results = predict(args.run_dir, args.inputs, device=args.device,
-                      quantize=getattr(args, "quantize", "none"), **options)
-    for item in results:
-        print(module.format_prediction(item) if module is not None else item)
-
-
-COMMANDS = {
-    "models": cmd_models,
-    "datasets": cmd_datasets,
-    "summary": cmd_summary,
-    "train": cmd_train,
-    "evaluate": cmd_evaluate,
-    "predict": cmd_predict,
-}
 
 
 def _show_library_notes() -> None:
@@ -395,14 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         _show_library_notes()
-        parser = build_parser(_train_model_name(argv), _option_value(argv, "--data"),
-                              command=_command(argv))
+        command, model = _command(argv)
+        parser = build_parser(model, _option_value(argv, "--data"), command=command)
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 2
-        handler = getattr(args, "handler", None) or COMMANDS[args.command]
-        handler(args)
+        args.handler(args)
     except DivekitError as e:
         if debug:
             raise

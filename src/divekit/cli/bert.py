@@ -1,5 +1,4 @@
-"""``divekit embed``: sentence embeddings and semantic search with a pretrained BERT; how
-``divekit evaluate`` prints a pretraining run."""
+"""``divekit embed``: sentence embeddings and semantic search with a pretrained BERT."""
 
 from __future__ import annotations
 
@@ -7,11 +6,11 @@ import argparse
 import io
 import sys
 from pathlib import Path
-from typing import Any
 
+from divekit.cli._common import add_command
 from divekit.errors import DivekitError
 
-TASKS = ("bert_pretrain",)
+COMMANDS = ("embed",)
 # the bounds of what `embed` reads: a line (a text) is cut at MAX_LINE_CHARS characters while
 # it is read (a BERT reads at most 512 tokens, and a word-piece is rarely 100 characters long;
 # a 50 MB line took 95 s and 6 GB to tokenize), and a file gives at most MAX_TEXTS texts (their
@@ -30,12 +29,11 @@ examples:
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "embed", parents=[parent], help="sentence embeddings / semantic search with a BERT",
+    p = add_command(
+        sub, parent, "embed", help="sentence embeddings / semantic search with a BERT",
         description="Embed texts with a BERT checkpoint directory (Hugging Face layout), a "
         "divekit pretraining run, or minilm (all-MiniLM-L6-v2, embedded): the encoder's last "
-        "hidden states pooled over each text's tokens.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "hidden states pooled over each text's tokens.", examples=EXAMPLES)
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", help="a checkpoint directory, a run, or minilm")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed")
     p.add_argument("-i", "--input", metavar="FILE",
@@ -147,8 +145,3 @@ def cmd_embed(args: argparse.Namespace) -> None:
         head = ", ".join(f"{v:+.4f}" for v in e[:4].tolist())
         print(f"[{head}, ...] ({E.shape[1]} dims, norm {float(e.norm()):.3f})  {_shown(text)}")
 
-
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """``divekit evaluate`` on a pretraining run: MLM and NSP loss and accuracy."""
-    keys = ("mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc")
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from divekit.cli._common import add_action_command, add_command
 from divekit.errors import DivekitError
 
 COMMANDS = ("book",)  # the top-level commands add_commands adds (`divekit book` imports only this)
@@ -50,19 +51,17 @@ where outputs go (-o DIR, default runs/book/SECTION, or SECTION-2, ... when take
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    book = sub.add_parser("book", parents=[parent], help="run the book's sections on divekit",
-                          description="Run sections of the Dive into Deep Learning book "
-                          "(its markdown, or notebooks) headless on divekit's d2l compat layer, "
-                          "into a report with outputs and figures.",
-                          epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    book.set_defaults(handler=_cmd_book_help(book))
-    actions = book.add_subparsers(dest="book_action", metavar="ACTION")
+    actions = add_action_command(sub, parent, "book", help="run the book's sections on divekit",
+                                 description="Run sections of the Dive into Deep Learning book "
+                                 "(its markdown, or notebooks) headless on divekit's d2l compat "
+                                 "layer, into a report with outputs and figures.",
+                                 examples=EXAMPLES)
 
-    p = actions.add_parser(
-        "run", parents=[parent], help="run a section cell by cell into a report",
+    p = add_command(
+        actions, parent, "run", help="run a section cell by cell into a report",
         description="Run SECTION (the book's .md or a .ipynb) cell by cell in a fresh kernel with "
         "`from divekit.compat import d2l`, writing DIR/report.md and the executed notebook.",
-        epilog=RUN_EPILOG + "\n" + EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples=RUN_EPILOG + "\n" + EXAMPLES)
     p.add_argument("section", metavar="SECTION", help="a section: the book's .md or a .ipynb")
     p.add_argument("--quick", action="store_true",
                    help="bound epochs and batches (DIVEKIT_BOOK_QUICK=1 and literal epoch "
@@ -85,10 +84,9 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(handler=cmd_run)
 
-    p = actions.add_parser(
-        "list", parents=[parent], help="the sections in a chapters folder",
-        description="The sections (.md, .ipynb) under DIR with their PyTorch code cells.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(actions, parent, "list", help="the sections in a chapters folder",
+                    description="The sections (.md, .ipynb) under DIR with their PyTorch code "
+                    "cells.", examples=EXAMPLES)
     p.add_argument("dir", nargs="?", metavar="DIR",
                    help="a chapters folder (default: ../shared/book/chapters when present)")
     p.set_defaults(handler=cmd_list)
@@ -97,14 +95,13 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
 
     listing = "\n".join(f"  {e.name:<17} {e.what} (~{e.minutes:g} min"
                         f"{'' if e.default else ', only with --only'})" for e in EXPERIMENTS)
-    p = actions.add_parser(
-        "reproduce", parents=[parent], help="the book's headline results, at its settings",
+    p = add_command(
+        actions, parent, "reproduce", help="the book's headline results, at its settings",
         description="Run the book's headline experiments at the book's settings (the sections "
         "unchanged on the compat layer; divekit's own training for sections the chapters folder "
         "lacks) and write DIR/reproduce.md: experiment, the book's figure, divekit's, data, time.",
-        epilog="experiments:\n" + listing + "\n\nexamples:\n  divekit book reproduce\n"
-        "  divekit book reproduce --only gru,transformer -o runs/reproduce",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples="experiments:\n" + listing + "\n\nexamples:\n  divekit book reproduce\n"
+        "  divekit book reproduce --only gru,transformer -o runs/reproduce")
     p.add_argument("--only", metavar="NAMES", help="comma-separated experiments (default: all "
                    "but those marked 'only with --only')")
     p.add_argument("--chapters", metavar="DIR",
@@ -129,13 +126,6 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         print(f"{r.experiment.name:<{width}}  book: {r.experiment.book:<45}  divekit: "
               f"{r.divekit or '-'}  ({r.seconds:.0f} s, {r.status})")
     print(f"table: {Path(args.output) / 'reproduce.md'}")
-
-
-def _cmd_book_help(parser: argparse.ArgumentParser):
-    def handler(args: argparse.Namespace) -> None:
-        parser.print_help()
-        raise DivekitError("book needs an action: run, list or reproduce")
-    return handler
 
 
 QUICK_TIMEOUT = 900.0

@@ -1,20 +1,14 @@
-"""Dense vision on the command line: ``divekit stylize``, and what ``divekit evaluate`` and
-``divekit predict`` print for segmentation runs.
-
-Every command is one library call (:func:`divekit.tasks.stylize.stylize`,
-:func:`divekit.engine.run.evaluate`, :func:`divekit.engine.run.predict`); this module only
-parses and prints.
-"""
+"""``divekit stylize``: one library call (:func:`divekit.tasks.stylize.stylize`); this module
+only parses and prints."""
 
 from __future__ import annotations
 
 import argparse
-import math
-from typing import Any
 
+from divekit.cli._common import add_command
 from divekit.config import add_config_options, typed_options
 
-TASKS = ("segment",)
+COMMANDS = ("stylize",)
 
 EXAMPLES = """\
 examples:
@@ -37,12 +31,12 @@ shows texture statistics of a random network.
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     from divekit.tasks.stylize import StylizeOptions
 
-    p = sub.add_parser(
-        "stylize", parents=[parent], help="neural style transfer (VGG-19 features)",
+    p = add_command(
+        sub, parent, "stylize", help="neural style transfer (VGG-19 features)",
         description="Synthesise an image with CONTENT's layout and STYLE's textures: the image "
         "is the parameter, optimised by Adam against a frozen VGG-19's content loss (layer 25), "
         "style loss (Gram matrices at layers 0, 5, 10, 19, 28) and total variation.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples=EXAMPLES)
     p.add_argument("content", help="content image file, or an embedded photo name (astronaut, ...)")
     p.add_argument("style", help="style image file, or an embedded photo name (chelsea, ...)")
     p.add_argument("-o", "--out", required=True, metavar="OUT.png",
@@ -68,20 +62,3 @@ def cmd_stylize(args: argparse.Namespace) -> None:
         if name != "image":
             print(f"{name}: {path}")
 
-
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """``loss 0.21, pixel_acc 0.9612, mean_iou 0.7810; IoU background 0.95, square 0.80, ...``."""
-    head = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                     if isinstance(v, int | float) and not isinstance(v, bool))
-    iou = metrics.get("iou") or {}
-    per_class = ", ".join(f"{name} {v:.3f}" for name, v in iou.items() if not math.isnan(v))
-    picture = metrics.get("confusion_matrix_png")
-    return head + (f"; IoU {per_class}" if per_class else "") + (f"; {picture}" if picture else "")
-
-
-def format_prediction(item: dict[str, Any]) -> str:
-    """``photo.jpg: background 81.2%, cat 18.8% -> out/photo.seg.png``."""
-    shares = sorted(item["fractions"].items(), key=lambda kv: -kv[1])
-    shown = ", ".join(f"{name} {100 * share:.1f}%" for name, share in shares)
-    overlay = item.get("overlay")
-    return f"{item['image']}: {shown}" + (f" -> {overlay}" if overlay else "")

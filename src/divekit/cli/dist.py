@@ -8,6 +8,7 @@ import argparse
 import math
 import re
 
+from divekit.cli._common import add_action_command, add_command
 from divekit.errors import DivekitError
 from divekit.io import check_output
 
@@ -52,18 +53,15 @@ def parse_seconds(text: str, option: str = "--latency") -> float:
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    dist = sub.add_parser("dist", parents=[parent], help="plan training on many devices",
-                          description="Predict how distributed strategies scale.",
-                          epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    dist.set_defaults(handler=_cmd_dist_help(dist))
-    actions = dist.add_subparsers(dest="dist_action", metavar="ACTION")
-    p = actions.add_parser(
-        "plan", parents=[parent], help="step time of each strategy on 1 to 1,024 devices",
+    actions = add_action_command(sub, parent, "dist", help="plan training on many devices",
+                                 description="Predict how distributed strategies scale.",
+                                 examples=EXAMPLES)
+    p = add_command(
+        actions, parent, "plan", help="step time of each strategy on 1 to 1,024 devices",
         description="Predict the training step time, samples/s and scaling efficiency of "
         "allreduce (ddp), ps, async, pipeline, tensor and fsdp on 1, 2, 4, ... devices, from "
         "the model's FLOPs (divekit's FLOP counter, x3 for forward + backward), a device rate "
-        "and an alpha-beta network (alpha per message, bandwidth per link).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "and an alpha-beta network (alpha per message, bandwidth per link).", examples=EXAMPLES)
     p.add_argument("model", help="model name: an image classifier or a BERT (see `divekit models`)")
     p.add_argument("--devices", type=int, default=1024, metavar="N",
                    help="the largest device count in the table (default: 1024)")
@@ -90,13 +88,6 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.add_argument("--overwrite", action="store_true",
                    help="replace --plot and --csv files that exist (default: refuse)")
     p.set_defaults(handler=cmd_plan)
-
-
-def _cmd_dist_help(parser: argparse.ArgumentParser):
-    def handler(args: argparse.Namespace) -> None:
-        parser.print_help()
-        raise DivekitError("dist needs an action: plan")
-    return handler
 
 
 MAX_DEVICES, MAX_BATCH = 1 << 20, 1 << 30

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from divekit.cli._common import add_command
+
 COMMANDS = ("export",)
 
 
@@ -13,8 +15,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     from divekit.export import FORMATS
     from divekit.export.graph import EXPORTERS
 
-    p = sub.add_parser(
-        "export", parents=[parent], help="write a run as ONNX, .pt2, Hugging Face or torchvision",
+    p = add_command(
+        sub, parent, "export", help="write a run as ONNX, .pt2, Hugging Face or torchvision",
         description="Write RUN's newest weights as: onnx (torch.onnx.export, the dynamo exporter "
         "where it works, else TorchScript), pt2 (torch.export.save), hf (a BERT run in Hugging "
         "Face's layout) or torchvision (a classifier's state dict under torchvision's names). "
@@ -54,7 +56,8 @@ def is_onnx_file(path: str) -> bool:
 
 def predict_onnx(path: str, inputs: list[str], options: dict[str, Any]) -> list[str]:
     """``divekit predict FILE.onnx INPUT...``: the printed lines, as for the run."""
-    from divekit.cli import area_for
+    from divekit.config import config_from_dict, known_values
+    from divekit.engine.task import task_class
     from divekit.errors import DivekitError
     from divekit.export.runtime import OnnxModel, predict_images, predict_texts
 
@@ -79,6 +82,7 @@ def predict_onnx(path: str, inputs: list[str], options: dict[str, Any]) -> list[
     else:
         raise DivekitError(f"{path} is a {task} export; `divekit predict FILE.onnx` runs "
                            "classifiers and BERT classify/pair heads (predict with the run)")
-    module = area_for(task)
-    return [module.format_prediction(item) if module is not None else str(item)
-            for item in results]
+    cls = task_class(task)  # the results print as the run's would: its model, a BERT's head
+    given = {"model": model.meta.get("model"), "task": model.meta.get("head")}
+    values = known_values(cls.Config, {k: v for k, v in given.items() if v is not None})
+    return [cls(config_from_dict(cls.Config, values)).format_prediction(item) for item in results]

@@ -4,10 +4,9 @@ systolic array."""
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 from pathlib import Path
 
+from divekit.cli._common import add_action_command, add_command
 from divekit.errors import DivekitError
 from divekit.io import check_output
 
@@ -25,15 +24,13 @@ examples:
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    hw = sub.add_parser("hw", parents=[parent], help="systolic-array simulation of the zoo",
-                        description="Map a model's convolution and linear layers onto a "
-                        "TPU-like systolic array: cycles, folds, utilisation per layer.",
-                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hw.set_defaults(handler=_cmd_hw_help(hw))
-    actions = hw.add_subparsers(dest="hw_action", metavar="ACTION")
+    actions = add_action_command(sub, parent, "hw", help="systolic-array simulation of the zoo",
+                                 description="Map a model's convolution and linear layers onto "
+                                 "a TPU-like systolic array: cycles, folds, utilisation per layer.",
+                                 examples=EXAMPLES)
 
-    p = actions.add_parser(
-        "simulate", parents=[parent], help="per-layer cycles and utilisation of a model",
+    p = add_command(
+        actions, parent, "simulate", help="per-layer cycles and utilisation of a model",
         description="Trace MODEL with forward hooks, lower every conv (im2col) and linear layer "
         "to matrix products and run them on the array; or run a SCALE-Sim topology "
         "(--topology, with SCALE-Sim v2's conventions).")
@@ -66,8 +63,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
                    help="a SCALE-Sim .cfg for --topology (array size and dataflow)")
     p.set_defaults(handler=cmd_simulate)
 
-    p = actions.add_parser(
-        "sweep", parents=[parent], help="compare array shapes and dataflows on a model",
+    p = add_command(
+        actions, parent, "sweep", help="compare array shapes and dataflows on a model",
         description="Total cycles, utilisation and latency of MODEL on square and non-square "
         "arrays under ws, os and is, in one table and one picture.")
     p.add_argument("model", help="model name (see `divekit models`)")
@@ -91,13 +88,6 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="array clock in GHz (default: 1.0; TPU v1: 0.7)")
 
 
-def _cmd_hw_help(parser: argparse.ArgumentParser):
-    def handler(args: argparse.Namespace) -> None:
-        parser.print_help()
-        raise DivekitError("hw needs an action: simulate or sweep")
-    return handler
-
-
 def _check_positive(args: argparse.Namespace) -> None:
     import math
 
@@ -114,41 +104,9 @@ def _check_positive(args: argparse.Namespace) -> None:
 
 
 def _build(args: argparse.Namespace, weights: bool = False):
-    """The model and its C,H,W input shape. Without ``weights`` the model is built on the meta
-    device: tracing it propagates shapes only, which is all the analytic mode needs."""
-    import torch
+    from divekit.hardware.zoo import build_image_model
 
-    from divekit.models import create_model, model_info
-    from divekit.models.summary import parse_shape
-
-    info = model_info(args.model)
-    if info.input_shape is None:
-        raise DivekitError(f"hw works on image models; {args.model!r} is a {info.task} model")
-    shape = parse_shape(args.input_shape) if args.input_shape else info.input_shape
-    if weights:
-        return create_model(args.model, num_classes=args.num_classes, in_channels=shape[0]), shape
-    with torch.device("meta"), _skip_meta_init():
-        model = create_model(args.model, num_classes=args.num_classes, in_channels=shape[0])
-    return model, shape
-
-
-def _skip_meta_init():
-    """A torch-function mode under which in-place initialisers (``normal_``, ``zero_``, ...)
-    on meta tensors do nothing: there are no values to fill, and torch would otherwise route
-    ``normal_`` on meta through its Python reference kernels, which import the compiler stack
-    (about a second of start-up)."""
-    from torch.overrides import TorchFunctionMode
-
-    class SkipMetaInit(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            name = getattr(func, "__name__", "")
-            target = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
-            if name.endswith("_") and not name.endswith("__") and getattr(target, "is_meta", False):
-                return target
-            return func(*args, **kwargs)
-
-    return SkipMetaInit()
+    return build_image_model(args.model, args.input_shape, args.num_classes, weights=weights)
 
 
 def _output_path(path: str, inputs: list[str | None], overwrite: bool = False,
@@ -187,7 +145,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     print(format_result(result, title=title, clock_ghz=args.clock_ghz,
                         bandwidth_gbs=args.bandwidth_gbs))
     if out_csv is not None:
-        _write_layer_csv(out_csv, result, args.clock_ghz, args.bandwidth_gbs)
+        from divekit.hardware.zoo import write_layer_csv
+
+        write_layer_csv(out_csv, result, args.clock_ghz, args.bandwidth_gbs)
         print(f"csv: {args.csv}")
     if out_png is not None:
         from divekit.hardware.explore import batch_curve
@@ -199,23 +159,6 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         plot_batching(points, out_png, f"{args.model} on {array.rows}x{array.cols} "
                       f"{array.dataflow} at {args.clock_ghz:g} GHz")
         print(f"plot: {args.plot}")
-
-
-def _write_layer_csv(path: Path, result, clock_ghz: float, bandwidth_gbs: float | None) -> None:
-    from divekit.hardware.scalesim_io import atomic_write
-    from divekit.hardware.zoo import layer_time
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["layer", "kind", "M", "K", "N", "groups", "folds", "cycles", "macs",
-                "utilisation", "mapping_efficiency", "time_s", "bound"])
-    for layer in result.layers:
-        t, bound = layer_time(layer, clock_ghz, bandwidth_gbs)
-        s = layer.shape
-        w.writerow([layer.name, layer.kind, s.m, s.k, s.n, s.groups, layer.folds, layer.cycles,
-                    layer.macs, f"{layer.utilisation:.6f}",
-                    f"{layer.stats.mapping_efficiency:.6f}", f"{t:.9g}", bound])
-    atomic_write(path, buf.getvalue())
 
 
 def _simulate_topology(args: argparse.Namespace) -> None:
@@ -245,26 +188,12 @@ def _simulate_topology(args: argparse.Namespace) -> None:
     layers = read_topology(args.topology)
     array = (read_config(args.config) if args.config
              else ArraySpec(*parse_array(args.array or "128x128"), args.dataflow or "ws"))
+    from divekit.hardware.zoo import format_topology
+
     stats = simulate_topology(layers, array)
-    rows = [("layer", "ofmap", "GEMM (MxK·KxN)", "folds", "cycles", "overall util %",
-             "map eff %", "compute util %", "time us")]
-    for layer, s in zip(layers, stats):
-        rows.append((layer.name, f"{layer.ofmap[0]}x{layer.ofmap[1]}",
-                     f"{s.m}x{s.k}·{s.k}x{s.n}", f"{s.folds:,}", f"{s.cycles:,}",
-                     f"{100 * s.utilisation:.2f}", f"{100 * s.mapping_efficiency:.2f}",
-                     f"{100 * s.compute_util:.2f}", f"{s.cycles / (args.clock_ghz * 1e3):.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"{Path(args.topology).name} on a {array.rows}x{array.cols} {array.dataflow} array "
-          "(SCALE-Sim v2 conventions, stall-free)")
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) if j < 3 else c.rjust(w)
-                        for j, (c, w) in enumerate(zip(r, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    total = sum(s.cycles for s in stats)
-    macs = sum(s.macs for s in stats)
-    print(f"\ntotal: {len(stats)} layers, {macs:,} MACs, {total:,} cycles, utilisation "
-          f"{100 * macs / (array.pes * total):.2f}%")
+    print(format_topology(f"{Path(args.topology).name} on a {array.rows}x{array.cols} "
+                          f"{array.dataflow} array (SCALE-Sim v2 conventions, stall-free)",
+                          layers, stats, array, args.clock_ghz))
     if out_csv is not None:
         write_compute_report(out_csv, stats)
         print(f"csv: {args.csv}")

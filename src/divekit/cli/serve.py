@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from divekit.cli._common import add_command
 from divekit.errors import DivekitError
 
 COMMANDS = ("serve",)
@@ -34,13 +35,12 @@ def _size(text: str) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "serve", parents=[parent], help="serve a run over HTTP, with a page to try it",
+    p = add_command(
+        sub, parent, "serve", help="serve a run over HTTP, with a page to try it",
         description="Serve RUN's newest weights: POST /predict (images as multipart field "
         "'file', several allowed; texts as JSON {\"text\": ...}, {\"texts\": [...]} or "
         "{\"pairs\": [[a, b]]}), GET / (a page), GET /health, GET /info. Requests that arrive "
-        "together are answered in one batch (--max-batch, --max-wait-ms).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "together are answered in one batch (--max-batch, --max-wait-ms).", examples=EXAMPLES)
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by `divekit train`")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only)")

@@ -1,5 +1,5 @@
 """The text commands: ``divekit generate``, ``divekit tokenizer train|encode`` and
-``divekit sequence``, and how ``divekit evaluate`` prints a language model's metrics.
+``divekit sequence``.
 
 Each handler calls library functions (:mod:`divekit.tasks.language_model`,
 :mod:`divekit.tasks.sequence`, :mod:`divekit.tokenizers`) and does the printing.
@@ -10,21 +10,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from divekit.cli._common import add_command
 from divekit.errors import DivekitError
 
-TASKS = ("language_model",)
-
-
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """What ``divekit evaluate`` prints for a language-model run."""
-    return (f"validation: loss {metrics['loss']:.4f}, perplexity {metrics['ppl']:.3f} "
-            f"({int(metrics['tokens'])} tokens)")
-
-
-def format_prediction(item: dict[str, Any]) -> str:
-    """One generated text per line. (A language-model run's ``predict`` refuses and points to
-    ``divekit generate``, whose output this is.)"""
-    return str(item["text"])
+COMMANDS = ("generate", "tokenizer", "sequence")
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -37,8 +26,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
 def _add_generate(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     from divekit.tasks.language_model import MAX_LENGTH
 
-    p = sub.add_parser(
-        "generate", parents=[parent], help="continue a text with a trained language model",
+    p = add_command(
+        sub, parent, "generate", help="continue a text with a trained language model",
         description="Warm the model's hidden state up on --prefix, then sample --length tokens "
         "one at a time, each from softmax(logits / T) (or the most likely with --greedy).",
     )
@@ -60,19 +49,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     check_sampling(args.length, args.temperature, args.seed)  # before the run is opened
     run = load_run(args.run_dir, args.device)
-    print(format_prediction({"text": generate(run, args.prefix, args.length,
-                                              temperature=args.temperature, greedy=args.greedy,
-                                              seed=args.seed)}))
+    text = generate(run, args.prefix, args.length, temperature=args.temperature,
+                    greedy=args.greedy, seed=args.seed)
+    print(run.task.format_prediction({"text": text}))
 
 
 # ------------------------------------------------------------------------ divekit tokenizer
 def _add_tokenizer(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     from divekit.tokenizers import MODEL_TYPES
 
-    p = sub.add_parser("tokenizer", parents=[parent], help="train or try a SentencePiece tokenizer",
+    p = add_command(sub, parent, "tokenizer", help="train or try a SentencePiece tokenizer",
                        description="Subword tokenizers (SentencePiece) for every text task's --tokenizer.")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-    t = tsub.add_parser("train", parents=[parent], help="learn a tokenizer from a corpus",
+    t = add_command(tsub, parent, "train", help="learn a tokenizer from a corpus",
                         description="Learn --vocab-size pieces from a corpus (cleaned as the "
                         "language models see it) and write the model file.")
     t.add_argument("--data", default="pydoc", help="text corpus (default: pydoc)")
@@ -83,7 +72,7 @@ def _add_tokenizer(sub: argparse._SubParsersAction, parent: argparse.ArgumentPar
     t.add_argument("--data-dir", help="folder holding the corpus file")
     t.add_argument("--download", action="store_true", help="download a missing corpus")
     t.set_defaults(handler=cmd_tokenizer_train)
-    e = tsub.add_parser("encode", parents=[parent], help="show the pieces of a text",
+    e = add_command(tsub, parent, "encode", help="show the pieces of a text",
                         description="Split TEXT into the pieces of a tokenizer model.")
     e.add_argument("model", help="a tokenizer model file")
     e.add_argument("text", help="the text to split")
@@ -119,8 +108,8 @@ def _add_sequence(sub: argparse._SubParsersAction, parent: argparse.ArgumentPars
     from divekit.config import add_config_options
     from divekit.tasks.sequence import SequenceConfig
 
-    p = sub.add_parser(
-        "sequence", parents=[parent], help="autoregression vs a latent-variable RNN on a noisy sine",
+    p = add_command(
+        sub, parent, "sequence", help="autoregression vs a latent-variable RNN on a noisy sine",
         description="Train an MLP on τ lagged values and a GRU on x_t = sin(0.01 t) + N(0, 0.2²), "
         "predict 1, 4, 16 and 64 steps ahead, print the test MSEs and save the plot as DIR/kstep.png.",
     )

@@ -1,6 +1,5 @@
-"""``divekit translate RUN [SENTENCE ...] [-i FILE]``, ``divekit kernel-regression -o DIR``, and
-what ``divekit evaluate`` / ``predict`` print for translation runs. All the printing of the
-translation task is here; the work is :func:`divekit.tasks.translate.translate` and
+"""``divekit translate RUN [SENTENCE ...] [-i FILE]`` and ``divekit kernel-regression -o DIR``;
+the work is :func:`divekit.tasks.translate.translate` and
 :func:`divekit.models.kernel_regression.kernel_regression_demo`."""
 
 from __future__ import annotations
@@ -8,32 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
+from divekit.cli._common import add_command
 from divekit.errors import DivekitError
 
-TASKS = ("translate",)
-
-
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """``divekit evaluate``'s line: validation loss, token accuracy, the course's BLEU (on the
-    cleaned, space-separated words) and sacreBLEU (13a, detokenized), when computed."""
-    parts = [f"validation: loss {metrics['loss']:.4f}, token accuracy {metrics['acc']:.4f}"]
-    if "bleu" in metrics:
-        parts.append(f"BLEU {metrics['bleu']:.2f}")
-    if "sacrebleu" in metrics:
-        parts.append(f"sacreBLEU (13a, detokenized) {metrics['sacrebleu']:.2f}")
-    for key in sorted(k for k in metrics if k.startswith("bleu_beam")):
-        k = key[len("bleu_beam"):]
-        parts.append(f"BLEU (beam {k}) {metrics[key]:.2f}")
-        if f"sacrebleu_beam{k}" in metrics:
-            parts.append(f"sacreBLEU (beam {k}) {metrics[f'sacrebleu_beam{k}']:.2f}")
-    return ", ".join(parts)
-
-
-def format_prediction(item: dict[str, Any]) -> str:
-    """``divekit predict``'s line per sentence, as ``divekit translate`` prints it."""
-    return f"{item['source']} => {item['translation']}"
+COMMANDS = ("translate", "kernel-regression")
 
 
 def read_sentences(path: str) -> list[str]:
@@ -135,8 +113,8 @@ def _cmd_kernel_regression(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "translate", parents=[parent], help="translate sentences with a trained translation model",
+    p = add_command(
+        sub, parent, "translate", help="translate sentences with a trained translation model",
         description="Clean and tokenize each sentence as the training pairs were, encode it, and "
         "decode greedily (--beam 1) or with beam search, ranking finished translations by "
         "log P / length^α (--length-penalty α). Sentences come from the command line, or one "
@@ -162,8 +140,8 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(handler=_cmd_translate)
 
-    k = sub.add_parser(
-        "kernel-regression", parents=[parent],
+    k = add_command(
+        sub, parent, "kernel-regression",
         help="Nadaraya-Watson kernel regression: fits and attention heat maps",
         description="The course's first attention model on its toy data y = 2 sin x + x^0.8 + "
         "noise: average pooling, the non-parametric Gaussian kernel and the parametric kernel "

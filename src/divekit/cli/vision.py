@@ -1,37 +1,17 @@
-"""Image classification on the command line: how `evaluate` and `predict` print a
-classifier's results, and the commands `divekit augment`, `finetune` and `transfer`."""
+"""Image classification on the command line: the commands `divekit augment` and `transfer`
+(`finetune` is :mod:`divekit.cli.finetune`'s; how `evaluate` and `predict` print a
+classifier's results is the task's: :class:`~divekit.tasks.classify.ClassificationTask`)."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from divekit.config import add_config_options, typed_options
-
-TASKS = ("classify",)
-
-
-def format_metrics(metrics: dict[str, Any]) -> str:
-    per_class = metrics.get("per_class_acc") or {}
-    lines = [", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))]
-    if per_class:
-        lines.append("per-class accuracy: " + ", ".join(f"{c}: {a:.3f}" for c, a in per_class.items()))
-    if metrics.get("confusion_matrix_png"):
-        lines.append(f"confusion matrix: {metrics['confusion_matrix_png']}")
-    return "\n".join(lines)
-
-
-def format_prediction(item: dict[str, Any]) -> str:
-    shown = ", ".join(f"{c} {p:.3f}" for c, p in item["predictions"])
-    return f"{item['image']}: {shown}"
+COMMANDS = ("augment", "transfer")
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    from divekit.cli import bert_finetune as text_finetune
-    from divekit.config import field_names
     from divekit.data.augment import describe_ops
     from divekit.tasks.experiments import MAX_AUGMENT_COPIES
-    from divekit.tasks.finetune import FinetuneConfig
 
     p = sub.add_parser(
         "augment", parents=[parent], help="draw an image and N augmented copies in a grid",
@@ -49,22 +29,6 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(handler=_cmd_augment)
-
-    p = sub.add_parser(
-        "finetune", parents=[parent], help="fine-tune a pretrained classifier on a dataset",
-        description="Copy SOURCE's feature extractor, give it a fresh head for --data's classes, "
-        "and train: the head at --head-lr-mult × --lr, the copied stages at --lr (times "
-        "--lr-decay per stage down), the first --freeze stages not at all. SOURCE: a divekit run "
-        "directory, a torchvision weights file (.pth state dict; --arch or its file name says the "
-        "architecture), or ARCH:WEIGHTS such as resnet18:IMAGENET1K_V1 (downloads once). "
-        "With --task, SOURCE is a BERT and the text path runs (see below).",
-        epilog=text_finetune.EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("source", help="run directory, torchvision weights file, or ARCH:WEIGHTS; "
-                   "with --task: a BERT checkpoint directory, pretraining run, or minilm")
-    add_config_options(p, FinetuneConfig)
-    text_finetune.add_text_options(p, skip=field_names(FinetuneConfig))
-    p.set_defaults(handler=_cmd_finetune)
 
     p = sub.add_parser(
         "transfer", parents=[parent], help="the offline transfer experiment: fine-tuning vs scratch",
@@ -92,26 +56,6 @@ def _cmd_augment(args: argparse.Namespace) -> None:
 
     print(augment_grid(args.image, args.preset, n=args.n, out=args.out, seed=args.seed,
                        overwrite=args.overwrite))
-
-
-def _cmd_finetune(args: argparse.Namespace) -> None:
-    from divekit.cli import bert_finetune as text_finetune
-
-    if getattr(args, "task", None) is not None:  # --task classify|pair|tag|qa: a BERT
-        text_finetune.cmd_finetune_text(args)
-        return
-    from divekit.cli import print_final
-    from divekit.config import config_from_dict
-    from divekit.engine.record import read_record, saved_options
-    from divekit.tasks.finetune import FinetuneConfig, finetune
-
-    given = typed_options(args)
-    if given.get("resume") and given.get("out"):
-        saved = read_record(given["out"])["config"]
-        given = {**saved_options(FinetuneConfig, saved, given, given["out"]), **given}
-    cfg = config_from_dict(FinetuneConfig, given)
-    cfg.validate()
-    print_final(finetune(cfg))
 
 
 def _cmd_transfer(args: argparse.Namespace) -> None:

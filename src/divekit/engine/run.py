@@ -9,7 +9,9 @@ A run directory holds::
     checkpoint/        epoch-NNNN/{model.safetensors, state.pt}, latest   (engine.checkpoint)
     ...                the task's extra files (vocabularies) and pictures
 
-``train(task)`` creates one, ``load_run(run_dir)`` gives back the task (rebuilt from the record,
+``train(task)`` creates one (also from a config or a dict of options: the one training
+function, which :mod:`divekit.tasks` offers as ``divekit.tasks.train``), ``load_task(run_dir)``
+rebuilds its task, ``load_run(run_dir)`` gives back the task (rebuilt from the record,
 without loading training data) and the model with its newest weights, and ``evaluate(run_dir)``
 runs the Trainer's validation loop on it. ``divekit evaluate``, ``predict``, ``generate``,
 ``translate``, ``finetune`` and ``--resume`` all go through here.
@@ -48,7 +50,7 @@ from divekit.engine.record import (
     resume_values,
     write_record,
 )
-from divekit.engine.task import Run, Task, TrainResult, task_class
+from divekit.engine.task import Run, Task, TrainResult, task_class, task_for
 from divekit.engine.trainer import Trainer, run_validation, scalar_metrics
 from divekit.errors import DivekitError
 
@@ -91,14 +93,23 @@ def make_config(config_cls: type, values: dict[str, Any]) -> Any:
 
 
 # ------------------------------------------------------------------------ training
-def train(task: Task, callbacks: list[Callback] | None = None) -> TrainResult:
+def train(task: Task | Any, callbacks: list[Callback] | None = None) -> TrainResult:
     """Train ``task`` in a run directory chosen from its config (``out``, ``resume``).
+
+    ``task`` is a :class:`Task`, or the config dataclass of the model's task, or a dict of
+    options (``model`` and ``data`` at least) that :func:`make_config` completes with the
+    model's recipe (and, with ``resume``, the run's own options); the task that trains the
+    model is then built from it (:func:`~divekit.engine.task.task_for`).
 
     The run directory is locked for the whole call (:class:`~divekit.engine.lock.RunLock`, on
     the process that writes: rank 0 under data parallelism): a second writer is refused in one
     line naming this process. Under the lock the choice is checked again (another writer may
     have finished a run there meanwhile), and a resume is checked against the run's options
     (:func:`~divekit.engine.record.resume_changes`)."""
+    if not isinstance(task, Task):
+        if isinstance(task, dict):
+            task = make_config(task_for(task.get("model") or "").Config, task)
+        task = task_for(task.model)(task)
     cfg = task.config
     cfg.validate()
     run_dir = choose_run_dir(cfg.out, cfg.run_name, cfg.resume)
@@ -157,13 +168,10 @@ def _on_main(fn: Any) -> Any:
 
 
 # ------------------------------------------------------------------------ opening a run
-def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
-             **overrides: Any) -> Run:
-    """Open a run: its record, the task rebuilt from it (config fields in ``overrides``
-    replaced, such as ``data_dir``), its extra files, and the model with the newest weights
-    (``weights=False``: freshly initialised) in eval mode on ``device``."""
-    from divekit.engine.device import resolve_device
-
+def load_task(run_dir: str | Path, **overrides: Any) -> Task:
+    """The task of a run, rebuilt from its record (config fields in ``overrides`` replaced),
+    without its extra files, data or model: what the commands need to read the run's results
+    (:meth:`~divekit.engine.task.Task.format_metrics`)."""
     run_dir = Path(run_dir)
     record = read_record(run_dir)
     cls = task_class(str(record.get("task", "classify")))
@@ -175,9 +183,20 @@ def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
         config = config_from_dict(cls.Config, {**values, **overrides})
     except TypeError as e:
         raise DivekitError(f"{run_dir / CONFIG} does not fit {cls.__name__}: {e}") from None
-    task = cls(config, record=record)
+    return cls(config, record=record)
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
+             **overrides: Any) -> Run:
+    """Open a run: its record, the task rebuilt from it (config fields in ``overrides``
+    replaced, such as ``data_dir``), its extra files, and the model with the newest weights
+    (``weights=False``: freshly initialised) in eval mode on ``device``."""
+    from divekit.engine.device import resolve_device
+
+    run_dir = Path(run_dir)
+    task = load_task(run_dir, **overrides)
     task.load_extras(run_dir)
-    run = Run(run_dir, config, record, task)
+    run = Run(run_dir, task.config, task.record, task)
     model = task.build_model()
     if weights:
         # a class list or vocabulary that does not fit the weights: one line naming the key

@@ -67,6 +67,9 @@ class Task:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    # the options of ``divekit predict`` for this task's runs: a dataclass whose fields (made
+    # with divekit.config.option) are keyword arguments of predict(); None: no options
+    PredictConfig: ClassVar[type | None] = None
 
     def __init__(self, config: Any, record: dict[str, Any] | None = None):
         self.config = config
@@ -191,8 +194,19 @@ class Task:
         """Read back what :meth:`save_extras` wrote, when the task is rebuilt from a run."""
 
     def predict(self, model: nn.Module, inputs: Sequence[Any], **options: Any) -> list[dict[str, Any]]:
-        """The job's inference on user inputs (image files, sentences), one result per input."""
+        """The job's inference on user inputs (image files, sentences), one result per input.
+        ``options`` are the fields of :attr:`PredictConfig` the user gave."""
         raise DivekitError(f"{type(self).__name__} runs do not support predict")
+
+    # ------------------------------------------------------------------ how results read
+    def format_metrics(self, metrics: dict[str, Any]) -> str:
+        """What ``divekit evaluate`` prints for :func:`~divekit.engine.run.evaluate`'s
+        ``metrics``. Default: every float as ``name 0.1234``, comma-separated."""
+        return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+    def format_prediction(self, item: dict[str, Any]) -> str:
+        """The line ``divekit predict`` prints for one result of :meth:`predict`."""
+        return str(item)
 
 
 def _check_signature(cls: type, method: str) -> None:
@@ -225,6 +239,24 @@ def task_class(name: str) -> type[Task]:
     return _TASKS[name]
 
 
+def task_for(model: str) -> type[Task]:
+    """The Task class that trains ``model``: its registered task (a ``torchvision:ARCH``
+    source of ``finetune`` is a classifier). A name the zoo does not know is looked up again
+    after every entry point's task is loaded (:func:`load_tasks`): a package that adds a task
+    registers its models in the task's module."""
+    from divekit.errors import UnknownNameError
+    from divekit.models import model_info
+
+    if model.startswith("torchvision:"):
+        return task_class("classify")
+    try:
+        name = model_info(model).task
+    except UnknownNameError:
+        load_tasks()
+        name = model_info(model).task
+    return task_class(name)
+
+
 def _entry_points() -> list[Any]:
     from importlib.metadata import entry_points
 
@@ -233,6 +265,47 @@ def _entry_points() -> list[Any]:
 
 def list_tasks() -> list[str]:
     return sorted({*_TASKS, *(ep.name for ep in _entry_points())})
+
+
+def load_tasks() -> None:
+    """Import every task the ``divekit.tasks`` entry points name. A task module registers its
+    own models when imported (``register_model``), so a package that adds a task through an
+    entry point adds its models too: a model name the zoo does not know is looked up again
+    after this (:func:`divekit.tasks.task_for`)."""
+    for name in list_tasks():
+        task_class(name)
+
+
+def predict_options() -> type:
+    """One dataclass with the fields of every registered task's :attr:`Task.PredictConfig`:
+    the options ``divekit predict`` offers before it knows the run's task (engine.run.predict
+    then refuses those the run's task does not take). Each help text begins with the tasks
+    that take the option; a field that several tasks declare appears once, with their flag
+    aliases joined, each distinct help text after the names of its tasks, and a default only
+    where all of them agree on it."""
+    import dataclasses
+    import typing
+
+    found: dict[str, list[tuple[str, Any, Any]]] = {}
+    for name in list_tasks():
+        config = task_class(name).PredictConfig
+        if config is None:
+            continue
+        hints = typing.get_type_hints(config)
+        for f in dataclasses.fields(config):
+            found.setdefault(f.name, []).append((name, f, hints[f.name]))
+    specs = []
+    for field_name, declared in found.items():
+        _, first, hint = declared[0]
+        by_help: dict[str, list[str]] = {}
+        for task, f, _ in declared:
+            by_help.setdefault(f.metadata.get("help", ""), []).append(task)
+        shown = "; ".join(f"{', '.join(tasks)}: {text}" for text, tasks in by_help.items())
+        aliases = list(dict.fromkeys(a for _, f, _ in declared for a in f.metadata.get("aliases", [])))
+        metadata = {**first.metadata, "help": shown, **({"aliases": aliases} if aliases else {})}
+        default = first.default if all(f.default == first.default for _, f, _ in declared) else None
+        specs.append((field_name, hint, dataclasses.field(default=default, metadata=metadata)))
+    return dataclasses.make_dataclass("PredictOptions", specs, frozen=True)
 
 
 # ------------------------------------------------------------------ a run of a task

@@ -15,8 +15,11 @@ the two (a roofline per layer).
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -201,6 +204,40 @@ class _MetaShapes(TorchFunctionMode):
                          else _broadcast(*(t.shape for t in given)))
                 return torch.empty(shape, dtype=first.dtype, device="meta")
         return func(*args, **kwargs)
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """In-place initialisers (``normal_``, ``zero_``, ...) on meta tensors do nothing: there are
+    no values to fill, and torch would otherwise route ``normal_`` on meta through its Python
+    reference kernels, which import the compiler stack (about a second of start-up)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
+        if name.endswith("_") and not name.endswith("__") and getattr(target, "is_meta", False):
+            return target
+        return func(*args, **kwargs)
+
+
+def build_image_model(name: str, input_shape: str | None, num_classes: int, *,
+                      weights: bool = False, command: str = "hw"
+                      ) -> tuple[nn.Module, tuple[int, int, int]]:
+    """Zoo model ``name`` and its C,H,W input (``input_shape`` as ``"C,H,W"``, default the
+    model's own). Without ``weights`` it is built on the meta device: tracing it propagates
+    shapes only, which is all the analytic mode needs."""
+    from divekit.models import create_model, model_info
+    from divekit.models.summary import parse_shape
+
+    info = model_info(name)
+    if info.input_shape is None:
+        raise DivekitError(f"{command} works on image models; {name!r} is a {info.task} model")
+    shape = parse_shape(input_shape) if input_shape else info.input_shape
+    if weights:
+        return create_model(name, num_classes=num_classes, in_channels=shape[0]), shape
+    with torch.device("meta"), _SkipMetaInit():
+        model = create_model(name, num_classes=num_classes, in_channels=shape[0])
+    return model, shape
 
 
 def _broadcast(*shapes: torch.Size) -> tuple[int, ...]:
@@ -393,13 +430,49 @@ def format_result(result: ModelResult, *, title: str, clock_ghz: float,
     return "\n".join(lines)
 
 
-def table_lines(title: str, rows: list[tuple[str, ...]]) -> list[str]:
-    """``title``, then ``rows`` in aligned columns (the first two left, the rest right), the
-    first row a header underlined with dashes."""
+def write_layer_csv(path: str | Path, result: ModelResult, clock_ghz: float,
+                    bandwidth_gbs: float | None) -> None:
+    """The per-layer table of ``result`` as CSV (written atomically)."""
+    from divekit.io import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["layer", "kind", "M", "K", "N", "groups", "folds", "cycles", "macs",
+                "utilisation", "mapping_efficiency", "time_s", "bound"])
+    for layer in result.layers:
+        t, bound = layer_time(layer, clock_ghz, bandwidth_gbs)
+        s = layer.shape
+        w.writerow([layer.name, layer.kind, s.m, s.k, s.n, s.groups, layer.folds, layer.cycles,
+                    layer.macs, f"{layer.utilisation:.6f}",
+                    f"{layer.stats.mapping_efficiency:.6f}", f"{t:.9g}", bound])
+    atomic_write_text(path, buf.getvalue())
+
+
+def format_topology(title: str, layers: list, stats: list[GemmStats], array: ArraySpec,
+                    clock_ghz: float) -> str:
+    """A SCALE-Sim topology's run (:func:`~divekit.hardware.scalesim_io.simulate_topology`):
+    one row per layer, then the totals."""
+    rows = [("layer", "ofmap", "GEMM (MxK·KxN)", "folds", "cycles", "overall util %",
+             "map eff %", "compute util %", "time us")]
+    for layer, s in zip(layers, stats):
+        rows.append((layer.name, f"{layer.ofmap[0]}x{layer.ofmap[1]}",
+                     f"{s.m}x{s.k}·{s.k}x{s.n}", f"{s.folds:,}", f"{s.cycles:,}",
+                     f"{100 * s.utilisation:.2f}", f"{100 * s.mapping_efficiency:.2f}",
+                     f"{100 * s.compute_util:.2f}", f"{s.cycles / (clock_ghz * 1e3):.2f}"))
+    total = sum(s.cycles for s in stats)
+    macs = sum(s.macs for s in stats)
+    return "\n".join([*table_lines(title, rows, left=3), "",
+                      f"total: {len(stats)} layers, {macs:,} MACs, {total:,} cycles, "
+                      f"utilisation {100 * macs / (array.pes * total):.2f}%"])
+
+
+def table_lines(title: str, rows: list[tuple[str, ...]], left: int = 2) -> list[str]:
+    """``title``, then ``rows`` in aligned columns (the first ``left`` left, the rest right),
+    the first row a header underlined with dashes."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [title]
     for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
+        lines.append("  ".join(c.ljust(w) if j < left else c.rjust(w)
                                for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))

@@ -188,6 +188,11 @@ class BertPretrainTask(Task, name="bert_pretrain"):
                "nsp_loss": float(sums["nsp_loss"]) / pairs, "nsp_acc": float(sums["nsp_correct"]) / pairs}
         return {"loss": out["mlm_loss"] + out["nsp_loss"], **out}
 
+    def format_metrics(self, metrics: dict[str, Any]) -> str:
+        """``divekit evaluate`` on a pretraining run: MLM and NSP loss and accuracy."""
+        keys = ("mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc")
+        return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+
     def on_epoch_end(self, model: nn.Module, epoch: int, run: Any, metrics: dict[str, Any]) -> None:
         """Export the encoder and heads as a standard BERT checkpoint in ``run.dir/bert``."""
         save_pretrained(model, self.tokenizer, Path(run.dir) / EXPORT)

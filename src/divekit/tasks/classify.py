@@ -201,6 +201,13 @@ def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> T
     return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
 
 
+@dataclass(frozen=True)
+class ClassifyPredictConfig:
+    """``divekit predict``'s options for a classifier run."""
+
+    top_k: int = option(3, "classes to show per image")
+
+
 class ClassificationTask(Task, name="classify"):
     """Cross-entropy on logits (hard or soft targets); accuracy, per-class accuracy and the
     confusion matrix as the metrics.
@@ -212,6 +219,7 @@ class ClassificationTask(Task, name="classify"):
     """
 
     Config = ClassifyConfig
+    PredictConfig = ClassifyPredictConfig
     # what a run's config.json must hold for evaluate/predict (checked by engine.run.load_run)
     record_keys = {"classes": list, "in_channels": int, "image_size": list, "mean": list,
                    "std": list}
@@ -380,6 +388,23 @@ class ClassificationTask(Task, name="classify"):
                  "predictions": [(f["classes"][i], p) for p, i in
                                  zip(top.values[r].tolist(), top.indices[r].tolist())]}
                 for r, path in enumerate(inputs)]
+
+    def format_metrics(self, metrics: dict[str, Any]) -> str:
+        """The numbers on one line, then the per-class accuracy and the confusion matrix's
+        picture when :meth:`on_evaluate` made them."""
+        per_class = metrics.get("per_class_acc") or {}
+        lines = [", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))]
+        if per_class:
+            lines.append("per-class accuracy: "
+                         + ", ".join(f"{c}: {a:.3f}" for c, a in per_class.items()))
+        if metrics.get("confusion_matrix_png"):
+            lines.append(f"confusion matrix: {metrics['confusion_matrix_png']}")
+        return "\n".join(lines)
+
+    def format_prediction(self, item: dict[str, Any]) -> str:
+        """``seven.png: 7 0.981, 1 0.012, 9 0.004``."""
+        shown = ", ".join(f"{c} {p:.3f}" for c, p in item["predictions"])
+        return f"{item['image']}: {shown}"
 
 def class_scores(model: nn.Module, x: Tensor, tta: str = "none") -> Tensor:
     """Logits; with ``tta='flip'`` the log of the mean of the image's and its mirror's

@@ -116,6 +116,18 @@ def picture_paths(images: Sequence[str | Path], output: str | Path,
     return plan_outputs(images, output, ".pred.png", overwrite=overwrite)
 
 
+@dataclass(frozen=True)
+class DetectPredictConfig:
+    """``divekit predict``'s options for a detection run."""
+
+    threshold: float = option(0.5, "minimum confidence to draw a box")
+    nms_iou: float = option(0.5, "IoU above which NMS drops the weaker box")
+    output: str | None = option(None, "folder for the pictures with their boxes, STEM.pred.png "
+                                "(a second input with the same STEM gets STEM-2, the next -3; "
+                                "an input file is never replaced)", aliases=["-o"], metavar="DIR")
+    overwrite: bool = option(False, "replace pictures that already exist in -o (default: refuse)")
+
+
 class DetectionTask(Task, name="detect"):
     """The detector's own loss (its parts logged as metrics); validation adds mAP@0.5 (VOC
     all-point) and COCO mAP@[.5:.95] over the images' detections.
@@ -126,6 +138,7 @@ class DetectionTask(Task, name="detect"):
     """
 
     Config = DetectConfig
+    PredictConfig = DetectPredictConfig
 
     def __init__(self, config: DetectConfig, record: dict[str, Any] | None = None, *,
                  data: DetectionData | None = None):
@@ -275,3 +288,15 @@ class DetectionTask(Task, name="detect"):
             results.append({"image": str(path), "detections": found,
                             "picture": None if picture is None else str(picture)})
         return results
+
+    def format_metrics(self, metrics: dict[str, Any]) -> str:
+        """``loss 0.1234, class_err 0.0100, ..., map50 0.9890, map 0.6210``: every number the
+        validation gave (the per-image detections are left out)."""
+        return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                         if isinstance(v, int | float) and not isinstance(v, bool))
+
+    def format_prediction(self, item: dict[str, Any]) -> str:
+        """``photo.jpg: disc 0.912 at [12.0, 30.5, 70.2, 88.0]; ... -> out/photo.pred.png``."""
+        shown = "; ".join(f"{c} {s:.3f} at {b}" for c, s, b in item["detections"]) or "no objects"
+        picture = item.get("picture")
+        return f"{item['image']}: {shown}" + (f" -> {picture}" if picture else "")

@@ -314,6 +314,15 @@ class LanguageModelTask(Task, name=TASK):
         raise DivekitError("a language model continues text rather than labelling inputs: "
                            "use `divekit generate RUN --prefix TEXT`")
 
+    def format_metrics(self, metrics: dict[str, Any]) -> str:
+        """``validation: loss 4.1234, perplexity 61.778 (20480 tokens)``."""
+        return (f"validation: loss {metrics['loss']:.4f}, perplexity {metrics['ppl']:.3f} "
+                f"({int(metrics['tokens'])} tokens)")
+
+    def format_prediction(self, item: dict[str, Any]) -> str:
+        """One generated text (``divekit generate`` prints it; ``predict`` refuses)."""
+        return str(item["text"])
+
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))  # exp overflows past ~709

@@ -143,12 +143,23 @@ def iou_metrics(matrix: Tensor) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class SegmentPredictConfig:
+    """``divekit predict``'s options for a segmentation run."""
+
+    output: str | None = option(None, "folder for the colour overlays, STEM.seg.png (a second "
+                                "input with the same STEM gets STEM-2, the next -3; an input "
+                                "file is never replaced)", aliases=["-o"], metavar="DIR")
+    overwrite: bool = option(False, "replace pictures that already exist in -o (default: refuse)")
+
+
 class SegmentationTask(Task, name="segment"):
     """FCN-style segmentation: per-pixel cross-entropy with ignore index 255; pixel accuracy,
     per-class IoU and mean IoU. Rebuilt from a run, the classes, colours and input
     normalisation come from the record (no data loaded for predict)."""
 
     Config = SegmentConfig
+    PredictConfig = SegmentPredictConfig
 
     def __init__(self, config: SegmentConfig, record: dict[str, Any] | None = None):
         super().__init__(config, record)
@@ -327,6 +338,23 @@ class SegmentationTask(Task, name="segment"):
                                                    [tuple(c) for c in f["colormap"]], out, alpha=alpha))
             results.append(item)
         return results
+
+    def format_metrics(self, metrics: dict[str, Any]) -> str:
+        """``loss 0.21, pixel_acc 0.9612, mean_iou 0.7810; IoU background 0.95, square 0.80,
+        ...``."""
+        head = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                         if isinstance(v, int | float) and not isinstance(v, bool))
+        iou = metrics.get("iou") or {}
+        per_class = ", ".join(f"{name} {v:.3f}" for name, v in iou.items() if not math.isnan(v))
+        picture = metrics.get("confusion_matrix_png")
+        return head + (f"; IoU {per_class}" if per_class else "") + (f"; {picture}" if picture else "")
+
+    def format_prediction(self, item: dict[str, Any]) -> str:
+        """``photo.jpg: background 81.2%, cat 18.8% -> out/photo.seg.png``."""
+        shares = sorted(item["fractions"].items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{name} {100 * share:.1f}%" for name, share in shares)
+        overlay = item.get("overlay")
+        return f"{item['image']}: {shown}" + (f" -> {overlay}" if overlay else "")
 
 
 def pretrained_body(backbone: str, weights: str | Path | None) -> nn.Module:

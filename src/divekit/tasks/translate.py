@@ -330,6 +330,25 @@ class TranslationTask(Task, name="translate"):
                  "unknown": unknown_words(self.src_vocab, [s], self.tokenizer)}
                 for s, hyps in zip(sentences, found)]
 
+    def format_metrics(self, metrics: dict[str, Any]) -> str:
+        """``divekit evaluate``'s line: validation loss, token accuracy, the course's BLEU (on
+        the cleaned, space-separated words) and sacreBLEU (13a, detokenized), when computed."""
+        parts = [f"validation: loss {metrics['loss']:.4f}, token accuracy {metrics['acc']:.4f}"]
+        if "bleu" in metrics:
+            parts.append(f"BLEU {metrics['bleu']:.2f}")
+        if "sacrebleu" in metrics:
+            parts.append(f"sacreBLEU (13a, detokenized) {metrics['sacrebleu']:.2f}")
+        for key in sorted(k for k in metrics if k.startswith("bleu_beam")):
+            k = key[len("bleu_beam"):]
+            parts.append(f"BLEU (beam {k}) {metrics[key]:.2f}")
+            if f"sacrebleu_beam{k}" in metrics:
+                parts.append(f"sacreBLEU (beam {k}) {metrics[f'sacrebleu_beam{k}']:.2f}")
+        return ", ".join(parts)
+
+    def format_prediction(self, item: dict[str, Any]) -> str:
+        """``divekit predict``'s line per sentence, as ``divekit translate`` prints it."""
+        return f"{item['source']} => {item['translation']}"
+
     def attention_map(self, model: nn.Module, sentence: str, output: str) -> AttentionMap:
         """The encoder-decoder attention of ``output`` as the translation of ``sentence``
         (:func:`~divekit.tasks.translate_decode.attention_map`)."""
