@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from divekit.errors import DivekitError
-from divekit.ops.masking import masked_softmax, sequence_mask
+from divekit.ops.masking import key_padding_mask, length_mask, masked_softmax, sequence_mask
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -271,3 +271,33 @@ def test_bad_inputs_are_named():
         sequence_mask(torch.ones(2, 3), torch.tensor([1, -2]))
     with pytest.raises(DivekitError, match=r"\(B, T\)"):
         sequence_mask(torch.ones(3), torch.tensor([1, 2, 3]))
+
+
+# ----------------------------------------------------------------------------- key padding
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_key_padding_mask_matches_a_loop_over_rows_and_keys(dtype):
+    lengths = torch.tensor([0, 1, 4, 7, 9])  # empty, short, full (7) and longer than T
+    T = 7
+    mask = key_padding_mask(lengths, T, dtype)
+    assert mask.shape == (5, 1, 1, T) and mask.dtype == dtype
+    for b, n in enumerate(lengths.tolist()):
+        for t in range(T):
+            want = 0.0 if t < n else torch.finfo(dtype).min
+            assert mask[b, 0, 0, t].item() == want
+    keep = length_mask(lengths, T)
+    assert keep.dtype == torch.bool and keep.tolist() == [[t < n for t in range(T)]
+                                                          for n in lengths.tolist()]
+
+
+def test_key_padding_mask_in_attention_equals_dropping_the_padded_keys():
+    """Scaled dot-product attention with the additive mask gives each row what attention over
+    its real keys alone gives (the padded keys cut off): the mask hides them exactly."""
+    g = torch.Generator().manual_seed(0)
+    B, heads, T, d = 3, 2, 6, 4
+    q, k, v = (torch.randn(B, heads, T, d, generator=g) for _ in range(3))
+    lengths = torch.tensor([6, 2, 4])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask(lengths, T, q.dtype))
+    for b, n in enumerate(lengths.tolist()):
+        want = F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n])
+        torch.testing.assert_close(out[b : b + 1], want, atol=1e-6, rtol=1e-5)
+

@@ -28,12 +28,12 @@ from __future__ import annotations
 import configparser
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from divekit.errors import DivekitError
 from divekit.hardware.analytic import DATAFLOWS, ArraySpec, GemmStats, gemm_cycles
+from divekit.io import atomic_write_text
 
 CONV_COLUMNS = ("Layer name", "IFMAP Height", "IFMAP Width", "Filter Height", "Filter Width",
                 "Channels", "Num Filter", "Strides")
@@ -169,22 +169,6 @@ def report_rows(stats: list[GemmStats]) -> list[str]:
     return lines
 
 
-def atomic_write(path: str | os.PathLike, text: str | bytes) -> None:
-    """Write to a temporary file next to ``path``, then rename it over ``path``."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise DivekitError(f"cannot write {path}: {e.strerror or e} (in {path.parent})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode() if isinstance(text, str) else text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_compute_report(path: str | os.PathLike, stats: list[GemmStats]) -> None:
     """SCALE-Sim v2's ``COMPUTE_REPORT.csv`` (columns: :data:`REPORT_HEADER`)."""
-    atomic_write(path, "\n".join([REPORT_HEADER, *report_rows(stats)]) + "\n")
+    atomic_write_text(path, "\n".join([REPORT_HEADER, *report_rows(stats)]) + "\n")

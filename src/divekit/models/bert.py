@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from divekit.errors import DivekitError
 from divekit.models.attention import MultiHeadAttention
 from divekit.models.registry import register_model
+from divekit.ops.masking import key_padding_mask
 
 ACTIVATIONS = {
     "gelu": nn.GELU,  # exact erf GELU: BERT's "gelu"
@@ -131,23 +132,6 @@ class AddNorm(nn.Module):
         return self.ln(X + self.dropout(Y))
 
 
-def key_padding_mask(valid_lens: Tensor | None, t: int, dtype: torch.dtype) -> Tensor | None:
-    """The additive attention mask ``(B, 1, 1, T)``: 0 at keys ``< valid_lens[b]``, the dtype's
-    most negative number at padding; ``None`` when nothing is padded (the unmasked kernel).
-
-    One row per sequence that broadcasts over heads and queries: a ``(B, heads, T, T)`` mask is
-    never materialised. A finite minimum (not ``-inf``) keeps a length-0 row finite. On the
-    meta device (``--batch-size auto``'s memory estimate: shapes, no values) the mask is always
-    built, the larger of the two cases."""
-    if valid_lens is None:
-        return None
-    if valid_lens.device.type != "meta" and bool((valid_lens >= t).all()):
-        return None
-    keep = torch.arange(t, device=valid_lens.device) < valid_lens[:, None]  # (B, T)
-    mask = torch.zeros(keep.shape, dtype=dtype, device=valid_lens.device)
-    return mask.masked_fill(~keep, torch.finfo(dtype).min)[:, None, None, :]  # (B, 1, 1, T)
-
-
 class BertSelfAttention(MultiHeadAttention):
     """Multi-head self-attention with the mask as one ``(B, 1, 1, T)`` row per sequence.
 
@@ -232,9 +216,8 @@ class BertEncoder(nn.Module):
             segments = torch.zeros_like(tokens)
         X = self.token_embedding(tokens) + self.segment_embedding(segments)  # (B, T, H)
         X = self.dropout(self.embed_norm(X + self.pos_embedding[:t]))  # P broadcasts over B
-        mask = key_padding_mask(valid_lens, t, X.dtype)  # (B, 1, 1, T) or None: built once
-        if mask is None:
-            valid_lens = None  # no padding: the unmasked (fastest) attention kernel
+        # built once for every block; None without lengths: the unmasked attention kernel
+        mask = None if valid_lens is None else key_padding_mask(valid_lens, t, X.dtype)
         for blk in self.blks:
             X = blk(X, valid_lens, mask)
         return X

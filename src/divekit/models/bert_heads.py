@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from divekit.models.bert import BertEncoder, _init_weights
+from divekit.ops.masking import length_mask
 
 HEADS = ("classify", "pair", "tag", "qa")
 
@@ -67,8 +68,8 @@ class SpanHead(nn.Module):
     def forward(self, X: Tensor, valid_lens: Tensor | None = None) -> Tensor:
         logits = self.output(X)  # (B, T, 2)
         if valid_lens is not None:
-            pad = torch.arange(X.shape[1], device=X.device)[None, :] >= valid_lens[:, None]
-            logits = logits.masked_fill(pad[..., None], float("-inf"))
+            keep = length_mask(valid_lens, X.shape[1])  # (B, T)
+            logits = logits.masked_fill(~keep[..., None], float("-inf"))
         return logits
 
 

@@ -23,9 +23,9 @@ def mlp(tau: int) -> nn.Module:
 
 
 class LatentRNN(nn.Module):
-    """``h_t = GRU(h_{t-1}, x_{t-1})``, ``x̂_t = W h_t + b``. Input ``(B, L)`` → predictions ``(B, L)``
-    and the GRU's last state; ``rnn`` and ``head`` are used one step at a time for k-step
-    predictions (:func:`divekit.tasks.sequence.rnn_k_step`)."""
+    """``h_t = GRU(h_{t-1}, x_{t-1})``, ``x̂_t = W h_t + b``. Input ``(B, L)`` → predictions
+    ``(B, L)`` and the GRU's last state; ``rnn`` and ``head`` are used one step at a time for
+    k-step predictions (:func:`divekit.tasks.sequence.rnn_k_step`)."""
 
     def __init__(self, hidden: int = 16):
         super().__init__()

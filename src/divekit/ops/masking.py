@@ -1,4 +1,5 @@
-"""Masks for variable-length sequences (d2l 10.7, 11.3): ``sequence_mask`` and ``masked_softmax``.
+"""Masks for variable-length sequences (d2l 10.7, 11.3): ``sequence_mask`` and ``masked_softmax``,
+and the additive ``key_padding_mask`` that BERT's fused attention takes.
 
 A minibatch of sentences is padded to a common length ``T``; ``valid_len[b]`` says how many of row
 ``b``'s positions are real. Both functions take the course's arguments and are vectorised: the mask
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from divekit.errors import DivekitError
 
-__all__ = ["masked_softmax", "sequence_mask"]
+__all__ = ["key_padding_mask", "length_mask", "masked_softmax", "sequence_mask"]
 
 
 def _as_lengths(valid_len: Tensor | Sequence[float], name: str, device: torch.device) -> Tensor:
@@ -51,9 +52,25 @@ def _check_nonnegative(lengths: Tensor, name: str) -> int | float:
     return smallest
 
 
-def _length_mask(lengths: Tensor, size: int, device: torch.device) -> Tensor:
-    """``lengths (...)`` -> bool mask ``(..., size)``: position ``t`` is kept when ``t < length``."""
-    return torch.arange(size, device=device) < lengths.unsqueeze(-1)
+def length_mask(lengths: Tensor, size: int) -> Tensor:
+    """``lengths (...)`` -> bool mask ``(..., size)``, on ``lengths``'s device: position ``t``
+    is kept (True) when ``t < length``. One comparison, no loop and no device sync."""
+    return torch.arange(size, device=lengths.device) < lengths.unsqueeze(-1)
+
+
+def key_padding_mask(valid_lens: Tensor, size: int, dtype: torch.dtype) -> Tensor:
+    """The additive attention mask ``(B, 1, 1, size)`` of a padded batch, for
+    ``scaled_dot_product_attention``'s ``attn_mask``: 0 at keys ``t < valid_lens[b]``, the
+    dtype's most negative number at padding.
+
+    One row per sequence that broadcasts over heads and queries: a ``(B, heads, T, T)`` mask is
+    never materialised. A finite minimum (not ``-inf``) keeps a length-0 row finite. Built from
+    tensor operations only (no Python branch on the lengths' values), so ``torch.export`` and
+    ``torch.compile`` trace it with the lengths as a graph input, and the meta device
+    (``--batch-size auto``'s memory estimate) sees the same shapes as a real run."""
+    keep = length_mask(valid_lens, size)  # (B, T)
+    mask = torch.zeros(keep.shape, dtype=dtype, device=valid_lens.device)
+    return mask.masked_fill(~keep, torch.finfo(dtype).min)[:, None, None, :]  # (B, 1, 1, T)
 
 
 def sequence_mask(X: Tensor, valid_len: Tensor, value: float = 0.0) -> Tensor:
@@ -74,7 +91,7 @@ def sequence_mask(X: Tensor, valid_len: Tensor, value: float = 0.0) -> Tensor:
             f"{tuple(X.shape)}, got {tuple(lengths.shape)}"
         )
     _check_nonnegative(lengths, "valid_len")
-    keep = _length_mask(lengths, X.shape[1], X.device)  # (B, T)
+    keep = length_mask(lengths, X.shape[1])  # (B, T)
     keep = keep.reshape(keep.shape + (1,) * (X.dim() - 2))  # (B, T, 1, ...)
     return X.masked_fill(~keep, value)
 
@@ -108,7 +125,7 @@ def masked_softmax(X: Tensor, valid_lens: Tensor | None) -> Tensor:
             f"{tuple(X.shape)}, got {tuple(lengths.shape)}"
         )
     smallest = _check_nonnegative(lengths, "valid_lens")
-    keep = _length_mask(lengths, X.shape[-1], X.device)  # (B, 1 or Q, K)
+    keep = length_mask(lengths, X.shape[-1])  # (B, 1 or Q, K)
     # exp(-inf) is exactly 0: masked keys get no weight, whatever their (padding) scores were.
     scores = X.masked_fill(~keep, float("-inf"))
     if smallest > 0:
