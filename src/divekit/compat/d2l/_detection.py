@@ -14,13 +14,17 @@ Differences from the book:
   book's loop then assigned the deleted anchor 0 again.
 * ``nms`` orders tied scores by index (smaller first); the book's ``argsort`` is not stable, so
   its order among ties was arbitrary. ``multibox_detection`` inherits this.
+* ``multibox_detection`` also takes divekit's keyword-only ``class_agnostic`` (default True, the
+  book's NMS across classes).
 * The box conversions take any leading dimensions ``(..., 4)``, not only ``(N, 4)``.
 * Offsets keep the anchors' dtype (the book always produced float32).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -93,15 +97,24 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     return _boxes.nms(boxes, scores, iou_threshold)
 
 
-def multibox_detection(
-    cls_probs: Tensor,
-    offset_preds: Tensor,
-    anchors: Tensor,
-    nms_threshold: float = 0.5,
-    pos_threshold: float = 0.009999999,
-) -> Tensor:
+_BOOK_POS_THRESHOLD = 0.009999999  # the book's default; divekit's own is 0.009
+
+
+def multibox_detection(*args: Any, **kwargs: Any) -> Tensor:
     """Predicted boxes ``(B, A, 6)``, rows ``[class, confidence, x1, y1, x2, y2]``; class -1 for
-    an anchor NMS suppressed or below ``pos_threshold``. Kept rows first, by confidence."""
-    return _anchors.multibox_detection(
-        cls_probs, offset_preds, anchors, nms_threshold, pos_threshold
-    )
+    an anchor NMS suppressed or below ``pos_threshold``. Kept rows first, by confidence.
+
+    The arguments are :func:`divekit.ops.anchors.multibox_detection`'s, one list of them, which
+    names the book's five first; only the default ``pos_threshold`` is the book's (0.009999999).
+    """
+    if len(args) < 5 and "pos_threshold" not in kwargs:  # the fifth positional one
+        kwargs["pos_threshold"] = _BOOK_POS_THRESHOLD
+    return _anchors.multibox_detection(*args, **kwargs)
+
+
+# inspect.signature and help(): divekit's arguments with the book's default
+_signature = inspect.signature(_anchors.multibox_detection)
+multibox_detection.__signature__ = _signature.replace(  # type: ignore[attr-defined]
+    parameters=[p.replace(default=_BOOK_POS_THRESHOLD) if p.name == "pos_threshold" else p
+                for p in _signature.parameters.values()]
+)
