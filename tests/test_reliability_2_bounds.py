@@ -35,6 +35,45 @@ def test_translate_beam_and_batch_are_bounded(tmp_path, capsys):
     assert "--batch-size" in line and "at most 4096" in line
 
 
+def test_translate_refuses_more_sentences_than_the_bound_before_decoding():
+    """The task layer's bound on the sentences of one call (``translate -i FILE``'s line
+    count): refused before the model or the vocabularies are touched."""
+    from divekit.tasks.translate_decode import MAX_SENTENCES, translate_sentences
+
+    class Untouchable:
+        def __getattr__(self, name: str):
+            raise AssertionError(f"touched .{name} before the bound was checked")
+
+    with pytest.raises(DivekitError, match=f"at most {MAX_SENTENCES:,} at a time") as info:
+        translate_sentences(Untouchable(), ["un chat ."] * (MAX_SENTENCES + 1), Untouchable(),
+                            Untouchable(), 8)
+    assert f"{MAX_SENTENCES + 1:,} sentences" in str(info.value)
+
+
+def test_translate_i_over_the_line_bound_is_one_line(tmp_path, capsys, monkeypatch):
+    """``divekit translate RUN -i FILE`` with one line more than the bound (lowered to 5 here):
+    one line, exit 2, nothing printed; at the bound it translates every line."""
+    import divekit.tasks.translate_decode as decode
+    from divekit.engine.run import make_config, train
+    from divekit.tasks.translate import TranslateConfig, TranslationTask
+
+    run = tmp_path / "mt"
+    train(TranslationTask(make_config(TranslateConfig, {
+        "model": "seq2seq", "data": "numbers-fr", "max_examples": 64, "batch_size": 32,
+        "bleu_examples": 4, "quiet": True, "device": "cpu", "embed_size": 8, "num_hiddens": 8,
+        "num_layers": 1, "epochs": 1, "out": str(run)})))
+    monkeypatch.setattr(decode, "MAX_SENTENCES", 5)
+    lines = tmp_path / "in.txt"
+    lines.write_text("j'ai deux chats .\n" * 6, encoding="utf-8")
+    capsys.readouterr()
+    line = _refused(capsys, main(["translate", str(run), "-i", str(lines), "--device", "cpu"]))
+    assert "6 sentences" in line and "at most 5" in line
+    assert capsys.readouterr().out == ""
+    lines.write_text("j'ai deux chats .\n" * 5, encoding="utf-8")
+    assert main(["translate", str(run), "-i", str(lines), "--device", "cpu"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 5
+
+
 def test_hw_cycle_mode_is_bounded_by_its_work(capsys):
     line = _refused(capsys, main(["hw", "simulate", "lenet", "--mode", "cycle", "--array",
                                   "2048x2048"]))
