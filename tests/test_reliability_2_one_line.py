@@ -2,7 +2,8 @@
 
 * a BERT directory whose ``pytorch_model.bin`` is a pickle asking for more than tensors was
   refused with torch's multi-line message, which advises ``weights_only=False``;
-* binary or UTF-16 topology and ``.cfg`` files gave a ``UnicodeDecodeError`` (exit 1);
+* binary or UTF-16 topology and ``.cfg`` files, and SQuAD (QA) data files, gave a
+  ``UnicodeDecodeError`` (exit 1);
 * a long text gave one warning per text, by the hundred.
 """
 
@@ -89,3 +90,32 @@ def test_a_csv_field_over_128_kb_is_one_line(tmp_path, capsys):
                                    f"csv:{path}", "--out", str(tmp_path / "r"), "--device",
                                    "cpu"]))
     assert str(path) in line and "field larger than field limit" in line
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "binary"])
+def test_a_non_utf8_squad_file_is_one_line(tmp_path, capsys, encoding):
+    """A SQuAD v1.1 file saved as UTF-16 (or not text at all) gave a bare UnicodeDecodeError
+    (exit 1): now one line naming the file, and no run directory."""
+    import json
+
+    from divekit.data.text_tasks import read_squad
+    from divekit.errors import DivekitError
+
+    doc = {"data": [{"paragraphs": [{"context": "anna lives in paris .", "qas": [
+        {"id": "q1", "question": "where does anna live",
+         "answers": [{"text": "paris", "answer_start": 14}]}]}]}]}
+    data = tmp_path / "squad"
+    data.mkdir()
+    text = json.dumps(doc)
+    (data / "train-v1.1.json").write_bytes(text.encode("utf-16") if encoding == "utf-16"
+                                           else bytes(range(256)) * 4)
+    (data / "dev-v1.1.json").write_text(text, encoding="utf-8")
+    assert [e.answers for e in read_squad(data / "dev-v1.1.json")] == [["paris"]]
+    with pytest.raises(DivekitError, match="is not UTF-8 text"):
+        read_squad(data / "train-v1.1.json")
+    base = write_tiny_base(tmp_path / "base", seed=0)
+    line = _one_line(capsys, main(["finetune", str(base), "--task", "qa", "--data", "squad",
+                                   "--data-dir", str(data), "--epochs", "1", "--out",
+                                   str(tmp_path / "r"), "--device", "cpu", "--quiet"]))
+    assert str(data / "train-v1.1.json") in line and "not UTF-8 text" in line
+    assert not (tmp_path / "r").exists()

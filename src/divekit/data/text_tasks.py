@@ -246,6 +246,8 @@ def read_squad(path: Path) -> list[QAExample]:
     try:
         doc = json.loads(_need(path, "a SQuAD v1.1 JSON file").read_text(encoding="utf-8"))
         articles = doc["data"]
+    except UnicodeDecodeError as e:  # UTF-16 or binary: one line, as the other readers say it
+        raise DivekitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DivekitError(f"{path} is not SQuAD v1.1 JSON ({e})") from None
     out = []
