@@ -1,4 +1,4 @@
-"""Datasets: the download hub, vision and text loaders, augmentation."""
+"""Datasets: vision and text loaders, augmentation (downloads go through :mod:`divekit.hub`)."""
 
 from divekit.data.registry import (
     DatasetInfo,
