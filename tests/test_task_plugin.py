@@ -149,6 +149,7 @@ def test_a_task_added_through_an_entry_point_trains_evaluates_and_predicts(plugi
     run = tmp_path / "run"
     out = _divekit(
         plugin_path, tmp_path,
+        ["train", "--help"],
         ["train", "toy_linear", "--help"],
         ["train", "toy_linear", "--epochs", "5", "--noise", "0.05", "--out", str(run), "--quiet"],
         ["evaluate", str(run)],
@@ -157,6 +158,8 @@ def test_a_task_added_through_an_entry_point_trains_evaluates_and_predicts(plugi
         ["predict", str(run), "1,0,0,0", "--top-k", "2"],
         ["models", "--task", "toy_regression"],
     )
+    code, text = out["train --help"]
+    assert code == 0 and "toy_regression" in text.split("tasks:")[1]
     code, text = out["train toy_linear --help"]
     assert code == 0 and "--noise NOISE" in text and "toy: standard deviation" in text
     assert "(default: 0.1, toy_linear's recipe)" in text  # --lr from the plugin model's recipe

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 import typing
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from divekit.cli._common import show_library_notes
 from divekit.config import add_config_options, typed_options
 
 
@@ -133,6 +133,11 @@ def _add_train_options(p: argparse.ArgumentParser, model: str | None, data: str 
     if family is not None:
         add_config_options(p, family, group_title=f"{model} hyper-parameters")
     add_config_options(p, LaunchConfig, group_title="launching workers")
+    from divekit.engine.task import list_tasks
+
+    p.epilog = (f"tasks: {', '.join(list_tasks())}. A model's task decides its options: "
+                "`divekit models --task TASK` lists its models, `divekit train MODEL --help` "
+                "shows them.")
 
 
 def _train_classes(model: str | None) -> tuple[type, type | None]:
@@ -190,24 +195,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"curves: {result.run_dir / 'curves.png'}")
 
 
-def _show_library_notes() -> None:
-    """The library logs what a user should know (``--batch-size auto: 100 (...)``); print it."""
-    logger = logging.getLogger("divekit")
-    if not any(isinstance(h, _Notes) for h in logger.handlers):
-        logger.addHandler(_Notes())
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
-class _Notes(logging.Handler):
-    """Library log lines on the standard output as it is now (rank 0 only)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if os.environ.get("RANK", "0") == "0":
-            print(record.getMessage(), file=sys.stderr if record.levelno >= logging.WARNING
-                  else sys.stdout)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("DIVEKIT_DEBUG"))
@@ -217,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_allocator()  # reuse freed tensor memory instead of page-faulting it back each step
 
     try:
-        _show_library_notes()
+        show_library_notes()
         command, model = _command(argv)
         parser = build_parser(model, _option_value(argv, "--data"), command=command)
         args = parser.parse_args(argv)

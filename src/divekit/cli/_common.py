@@ -1,10 +1,13 @@
-"""What the command modules share: a subcommand with an examples epilog, and a command made of
-actions (``divekit hw simulate|sweep``). A module of :mod:`divekit.cli` whose name starts with
+"""What the command modules share: a subcommand with an examples epilog, a command made of
+actions (``divekit hw simulate|sweep``), and the library's notes on the terminal. A module of :mod:`divekit.cli` whose name starts with
 an underscore adds no command (:func:`divekit.cli.cli_modules` leaves it out)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 
 from divekit.errors import DivekitError
 
@@ -35,3 +38,21 @@ def add_action_command(sub: argparse._SubParsersAction, parent: argparse.Argumen
 
     parser.set_defaults(handler=needs_an_action)
     return actions
+
+
+def show_library_notes() -> None:
+    """The library logs what a user should know (``--batch-size auto: 100 (...)``); print it."""
+    logger = logging.getLogger("divekit")
+    if not any(isinstance(h, _Notes) for h in logger.handlers):
+        logger.addHandler(_Notes())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+class _Notes(logging.Handler):
+    """Library log lines on the standard output as it is now (rank 0 only)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if os.environ.get("RANK", "0") == "0":
+            print(record.getMessage(), file=sys.stderr if record.levelno >= logging.WARNING
+                  else sys.stdout)

@@ -271,7 +271,7 @@ def load_tasks() -> None:
     """Import every task the ``divekit.tasks`` entry points name. A task module registers its
     own models when imported (``register_model``), so a package that adds a task through an
     entry point adds its models too: a model name the zoo does not know is looked up again
-    after this (:func:`divekit.tasks.task_for`)."""
+    after this (:func:`task_for`)."""
     for name in list_tasks():
         task_class(name)
 
