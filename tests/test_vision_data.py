@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from divekit.data import dataset_info, hub, load_dataset, vision
+from divekit import hub
+from divekit.data import dataset_info, load_dataset, vision
 from divekit.data.idx import write_idx
 from divekit.data.vision import load_image_file, resize_images
 from divekit.errors import DataNotFoundError, DivekitError

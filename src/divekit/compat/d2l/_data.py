@@ -2,12 +2,12 @@
 
 Finding files. ``download(name)`` takes the file name from the last part of ``DATA_HUB[name]``'s
 URL and looks for it in ``cache_dir`` (the book's ``../data``), then in ``$DIVEKIT_DATA``, then
-in divekit's cache (``divekit.data.hub.data_home()``, ``~/.cache/divekit``), checks its SHA-1
+in divekit's cache (``divekit.hub.data_home()``, ``~/.cache/divekit``), checks its SHA-1
 against ``DATA_HUB`` and returns its path. ``download_extract`` does the same for an archive and
 also accepts its extracted folder on its own (``fra-eng/`` without ``fra-eng.zip``).
 
 The network. Nothing is fetched unless ``DIVEKIT_DOWNLOAD=1`` is set; then a missing file is
-downloaded (hash-checked, through :func:`divekit.data.hub.download`) into divekit's cache, or
+downloaded (hash-checked, through :func:`divekit.hub.download`) into divekit's cache, or
 into ``cache_dir`` when a caller names one other than ``../data``. Without it a missing file is
 one :class:`~divekit.errors.DataNotFoundError` line naming the file, its SHA-1, the folders
 searched and the URL; a file with the wrong SHA-1 is one line too.
