@@ -71,40 +71,28 @@ abs = torch.abs  # noqa: A001
 eye = torch.eye
 
 
-def numpy(x, *args, **kwargs):
-    return x.detach().numpy(*args, **kwargs)
+def _method_alias(
+    alias: str, method: str, *, detach: bool = False
+) -> "collections.abc.Callable[..., object]":
+    """config.ini's ``lambda x, *args, **kwargs: x.METHOD(*args, **kwargs)``, named ``alias``
+    (``detach``: on ``x.detach()``, as the book's ``numpy``)."""
+
+    def call(x: torch.Tensor, *args: object, **kwargs: object) -> object:
+        return getattr(x.detach() if detach else x, method)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = alias
+    return call
 
 
-def size(x, *args, **kwargs):
-    return x.numel(*args, **kwargs)
-
-
-def reshape(x, *args, **kwargs):
-    return x.reshape(*args, **kwargs)
-
-
-def to(x, *args, **kwargs):
-    return x.to(*args, **kwargs)
-
-
-def reduce_sum(x, *args, **kwargs):
-    return x.sum(*args, **kwargs)
-
-
-def argmax(x, *args, **kwargs):
-    return x.argmax(*args, **kwargs)
-
-
-def astype(x, *args, **kwargs):
-    return x.type(*args, **kwargs)
-
-
-def transpose(x, *args, **kwargs):
-    return x.t(*args, **kwargs)
-
-
-def reduce_mean(x, *args, **kwargs):
-    return x.mean(*args, **kwargs)
-
+# the method aliases of the book's config.ini
+numpy = _method_alias("numpy", "numpy", detach=True)
+size = _method_alias("size", "numel")
+reshape = _method_alias("reshape", "reshape")
+to = _method_alias("to", "to")
+reduce_sum = _method_alias("reduce_sum", "sum")
+argmax = _method_alias("argmax", "argmax")
+astype = _method_alias("astype", "type")
+transpose = _method_alias("transpose", "t")
+reduce_mean = _method_alias("reduce_mean", "mean")
 
 from divekit.compat.d2l import _bert_small  # noqa: F401,E402  (registers the bert.small stand-in)
