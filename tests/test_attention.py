@@ -169,5 +169,5 @@ def test_attention_heat_maps_are_saved_for_one_or_many_heads(tmp_path):
     sizes = [Image.open(p).size for p in (one, heads, grid)]
     assert all(w > 50 and h > 50 for w, h in sizes)
     assert sizes[1][0] > sizes[0][0]  # two panels side by side
-    with pytest.raises(ValueError, match="2-, 3- or 4-D"):
+    with pytest.raises(DivekitError, match=r"attention weights must be \(H, W\), \(C, H, W\)"):
         plot_attention(torch.zeros(5), tmp_path / "bad.png")

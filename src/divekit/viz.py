@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from divekit.errors import DivekitError
+from divekit.ops.conv import as_4d
 
 
 def _subplots(nrows: int = 1, ncols: int = 1, **kw):
@@ -161,12 +162,7 @@ def plot_attention(weights, path: str | os.PathLike, *, xlabel: str = "keys", yl
     import numpy as np
 
     w = np.asarray(weights.detach().float().cpu() if hasattr(weights, "detach") else weights, dtype=np.float32)
-    if w.ndim == 2:
-        w = w[None, None]
-    elif w.ndim == 3:
-        w = w[None]
-    if w.ndim != 4:
-        raise ValueError(f"attention weights must be 2-, 3- or 4-D, got shape {w.shape}")
+    w = as_4d(w, "attention weights")
     rows, cols, q, k = w.shape
     cell = min(2.5, max(0.9, 0.22 * max(q, k)))
     fig, axes = _subplots(rows, cols, figsize=(cell * cols + 0.8, cell * rows), squeeze=False,

@@ -19,12 +19,26 @@ the channels swapped (that is the transpose). A 2-D kernel stands for one channe
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from divekit.errors import DivekitError
 
 __all__ = ["bilinear_kernel", "conv_matrix", "trans_conv"]
+
+
+def as_4d(x: Any, what: str) -> Any:
+    """``x`` (a tensor or an array) as ``(N, C, H, W)``: ``(H, W)`` gains two leading axes,
+    ``(C, H, W)`` one; any other rank is refused in one line naming ``what``."""
+    if x.ndim == 2:
+        return x[None, None]
+    if x.ndim == 3:
+        return x[None]
+    if x.ndim != 4:
+        raise DivekitError(f"{what} must be (H, W), (C, H, W) or (N, C, H, W), got {tuple(x.shape)}")
+    return x
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> int:
@@ -58,12 +72,7 @@ def trans_conv(X: Tensor, K: Tensor, *, stride: int = 1, padding: int = 0) -> Te
     _positive("stride", stride)
     _positive("padding", padding, 0)
     squeeze = X.ndim
-    if X.ndim == 2:
-        X = X[None, None]
-    elif X.ndim == 3:
-        X = X[None]
-    elif X.ndim != 4:
-        raise DivekitError(f"X must be (H, W), (C, H, W) or (N, C, H, W), got {tuple(X.shape)}")
+    X = as_4d(X, "X")
     kernel_2d = K.ndim == 2
     K = _as_4d_kernel(K)
     n, c_in, H, W = X.shape
