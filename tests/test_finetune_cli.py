@@ -160,3 +160,16 @@ def test_a_bert_without_task_is_classify_and_resume_takes_the_runs_own_options(
     config = json.loads((run / "config.json").read_text())["config"]
     assert config["lr"] == 3e-4 and config["limit"] == 6 and config["max_len"] == 16
     assert CheckpointDir(run).latest().name == "epoch-0002"
+
+
+def test_predict_on_a_text_run_refuses_the_options_of_other_tasks(bert_run, capsys):
+    """Its options are TextPredictConfig's (--top-k, --max-answer-len); --threshold (detection)
+    was taken and ignored."""
+    line = _one_line(capsys, main(["predict", str(bert_run), "a great kettle", "--threshold",
+                                   "0.3", "--device", "cpu"]))
+    assert "--threshold does not apply to a bert_finetune run" in line
+    assert "--top-k" in line and "--max-answer-len" in line
+    assert main(["predict", str(bert_run), "a great kettle", "--top-k", "1", "--device",
+                 "cpu"]) == 0
+    shown = capsys.readouterr().out.splitlines()[-1]
+    assert shown.startswith("a great kettle: ") and "(" not in shown  # one label, no others

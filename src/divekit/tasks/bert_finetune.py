@@ -473,11 +473,14 @@ class TextFinetuneTask(Task, name="bert_finetune"):
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
-    def predict(self, model: nn.Module, inputs: Any, **options: Any) -> list[dict[str, Any]]:
-        """The head's predictions on ``inputs`` (:meth:`FinetuneHead.read_inputs` reads them);
-        ``options`` are :class:`TextPredictConfig`'s (``top_k``, ``max_answer_len``)."""
+    def predict(self, model: nn.Module, inputs: Any, *, top_k: int = 3,
+                max_answer_len: int | None = None) -> list[dict[str, Any]]:
+        """The head's predictions on ``inputs`` (:meth:`FinetuneHead.read_inputs` reads them),
+        with :class:`TextPredictConfig`'s options; any other option is refused by
+        :func:`divekit.engine.run.predict`."""
         model.eval()
         device = next(model.parameters()).device
+        options = TextPredictConfig(top_k=top_k, max_answer_len=max_answer_len)
         return self.head.predict(model, self.head.read_inputs(inputs), device, options)
 
     def format_metrics(self, metrics: dict[str, Any]) -> str:

@@ -45,7 +45,7 @@ from divekit.ops import seq_metrics as M
 from divekit.tasks.bert_finetune_io import predict_inputs
 
 if TYPE_CHECKING:
-    from divekit.tasks.bert_finetune import TextFinetuneTask
+    from divekit.tasks.bert_finetune import TextFinetuneTask, TextPredictConfig
 
 QA_CHUNK = 32  # predict: the windows of a long passage run through the model this many at a time
 DEFAULT_TOP_K = 3  # classify/pair predict: labels shown per text unless --top-k says otherwise
@@ -98,7 +98,7 @@ class FinetuneHead:
 
     # ------------------------------------------------------------------ inference and printing
     def predict(self, model: nn.Module, items: list[Any], device: torch.device,
-                options: dict[str, Any]) -> list[dict[str, Any]]:
+                options: TextPredictConfig) -> list[dict[str, Any]]:
         """One result per item of :meth:`read_inputs` (the model in eval mode, no gradients)."""
         raise NotImplementedError
 
@@ -154,13 +154,13 @@ class ClassifyHead(FinetuneHead):
                 "macro_f1": M.macro_f1(sums["pred"], sums["gold"])}
 
     def predict(self, model: nn.Module, items: list[Any], device: torch.device,
-                options: dict[str, Any]) -> list[dict[str, Any]]:
+                options: TextPredictConfig) -> list[dict[str, Any]]:
         """Items are ``(a, b or None, gold or None)``; each result ranks the top-k labels."""
         tok, labels = self.task.tokenizer, self.task.labels
         rows = tok.encode_batch([a for a, _, _ in items], self.second_texts(items))
         tokens, segments, valid = (t.to(device) for t in pad(rows, tok.pad_id))
         probs = model(tokens, segments, valid).float().softmax(-1).cpu()
-        k = min(int(options.get("top_k") or DEFAULT_TOP_K), len(labels))
+        k = min(int(options.top_k or DEFAULT_TOP_K), len(labels))
         out = []
         for (a, b, gold), p in zip(items, probs):
             top = torch.topk(p, k)
@@ -230,7 +230,7 @@ class TagHead(FinetuneHead):
                 "entity_f1": prf["f1"]}
 
     def predict(self, model: nn.Module, items: list[Any], device: torch.device,
-                options: dict[str, Any]) -> list[dict[str, Any]]:
+                options: TextPredictConfig) -> list[dict[str, Any]]:
         return [self._tag_one(model, words, device) for words in items]
 
     def _tag_one(self, model: nn.Module, words: list[str], device: torch.device) -> dict[str, Any]:
@@ -307,9 +307,9 @@ class QAHead(FinetuneHead):
         return {"exact_match": em / n, "f1": f1 / n}
 
     def predict(self, model: nn.Module, items: list[Any], device: torch.device,
-                options: dict[str, Any]) -> list[dict[str, Any]]:
-        max_answer = options.get("max_answer_len")
-        if max_answer is None:
+                options: TextPredictConfig) -> list[dict[str, Any]]:
+        max_answer = options.max_answer_len
+        if max_answer is None:  # the run's own
             max_answer = self.task.config.max_answer_len
         if isinstance(max_answer, bool) or not isinstance(max_answer, int) or max_answer < 1:
             raise DivekitError(f"--max-answer-len must be a whole number >= 1, got {max_answer!r}")
