@@ -9,21 +9,21 @@ from typing import Any
 from divekit.cli._common import add_command
 
 COMMANDS = ("export",)
+DESCRIPTION = (
+    "Write RUN's newest weights as: onnx (torch.onnx.export, the dynamo exporter where it "
+    "works, else TorchScript), pt2 (torch.export.save), hf (a BERT run in Hugging Face's layout) "
+    "or torchvision (a classifier's state dict under torchvision's names). The preprocessing "
+    "(input size, mean and std, classes, vocabulary) travels in the ONNX metadata and in "
+    "FILE.json beside the export. `divekit predict FILE.onnx INPUT...` runs an ONNX export with "
+    "onnxruntime.")
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     from divekit.export import FORMATS
     from divekit.export.graph import EXPORTERS
 
-    p = add_command(
-        sub, parent, "export", help="write a run as ONNX, .pt2, Hugging Face or torchvision",
-        description="Write RUN's newest weights as: onnx (torch.onnx.export, the dynamo exporter "
-        "where it works, else TorchScript), pt2 (torch.export.save), hf (a BERT run in Hugging "
-        "Face's layout) or torchvision (a classifier's state dict under torchvision's names). "
-        "The preprocessing (input size, mean and std, classes, vocabulary) travels in the ONNX "
-        "metadata and in FILE.json beside the export. `divekit predict FILE.onnx INPUT...` runs "
-        "an ONNX export with onnxruntime.",
-    )
+    p = add_command(sub, parent, "export", description=DESCRIPTION,
+                    help="write a run as ONNX, .pt2, Hugging Face or torchvision")
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by `divekit train`")
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("-o", "--output", metavar="PATH", default=None,

@@ -13,6 +13,8 @@ from divekit.cli._common import add_command
 
 COMMANDS = ("evaluate", "predict")
 HELP_ORDER = 1  # listed just after train in `divekit --help`
+RUN_HELP = "a run directory written by `divekit train`"
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (default: auto)"
 QUANTIZE_HELP = ("int8: dynamic int8 quantization of the Linear/LSTM/GRU layers for CPU "
                  "inference (BERT, Transformer and RNN language-model runs; default: none)")
 
@@ -24,27 +26,25 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p = add_command(sub, parent, "evaluate", help="validation metrics of a run",
                     description="Load a run's newest checkpoint and evaluate it on the "
                     "validation split.")
-    _run_options(p)
+    p.add_argument("run_dir", help=RUN_HELP)
     p.add_argument("--data-dir",
                    help="where the dataset's files are, if not where training found them")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tta", choices=["none", "flip"], default=argparse.SUPPRESS,
                    help="classifiers: test-time augmentation (default: the run's own setting)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none", help=QUANTIZE_HELP)
     p.set_defaults(handler=cmd_evaluate)
 
     p = add_command(sub, parent, "predict", help="run a trained model on input files",
                     description="Run a trained model on inputs, by the run's task: a classifier "
                     "converts each image as training did (mode, size, normalisation) and prints "
                     "the top-k classes with probabilities.")
-    _run_options(p)
+    p.add_argument("run_dir", help=RUN_HELP)
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files (any size or mode)")
-    add_config_options(p, predict_options())
-    p.set_defaults(handler=cmd_predict)
-
-
-def _run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a run directory written by `divekit train`")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add_config_options(p, predict_options())  # every task's PredictConfig
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help=QUANTIZE_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.set_defaults(handler=cmd_predict)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

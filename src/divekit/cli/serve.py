@@ -9,6 +9,11 @@ from divekit.cli._common import add_command
 from divekit.errors import DivekitError
 
 COMMANDS = ("serve",)
+DESCRIPTION = (
+    "Serve RUN's newest weights: POST /predict (images as multipart field 'file', several "
+    "allowed; texts as JSON {\"text\": ...}, {\"texts\": [...]} or {\"pairs\": [[a, b]]}), GET / "
+    "(a page), GET /health, GET /info. Requests that arrive together are answered in one batch "
+    "(--max-batch, --max-wait-ms).")
 
 EXAMPLES = """\
 examples:
@@ -35,12 +40,8 @@ def _size(text: str) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    p = add_command(
-        sub, parent, "serve", help="serve a run over HTTP, with a page to try it",
-        description="Serve RUN's newest weights: POST /predict (images as multipart field "
-        "'file', several allowed; texts as JSON {\"text\": ...}, {\"texts\": [...]} or "
-        "{\"pairs\": [[a, b]]}), GET / (a page), GET /health, GET /info. Requests that arrive "
-        "together are answered in one batch (--max-batch, --max-wait-ms).", examples=EXAMPLES)
+    p = add_command(sub, parent, "serve", description=DESCRIPTION, examples=EXAMPLES,
+                    help="serve a run over HTTP, with a page to try it")
     p.add_argument("run_dir", metavar="RUN", help="a run directory written by `divekit train`")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only)")
