@@ -251,15 +251,18 @@ def predict(run_dir: str | Path, inputs: list[Any], *, device: str = "auto",
             quantize: str = "none", **options: Any) -> list[dict[str, Any]]:
     """The run's task's inference on ``inputs`` (image files, sentences). An option the task's
     ``predict`` does not take is refused in one line before anything is loaded (``threshold``
-    for a classifier), as on the command line."""
+    for a classifier), naming the options it takes (its :attr:`Task.PredictConfig`'s, those
+    of the command line), as on the command line."""
     import inspect
 
     from divekit.config import refuse_unused
 
     task = str(read_record(run_dir).get("task", "classify"))
-    takes = [name for name, p in inspect.signature(task_class(task).predict).parameters.items()
-             if p.kind is p.KEYWORD_ONLY]
-    refuse_unused(options, task_class(task).predict, f"a {task} run", takes)
+    cls = task_class(task)
+    takes = ([f.name for f in dataclasses.fields(cls.PredictConfig)] if cls.PredictConfig else
+             [name for name, p in inspect.signature(cls.predict).parameters.items()
+              if p.kind is p.KEYWORD_ONLY])
+    refuse_unused(options, cls.predict, f"a {task} run", takes)
     if quantize == "int8" and device == "auto":
         device = "cpu"  # the int8 kernels are the CPU's
     run = load_run(run_dir, device)
