@@ -269,10 +269,11 @@ class TextFinetuneTask(Task, name="bert_finetune"):
     @cached_property
     def head(self) -> FinetuneHead:
         """The head ``--task`` names, made once (a run's record is checked before it is used)."""
-        if self.config.task not in HEAD_CLASSES:
+        head_class = HEAD_CLASSES.get(self.config.task)
+        if head_class is None:
             raise DivekitError(f"--task must be one of {', '.join(HEAD_CLASSES)}, "
                                f"got {self.config.task!r}")
-        return HEAD_CLASSES[self.config.task](self)
+        return head_class(self)
 
     # ------------------------------------------------------------------ data
     @cached_property
