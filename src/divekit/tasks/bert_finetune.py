@@ -90,9 +90,9 @@ class TextFinetuneConfig(TaskConfig):
                            f"off; at most {MAX_ADAPTER_SIZE})", metavar="SIZE")
 
     def checks(self) -> list[tuple[bool, str]]:
+        heads = ", ".join(HEAD_CLASSES)
         return super().checks() + [
-            (self.task in HEAD_CLASSES,
-             f"--task must be one of {', '.join(HEAD_CLASSES)}, got {self.task!r}"),
+            (self.task in HEAD_CLASSES, f"--task must be one of {heads}, got {self.task!r}"),
             (isinstance(self.max_len, int) and 16 <= self.max_len <= 4096,
              f"--max-len must be in [16, 4096], got {self.max_len}"),
             (isinstance(self.max_answer_len, int) and self.max_answer_len >= 1,
