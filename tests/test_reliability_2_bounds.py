@@ -123,8 +123,7 @@ def base(tmp_path_factory) -> Path:
 
 
 def test_embed_cuts_a_huge_line_while_reading_and_shows_it_short(base, tmp_path, capsys):
-    from divekit.cli.bert import MAX_LINE_CHARS
-    from divekit.tasks.embed import Embedder
+    from divekit.tasks.embed import MAX_LINE_CHARS, Embedder
 
     long = ("great kettle " * (3 * MAX_LINE_CHARS // 13 + 1)).strip()
     assert len(long) > 2 * MAX_LINE_CHARS

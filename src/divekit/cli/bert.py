@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -11,12 +10,6 @@ from divekit.cli._common import add_command
 from divekit.errors import DivekitError
 
 COMMANDS = ("embed",)
-# the bounds of what `embed` reads: a line (a text) is cut at MAX_LINE_CHARS characters while
-# it is read (a BERT reads at most 512 tokens, and a word-piece is rarely 100 characters long;
-# a 50 MB line took 95 s and 6 GB to tokenize), and a file gives at most MAX_TEXTS texts (their
-# float32 embeddings: 1.5 GB at 384 dimensions)
-MAX_LINE_CHARS = 100_000
-MAX_TEXTS = 1_000_000
 SHOWN_CHARS = 80  # the text printed beside an embedding or a score
 
 EXAMPLES = """\
@@ -29,6 +22,8 @@ examples:
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    from divekit.tasks.embed import MAX_LINE_CHARS, MAX_TEXTS  # what -i reads at most
+
     p = add_command(
         sub, parent, "embed", help="sentence embeddings / semantic search with a BERT",
         description="Embed texts with a BERT checkpoint directory (Hugging Face layout), a "
@@ -53,37 +48,9 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.set_defaults(handler=cmd_embed)
 
 
-def read_lines(path: Path, option: str = "--input") -> list[str]:
-    """The non-empty lines of a UTF-8 file, stripped, streamed: a line is cut at
-    :data:`MAX_LINE_CHARS` while it is read (the rest is skipped, never held), with one note on
-    standard error; more than :data:`MAX_TEXTS` lines are refused in one line."""
-    lines: list[str] = []
-    cut = 0
-    try:
-        with path.open(encoding="utf-8") as f:
-            while line := f.readline(MAX_LINE_CHARS + 1):
-                if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
-                    cut += 1
-                    while (rest := f.readline(1 << 20)) and not rest.endswith("\n"):
-                        pass
-                    line = line[:MAX_LINE_CHARS]
-                if line.strip():
-                    if len(lines) == MAX_TEXTS:
-                        raise DivekitError(f"{option} {str(path)!r} has more than {MAX_TEXTS:,} "
-                                           "non-empty lines (the limit); split it")
-                    lines.append(line.strip())
-    except UnicodeDecodeError as e:
-        raise DivekitError(f"{option} {str(path)!r} is not UTF-8 text ({e.reason} at byte "
-                           f"{e.start})") from None
-    except OSError as e:
-        raise DivekitError(f"{option} {str(path)!r} cannot be read: {e.strerror}") from None
-    if cut:
-        print(f"note: {cut} line(s) of {path} were longer than {MAX_LINE_CHARS:,} characters and "
-              "were cut there (the model reads only its first max_len tokens)", file=sys.stderr)
-    return lines
-
-
 def _texts(args: argparse.Namespace) -> list[str]:
+    from divekit.tasks.embed import MAX_LINE_CHARS, read_lines
+
     texts = [t[:MAX_LINE_CHARS] for t in args.texts]
     if args.input:
         path = Path(args.input)
@@ -132,13 +99,9 @@ def cmd_embed(args: argparse.Namespace) -> None:
         return
     E = embedder.embed(texts, args.pooling, args.batch_size, args.normalize, progress)
     if out is not None:
-        import numpy as np
+        from divekit.tasks.embed import save_embeddings
 
-        from divekit.io import atomic_write_bytes
-
-        buffer = io.BytesIO()
-        np.save(buffer, E.numpy().astype(np.float32))
-        atomic_write_bytes(out, buffer.getvalue())
+        save_embeddings(out, E)
         print(f"{len(texts)} embeddings of {E.shape[1]} dimensions ({args.pooling} pooling) -> {out}")
         return
     for text, e in zip(texts, E):

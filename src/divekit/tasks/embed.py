@@ -17,6 +17,7 @@ Texts are batched by length (sorted, so a batch pads little) and returned in the
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,14 @@ from divekit.models.bert import BertModel
 from divekit.models.bert_checkpoint import load_pretrained, resolve_checkpoint
 from divekit.tokenizers import BertTokenizer
 
+log = logging.getLogger("divekit")
 POOLINGS = ("mean", "cls")
+# the bounds of what `divekit embed` reads: a line (a text) is cut at MAX_LINE_CHARS characters
+# while it is read (a BERT reads at most 512 tokens, and a word-piece is rarely 100 characters
+# long; a 50 MB line took 95 s and 6 GB to tokenize), and a file gives at most MAX_TEXTS texts
+# (their float32 embeddings: 1.5 GB at 384 dimensions)
+MAX_LINE_CHARS = 100_000
+MAX_TEXTS = 1_000_000
 
 
 class Embedder:
@@ -121,4 +129,48 @@ def most_similar(checkpoint_or_run: str | Path, query: str, texts: Sequence[str]
                                                             batch_size, progress)
 
 
-__all__: list[Any] = ["Embedder", "embed", "most_similar", "pool"]
+def read_lines(path: Path, option: str = "--input") -> list[str]:
+    """The non-empty lines of a UTF-8 file, stripped, streamed: a line is cut at
+    :data:`MAX_LINE_CHARS` while it is read (the rest is skipped, never held), with one note on
+    standard error; more than :data:`MAX_TEXTS` lines are refused in one line."""
+    lines: list[str] = []
+    cut = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            while line := f.readline(MAX_LINE_CHARS + 1):
+                if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+                    cut += 1
+                    while (rest := f.readline(1 << 20)) and not rest.endswith("\n"):
+                        pass
+                    line = line[:MAX_LINE_CHARS]
+                if line.strip():
+                    if len(lines) == MAX_TEXTS:
+                        raise DivekitError(f"{option} {str(path)!r} has more than {MAX_TEXTS:,} "
+                                           "non-empty lines (the limit); split it")
+                    lines.append(line.strip())
+    except UnicodeDecodeError as e:
+        raise DivekitError(f"{option} {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+                           f"{e.start})") from None
+    except OSError as e:
+        raise DivekitError(f"{option} {str(path)!r} cannot be read: {e.strerror}") from None
+    if cut:
+        log.warning(f"note: {cut} line(s) of {path} were longer than {MAX_LINE_CHARS:,} "
+                    "characters and were cut there (the model reads only its first max_len "
+                    "tokens)")
+    return lines
+
+
+def save_embeddings(path: str | Path, embeddings: Tensor) -> None:
+    """``embeddings`` as a float32 ``.npy`` file, written atomically."""
+    import io
+
+    import numpy as np
+
+    from divekit.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.save(buffer, embeddings.numpy().astype(np.float32))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+__all__: list[Any] = ["Embedder", "embed", "most_similar", "pool", "read_lines", "save_embeddings"]
