@@ -11,16 +11,14 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from divekit import __version__
 from divekit.config import flag_name, known_values
 from divekit.engine.checkpoint import CheckpointDir
+from divekit.engine.task import Task, task_for
 from divekit.errors import DivekitError
 from divekit.io import atomic_write_json
-
-if TYPE_CHECKING:
-    from divekit.engine.task import Task
 
 CONFIG = "config.json"
 # saved options a resume never takes over from config.json: it decides them anew each time
@@ -147,6 +145,90 @@ def reopen_values(config_cls: type, record: dict[str, Any], run_dir: Path) -> di
     if wrong:
         raise DivekitError(f"{run_dir / CONFIG}: config {'; '.join(wrong[:3])}")
     return values
+
+
+# config values that say where things were on the machine that trained the run (the folder of
+# its data files, a word list read once): checked where they are read again, not on reopening
+_PLACES = ("data_dir", "add_tokens")
+# a record's lists of output names, one per class or label the model predicts
+_NAMES = ("classes", "labels")
+
+
+def check_reopened(config: Any, task: type[Task], record: dict[str, Any], run_dir: Path) -> None:
+    """Refuse a reopened run (``evaluate``, ``predict``, ...) whose ``config.json`` values the
+    command line would refuse: the config's own ``checks()`` (its ranges, its dataset's kind;
+    the places in :data:`_PLACES` aside), a ``model`` of the zoo that another task trains (a
+    foreign model would be built and fed what it cannot read), and class or label names
+    (``classes``, ``labels``) that are not distinct non-empty strings (a prediction would name
+    two classes alike). One line naming the file, the key and the check's message; a tampered
+    ``max_len -5`` was used as is before."""
+    path = run_dir / CONFIG
+    for key in _NAMES:
+        names = record.get(key)
+        if not isinstance(names, list):
+            continue  # absent, or of a type check_record refuses for the task that needs it
+        bad = next((n for n in names if not isinstance(n, str) or not n.strip()), None)
+        if bad is not None:
+            raise DivekitError(f"{path}: {key} must be non-empty strings, got {bad!r}")
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise DivekitError(f"{path}: {key} name {twice!r} twice")
+    model = getattr(config, "model", None)
+    if isinstance(model, str) and model:
+        try:
+            owner: type[Task] | None = task_for(model)
+        except DivekitError:  # not a zoo model (BERT fine-tuning's "bert"): the task's to judge
+            owner = None
+        if owner is not None and not issubclass(task, owner) and not issubclass(owner, task):
+            raise DivekitError(f"{path}: config 'model': model {model!r} is a {owner.name} "
+                               f"model, not one a {task.name} run holds")
+    wrong = _failed_checks(_without_places(config))
+    if wrong:
+        key = _key_of(config, wrong[0])
+        raise DivekitError(f"{path}: config {key!r}: {wrong[0]}" if key else f"{path}: {wrong[0]}")
+
+
+def _without_places(config: Any) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, **{k: fields[k].default for k in _PLACES if k in fields
+                                          and fields[k].default is not dataclasses.MISSING})
+
+
+def _failed_checks(config: Any) -> list[str]:
+    """The messages of ``config``'s failing checks (``validate()``'s first, when it has no
+    ``checks()``); a check that raises on a tampered value fails with its message."""
+    try:
+        if hasattr(config, "checks"):
+            return [message for ok, message in config.checks() if not ok]
+        if hasattr(config, "validate"):
+            config.validate()
+        return []
+    except DivekitError as e:
+        return [str(e)]
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        return [f"a value its checks cannot read ({type(e).__name__}: {e})"]
+
+
+def _key_of(config: Any, message: str) -> str | None:
+    """The config key a failed check's ``message`` is about: the first ``--flag`` it names that
+    is a field, else the first field whose default (in place of its value) makes it pass."""
+    import re
+
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for flag in re.findall(r"--[a-z][a-z0-9-]*", message):
+        if flag[2:].replace("-", "_") in fields:
+            return flag[2:].replace("-", "_")
+    for name, f in fields.items():
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if default is None and f.default is dataclasses.MISSING or getattr(config, name) == default:
+            continue
+        try:
+            if message not in _failed_checks(dataclasses.replace(config, **{name: default})):
+                return name
+        except (TypeError, ValueError, DivekitError):
+            continue
+    return None
 
 
 def _config_type_errors(config_cls: type, values: dict[str, Any]) -> list[str]:

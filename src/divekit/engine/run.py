@@ -43,6 +43,7 @@ from divekit.engine.lock import LOCK_FILE, RunLock
 from divekit.engine.record import (
     CONFIG,
     check_record,
+    check_reopened,
     check_resume,
     choose_run_dir,
     read_record,
@@ -183,6 +184,7 @@ def load_task(run_dir: str | Path, **overrides: Any) -> Task:
         config = config_from_dict(cls.Config, {**values, **overrides})
     except TypeError as e:
         raise DivekitError(f"{run_dir / CONFIG} does not fit {cls.__name__}: {e}") from None
+    check_reopened(config, cls, record, run_dir)  # ranges, model, names: as the CLI's
     return cls(config, record=record)
 
 

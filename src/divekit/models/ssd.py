@@ -105,7 +105,15 @@ class TinySSD(Detector):
         self.bbox_predictors = nn.ModuleList(
             bbox_predictor(c, a) for c, a in zip(in_per_scale, anchors_per_pixel))
 
+    # the base net halves an image 3 times and the next two blocks twice more: below 64 pixels
+    # the fourth block would have no pixel left to pool (a raw RuntimeError deep in the forward)
+    MIN_IMAGE_SIZE = 64
+
     def raw(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if x.dim() == 4 and min(x.shape[-2:]) < self.MIN_IMAGE_SIZE:
+            raise DivekitError(f"tiny_ssd needs images of at least {self.MIN_IMAGE_SIZE}×"
+                               f"{self.MIN_IMAGE_SIZE} pixels (--image-size {self.MIN_IMAGE_SIZE} "
+                               f"or more), got {x.shape[-2]}×{x.shape[-1]}")
         anchors, cls_preds, bbox_preds = [], [], []
         for i, block in enumerate(self.blocks):
             x = block(x)  # (N, c_i, h_i, w_i)

@@ -146,7 +146,13 @@ class BertPretrainTask(Task, name="bert_pretrain"):
         self.tokenizer.save(Path(run_dir) / EXPORT)
 
     def load_extras(self, run_dir: Any) -> None:
+        """The run's tokenizer; config.json's ``vocab_size`` (the model's embedding rows) must
+        be its size: one line naming both (a tampered 10¹² tried to allocate 4 TB)."""
         self._tokenizer = BertTokenizer.load(Path(run_dir) / EXPORT)
+        size = self.record.get("vocab_size")
+        if size is not None and size != len(self._tokenizer):
+            raise DivekitError(f"{Path(run_dir) / 'config.json'}: 'vocab_size' is {size!r}, but "
+                               f"the run's tokenizer ({EXPORT}) has {len(self._tokenizer)} tokens")
 
     # ------------------------------------------------------------------ steps
     @staticmethod

@@ -281,9 +281,50 @@ class ClassificationTask(Task, name="classify"):
         )
 
     def val_data(self) -> TensorBatchLoader:
+        self._check_data_fits_record()
         bs = self.config.batch_size if isinstance(self.config.batch_size, int) else 256
         return TensorBatchLoader(self.normalize(self.data.val_images), self.data.val_labels,
                                  batch_size=max(bs, 256))
+
+    def load_extras(self, run_dir: Any) -> None:
+        """A reopened run's facts in its ``config.json`` are checked before a model is built
+        from them or an image converted with them: ``in_channels`` at least 1, ``image_size``
+        two sides in [1, 8192], ``mean`` and ``std`` one finite number per channel, ``std``
+        positive (a tampered ``in_channels 0`` or a text in ``std`` was a raw error; a zero
+        ``std`` would print nan probabilities). One line naming the file and the key."""
+        if self.record.get("classes") is None:
+            return
+        path, f = Path(run_dir) / "config.json", self.facts
+        channels, size = f["in_channels"], f["image_size"]
+        if not 1 <= channels <= 4096:
+            raise DivekitError(f"{path}: 'in_channels' must be in [1, 4096], got {channels}")
+        if (len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                      and 1 <= v <= 8192 for v in size)):
+            raise DivekitError(f"{path}: 'image_size' must be two sides in [1, 8192], got {size}")
+        for key in ("mean", "std"):
+            values = f[key]
+            if len(values) != channels or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                    and (key == "mean" or v > 0) for v in values):
+                what = "finite number" if key == "mean" else "positive finite number"
+                raise DivekitError(f"{path}: {key!r} must hold a {what} per channel "
+                                   f"({channels}), got {str(values)[:80]}")
+
+    def _check_data_fits_record(self) -> None:
+        """A reopened run's data, loaded from its config (``--data``, ``--resize``, ``--classes``),
+        must be what its record says the model was trained on: one line naming both (a
+        tampered ``resize`` fed 7×7 images to a LeNet trained on 28×28, a raw RuntimeError)."""
+        if self.record.get("classes") is None:
+            return
+        f, d = self.facts, self.data
+        trained = (f["in_channels"], *f["image_size"], len(f["classes"]))
+        loaded = (d.in_channels, *d.image_size, len(d.classes))
+        if tuple(trained) != tuple(loaded):
+            raise DivekitError(
+                f"the run's data ({self.config.data!r} as its config.json reads it) is "
+                f"{loaded[0]}×{loaded[1]}×{loaded[2]} images of {loaded[3]} classes, but its "
+                f"record says the model was trained on {trained[0]}×{trained[1]}×{trained[2]} "
+                f"images of {trained[3]} classes")
 
     # ------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
