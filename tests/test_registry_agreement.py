@@ -3,8 +3,9 @@ and dataset is found by the zoo's listings.
 
 A task, a model and a dataset each register themselves where they are defined (``class
 T(Task, name=...)``, ``@register_model``, ``@register_dataset``); the lists that find them
-(the ``divekit.tasks`` entry points, ``FAMILIES`` in ``models/registry.py``, the imports of
-``data/__init__.py``) are kept by hand, so these tests walk every module and compare.
+(the ``divekit.tasks`` entry points, kept by hand in ``pyproject.toml``; the model and dataset
+registries find their modules with pkgutil) could drift, so these tests walk every module and
+compare.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ def _fresh(code: str) -> str:
 
 
 def test_every_model_module_is_reached_by_the_zoo():
-    """A module below divekit.models that registers a model is one of the families the zoo
-    loads (``FAMILIES``): a fresh ``list_models()`` names every model registered anywhere."""
+    """A module below divekit.models that registers a model is reached by the zoo (``FAMILIES``
+    orders the listing, pkgutil finds the rest): a fresh ``list_models()`` names every model
+    registered anywhere."""
     from divekit.models import list_models
 
     _import_all("divekit.models")

@@ -8,13 +8,7 @@ from divekit.data.registry import (
     register_dataset,
 )
 
-# Importing a module registers its datasets.
-from divekit.data import vision  # noqa: E402,F401  isort: skip
-from divekit.data import text  # noqa: E402,F401  isort: skip
-from divekit.data import detection  # noqa: E402,F401  isort: skip
-from divekit.data import translation  # noqa: E402,F401  isort: skip
-from divekit.data import segmentation  # noqa: E402,F401  isort: skip
-from divekit.data import bert_pretrain  # noqa: E402,F401  isort: skip
-from divekit.data import text_generated  # noqa: E402,F401  isort: skip
+# Each module registers its datasets when imported; the registry imports every module of this
+# package the first time a name is looked up or the datasets are listed (no list to keep).
 
 __all__ = ["DatasetInfo", "dataset_info", "list_datasets", "load_dataset", "register_dataset"]

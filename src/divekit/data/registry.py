@@ -39,7 +39,29 @@ def register_dataset(
     return wrap
 
 
+_discovered = False
+
+
+def _discover() -> None:
+    """Import every public module of divekit.data once: importing one registers its datasets,
+    so a new data module needs no list to join."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True  # first: a module that looks a dataset up while importing must not recurse
+    import importlib
+    import pkgutil
+
+    import divekit.data
+
+    for module in pkgutil.iter_modules(divekit.data.__path__):
+        if not module.name.startswith("_") and module.name != "registry":
+            importlib.import_module(f"divekit.data.{module.name}")
+
+
 def dataset_info(name: str) -> DatasetInfo:
+    if name not in _REGISTRY:
+        _discover()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -52,4 +74,5 @@ def load_dataset(name: str, **kwargs: Any) -> Any:
 
 
 def list_datasets(task: str | None = None) -> list[str]:
+    _discover()
     return sorted(n for n, i in _REGISTRY.items() if task is None or i.task == task)

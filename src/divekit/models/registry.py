@@ -46,19 +46,33 @@ class ModelInfo:
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
-# The model families, in the course's order. Importing one registers its builders; they load
-# on demand, one at a time until a name is found (``resnet50`` needs neither the detectors'
-# torchvision nor BERT), and all of them for a listing or an unknown name.
+# The model families in the course's order, which is the order of `divekit models`. Importing
+# one registers its builders; they load on demand, one at a time until a name is found
+# (``resnet50`` needs neither the detectors' torchvision nor BERT), and all of them for a
+# listing or an unknown name. A new module of divekit.models that registers builders needs no
+# entry here: every other module is found by pkgutil and loaded after these (this list only
+# orders the listing and the search).
 FAMILIES = ["lenet", "alexnet", "vgg", "nin", "googlenet", "resnet", "densenet", "rnn", "seq2seq",
             "transformer", "ssd", "yolo", "centernet", "rcnn", "bert", "fcn"]
 _loaded: set[str] = set()
+
+
+def _families() -> list[str]:
+    """FAMILIES, then every other public module of divekit.models (alphabetically)."""
+    import pkgutil
+
+    import divekit.models
+
+    rest = sorted(m.name for m in pkgutil.iter_modules(divekit.models.__path__)
+                  if not m.name.startswith("_") and m.name not in FAMILIES and m.name != "registry")
+    return [*FAMILIES, *rest]
 
 
 def _load_families(until: str | None = None) -> None:
     """Import the families not loaded yet, in order, stopping once ``until`` is registered."""
     import importlib
 
-    for family in FAMILIES:
+    for family in _families():
         if until is not None and until in _REGISTRY:
             return
         if family not in _loaded:
