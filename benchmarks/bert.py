@@ -304,19 +304,19 @@ def pretraining_steps(repeats: int, sizes=FULL["pretrain"]) -> None:
 
 
 # ============================================================================ fine-tuning (issue 15)
-# 3. Fine-tuning steps/s: divekit's BertForTask (MiniLM + classifier head) vs transformers'
+# 3. Fine-tuning steps/s: divekit's BertWithHead (MiniLM + classifier head) vs transformers'
 #    BertForSequenceClassification on the same checkpoint and batch, full and LoRA (r 8 on
 #    query/value; the peer is peft's LoRA), AdamW, train mode (goal >= 1.0x).
 def finetune_steps(repeats: int, ckpt: str, batch: int = 32, seq: int = 128) -> None:
     from divekit.models.bert_checkpoint import load_pretrained
-    from divekit.models.bert_heads import BertForTask, ClassifierHead
+    from divekit.models.bert_heads import BertWithHead, ClassifierHead
     from divekit.models.lora import apply_lora, freeze_except
 
     tokens, segments, valid, mask = padded_batch(batch, seq)
     y = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(1))
     for mode in ("full", "lora"):
         bert = load_pretrained(ckpt)[0]
-        ours = BertForTask(bert.encoder, ClassifierHead(bert.config.num_hiddens, 2, 0.1, bert.hidden)).train()
+        ours = BertWithHead(bert.encoder, ClassifierHead(bert.config.num_hiddens, 2, 0.1, bert.hidden)).train()
         missing = [m for m in ("transformers", "peft")[: 1 + (mode == "lora")] if not installed(m)]
         hf = None
         if not missing:

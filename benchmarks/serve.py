@@ -66,7 +66,7 @@ def minilm_case(seq: int) -> tuple[nn.Module, GraphSpec, Callable] | None:
         from divekit.models.bert_checkpoint import load_pretrained
     except ImportError:
         return None
-    from divekit.models.bert_heads import BertForTask, make_head
+    from divekit.models.bert_heads import BertWithHead, make_head
 
     try:
         bert, _ = load_pretrained("minilm")
@@ -74,7 +74,7 @@ def minilm_case(seq: int) -> tuple[nn.Module, GraphSpec, Callable] | None:
         print(f"MiniLM skipped: {e}")
         return None
     torch.manual_seed(0)
-    net = _Text(BertForTask(bert.encoder, make_head("classify", bert.config.num_hiddens, 2,
+    net = _Text(BertWithHead(bert.encoder, make_head("classify", bert.config.num_hiddens, 2,
                                                     pooler=bert.hidden))).eval()
     t = 8
     valid = torch.tensor([t, t - 3])

@@ -23,7 +23,7 @@ from divekit.engine.run import load_run
 from divekit.export import export_run
 from divekit.models.bert import BertConfig, BertModel
 from divekit.models.bert_checkpoint import save_pretrained
-from divekit.models.bert_heads import BertForTask, make_head
+from divekit.models.bert_heads import BertWithHead, make_head
 from divekit.tokenizers import SPECIAL_TOKENS, BertTokenizer
 
 pytest.importorskip("tokenizers")
@@ -107,7 +107,7 @@ def test_the_token_heads_trace_with_a_varying_length(head, outputs):
     torch.manual_seed(1)
     bert = BertModel(BertConfig(vocab_size=60, num_layers=2, num_hiddens=32, num_heads=2,
                                 ffn_num_hiddens=64, max_len=MAX_LEN, dropout=0.0))
-    model = BertForTask(bert.encoder, make_head(head, 32, outputs, 0.0)).eval()
+    model = BertWithHead(bert.encoder, make_head(head, 32, outputs, 0.0)).eval()
     example = batch(2, 8, 60, seed=0)
     b, s = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2,
                                                                         max=MAX_LEN)

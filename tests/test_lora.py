@@ -10,7 +10,7 @@ from torch import nn
 
 from divekit.errors import DivekitError
 from divekit.models.bert import BertConfig, BertModel
-from divekit.models.bert_heads import BertForTask, ClassifierHead
+from divekit.models.bert_heads import BertWithHead, ClassifierHead
 from divekit.models.lora import (
     Adapter,
     LoRALinear,
@@ -28,9 +28,9 @@ TINY = BertConfig(vocab_size=50, num_layers=2, num_hiddens=32, num_heads=4, ffn_
                   max_len=16, dropout=0.0)
 
 
-def _model(seed: int = 0) -> BertForTask:
+def _model(seed: int = 0) -> BertWithHead:
     torch.manual_seed(seed)
-    return BertForTask(BertModel(TINY).encoder, ClassifierHead(32, 3, dropout=0.0)).eval()
+    return BertWithHead(BertModel(TINY).encoder, ClassifierHead(32, 3, dropout=0.0)).eval()
 
 
 def _batch():

@@ -44,7 +44,7 @@ QA_NAMES = {"head.output.weight": "qa_outputs.weight", "head.output.bias": "qa_o
 
 
 def finetuned_state(model: Any, head: str) -> dict[str, Tensor]:
-    """A fine-tuned :class:`~divekit.models.bert_heads.BertForTask`'s tensors under Hugging
+    """A fine-tuned :class:`~divekit.models.bert_heads.BertWithHead`'s tensors under Hugging
     Face's names (LoRA merged, added token rows appended to the word embedding)."""
     from divekit.models import lora
     from divekit.models.bert_checkpoint import checkpoint_name

@@ -7,7 +7,7 @@
 * :class:`SpanHead` — question answering: start and end logits ``s_t = w_s·h_t``,
   ``e_t = w_e·h_t`` over the positions.
 
-:class:`BertForTask` is the encoder with one head: ``forward(tokens, segments, valid_lens)``.
+:class:`BertWithHead` is the encoder with one head: ``forward(tokens, segments, valid_lens)``.
 :class:`ExtendedEmbedding` adds rows to the token embedding for a domain vocabulary: the new
 rows are their own parameter, so the old ones can stay frozen.
 """
@@ -104,7 +104,7 @@ class ExtendedEmbedding(nn.Module):
         return F.embedding(ids, torch.cat([self.base.weight, self.added]))
 
 
-class BertForTask(nn.Module):
+class BertWithHead(nn.Module):
     """A BERT encoder and a task head: ``(tokens, segments, valid_lens) → head output``.
 
     ``saved`` (a set of parameter names) makes :meth:`state_dict` hold only those entries —
@@ -145,5 +145,5 @@ class BertForTask(nn.Module):
         return _IncompatibleKeys(missing, result.unexpected_keys)
 
 
-__all__ = ["BertForTask", "ClassifierHead", "ExtendedEmbedding", "HEADS", "SpanHead",
+__all__ = ["BertWithHead", "ClassifierHead", "ExtendedEmbedding", "HEADS", "SpanHead",
            "TaggingHead", "make_head"]

@@ -42,7 +42,7 @@ from divekit.engine.task import Task
 from divekit.errors import DivekitError
 from divekit.models import lora
 from divekit.models.bert_checkpoint import load_pretrained, read_weights, resolve_checkpoint
-from divekit.models.bert_heads import BertForTask, ExtendedEmbedding, make_head
+from divekit.models.bert_heads import BertWithHead, ExtendedEmbedding, make_head
 from divekit.tasks.bert_finetune_io import add_words, read_words
 from divekit.tasks.finetune_heads import HEAD_CLASSES, FinetuneHead
 from divekit.tokenizers import BertTokenizer
@@ -348,7 +348,7 @@ class TextFinetuneTask(Task, name="bert_finetune"):
         if self.added_words or self.record.get("added_tokens"):
             encoder.token_embedding = ExtendedEmbedding(encoder.token_embedding, len(self.added_words))
         pooler = bert.hidden if self.head.pooled else None
-        model = BertForTask(encoder, make_head(self.head.name, bert.config.num_hiddens,
+        model = BertWithHead(encoder, make_head(self.head.name, bert.config.num_hiddens,
                                                self.head.outputs(), c.head_dropout, pooler))
         if c.lora:
             lora.apply_lora(model.encoder, lora.parse_targets(c.lora_targets), c.lora, c.lora_alpha,
