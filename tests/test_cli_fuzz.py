@@ -689,3 +689,24 @@ def test_a_tiny_ssd_below_64_pixels_is_refused_in_one_line(capsys, tmp_path):
     assert code == 2 and err.strip().splitlines() == [
         "error: tiny_ssd needs images of at least 64×64 pixels (--image-size 64 or more), "
         "got 32×32"], err
+
+
+@pytest.mark.parametrize("argv, owner", [
+    (["--strategy", "fsdp", "--staleness", "2"], "async"),
+    (["--strategy", "tensor", "--staleness", "2"], "async"),
+    (["--strategy", "ddp", "--stages", "1"], "pipeline"),
+    (["--strategy", "pipeline", "--tp", "2"], "tensor"),
+])
+def test_a_strategys_own_option_with_another_strategy_is_refused(argv, owner, monkeypatch,
+                                                                 capsys, tmp_path):
+    """Found by the option pairs: ``train gru --strategy fsdp --staleness 2`` (and --stages,
+    --tp with a strategy other than theirs) trained with the option dropped silently."""
+    _stop_real_work(monkeypatch, ("train",))
+    full = ["train", "gru", "--data", "pydoc", *argv, "--out", str(tmp_path / "run")]
+    code, _, err = _call(full, capsys)
+    flag = argv[2]
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {flag} applies to --strategy {owner} only, not to --strategy {argv[1]}"], err
+    right = ["train", "gru", "--data", "pydoc", "--strategy", owner, *argv[2:],
+             "--out", str(tmp_path / "run")]
+    assert _call(right, capsys)[0] == 0  # with its own strategy it reaches training

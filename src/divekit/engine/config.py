@@ -164,7 +164,19 @@ class TrainConfig:
              f"--pipeline-schedule must be gpipe or 1f1b, got {self.pipeline_schedule!r}"),
             (self.tp is None or (isinstance(self.tp, int) and self.tp >= 1),
              f"--tp must be at least 1, got {self.tp}"),
+            *self._strategy_option_checks(),
         ]
+
+    def _strategy_option_checks(self) -> list[Check]:
+        """A strategy's own option (``--staleness``, ``--stages``, ``--tp``) with another
+        strategy would be dropped silently: refused, naming the strategy it belongs to. A
+        resume may change the strategy and carries the run's value over, so it is not judged."""
+        if getattr(self, "resume", False):
+            return []
+        owners = {"staleness": "async", "stages": "pipeline", "tp": "tensor"}
+        return [(getattr(self, name) is None or self.strategy == owner,
+                 f"--{name} applies to --strategy {owner} only, not to --strategy "
+                 f"{self.strategy}") for name, owner in owners.items()]
 
     def validate(self) -> None:
         """Raise :class:`DivekitError` with the first failing check's message."""
