@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import random
 import re
@@ -389,10 +390,12 @@ def test_option_pairs_end_in_success_or_one_error_line(argv, world, task_runs, m
 # ----------------------------------------------------------------------------- config.json
 # One tiny trained run of every task that writes a run directory (sequence_regression trains
 # through the Trainer without one), built once through the command line. Each case copies a
-# run, changes one value of its config.json (a wrong type, a negative, zero, huge or "nan"
-# value, a foreign model, task, head or label list, a missing key, a list where an object is)
-# and runs the run's commands on it: exit 2 with one `error:` line, or success with output
-# that holds no nan; never a traceback or a hang.
+# run, changes one value of its config.json (a wrong type, a negative, zero, huge value, "nan"
+# or a JSON NaN, a foreign model, task, head or label list, a name twice, a missing key, a list
+# where an object is) and runs the run's commands on it: exit 2 with one `error:` line, or
+# success with output that holds no nan; never a traceback or a hang. Each run's foreign model
+# and three more draws run by default, the rest with `-m slow`; the draws change when the
+# config classes gain fields (the seed is fixed, the population is theirs).
 RUN_SECONDS = 120  # evaluate/predict of a mutated run (a MiniLM's, on a busy machine)
 VOC = Path(__file__).parent / "fixtures" / "voc"  # 6 pictures in the Pascal VOC layout
 SMALL = ["--epochs", "1", "--device", "cpu", "--quiet", "--threads", "1"]
@@ -542,7 +545,7 @@ def _mutations(kind: str) -> list[tuple[str, str, str]]:
     own = [n for n in fields if n in vars(cls.Config).get("__annotations__", {})] or fields
     for name in rng.sample(own, min(4, len(own))) + rng.sample(fields, 3):
         numeric = any(t in (int, float) for t in (hints[name], *typing.get_args(hints[name])))
-        hows = (["negative", "zero", "huge", "nan", "type", "missing"] if numeric
+        hows = (["negative", "zero", "huge", "nan", "nan_literal", "type", "missing"] if numeric
                 else ["type", "missing", "bogus"])
         chosen.append(("config", name, rng.choice(hows)))
     return list(dict.fromkeys(chosen))
@@ -561,9 +564,9 @@ def _record_draw(record: dict, kind: str, draw: str) -> tuple[str, str]:
     if isinstance(value, bool):
         hows = ["type", "missing"]
     elif isinstance(value, int | float):
-        hows = ["negative", "zero", "huge", "nan", "type", "missing"]
+        hows = ["negative", "zero", "huge", "nan", "nan_literal", "type", "missing"]
     elif isinstance(value, list):
-        hows = ["duplicate", "type", "missing", "empty", "zeros"]
+        hows = ["duplicate", "type", "missing", "empty", "zeros", "nans"]
     else:
         hows = ["type", "missing", "bogus"]
     return key, rng.choice(hows)
@@ -584,10 +587,12 @@ def _mutate(record: dict, where: str, key: str, how: str, kind: str) -> str:
     same_length = list(old) if isinstance(old, list) and len(old) >= 2 else ["x", "x"]
     same_length[1] = same_length[0]  # a name twice (or a number), the length kept
     target[key] = {
-        "negative": -1, "zero": 0, "nan": "nan", "bogus": "nope", "list": [1, 2],
+        "negative": -1, "zero": 0, "nan": "nan", "nan_literal": math.nan, "bogus": "nope",
+        "list": [1, 2],
         "huge": 1e12 if isinstance(old, float) else 10**12,
         "duplicate": same_length, "empty": [],
         "zeros": [0] * len(old) if isinstance(old, list) else [0],
+        "nans": [math.nan] * len(old) if isinstance(old, list) else [math.nan],
         "foreign": {"model": _foreign_model(task), "data": "pydoc" if task != "language_model"
                     else "digits", "task": "detect" if task != "detect" else "classify"}.get(key),
         "type": ("x" if isinstance(old, int | float) and not isinstance(old, bool) else
@@ -650,6 +655,8 @@ FOUND = [
      ["config 'model'", "model 'gru' is a language_model model"]),
     ("translate", "config", "data", "pydoc",  # was: TypeError, load_corpus got num_steps
      ["config 'data'", "dataset 'pydoc' holds no sentence pairs"]),
+    ("translate", "config", "num_steps", 10**12,  # was: MemoryError, 437 TiB for the pairs
+     ["config 'num_steps'", "--num-steps must be in [2, 1000], got 1000000000000"]),
     ("classify", "config", "resize", 7,  # was: RuntimeError, kernel larger than the input
      ["1×7×7 images", "trained on 1×28×28"]),
     ("classify", "record", "in_channels", 0,  # was: ValueError from BatchNorm

@@ -69,6 +69,9 @@ if TYPE_CHECKING:
 SRC_VOCAB_FILE, TGT_VOCAB_FILE = "src_vocab.json", "tgt_vocab.json"
 TOKENIZER_FILE = "tokenizer.model"
 TRANSLATIONS_FILE = "translations.txt"
+# tokens per sentence: the Transformer's positional table holds 1000 positions, and every
+# sentence pair is stored padded to this length (10^12 asked numpy for 437 TiB)
+MAX_NUM_STEPS = 1000
 
 __all__ = ["AttentionMap", "Hypothesis", "TranslateConfig", "Translation", "TranslationTask",
            "check_decoding", "decode", "decode_nbest", "detokens", "sacrebleu_score", "translate",
@@ -82,7 +85,8 @@ class TranslateConfig(TaskConfig):
     data: str = option("numbers-fr", "sentence pairs: numbers-fr (generated, offline) or fra-eng "
                        "(Tatoeba; --data-dir or --download)", metavar="NAME")
     num_steps: int = option(13, "tokens per sentence with <eos>: longer ones are cut, shorter "
-                            "padded (13 keeps every numbers-fr pair whole)", metavar="T")
+                            "padded (13 keeps every numbers-fr pair whole; at most "
+                            f"{MAX_NUM_STEPS})", metavar="T")
     max_examples: int | None = option(None, "use only the first N pairs (the course: 600)",
                                       metavar="N")
     min_freq: int = option(2, "tokens seen fewer times in training become <unk>", metavar="N")
@@ -106,7 +110,8 @@ class TranslateConfig(TaskConfig):
         return super().checks() + [
             (isinstance(self.batch_size, int), f"--batch-size must be a number of sentence pairs "
              f"for translation, got {self.batch_size!r}"),
-            (self.num_steps >= 2, f"--num-steps must be at least 2, got {self.num_steps}"),
+            (2 <= self.num_steps <= MAX_NUM_STEPS,
+             f"--num-steps must be in [2, {MAX_NUM_STEPS}], got {self.num_steps}"),
             (self.max_examples is None or self.max_examples >= 2,
              f"--max-examples must be at least 2 (a train and a validation pair), got "
              f"{self.max_examples}"),
