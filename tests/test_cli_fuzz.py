@@ -649,6 +649,9 @@ def test_a_mutated_config_json_ends_in_success_or_one_error_line(kind, where, ke
 # used as is), now refused in one line that names the run's config.json and the key.
 FOUND = [
     ("classify", "config", "momentum", 2, ["config 'momentum'", "--momentum must be in [0, 1)"]),
+    ("classify", "config", "cutmix", -1.0,  # the check names two flags: the key is the wrong one
+     ["config 'cutmix'", "--mixup and --cutmix take α ≥ 0"]),
+    ("classify", "config", "model", "nope", ["unknown model 'nope'"]),  # (the file was unnamed)
     ("language_model", "config", "model", "resnet18",  # was: ValueError, takes no options
      ["config 'model'", "model 'resnet18' is a classify model"]),
     ("translate", "config", "model", "gru",  # was: TypeError, RNNConfig got ffn_num_hiddens

@@ -210,15 +210,17 @@ def _failed_checks(config: Any) -> list[str]:
 
 
 def _key_of(config: Any, message: str) -> str | None:
-    """The config key a failed check's ``message`` is about: the first ``--flag`` it names that
-    is a field, else the first field whose default (in place of its value) makes it pass."""
+    """The config key a failed check's ``message`` is about: the first field (those its
+    ``--flags`` name first) whose default, in place of its value, makes the check pass; else
+    the first field it names (``--mixup and --cutmix take α ≥ 0`` is about the one that is
+    negative)."""
     import re
 
     fields = {f.name: f for f in dataclasses.fields(config)}
-    for flag in re.findall(r"--[a-z][a-z0-9-]*", message):
-        if flag[2:].replace("-", "_") in fields:
-            return flag[2:].replace("-", "_")
-    for name, f in fields.items():
+    named = [n for n in (flag[2:].replace("-", "_")
+                         for flag in re.findall(r"--[a-z][a-z0-9-]*", message)) if n in fields]
+    for name in dict.fromkeys([*named, *fields]):
+        f = fields[name]
         default = (f.default if f.default is not dataclasses.MISSING else
                    f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if default is None and f.default is dataclasses.MISSING or getattr(config, name) == default:
@@ -228,7 +230,7 @@ def _key_of(config: Any, message: str) -> str | None:
                 return name
         except (TypeError, ValueError, DivekitError):
             continue
-    return None
+    return named[0] if named else None
 
 
 def _config_type_errors(config_cls: type, values: dict[str, Any]) -> list[str]:

@@ -185,7 +185,12 @@ def load_task(run_dir: str | Path, **overrides: Any) -> Task:
     except TypeError as e:
         raise DivekitError(f"{run_dir / CONFIG} does not fit {cls.__name__}: {e}") from None
     check_reopened(config, cls, record, run_dir)  # ranges, model, names: as the CLI's
-    return cls(config, record=record)
+    try:
+        return cls(config, record=record)
+    except DivekitError as e:  # built from the record alone: say which file (a bogus model)
+        if str(run_dir / CONFIG) not in str(e):
+            e.args = (f"{run_dir / CONFIG}: {e}", *e.args[1:])  # the same class, its message
+        raise
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", *, weights: bool = True,
