@@ -57,7 +57,9 @@ def test_summary_of_a_branching_detector_lists_backbone_and_heads(capsys):
     total = count_params(create_model("tiny_ssd", num_classes=10))  # the CLI's default
     assert f"total parameters: {total:,}" in out  # every parameter sits in some listed layer
     code, _, err = run_cli(capsys, "summary", "tiny_ssd", "--input-shape", "3,8,8")
-    assert code != 0 and "fails at layer blocks.1" in err and "Traceback" not in err
+    assert code == 2 and "needs images of at least 64" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "summary", "lenet", "--input-shape", "1,4,4")
+    assert code == 2 and "fails at layer features.3 (Conv2d)" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
