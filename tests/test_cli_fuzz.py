@@ -720,3 +720,17 @@ def test_a_strategys_own_option_with_another_strategy_is_refused(argv, owner, mo
     right = ["train", "gru", "--data", "pydoc", "--strategy", owner, *argv[2:],
              "--out", str(tmp_path / "run")]
     assert _call(right, capsys)[0] == 0  # with its own strategy it reaches training
+
+
+def test_a_run_recorded_with_a_strategy_option_of_another_strategy_still_opens(
+        task_runs, world, capsys, tmp_path):
+    """Runs written before that refusal (``--strategy ddp --staleness 2`` was accepted) still
+    evaluate and predict: a strategy's own options only matter to training."""
+    run = tmp_path / "run"
+    shutil.copytree(task_runs("classify"), run)
+    record = json.loads((run / "config.json").read_text())
+    record["config"].update(strategy="ddp", staleness=2, stages=3, tp=2)
+    (run / "config.json").write_text(json.dumps(record))
+    for argv in _uses("classify", run, world["existing image"]):
+        code, out, err = _call(argv, capsys, RUN_SECONDS)
+        assert code == 0 and out.strip() and not NAN.search(out), (argv, err)

@@ -148,8 +148,10 @@ def reopen_values(config_cls: type, record: dict[str, Any], run_dir: Path) -> di
 
 
 # config values that say where things were on the machine that trained the run (the folder of
-# its data files, a word list read once): checked where they are read again, not on reopening
-_PLACES = ("data_dir", "add_tokens")
+# its data files, a word list read once): checked where they are read again, not on reopening;
+# and a strategy's own options, which only training reads: a run recorded before these were
+# refused with another strategy (--staleness with ddp) still opens
+_PLACES = ("data_dir", "add_tokens", "staleness", "stages", "tp")
 # a record's lists of output names, one per class or label the model predicts
 _NAMES = ("classes", "labels")
 
