@@ -706,11 +706,14 @@ def test_a_tiny_ssd_below_64_pixels_is_refused_in_one_line(capsys, tmp_path):
     (["--strategy", "tensor", "--staleness", "2"], "async"),
     (["--strategy", "ddp", "--stages", "1"], "pipeline"),
     (["--strategy", "pipeline", "--tp", "2"], "tensor"),
+    (["--strategy", "fsdp", "--microbatches", "8"], "pipeline"),
+    (["--strategy", "allreduce", "--pipeline-schedule", "gpipe"], "pipeline"),
 ])
 def test_a_strategys_own_option_with_another_strategy_is_refused(argv, owner, monkeypatch,
                                                                  capsys, tmp_path):
     """Found by the option pairs: ``train gru --strategy fsdp --staleness 2`` (and --stages,
-    --tp with a strategy other than theirs) trained with the option dropped silently."""
+    --microbatches, --pipeline-schedule, --tp with a strategy other than theirs) trained with
+    the option dropped silently."""
     _stop_real_work(monkeypatch, ("train",))
     full = ["train", "gru", "--data", "pydoc", *argv, "--out", str(tmp_path / "run")]
     code, _, err = _call(full, capsys)
@@ -729,7 +732,8 @@ def test_a_run_recorded_with_a_strategy_option_of_another_strategy_still_opens(
     run = tmp_path / "run"
     shutil.copytree(task_runs("classify"), run)
     record = json.loads((run / "config.json").read_text())
-    record["config"].update(strategy="ddp", staleness=2, stages=3, tp=2)
+    record["config"].update(strategy="ddp", staleness=2, stages=3, tp=2, microbatches=8,
+                            pipeline_schedule="gpipe")
     (run / "config.json").write_text(json.dumps(record))
     for argv in _uses("classify", run, world["existing image"]):
         code, out, err = _call(argv, capsys, RUN_SECONDS)

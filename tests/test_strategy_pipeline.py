@@ -169,8 +169,9 @@ def _config(strategy: str = "ddp", schedule: str = "gpipe",
             channels_last: bool | None = None, epochs: int = 2) -> TrainConfig:
     return TrainConfig(epochs=epochs, lr=0.1, momentum=0.9, weight_decay=1e-3, grad_clip=0.25,
                        strategy=strategy, quiet=True, device="cpu", seed=1,
-                       channels_last=channels_last, microbatches=MICRO,
-                       pipeline_schedule=schedule)
+                       channels_last=channels_last,
+                       **({"microbatches": MICRO, "pipeline_schedule": schedule}
+                          if strategy == "pipeline" else {}))  # refused with another strategy
 
 
 def _train(task: Task, config: TrainConfig, run_dir: Path | None = None,

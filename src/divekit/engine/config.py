@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from divekit.config import option
+from divekit.config import flag_name, option
 from divekit.engine.strategies import STRATEGIES
 from divekit.errors import DivekitError
 
@@ -168,14 +168,17 @@ class TrainConfig:
         ]
 
     def _strategy_option_checks(self) -> list[Check]:
-        """A strategy's own option (``--staleness``, ``--stages``, ``--tp``) with another
-        strategy would be dropped silently: refused, naming the strategy it belongs to. A
+        """A strategy's own option (``--staleness``, ``--stages``, ``--microbatches``,
+        ``--pipeline-schedule``, ``--tp``), set away from its default with another strategy,
+        would be dropped silently: refused, naming the strategy it belongs to. A
         resume may change the strategy and carries the run's value over, so it is not judged."""
         if getattr(self, "resume", False):
             return []
-        owners = {"staleness": "async", "stages": "pipeline", "tp": "tensor"}
-        return [(getattr(self, name) is None or self.strategy == owner,
-                 f"--{name} applies to --strategy {owner} only, not to --strategy "
+        owners = {"staleness": "async", "stages": "pipeline", "microbatches": "pipeline",
+                  "pipeline_schedule": "pipeline", "tp": "tensor"}
+        unset = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in owners}
+        return [(getattr(self, name) == unset[name] or self.strategy == owner,
+                 f"{flag_name(name)} applies to --strategy {owner} only, not to --strategy "
                  f"{self.strategy}") for name, owner in owners.items()]
 
     def validate(self) -> None:

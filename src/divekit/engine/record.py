@@ -151,7 +151,8 @@ def reopen_values(config_cls: type, record: dict[str, Any], run_dir: Path) -> di
 # its data files, a word list read once): checked where they are read again, not on reopening;
 # and a strategy's own options, which only training reads: a run recorded before these were
 # refused with another strategy (--staleness with ddp) still opens
-_PLACES = ("data_dir", "add_tokens", "staleness", "stages", "tp")
+_PLACES = ("data_dir", "add_tokens", "staleness", "stages", "microbatches", "pipeline_schedule",
+           "tp")
 # a record's lists of output names, one per class or label the model predicts
 _NAMES = ("classes", "labels")
 
