@@ -117,3 +117,13 @@ def test_segmentation_limit_keeps_a_validation_set_worth_a_mean_iou(capsys):
         main(["train", "fcn_resnet18", "--help"])
     assert "validation keeps N/5 of its images, at least 16" in " ".join(
         capsys.readouterr().out.split())
+
+
+def test_val_size_with_val_fraction_is_refused(capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path) -> None:
+    """``train seq2seq --val-size 4 --val-fraction 0.2`` held out 4 pairs and dropped the
+    fraction silently (found by the option-pair fuzz); now one line, before any data loads."""
+    code = main(["train", "seq2seq", "--data", "numbers-fr", "--val-size", "4",
+                 "--val-fraction", "0.2", "--out", str(tmp_path / "run")])
+    _refused(capsys, code, "--val-size 4", "--val-fraction 0.2", "give one")
+    assert not (tmp_path / "run").exists()

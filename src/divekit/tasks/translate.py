@@ -120,6 +120,9 @@ class TranslateConfig(TaskConfig):
              f"--val-fraction must be in (0, 0.5), got {self.val_fraction}"),
             (self.val_size is None or self.val_size >= 1,
              f"--val-size must be at least 1, got {self.val_size}"),
+            (self.val_size is None or self.val_fraction == 0.1,  # the default: not given
+             f"--val-size {self.val_size} and --val-fraction {self.val_fraction} both say how "
+             "many pairs to hold out: give one"),
             (self.tokenizer is None or _tokenizer_spec_ok(self.tokenizer),
              f"--tokenizer must be bpe:N, unigram:N or the path of a SentencePiece .model file, "
              f"got {self.tokenizer!r}"),
