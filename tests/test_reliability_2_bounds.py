@@ -67,7 +67,7 @@ def test_translate_i_over_the_line_bound_is_one_line(tmp_path, capsys, monkeypat
     lines.write_text("j'ai deux chats .\n" * 6, encoding="utf-8")
     capsys.readouterr()
     line = _refused(capsys, main(["translate", str(run), "-i", str(lines), "--device", "cpu"]))
-    assert "6 sentences" in line and "at most 5" in line
+    assert "more than 5 lines" in line and "at most 5" in line  # read no further
     assert capsys.readouterr().out == ""
     lines.write_text("j'ai deux chats .\n" * 5, encoding="utf-8")
     assert main(["translate", str(run), "-i", str(lines), "--device", "cpu"]) == 0

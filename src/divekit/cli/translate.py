@@ -15,22 +15,29 @@ COMMANDS = ("translate", "kernel-regression")
 
 
 def read_sentences(path: str) -> list[str]:
-    """One sentence per line of ``path`` (``-``: standard input), empty lines kept."""
+    """One sentence per line of ``path`` (``-``: standard input), empty lines kept; read line by
+    line and refused past ``MAX_SENTENCES`` lines, before the rest of the file is read."""
+    from divekit.tasks.translate_decode import MAX_SENTENCES
+
+    lines: list[str] = []
     try:
-        if path == "-":
-            text = sys.stdin.read()
-        else:
-            text = Path(path).read_text(encoding="utf-8")
+        stream = sys.stdin if path == "-" else open(path, encoding="utf-8", newline="\n")
+        try:
+            for line in stream:
+                if len(lines) == MAX_SENTENCES:
+                    raise DivekitError(f"-i {path}: more than {MAX_SENTENCES:,} lines: at most "
+                                       f"{MAX_SENTENCES:,} at a time (split the file)")
+                lines.append(line.removesuffix("\n").rstrip("\r"))
+        finally:
+            if stream is not sys.stdin:
+                stream.close()
     except FileNotFoundError:
         raise DivekitError(f"-i {path}: no such file") from None
     except IsADirectoryError:
         raise DivekitError(f"-i {path}: is a folder, not a text file") from None
     except UnicodeDecodeError as e:
         raise DivekitError(f"-i {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last line; it is not an empty sentence
-    return [line.rstrip("\r") for line in lines]
+    return lines
 
 
 def _cmd_translate(args: argparse.Namespace) -> None:
@@ -125,7 +132,7 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
     p.add_argument("sentences", nargs="*", metavar="SENTENCE",
                    help="English sentences, e.g. 'i have two cats .'")
     p.add_argument("-i", "--input", metavar="FILE",
-                   help="translate each line of FILE (- = standard input)")
+                   help="translate each line of FILE (- = standard input), at most 100,000 lines")
     p.add_argument("--beam", type=int, default=1,
                    help="beam size, at most 256; 1 = greedy (default: 1)")
     p.add_argument("--n-best", type=int, default=1, metavar="N",
