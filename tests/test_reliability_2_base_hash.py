@@ -131,3 +131,34 @@ def test_image_fine_tuning_records_the_sha256_of_its_source_weights(tmp_path):
                             batch_size=12, resize=32, quiet=True, device="cpu", out=str(out)))
     record = json.loads((out / "config.json").read_text())
     assert record["source_sha256"] == _sha(path)
+
+
+def test_a_self_contained_run_opens_without_its_base(tmp_path, capsys):
+    """``--self-contained``: the LoRA run keeps its base's weights, BERT config and vocabulary,
+    so it predicts the same after its base is changed or removed, and records no dependence on
+    it (``adapter_only`` false). Its checkpoint holds every parameter of the model."""
+    from safetensors.torch import load_file
+
+    from divekit.engine.run import load_run
+
+    base = write_tiny_base(tmp_path / "base", seed=0)
+    out = tmp_path / "lora"
+    assert _finetune(base, out, "--self-contained") == 0
+    record = json.loads((out / "config.json").read_text())
+    assert record["self_contained"] is True and record["adapter_only"] is False
+    assert record["bert_config"]["num_hiddens"] == 32
+    run = load_run(out)
+    stored = load_file(str(run.latest_weights()))
+    assert set(stored) == set(run.model.state_dict())  # the base's tensors are in the run
+    capsys.readouterr()
+    assert main(["predict", str(out), "a great kettle", "--device", "cpu"]) == 0
+    before = capsys.readouterr().out
+    write_tiny_base(base, seed=1)  # the base changes ...
+    assert main(["predict", str(out), "a great kettle", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == before
+    for f in base.iterdir():  # ... and then is gone
+        f.unlink()
+    base.rmdir()
+    assert main(["predict", str(out), "a great kettle", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == before
+    assert main(["evaluate", str(out), "--device", "cpu"]) == 0

@@ -40,8 +40,15 @@ from divekit.data.text_tasks import REAL, TextTaskData, load_csv
 from divekit.engine.config import TaskConfig, finite
 from divekit.engine.task import Task
 from divekit.errors import DivekitError
+from divekit.io import read_json_object
 from divekit.models import lora
-from divekit.models.bert_checkpoint import load_pretrained, read_weights, resolve_checkpoint
+from divekit.models.bert import BertConfig, BertModel
+from divekit.models.bert_checkpoint import (
+    config_from_checkpoint,
+    load_pretrained,
+    read_weights,
+    resolve_checkpoint,
+)
 from divekit.models.bert_heads import BertWithHead, ExtendedEmbedding, make_head
 from divekit.tasks.bert_finetune_io import add_words, read_words
 from divekit.tasks.finetune_heads import HEAD_CLASSES, FinetuneHead
@@ -88,6 +95,11 @@ class TextFinetuneConfig(TaskConfig):
                                "output, dense1, dense2) or globs on the full name", metavar="LIST")
     adapters: int = option(0, "bottleneck adapters of SIZE units after attention and FFN (0 = "
                            f"off; at most {MAX_ADAPTER_SIZE})", metavar="SIZE")
+    self_contained: bool = option(
+        False, "keep everything the run needs in the run: the base's weights in every checkpoint "
+        "(a LoRA/adapter run otherwise stores only what it trains), its BERT config and "
+        "vocabulary, so evaluate, predict, export and serve never read the base again (larger "
+        "checkpoints)")
 
     def checks(self) -> list[tuple[bool, str]]:
         heads = ", ".join(HEAD_CLASSES)
@@ -254,6 +266,15 @@ class TextPredictConfig:
                                         "tokens (default: the run's)", metavar="N")
 
 
+def _stored_bert_config(stored: Any) -> BertConfig:
+    """The BERT architecture a self-contained run recorded (``bert_config`` in its
+    config.json), refused in one line when it does not describe one."""
+    try:
+        return BertConfig(**stored)
+    except (TypeError, ValueError) as e:
+        raise DivekitError(f"config.json: bert_config does not describe a BERT ({e})") from None
+
+
 class TextFinetuneTask(Task, name="bert_finetune"):
     """A pretrained BERT encoder with a fresh head for one of the four tasks; the head's own
     work is :attr:`head`'s (:mod:`divekit.tasks.finetune_heads`)."""
@@ -343,7 +364,11 @@ class TextFinetuneTask(Task, name="bert_finetune"):
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
         c = self.config
-        bert, _ = load_pretrained(self.base)
+        stored = self.record.get("bert_config") if self.record.get("self_contained") else None
+        if stored is not None:  # a self-contained run: its checkpoint holds every weight
+            bert = BertModel(_stored_bert_config(stored))
+        else:
+            bert, _ = load_pretrained(self.base)
         encoder = bert.encoder
         if self.added_words or self.record.get("added_tokens"):
             encoder.token_embedding = ExtendedEmbedding(encoder.token_embedding, len(self.added_words))
@@ -357,7 +382,8 @@ class TextFinetuneTask(Task, name="bert_finetune"):
             lora.add_adapters(model.encoder, c.adapters, bert.config.num_hiddens)
         if c.frozen_base:
             lora.freeze_except(model, keep=("head.", "encoder.token_embedding.added"))
-            model.save_only(n for n, p in model.named_parameters() if p.requires_grad)
+            if not c.self_contained:
+                model.save_only(n for n, p in model.named_parameters() if p.requires_grad)
         lora.report(model)
         return model.train()
 
@@ -366,10 +392,16 @@ class TextFinetuneTask(Task, name="bert_finetune"):
         if base != "minilm":
             base = str(resolve_checkpoint(base).resolve())
         digest = weights_sha256(base)
+        contained = {}
+        if self.config.self_contained:
+            path = resolve_checkpoint(base) / "config.json"
+            config = config_from_checkpoint(read_json_object(path), path)
+            contained = {"self_contained": True, "bert_config": dataclasses.asdict(config)}
         return {"labels": self.labels, "base_checkpoint": base, "base_sha256": digest,
                 "added_tokens": self.added_words, "head": self.config.task,
-                "notes": self.data.notes, "adapter_only": self.config.frozen_base,
-                **self._base_changes(digest)}
+                "notes": self.data.notes,
+                "adapter_only": self.config.frozen_base and not self.config.self_contained,
+                **contained, **self._base_changes(digest)}
 
     def _base_changes(self, digest: str) -> dict[str, Any]:
         """On ``--resume`` of an adapter-only run: refuse a base whose weights are not the ones
@@ -454,6 +486,9 @@ class TextFinetuneTask(Task, name="bert_finetune"):
 
     def load_extras(self, run_dir: Any) -> None:
         self.check_loaded(run_dir)
+        if self.record.get("self_contained"):  # its vocabulary (added words too) is the run's
+            self._tokenizer = BertTokenizer.load(Path(run_dir) / TOKENIZER)
+            return
         self.check_base(run_dir)
         tok = BertTokenizer.load(resolve_checkpoint(self.base))
         if self.added_words:
