@@ -199,6 +199,7 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
 
 
 # ----------------------------------------------------------------- torchrun: restart after a kill
+@pytest.mark.slow  # 15 s; make test-all (test_strategy_faults and test_torchrun_nodes kill too)
 def test_killed_worker_restarts_from_checkpoint_and_finishes(tmp_path, monkeypatch, capfd):
     """`divekit train --nproc 2 --max-restarts 1` runs torch.distributed's elastic agent here."""
     out = tmp_path / "run"

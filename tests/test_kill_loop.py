@@ -96,7 +96,7 @@ def _finish(spawn, argv: list[str], log: Path) -> str:
     return text
 
 
-@pytest.mark.parametrize("kills", [20])
+@pytest.mark.parametrize("kills", [8, pytest.param(20, marks=pytest.mark.slow)])  # 20: make test-all
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(tmp_path, spawn,
                                                                               kills):
     reference, run, logs = tmp_path / "reference", tmp_path / "run", tmp_path / "logs"

@@ -83,6 +83,7 @@ def test_a_resume_is_a_writer_too(tmp_path, capsys, trained_lenet_run):
     assert code == 2 and f"is being written by process {os.getpid()} on " in err
 
 
+@pytest.mark.slow  # 16 s; the refusal itself is tested above (make test-all runs this)
 def test_two_concurrent_trains_into_one_out(tmp_path, capsys):
     """One is refused naming the holder's pid; the holder finishes; its run resumes cleanly."""
     out, hold = tmp_path / "run", tmp_path / "hold"
