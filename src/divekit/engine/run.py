@@ -233,17 +233,40 @@ def _quantized(run: Run, quantize: str) -> None:
     run.model = quantize_dynamic_int8(run.model, str(run.record.get("task", "classify")))
 
 
+def _refuse_compile_quantize(compile: bool | None, quantize: str) -> None:
+    if compile and quantize not in (None, "none"):
+        raise DivekitError(f"--compile does not go with --quantize {quantize}: the dynamically "
+                           "quantized layers run their own int8 kernels; drop one of them")
+
+
+def _compiled(run: Run, compile: bool | None, quantize: str, default: bool) -> None:
+    """``--compile``: compile ``run.model`` in place (:mod:`divekit.engine.compile`); ``None``
+    (neither --compile nor --no-compile typed) is ``default``."""
+    _refuse_compile_quantize(compile, quantize)
+    if not (default if compile is None else compile) or quantize not in (None, "none"):
+        return  # (the family's default gives way to --quantize)
+    from divekit.engine.compile import compile_model
+
+    assert run.model is not None
+    compile_model(run.model)
+
+
 def evaluate(run_dir: str | Path, *, device: str = "auto", quantize: str = "none",
-             **overrides: Any) -> dict[str, Any]:
+             compile: bool | None = None, **overrides: Any) -> dict[str, Any]:
     """The validation metrics of a run's newest checkpoint, through the Trainer's validation
     loop, plus what the task's ``on_evaluate`` adds (reports written into the run);
-    ``quantize="int8"``: of its dynamic int8 form (CPU)."""
+    ``quantize="int8"``: of its dynamic int8 form (CPU); ``compile=True``: through
+    ``torch.compile`` (None: the model family's default, as ``train``'s)."""
+    from divekit.engine.compile import family_default
     from divekit.engine.device import module_device
 
+    _refuse_compile_quantize(compile, quantize)
     if quantize == "int8" and device == "auto":
         device = "cpu"  # the int8 kernels are the CPU's
     run = load_run(run_dir, device, **overrides)
     _quantized(run, quantize)
+    assert run.task is not None
+    _compiled(run, compile, quantize, family_default(str(getattr(run.task.config, "model", ""))))
     assert run.task is not None and run.model is not None
     loader = run.task.val_data()
     if loader is None:
@@ -255,11 +278,13 @@ def evaluate(run_dir: str | Path, *, device: str = "auto", quantize: str = "none
 
 
 def predict(run_dir: str | Path, inputs: list[Any], *, device: str = "auto",
-            quantize: str = "none", **options: Any) -> list[dict[str, Any]]:
+            quantize: str = "none", compile: bool = False,
+            **options: Any) -> list[dict[str, Any]]:
     """The run's task's inference on ``inputs`` (image files, sentences). An option the task's
     ``predict`` does not take is refused in one line before anything is loaded (``threshold``
     for a classifier), naming the options it takes (its :attr:`Task.PredictConfig`'s, those
-    of the command line), as on the command line."""
+    of the command line), as on the command line. ``compile=True`` runs the model through
+    ``torch.compile`` (off by default: for a few inputs compiling costs more than it saves)."""
     import inspect
 
     from divekit.config import refuse_unused
@@ -270,9 +295,11 @@ def predict(run_dir: str | Path, inputs: list[Any], *, device: str = "auto",
              [name for name, p in inspect.signature(cls.predict).parameters.items()
               if p.kind is p.KEYWORD_ONLY])
     refuse_unused(options, cls.predict, f"a {task} run", takes)
+    _refuse_compile_quantize(compile, quantize)
     if quantize == "int8" and device == "auto":
         device = "cpu"  # the int8 kernels are the CPU's
     run = load_run(run_dir, device)
     _quantized(run, quantize)
+    _compiled(run, compile, quantize, False)  # a few inputs: compiling would cost more
     assert run.task is not None and run.model is not None
     return run.task.predict(run.model, inputs, **options)

@@ -29,6 +29,8 @@ from divekit.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from divekit.engine.compile import compile_model
+from divekit.engine.compile import resolve as resolve_compile
 from divekit.engine.config import TrainConfig
 from divekit.engine.device import autocast, to_device
 from divekit.engine.launch import job_id
@@ -131,6 +133,10 @@ class Trainer:
                               else any(isinstance(m, nn.Conv2d) for m in model.modules()))
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        # --compile (engine/compile.py): in place, so self.model keeps its state_dict keys
+        self.compiled = resolve_compile(cfg.compile, getattr(cfg, "model", ""), cfg.strategy)
+        if self.compiled:
+            compile_model(model, self.device)
         return model
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -307,6 +313,7 @@ class Trainer:
         path = self.run_dir / "config.json"
         record = json.loads(path.read_text()) if path.is_file() else {}
         record["distributed"] = info
+        record["compiled"] = self.compiled  # --compile as this run used it (auto resolved)
         atomic_write_json(path, record)
 
     def _call(self, hook: str, *args: Any) -> None:
