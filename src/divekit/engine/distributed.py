@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -214,21 +216,77 @@ def init_process_group(device: torch.device, timeout_s: float = 300.0) -> tuple[
 
 
 def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store | None:
-    """Under torch.distributed's elastic agent, a store private to this attempt.
+    """Under torch.distributed's elastic agent, a store private to this round of workers.
 
-    After a restart the agent's store still holds the failed attempt's keys (the peers'
-    addresses); a prefix per ``TORCHELASTIC_RESTART_COUNT`` keeps the new processes from
-    reading them. ``None`` (plain ``env://``) outside the agent.
+    The agent's store outlives its workers: after a restart it still holds the failed round's
+    keys, among them the gloo/nccl addresses of processes that are dead now. A new worker that
+    reads one connects to nobody ("connection refused") or waits for a peer that never comes.
+    So every round of workers agrees on a fresh name (:func:`agree_on_round`) and keeps its
+    keys under it. ``TORCHELASTIC_RESTART_COUNT`` cannot be that name: across machines it
+    differs, because a node restarted for another node's failure keeps its count.
+    ``None`` (plain ``env://``) outside the agent.
     """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT") is None:
         return None
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
         is_master=env.rank == 0 and not agent_hosts, timeout=timeout, multi_tenant=True,
     )
-    return dist.PrefixStore(f"divekit/attempt-{attempt}", store)
+    return dist.PrefixStore(f"divekit/round-{agree_on_round(store, env, timeout)}", store)
+
+
+_HELLO, _WELCOME, _READY = "divekit/hello", "divekit/welcome", "divekit/ready"
+
+
+def agree_on_round(store: dist.Store, env: DistEnv, timeout: datetime.timedelta) -> str:
+    """A name for this round of workers that all of them share and no earlier round used.
+
+    ``store`` may hold any number of keys left by earlier rounds, whose processes are all dead
+    (an elastic agent stops its workers before it joins the next rendezvous). Rank 0 draws a
+    random name. Every other rank ``r`` draws a random nonce, writes it to ``hello/r`` and
+    waits for ``welcome/<nonce>``: only this round's rank 0 can write that key, since nobody
+    else knows the nonce. Rank 0 answers every nonce it finds in ``hello/r`` (a stale one too:
+    nobody waits for that answer, so it is harmless) until rank ``r`` confirms with
+    ``ready/<name>/r``, a key no earlier round can have written either. Each step waits at
+    most ``timeout``: a peer that never comes ends in a one-line error, not a hang.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+    if env.rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"{_HELLO}/{env.rank}", nonce)
+        try:
+            store.wait([f"{_WELCOME}/{nonce}"], timeout)
+        except RuntimeError:
+            raise DivekitError(
+                f"rank {env.rank}: rank 0 of this round did not answer within "
+                f"{timeout.total_seconds():g} s (--dist-timeout)"
+            ) from None
+        name = store.get(f"{_WELCOME}/{nonce}").decode()
+        store.set(f"{_READY}/{name}/{env.rank}", "1")
+        return name
+    name = uuid.uuid4().hex
+    answered: dict[int, bytes] = {}
+    waiting = set(range(1, env.world_size))
+    pause = 0.005
+    while waiting:
+        for r in sorted(waiting):
+            if store.check([f"{_HELLO}/{r}"]):
+                nonce = store.get(f"{_HELLO}/{r}")
+                if answered.get(r) != nonce:
+                    store.set(f"{_WELCOME}/{nonce.decode()}", name)
+                    answered[r] = nonce
+            if store.check([f"{_READY}/{name}/{r}"]):
+                waiting.discard(r)
+        if waiting:
+            if time.monotonic() > deadline:
+                raise DivekitError(
+                    f"rank 0: rank(s) {sorted(waiting)} of this round did not join within "
+                    f"{timeout.total_seconds():g} s (--dist-timeout)"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+    return name
 
 
 def destroy_process_group() -> None:
