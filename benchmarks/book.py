@@ -82,32 +82,51 @@ RESULT = "@@book-benchmark@@ "
 # 5-30 s per call on two cores); ``smoke`` runs each call for a few batches.
 STANDARD: dict[str, dict[str, Any]] = {
     "lenet": dict(n_train=12000, n_test=2000, batch=256, epochs=2, lr=0.3),
+    "softmax": dict(n_train=20000, n_test=2000, batch=256, epochs=4, lr=0.1),
+    "mlp": dict(n_train=20000, n_test=2000, batch=256, epochs=4, lr=0.1, hidden=256),
     "gru": dict(epochs=20, lr=1.0, hidden=256),
     "gru_scratch": dict(epochs=20, lr=1.0, hidden=256),
     "seq2seq": dict(epochs=60, lr=0.005, embed=32, hidden=32, layers=2, dropout=0.1, batch=64,
                     num_steps=10),
+    "bahdanau": dict(epochs=30, lr=0.005, embed=32, hidden=32, layers=2, dropout=0.1,
+                     batch=64, num_steps=10),
+    "transformer": dict(epochs=30, lr=0.005, hidden=32, ffn_hiddens=64, heads=4, layers=2,
+                        dropout=0.1, batch=64, num_steps=10),
     "resnet18": dict(n_train=1024, n_test=512, batch=64, resize=16, epochs=1, lr=0.001),
     "bert": dict(batch=64, max_len=64, steps=30, lr=0.01, lines=None),
 }
 SMOKE: dict[str, dict[str, Any]] = {
     "lenet": dict(n_train=320, n_test=64, batch=64, epochs=1, lr=0.3),
+    "softmax": dict(n_train=320, n_test=64, batch=64, epochs=1, lr=0.1, smoke=True),
+    "mlp": dict(n_train=320, n_test=64, batch=64, epochs=1, lr=0.1, hidden=32, smoke=True),
     "gru": dict(epochs=1, lr=1.0, hidden=32),
     "gru_scratch": dict(epochs=1, lr=1.0, hidden=32),
     "seq2seq": dict(epochs=1, lr=0.005, embed=16, hidden=16, layers=2, dropout=0.1, batch=64,
                     num_steps=10, pairs=2000),
+    "bahdanau": dict(epochs=1, lr=0.005, embed=16, hidden=16, layers=2, dropout=0.1,
+                     batch=64, num_steps=10, pairs=2000),
+    "transformer": dict(epochs=1, lr=0.005, hidden=16, ffn_hiddens=32, heads=4, layers=2,
+                        dropout=0.1, batch=64, num_steps=10, pairs=2000),
     "resnet18": dict(n_train=20, n_test=8, batch=4, resize=16, epochs=1, lr=0.001),
     "bert": dict(batch=16, max_len=32, steps=2, lr=0.01, lines=300),
 }
 CASES = tuple(STANDARD)
+TRANSLATION = ("seq2seq", "bahdanau", "transformer")
 # the real data each case stages from ../shared/data (a case whose data is absent is skipped)
-CASE_DATA = {"lenet": ("MNIST/raw",), "resnet18": ("MNIST/raw",), "gru": ("timemachine.txt",),
+CASE_DATA = {"lenet": ("MNIST/raw",), "softmax": ("MNIST/raw",), "mlp": ("MNIST/raw",),
+             "resnet18": ("MNIST/raw",), "gru": ("timemachine.txt",),
              "gru_scratch": ("timemachine.txt",), "seq2seq": ("fra-eng.zip", "fra-eng"),
+             "bahdanau": ("fra-eng.zip", "fra-eng"), "transformer": ("fra-eng.zip", "fra-eng"),
              "bert": ("wikitext-2/valid.txt",)}
 WHAT = {
     "lenet": "train_ch6, LeNet, Fashion-MNIST-format 28x28",
+    "softmax": "train_ch3, softmax regression (concise), Fashion-MNIST-format 28x28",
+    "mlp": "train_ch3, MLP with 256 hidden units (concise), Fashion-MNIST-format 28x28",
     "gru": "train_ch8, RNNModel(nn.GRU), Time Machine",
     "gru_scratch": "train_ch8, RNNModelScratch (GRU), Time Machine",
     "seq2seq": "train_seq2seq + predict_seq2seq + bleu, fra-eng",
+    "bahdanau": "the same with Bahdanau attention (AdditiveAttention in a GRU decoder)",
+    "transformer": "the same with TransformerEncoder and a Transformer decoder",
     "resnet18": "train_ch13, resnet18(10, 1), Fashion-MNIST-format at 16x16",
     "bert": "load_data_wiki + BERTModel + _get_batch_loss_bert steps",
 }
@@ -135,6 +154,42 @@ def case_lenet(d2l: Any, s: dict[str, Any]) -> None:
         nn.Conv2d(6, 16, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
     d2l.train_ch6(net, train_iter, test_iter, s["epochs"], s["lr"], d2l.try_gpu())
+
+
+def _fashion_mnist_ch3(d2l: Any, s: dict[str, Any], net: Any) -> None:
+    """The chapter-3 recipe of the softmax-regression and MLP sections (concise versions):
+    weights from N(0, 0.01^2), summed cross-entropy per example, SGD, ``train_ch3``; then the
+    test accuracy through the side's ``evaluate_accuracy`` (``train_ch3`` itself only draws)."""
+    import torch
+    from torch import nn
+
+    def init_weights(m: nn.Module) -> None:
+        if type(m) is nn.Linear:
+            nn.init.normal_(m.weight, std=0.01)
+
+    train_iter, test_iter = d2l.load_data_fashion_mnist(s["batch"])
+    net.apply(init_weights)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    trainer = torch.optim.SGD(net.parameters(), lr=s["lr"])
+    try:
+        d2l.train_ch3(net, train_iter, test_iter, loss, s["epochs"], trainer)
+    except AssertionError:  # the book's sanity bounds (train loss < 0.5, accuracies > 0.7)
+        if not s.get("smoke"):  # a few smoke batches cannot reach them
+            raise
+    print(f"test acc {d2l.evaluate_accuracy(net, test_iter):.3f}")
+
+
+def case_softmax(d2l: Any, s: dict[str, Any]) -> None:
+    from torch import nn
+
+    _fashion_mnist_ch3(d2l, s, nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
+
+
+def case_mlp(d2l: Any, s: dict[str, Any]) -> None:
+    from torch import nn
+
+    _fashion_mnist_ch3(d2l, s, nn.Sequential(nn.Flatten(), nn.Linear(784, s["hidden"]),
+                                             nn.ReLU(), nn.Linear(s["hidden"], 10)))
 
 
 def case_gru(d2l: Any, s: dict[str, Any]) -> None:
@@ -216,17 +271,108 @@ def gru_decoder(d2l: Any) -> type:
     return GRUDecoder
 
 
+def attention_gru_decoder(d2l: Any) -> type:
+    """The Bahdanau-attention section's decoder, written here on the side's ``AttentionDecoder``
+    and ``AdditiveAttention``: at each step the top layer's last hidden state queries the
+    encoder's outputs, and the context is fed to the GRU with the token's embedding."""
+    import torch
+    from torch import nn
+
+    class AttentionGRUDecoder(d2l.AttentionDecoder):
+        def __init__(self, vocab_size: int, embed_size: int, num_hiddens: int, num_layers: int,
+                     dropout: float = 0.0):
+            super().__init__()
+            self.attention = d2l.AdditiveAttention(num_hiddens, num_hiddens, num_hiddens, dropout)
+            self.embedding = nn.Embedding(vocab_size, embed_size)
+            self.rnn = nn.GRU(embed_size + num_hiddens, num_hiddens, num_layers, dropout=dropout)
+            self.dense = nn.Linear(num_hiddens, vocab_size)
+
+        def init_state(self, enc_outputs: Any, enc_valid_lens: Any, *args: Any) -> tuple[Any, ...]:
+            outputs, hidden = enc_outputs  # (T, B, H), (layers, B, H)
+            return outputs.permute(1, 0, 2), hidden, enc_valid_lens
+
+        def forward(self, X: Any, state: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+            keys, hidden, valid_lens = state
+            outputs = []
+            for x in self.embedding(X).permute(1, 0, 2):  # one (B, E) step at a time
+                context = self.attention(hidden[-1].unsqueeze(1), keys, keys, valid_lens)
+                step = torch.cat((context, x.unsqueeze(1)), dim=-1).permute(1, 0, 2)
+                out, hidden = self.rnn(step, hidden)
+                outputs.append(out)
+            return self.dense(torch.cat(outputs)).permute(1, 0, 2), (keys, hidden, valid_lens)
+
+    return AttentionGRUDecoder
+
+
+def transformer_decoder(d2l: Any) -> type:
+    """The Transformer section's decoder, written here from the side's ``MultiHeadAttention``,
+    ``AddNorm``, ``PositionWiseFFN`` and ``PositionalEncoding``: each block attends causally to
+    the target so far (its earlier inputs are kept in the state while decoding token by token),
+    then to the encoder's outputs, then applies its feed-forward layer."""
+    import math
+
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, h: int, ffn_hiddens: int, num_heads: int, dropout: float, i: int):
+            super().__init__()
+            self.i = i
+            self.attention1 = d2l.MultiHeadAttention(h, h, h, h, num_heads, dropout)
+            self.addnorm1 = d2l.AddNorm([h], dropout)
+            self.attention2 = d2l.MultiHeadAttention(h, h, h, h, num_heads, dropout)
+            self.addnorm2 = d2l.AddNorm([h], dropout)
+            self.ffn = d2l.PositionWiseFFN(h, ffn_hiddens, h)
+            self.addnorm3 = d2l.AddNorm([h], dropout)
+
+        def forward(self, X: Any, state: list[Any]) -> tuple[Any, list[Any]]:
+            enc_outputs, enc_valid_lens, seen = state
+            kv = X if seen[self.i] is None else torch.cat((seen[self.i], X), dim=1)
+            seen[self.i] = kv
+            causal = None
+            if self.training:  # teacher forcing: position t sees the positions up to t
+                causal = torch.arange(1, X.shape[1] + 1, device=X.device).repeat(X.shape[0], 1)
+            Y = self.addnorm1(X, self.attention1(X, kv, kv, causal))
+            Z = self.addnorm2(Y, self.attention2(Y, enc_outputs, enc_outputs, enc_valid_lens))
+            return self.addnorm3(Z, self.ffn(Z)), state
+
+    class TransformerDecoder(d2l.AttentionDecoder):
+        def __init__(self, vocab_size: int, num_hiddens: int, ffn_hiddens: int, num_heads: int,
+                     num_layers: int, dropout: float):
+            super().__init__()
+            self.num_hiddens, self.num_layers = num_hiddens, num_layers
+            self.embedding = nn.Embedding(vocab_size, num_hiddens)
+            self.pos_encoding = d2l.PositionalEncoding(num_hiddens, dropout)
+            self.blks = nn.Sequential(*[Block(num_hiddens, ffn_hiddens, num_heads, dropout, i)
+                                        for i in range(num_layers)])
+            self.dense = nn.Linear(num_hiddens, vocab_size)
+
+        def init_state(self, enc_outputs: Any, enc_valid_lens: Any, *args: Any) -> list[Any]:
+            return [enc_outputs, enc_valid_lens, [None] * self.num_layers]
+
+        def forward(self, X: Any, state: list[Any]) -> tuple[Any, list[Any]]:
+            X = self.pos_encoding(self.embedding(X) * math.sqrt(self.num_hiddens))
+            for blk in self.blks:
+                X, state = blk(X, state)
+            return self.dense(X), state
+
+    return TransformerDecoder
+
+
 SENTENCES = (("go .", "va !"), ("i lost .", "j'ai perdu ."), ("he's calm .", "il est calme ."),
              ("i'm home .", "je suis chez moi ."))
 
 
-def case_seq2seq(d2l: Any, s: dict[str, Any]) -> None:
+def _translation(d2l: Any, s: dict[str, Any],
+                 model: Callable[[Any, Any, Any], tuple[Any, Any]]) -> None:
+    """The translation sections' run: ``load_data_nmt``, the encoder and decoder ``model``
+    builds from the two vocabularies, ``train_seq2seq``, then ``predict_seq2seq`` and ``bleu``
+    on the sections' four sentences."""
     if os.environ.get("BOOK_BENCH_FRA_SHA1"):  # --smoke: a short fra-eng.zip, registered alike
         d2l.DATA_HUB["fra-eng"] = (d2l.DATA_HUB["fra-eng"][0], os.environ["BOOK_BENCH_FRA_SHA1"])
     train_iter, src_vocab, tgt_vocab = d2l.load_data_nmt(s["batch"], s["num_steps"])
     device = d2l.try_gpu()
-    encoder = d2l.Seq2SeqEncoder(len(src_vocab), s["embed"], s["hidden"], s["layers"], s["dropout"])
-    decoder = gru_decoder(d2l)(len(tgt_vocab), s["embed"], s["hidden"], s["layers"], s["dropout"])
+    encoder, decoder = model(d2l, src_vocab, tgt_vocab)
     net = d2l.EncoderDecoder(encoder, decoder)
     d2l.train_seq2seq(net, train_iter, s["lr"], s["epochs"], tgt_vocab, device)
     for eng, fra in SENTENCES:
@@ -237,6 +383,38 @@ def case_seq2seq(d2l: Any, s: dict[str, Any]) -> None:
         except ZeroDivisionError:  # the book's bleu on a prediction of fewer than k tokens
             score = "nan"
         print(f"{eng} => {translation}, bleu {score}")
+
+
+def case_seq2seq(d2l: Any, s: dict[str, Any]) -> None:
+    def model(d2l: Any, src_vocab: Any, tgt_vocab: Any) -> tuple[Any, Any]:
+        return (d2l.Seq2SeqEncoder(len(src_vocab), s["embed"], s["hidden"], s["layers"],
+                                   s["dropout"]),
+                gru_decoder(d2l)(len(tgt_vocab), s["embed"], s["hidden"], s["layers"],
+                                 s["dropout"]))
+
+    _translation(d2l, s, model)
+
+
+def case_bahdanau(d2l: Any, s: dict[str, Any]) -> None:
+    def model(d2l: Any, src_vocab: Any, tgt_vocab: Any) -> tuple[Any, Any]:
+        return (d2l.Seq2SeqEncoder(len(src_vocab), s["embed"], s["hidden"], s["layers"],
+                                   s["dropout"]),
+                attention_gru_decoder(d2l)(len(tgt_vocab), s["embed"], s["hidden"], s["layers"],
+                                           s["dropout"]))
+
+    _translation(d2l, s, model)
+
+
+def case_transformer(d2l: Any, s: dict[str, Any]) -> None:
+    def model(d2l: Any, src_vocab: Any, tgt_vocab: Any) -> tuple[Any, Any]:
+        h = s["hidden"]
+        encoder = d2l.TransformerEncoder(len(src_vocab), h, h, h, h, [h], h, s["ffn_hiddens"],
+                                         s["heads"], s["layers"], s["dropout"])
+        decoder = transformer_decoder(d2l)(len(tgt_vocab), h, s["ffn_hiddens"], s["heads"],
+                                           s["layers"], s["dropout"])
+        return encoder, decoder
+
+    _translation(d2l, s, model)
 
 
 def case_resnet18(d2l: Any, s: dict[str, Any]) -> None:
@@ -285,8 +463,10 @@ def case_bert(d2l: Any, s: dict[str, Any]) -> None:
 
 
 CASE_FUNCTIONS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
-    "lenet": case_lenet, "gru": case_gru, "gru_scratch": case_gru_scratch,
-    "seq2seq": case_seq2seq, "resnet18": case_resnet18, "bert": case_bert,
+    "lenet": case_lenet, "softmax": case_softmax, "mlp": case_mlp, "gru": case_gru,
+    "gru_scratch": case_gru_scratch,
+    "seq2seq": case_seq2seq, "bahdanau": case_bahdanau, "transformer": case_transformer,
+    "resnet18": case_resnet18, "bert": case_bert,
 }
 
 
@@ -348,7 +528,7 @@ def stage(case: str, sizes: dict[str, Any], root: Path) -> dict[str, str]:
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     env: dict[str, str] = {}
-    if case in ("lenet", "resnet18"):
+    if case in ("lenet", "softmax", "mlp", "resnet18"):
         raw = data / "FashionMNIST" / "raw"
         raw.mkdir(parents=True, exist_ok=True)
         mnist = _need(SHARED_DATA / "MNIST" / "raw")
@@ -358,16 +538,18 @@ def stage(case: str, sizes: dict[str, Any], root: Path) -> dict[str, str]:
                 _idx_subset(_need(mnist / f"{name}.gz"), raw / name, n)
     elif case in ("gru", "gru_scratch"):
         shutil.copyfile(_need(SHARED_DATA / "timemachine.txt"), data / "timemachine.txt")
-    elif case == "seq2seq" and sizes.get("pairs"):  # the first pairs only, in their own zip
+    elif case in TRANSLATION and sizes.get("pairs"):  # the first pairs only, in their own zip
         text = _need(SHARED_DATA / "fra-eng" / "fra.txt").read_text(encoding="utf-8")
         text = "".join(text.splitlines(keepends=True)[: sizes["pairs"]])
         (data / "fra-eng").mkdir(exist_ok=True)
         (data / "fra-eng" / "fra.txt").write_text(text, encoding="utf-8")
         archive = data / "fra-eng.zip"
         with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
-            z.writestr("fra-eng/fra.txt", text)
+            # a fixed time stamp: the same bytes (and SHA-1) for every case that stages it
+            info = zipfile.ZipInfo("fra-eng/fra.txt", date_time=(2020, 1, 1, 0, 0, 0))
+            z.writestr(info, text, compress_type=zipfile.ZIP_DEFLATED)
         env["BOOK_BENCH_FRA_SHA1"] = hashlib.sha1(archive.read_bytes()).hexdigest()
-    elif case == "seq2seq":
+    elif case in TRANSLATION:
         shutil.copyfile(_need(SHARED_DATA / "fra-eng.zip"), data / "fra-eng.zip")
         shutil.copytree(_need(SHARED_DATA / "fra-eng"), data / "fra-eng", dirs_exist_ok=True)
         for p in (data / "fra-eng").iterdir():
@@ -433,6 +615,7 @@ _METRIC_LINES = (
     re.compile(r"^perplexity [\d.]+"),  # train_ch8
     re.compile(r"^loss [\d.]+(?=, [\d.]+ tokens/sec)"),  # train_seq2seq
     re.compile(r"^MLM loss [\d.]+, NSP loss [\d.]+"),  # BERT
+    re.compile(r"^test acc [\d.]+"),  # after train_ch3 (which only draws)
 )
 _BLEU = re.compile(r"=> .*, bleu ([\d.]+|nan)$")
 _NUMBER = re.compile(r"-?\d+\.\d+|nan")

@@ -161,3 +161,68 @@ def test_scratch_gru_matches_the_gru_equations_step_by_step():
     torch.testing.assert_close(Y, torch.cat(outs))
     torch.testing.assert_close(h, ref)
     assert not math.isnan(float(Y.sum()))
+
+
+def _encoded(d2l, batch: int = 3, steps: int = 5, hidden: int = 6):
+    encoder = d2l.Seq2SeqEncoder(9, 4, hidden, 2)
+    encoder.eval()
+    X = torch.randint(0, 9, (batch, steps))
+    return encoder(X)
+
+
+def test_the_attention_decoder_reads_only_the_valid_encoder_steps():
+    from divekit.compat import d2l
+
+    torch.manual_seed(0)
+    decoder = book.attention_gru_decoder(d2l)(11, embed_size=4, num_hiddens=6, num_layers=2)
+    decoder.eval()
+    assert isinstance(decoder, d2l.AttentionDecoder)
+    outputs, hidden = _encoded(d2l)
+    valid = torch.tensor([2, 5, 3])
+    state = decoder.init_state((outputs, hidden), valid)
+    assert state[0].shape == (3, 5, 6)  # keys batch-first
+    tokens = torch.randint(0, 11, (3, 4))
+    whole, _ = decoder(tokens, state)
+    assert whole.shape == (3, 4, 11)
+    # one step at a time (as predict_seq2seq decodes) gives the same outputs
+    steps, s = [], state
+    for t in range(4):
+        y, s = decoder(tokens[:, t:t + 1], s)
+        steps.append(y)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole)
+    # encoder steps past each sentence's valid length are masked out: changing them changes
+    # nothing (the first sentence's steps 2.. and the third's 3..)
+    changed = outputs.clone()
+    changed[2:, 0] += 5.0
+    changed[3:, 2] -= 5.0
+    again, _ = decoder(tokens, decoder.init_state((changed, hidden), valid))
+    torch.testing.assert_close(again, whole)
+    changed[1, 0] += 5.0  # a valid step of the first sentence does count
+    moved, _ = decoder(tokens, decoder.init_state((changed, hidden), valid))
+    assert not torch.allclose(moved[0], whole[0]) and torch.allclose(moved[1:], whole[1:])
+
+
+def test_the_transformer_decoder_is_causal_while_training_and_caches_while_decoding():
+    from divekit.compat import d2l
+
+    torch.manual_seed(0)
+    h, B, T = 8, 2, 5
+    encoder = d2l.TransformerEncoder(9, h, h, h, h, [h], h, 16, 2, 2, 0.0)
+    decoder = book.transformer_decoder(d2l)(11, h, 16, 2, 2, 0.0)
+    assert isinstance(decoder, d2l.AttentionDecoder)
+    X, valid = torch.randint(0, 9, (B, 4)), torch.tensor([4, 2])
+    enc = encoder(X, valid)
+    tokens = torch.randint(0, 11, (B, T))
+    decoder.train()  # dropout 0: deterministic; teacher forcing with the causal mask
+    whole, state = decoder(tokens, decoder.init_state(enc, valid))
+    assert whole.shape == (B, T, 11) and all(seen.shape == (B, T, h) for seen in state[2])
+    later = tokens.clone()
+    later[:, 3:] = (later[:, 3:] + 1) % 11  # later tokens cannot change earlier outputs
+    other, _ = decoder(later, decoder.init_state(enc, valid))
+    torch.testing.assert_close(other[:, :3], whole[:, :3])
+    assert not torch.allclose(other[:, 3:], whole[:, 3:])
+    decoder.eval()  # decoding: each block keeps its inputs so far as keys and values
+    s = decoder.init_state(enc, valid)
+    for t in range(3):
+        y, s = decoder(tokens[:, t:t + 1], s)
+        assert y.shape == (B, 1, 11) and all(seen.shape == (B, t + 1, h) for seen in s[2])

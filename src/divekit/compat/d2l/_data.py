@@ -43,7 +43,7 @@ Differences from the book:
   ``Resize``) instead of each PIL image.
 - ``load_data_fashion_mnist`` keeps the images as tensors and gathers each batch with one
   indexing (its loaders' ``batch_size`` attribute is None; the batches are the same), with
-  no worker processes unless it resizes.
+  no worker processes unless it resizes. ``load_array`` gathers its batches alike.
 - ``read_data_bananas`` reads through divekit's banana reader (the book needs pandas).
 - ``voc_colormap2label()`` returns a small lookup object instead of a 256³ int64 table
   (128 MiB); ``voc_label_indices`` gives the same classes with it (VOC's border colour is class
@@ -611,10 +611,23 @@ _register_substitute(
 
 
 # ------------------------------------------------------------------------------ arrays
+def _as_list(batch: tuple[Tensor, ...]) -> list[Tensor]:
+    """A batch gathered in one indexing, as the list ``default_collate`` would give."""
+    return list(batch)
+
+
 def load_array(data_arrays: Sequence[Tensor], batch_size: int, is_train: bool = True) -> BoundedLoader:
-    """A data loader over tensors (shuffled for training)."""
+    """A data loader over tensors (shuffled for training).
+
+    Each batch is one indexing of the tensors (``TensorDataset[list of indices]``, through a
+    ``BatchSampler`` over the sampler ``DataLoader(shuffle=is_train)`` would use: the same
+    batches from the same random stream) instead of ``batch_size`` single items stacked, which
+    costs more than a small model's step (the translation sections: 64 pairs a batch)."""
     dataset = data.TensorDataset(*data_arrays)
-    return BoundedLoader(data.DataLoader(dataset, batch_size, shuffle=is_train))
+    sampler = data.RandomSampler(dataset) if is_train else data.SequentialSampler(dataset)
+    return BoundedLoader(data.DataLoader(
+        dataset, batch_size=None, sampler=data.BatchSampler(sampler, batch_size, False),
+        collate_fn=_as_list))
 
 
 # ------------------------------------------------------------------------------ Fashion-MNIST
