@@ -210,6 +210,65 @@ class PeakRSS:
         return self.peak_mb - self.start_mb
 
 
+# Peak memory of one side in a process of its own. In one process the sides' peaks mix: the
+# allocator keeps what an earlier side freed, and ru_maxrss only rises. So a script that
+# reports memory runs each side once more in a fresh process: ``python SCRIPT ARGS
+# --memory-of SIDE``, which builds what that side needs (imports, data), runs it once and ends
+# with :func:`print_peak_rss`'s line, which :func:`side_peak_rss` reads.
+
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    """``--no-memory`` (skip the fresh-process runs) and the hidden ``--memory-of SIDE``."""
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-memory runs (each side once more in a fresh "
+                             "process)")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+
+
+def print_peak_rss(fn: Callable[[], object]) -> None:
+    """Run ``fn`` once and print ``peak_rss_mb OWN CHILDREN BEFORE``: this process's peak RSS,
+    its largest child's (loader workers, spawned ranks) and the RSS just before the call, MB
+    (``ru_maxrss`` is KiB on Linux)."""
+    import resource
+
+    before = PeakRSS.rss_mb()
+    fn()
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"peak_rss_mb {own:.1f} {children:.1f} {before:.1f}", flush=True)
+
+
+def side_peak_rss(script: str, side: str, argv: Sequence[str] = (),
+                  timeout: float = 1800) -> tuple[float, float, float]:
+    """``(own, largest child, before)`` peak RSS in MB of ``side`` run once by ``python script
+    *argv --memory-of side`` in a fresh process (see :func:`print_peak_rss`)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, script, *argv, "--memory-of", side],
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("peak_rss_mb ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"--memory-of {side} failed (exit {proc.returncode}): "
+                           + " | ".join(tail))
+    own, children, before = lines[-1].split()[1:]
+    return float(own), float(children), float(before)
+
+
+def memory_verdict(ours_mb: float, peer_mb: float) -> str:
+    """Issue 26's memory goal, divekit ≤ the peer: "met" or "not met" (a peak RSS of one run
+    varies by a few MB, far less than the time does, so one run a side is judged)."""
+    return "met" if ours_mb <= peer_mb else "not met"
+
+
+MEMORY_HEADERS = ["side", "peak RSS, MB", "of which the call, MB", "largest child, MB"]
+
+
+def memory_cells(own: float, children: float, before: float) -> list[str]:
+    """A memory row's cells after the side's name (see :data:`MEMORY_HEADERS`)."""
+    return [f"{own:,.0f}", f"{own - before:+,.0f}", f"{children:,.0f}" if children else "—"]
+
+
 # ----------------------------------------------------------------------------- the machine
 
 

@@ -39,13 +39,18 @@ from pathlib import Path
 
 import torch
 from _common import (
-    PeakRSS,
+    MEMORY_HEADERS,
     Report,
     Spread,
     add_markdown_arg,
+    add_memory_args,
     goal_cell,
     interleave,
+    memory_cells,
+    memory_verdict,
     paired_ratio,
+    print_peak_rss,
+    side_peak_rss,
     verdict,
 )
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -147,7 +152,9 @@ def prepared_tensors(xtr, ytr, xva, yva, size):
     return prep(xtr), ytr, prep(xva), yva
 
 
-def run_divekit(model_name, size, batch, lr, epochs, xtr, ytr, xva, yva, channels_last=None) -> None:
+def run_divekit(model_name, size, batch, lr, epochs, xtr, ytr, xva, yva, channels_last=None,
+                compile=False) -> list[dict]:
+    """divekit's Trainer on the tensors; its history (one row per epoch)."""
     from divekit.data.vision import ImageClassificationData
     from divekit.engine import Trainer
     from divekit.tasks.classify import ClassificationTask, ClassifyConfig
@@ -159,10 +166,57 @@ def run_divekit(model_name, size, batch, lr, epochs, xtr, ytr, xva, yva, channel
     )
     cfg = ClassifyConfig(model=model_name, data="mnist", epochs=epochs, batch_size=batch, lr=lr,
                          momentum=0.0, normalize=False, quiet=True, device="cpu",
-                         channels_last=channels_last)
+                         channels_last=channels_last, compile=compile)
     task = ClassificationTask(cfg)
     task.data = data  # the tensors above, instead of loading cfg.data (a lazy cached property)
-    Trainer(task, cfg).fit()
+    return Trainer(task, cfg).fit()
+
+
+COMPILE_GOAL = 1.2  # --compile becomes a family's default where it wins this much (issue 26)
+
+
+def compile_rows(name: str, cases: dict, args: argparse.Namespace) -> list[list[str]]:
+    """divekit with and without ``--compile``, interleaved, each a fresh Trainer training two
+    epochs (``--no-compile`` explicitly: the eager side whatever the family's default). The
+    speed after compilation is the second epoch's training samples/s (history's
+    ``samples_per_s``: the steps alone, no validation); the compile time is what the compiled
+    side's first epoch (training and validation) took beyond its second, less the same
+    difference of the eager side (its own warm-up). Before every run the in-process compile
+    caches are cleared (``torch._dynamo.reset()``), so each round compiles again; Inductor's
+    cache on disk starts empty (a fresh ``TORCHINDUCTOR_CACHE_DIR``), so round 1's compile
+    time is a first run's and the later rounds' that of a run after it on the same machine.
+    Returns the table rows and prints them."""
+    import torch._dynamo
+
+    size, batch, lr, n_train, n_val = cases[name]
+    n_train, n_val = int(n_train * args.scale), int(n_val * args.scale)
+    source, xtr, ytr, xva, yva = load_mnist(n_train, n_val)
+    train = (xtr, ytr, xva, yva)
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    extra: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.repeats):
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            rows = run_divekit(name, size, batch, lr, 2, *train, compile=compiled)
+            rates[compiled].append(rows[1]["samples_per_s"])
+            extra[compiled].append(rows[0]["seconds"] - rows[1]["seconds"])
+    compile_s = [c - e for c, e in zip(extra[True], extra[False])]
+    ratio = Spread.of([c / e for c, e in zip(rates[True], rates[False])])
+    eager, comp = Spread.of(rates[False]), Spread.of(rates[True])
+    later = Spread.of(compile_s[1:]) if len(compile_s) > 1 else None
+    decision = "on" if ratio.median >= COMPILE_GOAL else "off"
+    print(f"\n{name} --compile ({n_train} train samples, batch {batch}, 2 epochs, {source}):"
+          f"\n  eager {eager.median:.1f} samples/s ({eager.lo:.1f}-{eager.hi:.1f}), compiled "
+          f"{comp.median:.1f} ({comp.lo:.1f}-{comp.hi:.1f}): {ratio} after compilation; "
+          f"compile time {compile_s[0]:.1f} s first run"
+          + (f", {later.median:.1f} s ({later.lo:.1f}-{later.hi:.1f}) later runs" if later
+             else "") + f"; default {decision} (goal >= {COMPILE_GOAL}x: "
+          f"{verdict(ratio, COMPILE_GOAL)})")
+    return [[name, f"{eager.median:.1f} ({eager.lo:.1f}–{eager.hi:.1f})",
+             f"{comp.median:.1f} ({comp.lo:.1f}–{comp.hi:.1f})", ratio.md(),
+             f"{compile_s[0]:.1f}",
+             f"{later.median:.1f} ({later.lo:.1f}–{later.hi:.1f})" if later else "—",
+             verdict(ratio, COMPILE_GOAL), decision]]
 
 
 GOALS = {"lenet": 1.3, "resnet18": 1.5}  # divekit (its defaults) over each d2l side
@@ -180,9 +234,11 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sample counts and batches, 1 repeat, 1 thread: checks that "
                              "it runs (seconds)")
-    parser.add_argument("--no-memory", action="store_true",
-                        help="skip the peak-memory runs (each side once more in a fresh process)")
-    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # side_memory's
+    add_memory_args(parser)
+    parser.add_argument("--compile", choices=["on", "off", "only"], default="on",
+                        help="the --compile rows (divekit eager vs compiled, 2 epochs a run, "
+                             "compile time apart): on (default; skipped by --smoke, whose "
+                             "compile would take a minute), off, or only them")
     add_markdown_arg(parser)
     args = parser.parse_args()
     cases = SMOKE_CASES if args.smoke else CASES
@@ -204,13 +260,24 @@ def main() -> int:
           f"median of {args.repeats} interleaved rounds")
     report = Report("Training throughput: divekit's Trainer vs d2l's `train_ch6`",
                     threads=args.threads)
-    rows, memory_rows = [], []
-    for name in args.models.split(","):
+    rows, memory_rows, compiled_rows = [], [], []
+    if args.compile != "off" and not args.smoke and not args.memory_of:
+        import os
+
+        # Inductor's on-disk cache, empty: round 1 pays a first run's compile time
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dk-inductor-")
+        for name in args.models.split(","):
+            compiled_rows += compile_rows(name, cases, args)
+        shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
+    elif args.smoke:
+        print("--smoke: no --compile rows (compiling takes a minute; tests/test_compile.py "
+              "checks the compiled path)")
+    for name in args.models.split(",") if args.compile != "only" else ():
         size, batch, lr, n_train, n_val = cases[name]
         n_train, n_val = int(n_train * args.scale), int(n_val * args.scale)
         with model_sides(name, cases, args, have_d2l) as (source, sides):
             if args.memory_of:
-                peak_rss_of(sides[args.memory_of])
+                print_peak_rss(sides[args.memory_of])
                 return 0
             peers = tuple(k for k in sides if not k.startswith("divekit"))
             times = interleave(sides, args.repeats)
@@ -219,15 +286,18 @@ def main() -> int:
             # seconds each)
             measured = ["divekit"] if args.smoke else list(sides)
             memory = {k: side_memory(k, name, args) for k in measured}
+            measured_peers = [k for k in peers if k in memory]
             for k, (own, workers, before) in memory.items():
                 print(f"  peak RSS {name} {k}: {own:,.0f} MB ({own - before:+,.0f} MB in the "
                       "call)")
-                memory_rows.append([name, k, f"{own:,.0f}", f"{own - before:+,.0f}",
-                                    f"{workers:,.0f}" if workers else "—"])
-            for k in peers if not args.smoke else ():
-                ok = memory["divekit"][0] <= memory[k][0]
+                goal = "; ".join(f"vs {p}: {memory_verdict(own, memory[p][0])}"
+                                 for p in measured_peers) if k.startswith("divekit") else ""
+                memory_rows.append([name, k, *memory_cells(own, workers, before),
+                                    goal or "—"])
+            for k in measured_peers:
                 print(f"  peak RSS {name}: divekit {memory['divekit'][0]:,.0f} MB, {k} "
-                      f"{memory[k][0]:,.0f} MB (goal divekit <= {k}: {'met' if ok else 'not met'})")
+                      f"{memory[k][0]:,.0f} MB (goal divekit <= {k}: "
+                      f"{memory_verdict(memory['divekit'][0], memory[k][0])})")
         rates = {k: [n_train * args.epochs / t for t in v] for k, v in times.items()}
         print(f"\n{name} at {size}x{size}, batch {batch}, {n_train} train + {n_val} val "
               f"samples, {source}")
@@ -243,22 +313,35 @@ def main() -> int:
             for k in peers:
                 goal = GOALS[name] if ours == "divekit" else None
                 rows.append((name, ours, k, paired_ratio(rates[ours], rates[k]), goal))
-    print(f"\nsummary (goals: {', '.join(f'{m} >= {g}x' for m, g in GOALS.items())}):"
-          if have_d2l else "\nsummary: d2l peer skipped (not installed)")
+    if args.compile != "only":
+        print(f"\nsummary (goals: {', '.join(f'{m} >= {g}x' for m, g in GOALS.items())}):"
+              if have_d2l else "\nsummary: d2l peer skipped (not installed)")
     for name, ours, k, ratio, goal in rows:
         print(f"  {name:<9} {ours:<26} / {k:<13} {ratio.median:5.2f}x "
               f"({ratio.lo:.2f}-{ratio.hi:.2f})  {verdict(ratio, goal)}")
+    if compiled_rows:
+        report.table(["model", "eager samples/s", "compiled samples/s", "compiled / eager",
+                      "compile s, first run", "compile s, later runs", f"≥ {COMPILE_GOAL}×",
+                      "--compile default"], compiled_rows, align="lrrrrrll",
+                     caption="`--compile` (torch.compile): divekit's Trainer eager "
+                             "(`--no-compile`) and compiled, interleaved, each run training 2 "
+                             "epochs from scratch. Samples/s of the second epoch's steps (after "
+                             "compilation); the compile time apart: the compiled run's first "
+                             "epoch beyond its second, less the eager run's warm-up. First run: "
+                             "Inductor's disk cache empty; later runs: the cache of the runs "
+                             "before (in-process caches cleared every run). A family whose "
+                             f"median reaches {COMPILE_GOAL}× gets --compile by default.")
     if rows:
         report.table(["model", "ratio", "× (min–max)", "goal", "verdict"],
                      [[n, f"{o} / {k}", r.md(), goal_cell(g), verdict(r, g)]
                       for n, o, k, r, g in rows], align="llrll",
                      caption=f"Ratios of samples/s, per interleaved round ({args.repeats} "
                              "rounds), median and min–max:")
-    else:
+    elif args.compile != "only":
         report.text("d2l is not installed: no ratios.")
     if memory_rows:
-        report.table(["model", "side", "peak RSS, MB", "of which the call", "largest child "
-                      "process, MB"], memory_rows, align="llrrr",
+        report.table(["model", *MEMORY_HEADERS, "divekit ≤ the course"], memory_rows,
+                     align="llrrrl",
                      caption="Peak resident memory of each side, each run once more in a fresh "
                              "process of its own (the same imports and data; `ru_maxrss`; "
                              "\"of which the call\": above the RSS just before it). Goal: "
@@ -297,30 +380,13 @@ def model_sides(name: str, cases: dict, args: argparse.Namespace, have_d2l: bool
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def peak_rss_of(fn) -> None:
-    """Run one side once and print this process's peak RSS and its largest child's (loader
-    workers), in MB: what :func:`side_memory` reads."""
-    import resource
-
-    before = PeakRSS.rss_mb()  # imports and data loaded: what the call adds comes on top
-    fn()
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"peak_rss_mb {own:.1f} {workers:.1f} {before:.1f}")
-
-
 def side_memory(side: str, model: str,
                 args: argparse.Namespace) -> tuple[float, float, float]:
     """Peak RSS (MB) of ``side`` run once in a fresh process, of its largest child, and the
-    RSS just before the call (imports and data loaded)."""
-    import subprocess
-
-    cmd = [sys.executable, __file__, "--memory-of", side, "--models", model, "--epochs",
-           str(args.epochs), "--threads", str(args.threads), "--scale", str(args.scale)]
-    proc = subprocess.run(cmd + (["--smoke"] if args.smoke else []), capture_output=True,
-                          text=True, check=True)
-    own, workers, before = proc.stdout.strip().splitlines()[-1].split()[1:]
-    return float(own), float(workers), float(before)
+    RSS just before the call (imports and data loaded): :func:`_common.side_peak_rss`."""
+    argv = ["--models", model, "--epochs", str(args.epochs), "--threads", str(args.threads),
+            "--scale", str(args.scale), "--compile", "off"]
+    return side_peak_rss(__file__, side, argv + (["--smoke"] if args.smoke else []))
 
 
 if __name__ == "__main__":
