@@ -1,7 +1,8 @@
 """The planner (``divekit dist plan``) against brute force: a ring all-reduce simulated chunk by
 chunk with every message counted, a parameter server's link counted message by message, a GPipe
 schedule simulated slot by slot (bubble and step time), stage splits against every split, the
-smallest efficient batch against a scan, LeNet's FLOPs by hand; then the command itself."""
+smallest efficient batch against a scan, the wait for the slowest device against sampled steps,
+LeNet's FLOPs and what tensor parallelism splits in it by hand; then the command itself."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from divekit.cli import main
 from divekit.engine import planner
-from divekit.engine.planner import ModelCost, Network, Unit
+from divekit.engine.planner import ModelCost, Network, Split, Unit
 
 
 # ---------------------------------------------------------------------- brute-force models
@@ -82,7 +83,8 @@ def simulate_pipeline(stages: int, micro: int, t_fwd: float, t_bwd: float, send:
 
 def uniform_cost(units: int = 8, flops: float = 1e9, params: int = 1_000_000,
                  out: int = 1000, width: int = 64) -> ModelCost:
-    u = tuple(Unit(f"u{i}", flops, out, (out,), width) for i in range(units))
+    """``units`` equal blocks, each one split pair (all its FLOPs) that refuses other widths."""
+    u = tuple(Unit(f"u{i}", flops, out, (Split(width, flops, out, out),)) for i in range(units))
     return ModelCost("toy", params, units * flops, u, "toy")
 
 
@@ -206,8 +208,13 @@ def test_cannot_run_cases():
     cost = uniform_cost(units=4, width=4)
     assert planner.step_time("allreduce", cost, 16, 8, NET) is None  # fewer samples than devices
     assert planner.step_time("pipeline", cost, 8, 64, NET) is None  # more stages than units
-    assert planner.step_time("tensor", cost, 8, 64, NET) is None  # wider than 4 channels
+    assert planner.step_time("tensor", cost, 8, 64, NET) is None  # 8 does not divide 4
+    assert planner.step_time("tensor", cost, 3, 64, NET) is None  # nor does 3
     assert planner.step_time("tensor", cost, 4, 64, NET) is not None
+    nothing = ModelCost("convs", 1000, 1e6, (Unit("c", 1e6, 10),), "toy")  # no pair to split
+    assert planner.step_time("tensor", nothing, 2, 64, NET) is None
+    assert planner.step_time("tensor", nothing, 1, 64, NET).total == pytest.approx(
+        64 * 3e6 / NET.flops_per_s)
 
 
 def test_batch_for_efficiency_is_the_smallest_by_scan():
@@ -234,6 +241,72 @@ def test_fit_alpha_beta_recovers_the_line():
         assert a == pytest.approx(alpha) and b == pytest.approx(bandwidth)
 
 
+def test_batch_for_efficiency_with_overhead_and_jitter_is_the_smallest_by_scan():
+    cost = uniform_cost(params=200_000, flops=1e7)
+    net = Network(1e12, 1e9, 2e-5, step_overhead=3e-4, jitter=2e-4)
+    for n in (2, 4, 8):
+        g = planner.batch_for_efficiency("allreduce", cost, n, net)
+        scan = next(b for b in range(n, 1_000_000)
+                    if planner.efficiency(planner.step_time("allreduce", cost, n, b, net),
+                                          cost, b, net) >= 0.8 - 1e-12)
+        assert g == scan
+
+
+def test_expected_max_normal_against_closed_forms_and_sampling():
+    assert planner.expected_max_normal(1) == 0
+    assert planner.expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), abs=1e-9)
+    assert planner.expected_max_normal(3) == pytest.approx(1.5 / math.sqrt(math.pi), abs=1e-9)
+    g = torch.Generator().manual_seed(0)
+    for n, tol in ((2, 0.05), (5, 0.04), (32, 0.03), (1024, 0.03)):
+        sampled = torch.randn(4000, n, generator=g, dtype=torch.float64).max(1).values.mean()
+        assert planner.expected_max_normal(n) == pytest.approx(float(sampled), abs=tol), n
+    values = [planner.expected_max_normal(n) for n in (2, 4, 16, 256, 1 << 20)]
+    assert values == sorted(values)
+    assert all(v < math.sqrt(2 * math.log(n)) for v, n in zip(values, (2, 4, 16, 256, 1 << 20)))
+
+
+def test_wait_for_the_slowest_device_against_sampled_steps():
+    """Each device's step is t0 + its compute + sigma Z; a synchronous step ends with the
+    slowest device, then exchanges: the mean of many such steps is the planner's step."""
+    cost = uniform_cost(params=100_000, flops=1e8)
+    net = Network(1e12, 1e9, 2e-5, step_overhead=1e-3, jitter=5e-4)
+    g = torch.Generator().manual_seed(1)
+    for n in (2, 4, 16):
+        for strategy in ("allreduce", "ps", "fsdp"):
+            step = planner.step_time(strategy, cost, n, 256, net)
+            devices = step.compute + net.jitter * torch.randn(20_000, n, generator=g,
+                                                              dtype=torch.float64)
+            sampled = float(devices.max(1).values.mean()) + step.comm
+            assert step.total == pytest.approx(sampled, rel=2e-3), (strategy, n)
+            assert step.wait == pytest.approx(net.jitter * planner.expected_max_normal(n))
+        # no barrier, no wait; and one device waits for nobody
+        a = planner.step_time("async", cost, n, 256, net)
+        assert a.wait == 0 and a.total == pytest.approx(a.compute + a.comm)
+    one = planner.step_time("allreduce", cost, 1, 256, net)
+    assert one.wait == 0 and one.total == pytest.approx(planner.single_device_time(cost, 256,
+                                                                                     net))
+    assert one.total == pytest.approx(1e-3 + 256 * cost.train_flops / 1e12)
+
+
+def test_tensor_step_of_lenet_by_hand():
+    """--strategy tensor on LeNet: the convolutions and the last layer run whole on every rank,
+    the 400-120-84 pair 1/N; the pair's output (84 per sample) is all-reduced forward, its
+    input's gradient (400 per sample) backward."""
+    cost = planner.profile_model("lenet", (1, 28, 28), num_classes=10)
+    net = Network(1e9, 1e8, 1e-4, step_overhead=2e-3, jitter=1e-3)
+    convs = 2 * (6 * 28 * 28 * 25 + 16 * 10 * 10 * 150)
+    pair, last = 2 * (400 * 120 + 120 * 84), 2 * 84 * 10
+    for n in (2, 4, 8):
+        step = planner.step_time("tensor", cost, n, 64, net)
+        flops = 3 * 64 * (convs + pair / n + last)
+        assert step.compute == pytest.approx(2e-3 + flops / 1e9)
+        ring = [2 * (n - 1) * (1e-4 + 64 * e * 4 / n / 1e8) for e in (84, 400)]
+        assert step.comm == pytest.approx(sum(ring))
+        assert step.total == pytest.approx(step.compute + step.comm
+                                           + 1e-3 * planner.expected_max_normal(n))
+    assert planner.step_time("tensor", cost, 7, 64, net) is None  # 7 does not divide 120
+
+
 def test_lenet_profile_by_hand():
     cost = planner.profile_model("lenet", (1, 28, 28), num_classes=10)
     # conv1 6x28x28 outputs of 5x5x1, conv2 16x10x10 of 5x5x6, dense 400-120-84-10; 2 per MAC
@@ -245,14 +318,24 @@ def test_lenet_profile_by_hand():
     real = create_model("lenet", num_classes=10, in_channels=1)
     assert cost.params == sum(p.numel() for p in real.parameters())
     assert sum(u.flops for u in cost.units) == pytest.approx(cost.forward_flops)
-    assert cost.max_tensor_parallel == 6  # conv1's six channels
+    # --strategy tensor splits the 400-120-84 pair of the head (column-wise, then row-wise)
+    # and replicates the convolutions and the last 84-10 layer
+    assert cost.splits == (Split(120, 2 * (400 * 120 + 120 * 84), 400, 84, required=False),)
+    assert [n for n in range(1, 17) if cost.tensor_splits(n)] == [1, 2, 3, 4, 5, 6, 8, 10, 12,
+                                                                    15]
 
 
 def test_bert_profile_units_are_its_blocks():
     cost = planner.profile_model("bert_small", seq_len=16)
     blocks = [u for u in cost.units if ".blks." in u.name]
-    assert len(blocks) == 2 and cost.max_tensor_parallel == 2  # 2 heads
-    assert all(u.out_elems == 16 * 128 and u.row_elems == (16 * 128,) * 2 for u in blocks)
+    assert len(blocks) == 2 and len(cost.splits) == 4  # attention and FFN in each block
+    assert all(u.out_elems == 16 * 128 for u in blocks)
+    for u in blocks:  # attention splits by its 2 heads, the FFN by its 256 hidden units
+        assert [(sp.width, sp.in_elems, sp.out_elems, sp.required) for sp in u.splits] == [
+            (2, 16 * 128, 16 * 128, True), (256, 16 * 128, 16 * 128, True)]
+        # the FFN pair: two 128x256 products per token
+        assert u.splits[1].flops == 2 * 2 * 16 * 128 * 256
+    assert cost.tensor_splits(2) and cost.tensor_splits(4) is None  # 4 does not divide 2 heads
     assert sum(u.flops for u in cost.units) == pytest.approx(cost.forward_flops)
 
 
@@ -275,10 +358,24 @@ def test_cli_prints_the_table(capsys):
     assert float(rows[0][1]) == pytest.approx(step.total * 1e3, rel=1e-3)
 
 
+def test_cli_step_overhead_and_jitter(capsys):
+    assert main([*BASE, "--step-overhead", "1.5ms", "--jitter", "400us"]) == 0
+    out = capsys.readouterr().out
+    assert "t0 = 1.5 ms, sigma = 400 us" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["16"]]
+    cost = planner.profile_model("lenet", num_classes=1000)
+    net = Network(1e10, 1e9, 2e-5, step_overhead=1.5e-3, jitter=4e-4)
+    for column, strategy in enumerate(planner.STRATEGIES, start=1):
+        step = planner.step_time(strategy, cost, 16, 64, net)
+        assert rows[0][column] == "-" if step is None else \
+            float(rows[0][column]) == pytest.approx(step.total * 1e3, rel=1e-3)
+
+
 @pytest.mark.parametrize("change", [
     ["--flops-per-s", "fast"], ["--bandwidth=-1G"], ["--latency", "soon"],
     ["--batch-size", "0"], ["--devices", "0"], ["--microbatches", "0"],
-    ["--input-shape", "1,2"], ["--seq-len", "9999"],
+    ["--input-shape", "1,2"], ["--seq-len", "9999"], ["--step-overhead=-1ms"],
+    ["--jitter", "often"],
 ])
 def test_cli_bad_inputs_are_one_line(capsys, change):
     argv = BASE + change

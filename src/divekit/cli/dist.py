@@ -20,6 +20,9 @@ examples:
       --latency 10us --batch-size 1024 --plot resnet50-plan.png
   divekit dist plan bert_base --seq-len 128 --flops-per-s 100T --bandwidth 25G --batch-size 256
   divekit dist plan lenet --flops-per-s measure --bandwidth 1G --batch-size 128 --devices 8
+  divekit dist plan lenet --input-shape 1,28,28 --num-classes 10 --flops-per-s 1.2G \
+      --bandwidth 0.5G --latency 60us --step-overhead 1.5ms --jitter 0.4ms --batch-size 128
+      (the inputs benchmarks/planner_check.py measures on this machine: see BENCHMARKS.md)
 """
 
 _SI = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
@@ -60,8 +63,13 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
         actions, parent, "plan", help="step time of each strategy on 1 to 1,024 devices",
         description="Predict the training step time, samples/s and scaling efficiency of "
         "allreduce (ddp), ps, async, pipeline, tensor and fsdp on 1, 2, 4, ... devices, from "
-        "the model's FLOPs (divekit's FLOP counter, x3 for forward + backward), a device rate "
-        "and an alpha-beta network (alpha per message, bandwidth per link).", examples=EXAMPLES)
+        "the model's FLOPs (divekit's FLOP counter, x3 for forward + backward), a device rate, "
+        "an alpha-beta network (alpha per message, bandwidth per link), the fixed cost of a "
+        "step (--step-overhead) and the spread of a device's step time (--jitter: a "
+        "synchronous step waits for the slowest of N devices). Every step adds the overhead; "
+        "every synchronous step on N devices adds jitter x E[max of N standard normals]. "
+        "benchmarks/planner_check.py measures all five here and checks the prediction against "
+        "2-process training.", examples=EXAMPLES)
     p.add_argument("model", help="model name: an image classifier or a BERT (see `divekit models`)")
     p.add_argument("--devices", type=int, default=1024, metavar="N",
                    help="the largest device count in the table (default: 1024)")
@@ -72,6 +80,14 @@ def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParse
                    help="bytes per second of one link (SI prefixes: 25G)")
     p.add_argument("--latency", default="10us", metavar="A",
                    help="seconds per message, alpha (e.g. 10us, 0.5ms, 1e-5; default: 10us)")
+    p.add_argument("--step-overhead", default="0", metavar="T0",
+                   help="fixed seconds of every step on each device whatever its batch: "
+                   "optimizer step, batch fetch, Python and kernel launches; the intercept of "
+                   "step time against batch size (e.g. 1.5ms; default: 0)")
+    p.add_argument("--jitter", default="0", metavar="SIGMA",
+                   help="standard deviation of one device's step time; a synchronous step "
+                   "waits SIGMA x E[max of N normals] for its slowest device (0.56 SIGMA at N = "
+                   "2, 3.2 SIGMA at 1,024; e.g. 0.4ms; default: 0)")
     p.add_argument("--batch-size", type=int, required=True, metavar="G",
                    help="global batch: samples per step over all devices")
     p.add_argument("--microbatches", type=int, metavar="M",
@@ -106,6 +122,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         raise DivekitError(f"--num-classes must be in 1..100000, got {args.num_classes}")
     bandwidth = parse_rate(args.bandwidth, "--bandwidth")
     latency = parse_seconds(args.latency)
+    overhead = parse_seconds(args.step_overhead, "--step-overhead")
+    jitter = parse_seconds(args.jitter, "--jitter")
     measure = args.flops_per_s.strip().lower() == "measure"
     rate = None if measure else parse_rate(args.flops_per_s, "--flops-per-s")
     shape = None
@@ -130,7 +148,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if measure:
         rate = planner.measure_flops_per_s()
         print(f"measured: float32 1024x1024 matrix product at {rate / 1e9:.1f} GFLOP/s here")
-    net = planner.Network(rate, bandwidth, latency)
+    net = planner.Network(rate, bandwidth, latency, overhead, jitter)
     result = planner.plan(cost, net, args.batch_size, planner.device_counts(args.devices),
                           args.microbatches)
     print(planner.format_plan(result))

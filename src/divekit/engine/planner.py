@@ -10,7 +10,16 @@ it with three inputs, as a back-of-the-envelope planner would:
   per forward product: one for the input's gradient, one for the weight's);
 * **a device rate** ``R`` in FLOP/s (given, or :func:`measure_flops_per_s` times a GEMM);
 * **an alpha-beta network**: a message of ``b`` bytes takes ``alpha + b / B`` seconds
-  (``alpha`` the latency per message, ``B`` the bandwidth of one link).
+  (``alpha`` the latency per message, ``B`` the bandwidth of one link);
+* **two per-step costs** that FLOPs and bytes miss, both measured (``benchmarks/planner_check.py``
+  measures them here) or given: ``t0``, the fixed cost of a step on each device whatever its
+  batch (the optimizer step, zeroing the gradients, fetching the batch, Python and kernel
+  launches: the intercept of step time against batch size), and ``sigma``, the spread (standard
+  deviation) of one device's step time. A synchronous step waits for the slowest of ``N``
+  devices, which is ``sigma · e(N)`` later than the average one (:func:`expected_max_normal`:
+  ``e(2) = 1/sqrt(pi) = 0.56``, ``e(1024) = 3.2``). On a shared machine both are large: on
+  the 2-core machine this was written on, a 2-process LeNet step spent more time in them than
+  in the all-reduce.
 
 Per strategy, with global batch ``G``, ``P`` parameter bytes and ``N`` devices:
 
@@ -29,22 +38,29 @@ pipeline   ``S = N`` stages of contiguous layers, balanced by FLOPs; ``M`` micro
            (blocking) send of the activation or its gradient across a stage boundary, less
            the last slot's send; the idle fraction (the bubble) is ``(S-1)/(M+S-1)``. No
            gradient exchange.
-tensor     every device sees the whole batch and holds ``1/N`` of every layer (Megatron:
-           column- then row-parallel pairs); each row-parallel layer's output is
-           all-reduced in the forward pass and its input gradient in the backward pass.
+tensor     every device sees the whole batch; what ``--strategy tensor`` splits (Megatron's
+           column- then row-parallel pairs: attention, feed-forward blocks, two linear layers
+           in a row, :func:`divekit.engine.tensor_parallel.tensor_parallel_plan`) is computed
+           ``1/N`` per device, the rest (convolutions, norms, embeddings) is replicated and
+           computed whole on every device. Each pair all-reduces its output in the forward
+           pass and the gradient of its input in the backward pass. Attention and feed-forward
+           widths ``N`` does not divide are refused; other pairs stay replicated.
 fsdp       compute as data parallel; parameters all-gathered before the forward and again
            before the backward, gradients reduce-scattered: ``3 (N-1)/N · P`` bytes in
            ``3(N-1)`` messages.
 =========  ==========================================================================
 
-Communication is assumed not to overlap computation (divekit's own strategies exchange after
-the backward pass), except for ``async`` where overlap is the point. Scaling efficiency is
-``T(1) / (N · T(N))``: 1 when N devices are N times as fast, and ``T(1) = G · 3F / R`` is the
-same for every strategy (on one device they are all plain training).
+Every strategy's step adds ``t0``, and every synchronous one (all but ``async``, which has no
+barrier) on ``N > 1`` devices adds the wait ``sigma · e(N)``. Communication is assumed not to
+overlap computation (divekit's own strategies exchange after the backward pass), except for
+``async`` where overlap is the point. Scaling efficiency is ``T(1) / (N · T(N))``: 1 when N
+devices are N times as fast, and ``T(1) = t0 + G · 3F / R`` is the same for every strategy (on
+one device they are all plain training).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -60,20 +76,36 @@ TARGET_EFFICIENCY = 0.8
 
 # ------------------------------------------------------------------------------ the model
 @dataclass(frozen=True)
-class Unit:
-    """One pipeline-able piece of a model (a residual block, a Transformer block, a layer).
+class Split:
+    """A column-parallel then row-parallel pair that ``--strategy tensor`` splits over ranks.
 
-    ``row_elems`` are the per-sample sizes of the tensors tensor parallelism all-reduces in
-    this unit's forward pass (the outputs of its row-parallel layers); the backward pass
-    all-reduces as many input gradients of the same sizes. ``split_width`` is how many ways
-    the unit's layers can be split (attention heads, or the narrowest column-parallel layer);
-    ``None`` when it has no weight layer (nothing to split)."""
+    ``flops`` are the pair's forward FLOPs per sample (computed ``1/N`` per rank once split);
+    ``in_elems`` and ``out_elems`` the per-sample sizes of its input and its output: the
+    output is all-reduced in the forward pass, the input's gradient in the backward pass.
+    ``width`` is what the rank count must divide (attention heads, a hidden width);
+    ``required``: attention and feed-forward blocks refuse a rank count that does not divide
+    their width, a plain pair of linear layers stays replicated instead."""
+
+    width: int
+    flops: float
+    in_elems: int
+    out_elems: int
+    required: bool = True
+
+    def splits_over(self, n: int) -> bool:
+        return self.width % n == 0
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One pipeline-able piece of a model (a residual block, a Transformer block, a layer):
+    its forward FLOPs and the per-sample size of its output (what a pipeline stage ending here
+    sends on), and the pairs in it that tensor parallelism splits (``splits``)."""
 
     name: str
     flops: float  # forward FLOPs per sample
     out_elems: int  # per sample: what a pipeline stage ending here sends on
-    row_elems: tuple[int, ...] = ()
-    split_width: int | None = None
+    splits: tuple[Split, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,19 +124,29 @@ class ModelCost:
         return TRAIN_FLOPS_FACTOR * self.forward_flops
 
     @property
-    def max_tensor_parallel(self) -> int:
-        """The most devices tensor parallelism can split every layer over."""
-        widths = [u.split_width for u in self.units if u.split_width is not None]
-        return min(widths) if widths else 1
+    def splits(self) -> tuple[Split, ...]:
+        return tuple(sp for u in self.units for sp in u.splits)
+
+    def tensor_splits(self, n: int) -> tuple[Split, ...] | None:
+        """The pairs ``--strategy tensor --tp n`` splits, or ``None`` where it refuses ``n``
+        (a required width ``n`` does not divide, or nothing left to split)."""
+        if any(sp.required and not sp.splits_over(n) for sp in self.splits):
+            return None
+        active = tuple(sp for sp in self.splits if sp.splits_over(n))
+        return active or None
 
 
 @dataclass(frozen=True)
 class Network:
-    """A device rate (FLOP/s) and an alpha-beta link: ``alpha + bytes / bandwidth`` seconds."""
+    """A device rate (FLOP/s), an alpha-beta link (``alpha + bytes / bandwidth`` seconds) and
+    the two per-step costs: ``step_overhead`` (``t0``, seconds of every step whatever its
+    batch) and ``jitter`` (``sigma``, the standard deviation of a device's step time)."""
 
     flops_per_s: float
     bandwidth: float  # bytes per second, one link, one direction
     latency: float = 0.0  # seconds per message (alpha)
+    step_overhead: float = 0.0  # seconds per step on each device (t0)
+    jitter: float = 0.0  # seconds, standard deviation of one device's step (sigma)
     value_bytes: int = 4  # float32 gradients, weights and activations
 
     def __post_init__(self) -> None:
@@ -113,16 +155,51 @@ class Network:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise DivekitError(f"{name.replace('_', '-')} must be a positive number, "
                                    f"got {value!r}")
-        if not (isinstance(self.latency, int | float) and math.isfinite(self.latency)
-                and self.latency >= 0):
-            raise DivekitError(f"latency must be a number >= 0 seconds, got {self.latency!r}")
+        for name in ("latency", "step_overhead", "jitter"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise DivekitError(f"{name.replace('_', '-')} must be a number >= 0 seconds, "
+                                   f"got {value!r}")
 
     def message(self, nbytes: float, count: int = 1) -> float:
         """Seconds for ``count`` messages carrying ``nbytes`` in all."""
         return count * self.latency + nbytes / self.bandwidth
 
+    def wait(self, n: int) -> float:
+        """Seconds a synchronous step of ``n`` devices waits for its slowest one."""
+        return self.jitter * expected_max_normal(n) if n > 1 else 0.0
+
 
 # ------------------------------------------------------------------------- communication
+@functools.lru_cache(maxsize=256)
+def expected_max_normal(n: int) -> float:
+    """``e(n)``: the mean of the largest of ``n`` independent standard normal values.
+
+    A synchronous step ends when the slowest device does; if each device's step time has
+    mean ``mu`` and standard deviation ``sigma`` the step takes ``mu + sigma · e(n)`` on
+    average. Computed from ``E[X] = ∫₀^∞ P(X > x) dx - ∫₋∞⁰ P(X < x) dx`` with
+    ``P(max < x) = Φ(x)ⁿ``, by the trapezoid rule on a 1e-3 grid over [-12, 12] (``e(1) = 0``,
+    ``e(2) = 1/sqrt(pi)``, ``e(3) = 3/(2 sqrt(pi))``, then growing like ``sqrt(2 ln n)``)."""
+    if n < 1:
+        raise DivekitError(f"devices must be >= 1, got {n}")
+    if n == 1:
+        return 0.0
+    h, steps = 1e-3, 12_000
+
+    def upper(x: float) -> float:  # P(max > x) = 1 - (1 - Q(x))^n, Q the upper tail
+        q = 0.5 * math.erfc(x / math.sqrt(2))
+        return -math.expm1(n * math.log1p(-q)) if q < 1 else 1.0
+
+    def lower(x: float) -> float:  # P(max < -x) = Q(x)^n
+        q = 0.5 * math.erfc(x / math.sqrt(2))
+        return math.exp(n * math.log(q)) if q > 0 else 0.0
+
+    def trapezoid(f: Callable[[float], float]) -> float:
+        return h * (0.5 * f(0.0) + sum(f(i * h) for i in range(1, steps)) + 0.5 * f(steps * h))
+
+    return trapezoid(upper) - trapezoid(lower)
+
+
 def ring_allreduce_time(nbytes: float, n: int, net: Network) -> float:
     """A ring all-reduce of ``nbytes`` over ``n`` devices: a reduce-scatter then an all-gather,
     each ``n-1`` rounds in which every device sends one ``nbytes/n`` chunk to its neighbour.
@@ -163,8 +240,9 @@ def balanced_stages(flops: Sequence[float], stages: int) -> list[int]:
 # --------------------------------------------------------------------------- step times
 @dataclass(frozen=True)
 class StepTime:
-    """One strategy on ``devices`` devices: seconds of compute and of communication on the
-    critical path, and the whole step (which is their sum except for ``async``)."""
+    """One strategy on ``devices`` devices: seconds of compute (the per-step overhead ``t0``
+    included), of communication and of waiting for the slowest device on the critical path,
+    and the whole step (their sum, except for ``async``)."""
 
     strategy: str
     devices: int
@@ -172,23 +250,26 @@ class StepTime:
     comm: float
     total: float
     note: str = ""
+    wait: float = 0.0
 
 
 def _data_parallel_compute(cost: ModelCost, n: int, batch: int, net: Network) -> float:
-    return math.ceil(batch / n) * cost.train_flops / net.flops_per_s  # the busiest device
+    # the busiest device
+    return net.step_overhead + math.ceil(batch / n) * cost.train_flops / net.flops_per_s
 
 
 def step_time(strategy: str, cost: ModelCost, n: int, batch: int, net: Network,
               microbatches: int | None = None) -> StepTime | None:
     """The predicted step of ``strategy`` on ``n`` devices for a global batch of ``batch``
     samples, or ``None`` where it cannot run (fewer samples than data-parallel devices, more
-    pipeline stages than units, more tensor-parallel ranks than the narrowest layer allows)."""
+    pipeline stages than units, a tensor-parallel rank count the model's widths refuse)."""
     if strategy not in STRATEGIES:
         raise DivekitError(f"unknown strategy {strategy!r}; the planner knows "
                            f"{', '.join(STRATEGIES)}")
     if n < 1 or batch < 1:
         raise DivekitError(f"devices and batch size must be >= 1, got {n} and {batch}")
     pbytes = cost.params * net.value_bytes
+    wait = net.wait(n)
     if strategy in DATA_PARALLEL:
         if n > batch:
             return None
@@ -199,19 +280,24 @@ def step_time(strategy: str, cost: ModelCost, n: int, batch: int, net: Network,
             comm = 3 * ring_gather_time(pbytes, n, net)  # gather, gather again, reduce-scatter
         else:
             comm = 2 * (n - 1) * net.message(pbytes) if n > 1 else 0.0  # the server's link
-        if strategy == "async" and n > 1:
+        if strategy == "async" and n > 1:  # no barrier: no wait for the slowest
             worker_round = compute + 2 * net.message(pbytes)  # its own push and pull
             total = max(worker_round, comm)
             return StepTime(strategy, n, compute, total - compute, total,
                             "server-bound" if comm > worker_round else "worker-bound")
-        return StepTime(strategy, n, compute, comm, compute + comm)
+        return StepTime(strategy, n, compute, comm, compute + comm + wait, wait=wait)
     if strategy == "tensor":
-        if n > cost.max_tensor_parallel:
+        active = cost.tensor_splits(n) if n > 1 else ()
+        if active is None:
             return None
-        compute = batch * cost.train_flops / n / net.flops_per_s
-        comm = sum(2 * ring_allreduce_time(batch * e * net.value_bytes, n, net)
-                   for u in cost.units for e in u.row_elems)
-        return StepTime(strategy, n, compute, comm, compute + comm)
+        split = sum(sp.flops for sp in active)
+        flops = cost.forward_flops - split + split / n  # the replicated layers run whole
+        compute = net.step_overhead + batch * TRAIN_FLOPS_FACTOR * flops / net.flops_per_s
+        comm = sum(ring_allreduce_time(batch * sp.out_elems * net.value_bytes, n, net)
+                   + ring_allreduce_time(batch * sp.in_elems * net.value_bytes, n, net)
+                   for sp in active)
+        return StepTime(strategy, n, compute, comm, compute + comm + wait,
+                        f"{len(active)} of {len(cost.splits)} pairs split", wait=wait)
     # pipeline: S = n stages, M micro-batches of G/M samples (on average)
     if n > len(cost.units):
         return None
@@ -227,14 +313,15 @@ def step_time(strategy: str, cost: ModelCost, n: int, batch: int, net: Network,
     # compute + send per micro-batch, so a direction's critical path is M+S-1 such slots minus
     # the one send that has no receiver.
     slots = m + n - 1
-    compute, comm = slots * slot_compute, 2 * (slots - 1) * send if n > 1 else 0.0
-    return StepTime(strategy, n, compute, comm, compute + comm,
-                    f"M={m}, bubble {pipeline_bubble(n, m):.0%}")
+    compute = net.step_overhead + slots * slot_compute
+    comm = 2 * (slots - 1) * send if n > 1 else 0.0
+    return StepTime(strategy, n, compute, comm, compute + comm + wait,
+                    f"M={m}, bubble {pipeline_bubble(n, m):.0%}", wait=wait)
 
 
 def single_device_time(cost: ModelCost, batch: int, net: Network) -> float:
-    """Plain training on one device: ``G · 3F / R``."""
-    return batch * cost.train_flops / net.flops_per_s
+    """Plain training on one device: ``t0 + G · 3F / R``."""
+    return net.step_overhead + batch * cost.train_flops / net.flops_per_s
 
 
 def efficiency(step: StepTime, cost: ModelCost, batch: int, net: Network) -> float:
@@ -352,6 +439,7 @@ def describe(p: Plan) -> str:
     return (f"{c.name} ({c.shape}): {c.params / 1e6:.1f}M parameters, "
             f"{_si(c.train_flops, 'FLOP')} per sample (fwd+bwd); R = {_si(n.flops_per_s, 'FLOP/s')}"
             f", B = {_si(n.bandwidth, 'B/s')}, alpha = {_seconds(n.latency)}, "
+            f"t0 = {_seconds(n.step_overhead)}, sigma = {_seconds(n.jitter)}, "
             f"G = {p.batch}{micro}")
 
 
@@ -392,7 +480,7 @@ def format_plan(p: Plan) -> str:
     table("scaling efficiency T(1) / (N T(N))", eff_cell, "allreduce G for 80%", batch_cell)
     lines.append("")
     lines.append("'-': cannot run (fewer samples than data-parallel devices, more pipeline "
-                 "stages than layers, more tensor ranks than heads/channels)")
+                 "stages than layers, a tensor rank count the heads or widths refuse)")
     if "allreduce" in strategies:
         lines.append(verdict_line(p))
     return "\n".join(lines)
@@ -421,16 +509,17 @@ def write_csv(p: Plan, path: str) -> str:
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["devices", "strategy", "step_s", "compute_s", "comm_s", "samples_per_s",
-                "efficiency", "allreduce_batch_for_80", "note"])
+    w.writerow(["devices", "strategy", "step_s", "compute_s", "comm_s", "wait_s",
+                "samples_per_s", "efficiency", "allreduce_batch_for_80", "note"])
     for r in p.rows:
         for s, t in r.steps.items():
             if t is None:
-                w.writerow([r.devices, s, "", "", "", "", "", r.batch_for_80 or "", "cannot run"])
+                w.writerow([r.devices, s, "", "", "", "", "", "", r.batch_for_80 or "",
+                            "cannot run"])
             else:
                 w.writerow([r.devices, s, f"{t.total:.6g}", f"{t.compute:.6g}", f"{t.comm:.6g}",
-                            f"{p.batch / t.total:.6g}", f"{r.efficiencies[s]:.6g}",
-                            r.batch_for_80 or "", t.note])
+                            f"{t.wait:.6g}", f"{p.batch / t.total:.6g}",
+                            f"{r.efficiencies[s]:.6g}", r.batch_for_80 or "", t.note])
     text = buf.getvalue()
     with open(path, "w", newline="") as f:
         f.write(text)
@@ -511,13 +600,47 @@ def _units_of(model, counts: dict[str, float], root: str):
     return top
 
 
+def _tensor_pairs(model) -> list[tuple[str, str, tuple[str, ...], int, bool]]:
+    """What ``--strategy tensor`` splits in ``model``, pair by pair, from its own plan
+    (:func:`~divekit.engine.tensor_parallel.tensor_parallel_plan` with one rank, which splits
+    every candidate): ``(first layer, last layer, the modules whose FLOPs are split, width the
+    rank count must divide, whether a width it does not divide is refused)``. An attention module
+    splits by heads, so its score and weighting products are split with its projections."""
+    from divekit.engine.tensor_parallel import _attention_modules, tensor_parallel_plan
+
+    try:
+        plan_ = tensor_parallel_plan(model, 1)
+    except DivekitError:  # nothing to split: every layer replicated
+        return []
+
+    def join(prefix: str, leaf: str) -> str:
+        return f"{prefix}.{leaf}" if prefix else leaf
+
+    found: list[tuple[str, str, tuple[str, ...], int, bool]] = []
+    taken: set[str] = set()
+    for name, m in _attention_modules(model):
+        # the module's own input and output: a fused path may not call W_q and W_o alone
+        found.append((name, name, (name,), int(m.num_heads), True))
+        taken.update(join(name, w) for w in ("W_q", "W_k", "W_v", "W_o"))
+    for name, m in model.named_modules():
+        first = join(name, "dense1")
+        if plan_.get(first) == "colwise" and first not in taken:
+            second = join(name, "dense2")
+            found.append((first, second, (first, second), m.dense1.out_features, True))
+            taken.update((first, second))
+    modules = dict(model.named_modules())
+    names = [n for n in plan_ if n not in taken]
+    for col, row in zip(names[::2], names[1::2]):  # the rest: (colwise, rowwise) in order
+        found.append((col, row, (col, row), modules[col].out_features, False))
+    return found
+
+
 def profile_model(name: str, input_shape: tuple[int, int, int] | None = None,
                   seq_len: int = 128, num_classes: int = 1000) -> ModelCost:
     """Parameters, forward FLOPs and pipeline units of zoo model ``name`` for one sample,
     traced on the meta device (no memory, no arithmetic). Image classifiers take
     ``input_shape`` (C, H, W; default the model's own); BERT models ``seq_len`` tokens."""
     import torch
-    from torch import nn
     from torch.utils.flop_counter import FlopCounterMode
 
     from divekit.models import create_model, model_info
@@ -545,17 +668,16 @@ def profile_model(name: str, input_shape: tuple[int, int, int] | None = None,
         raise DivekitError(f"dist plan knows image classifiers and BERT; {name!r} is a "
                            f"{info.task} model")
     model.eval()
-    outputs: dict[str, int] = {}
-    weights: list[tuple[str, int, int]] = []  # (name, per-sample output elements, out width)
+    outputs: dict[str, int] = {}  # per-sample output elements of every module
+    inputs: dict[str, int] = {}  # and of its first input
     hooks = []
     for mname, module in model.named_modules():
         def record(mod, args, out, mname=mname):
             t = out[0] if isinstance(out, tuple) else out
             if isinstance(t, torch.Tensor):
                 outputs[mname] = t.numel()
-                if isinstance(mod, nn.Linear | nn.Conv2d):
-                    width = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
-                    weights.append((mname, t.numel(), width))
+            if args and isinstance(args[0], torch.Tensor):
+                inputs[mname] = args[0].numel()
         hooks.append(module.register_forward_hook(record))
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -568,30 +690,25 @@ def profile_model(name: str, input_shape: tuple[int, int, int] | None = None,
             h.remove()
     counts = counter.get_flop_counts()
     root = type(model).__name__
-    units = []
     total = float(counter.get_total_flops())
+
+    def flops_of(names: tuple[str, ...]) -> float:
+        return float(sum(sum(counts.get(f"{root}.{n}", {}).values()) for n in names))
+
+    pairs = _tensor_pairs(model)
+    units = []
     for uname, module, flops in _units_of(model, counts, root):
         if module is None:  # the own part of an opened module (embeddings): it sends what
             units.append(Unit(uname, flops, -1))  # its first block receives, filled in below
             continue
-        mine = [w for w in weights if w[0] == uname or w[0].startswith(uname + ".")]
-        if len(mine) == 1 and flops < 0.01 * total:  # a small head: replicated, not split
-            units.append(Unit(uname, flops, outputs.get(uname, 0)))
-            continue
-        attention = any("Attention" in type(m).__name__ for m in module.modules())
-        if attention:  # Megatron: the attention output and the FFN output are all-reduced
-            heads = next(m.num_heads for m in module.modules() if hasattr(m, "num_heads"))
-            rows = (outputs.get(uname, 0),) * 2
-            width: int | None = int(heads)
-        else:  # pairs: column-parallel then row-parallel; an odd last layer is row-parallel
-            rows = tuple(e for i, (_, e, _) in enumerate(mine)
-                         if i % 2 == 1 or i == len(mine) - 1)
-            cols = [w for i, (_, _, w) in enumerate(mine) if i % 2 == 0 and i < len(mine) - 1]
-            width = min(cols) if cols else (mine[0][2] if mine else None)
-        units.append(Unit(uname, flops, outputs.get(uname, 0), rows, width))
+        mine = [pr for pr in pairs if pr[0] == uname or pr[0].startswith(uname + ".")]
+        splits = tuple(Split(width, flops_of(counted), inputs.get(first, 0),
+                             outputs.get(last, 0), required)
+                       for first, last, counted, width, required in mine)
+        units.append(Unit(uname, flops, outputs.get(uname, 0), splits))
     for i, u in enumerate(units):  # blocks keep their input's size (Transformer blocks)
         if u.out_elems < 0:
             later = next((v.out_elems for v in units[i + 1:] if v.out_elems >= 0), 0)
-            units[i] = Unit(u.name, u.flops, later)
+            units[i] = Unit(u.name, u.flops, later, u.splits)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelCost(name, params, total, tuple(units), described)
