@@ -224,15 +224,35 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
 
 
+def own_peak_rss_mb() -> float:
+    """This process's peak RSS in MB: ``VmHWM`` of ``/proc/self/status`` on Linux, the high-water
+    mark of this process's own address space. Not ``ru_maxrss``: Linux carries that over
+    ``execve`` from the address space the process had before, which for a child started by
+    ``subprocess`` is its parent's (a fork shares the parent's pages), so a small child of a
+    large benchmark would report the benchmark's peak. Elsewhere, ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    import sys
+
+    scale = 2**20 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
 def print_peak_rss(fn: Callable[[], object]) -> None:
-    """Run ``fn`` once and print ``peak_rss_mb OWN CHILDREN BEFORE``: this process's peak RSS,
-    its largest child's (loader workers, spawned ranks) and the RSS just before the call, MB
-    (``ru_maxrss`` is KiB on Linux)."""
+    """Run ``fn`` once and print ``peak_rss_mb OWN CHILDREN BEFORE``: this process's peak RSS
+    (:func:`own_peak_rss_mb`), its largest finished child's (loader workers, spawned ranks:
+    ``ru_maxrss``, which counts the pages a forked child shares with this process) and the RSS
+    just before the call, in MB."""
     import resource
 
     before = PeakRSS.rss_mb()
     fn()
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = own_peak_rss_mb()
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"peak_rss_mb {own:.1f} {children:.1f} {before:.1f}", flush=True)
 

@@ -32,13 +32,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _common import (
+    MEMORY_HEADERS,
     Report,
     Spread,
     add_markdown_arg,
+    add_memory_args,
     goal_cell,
     interleave,
+    memory_cells,
+    memory_verdict,
     paired_ratio,
+    print_peak_rss,
     profile_table,
+    side_peak_rss,
     verdict,
 )
 from torch import nn
@@ -258,11 +264,10 @@ def encoder_forward(repeats: int, ckpt: str, shapes=FULL["encoder"]) -> None:
               f"{rate(b, n):,.0f} tok/s, {said}")
 
 
-def pretraining_steps(repeats: int, sizes=FULL["pretrain"]) -> None:
+def pretrain_side(side: str, sizes=FULL["pretrain"]):
+    """One pretraining step of ``side`` ("course" or "divekit") as a function, with only that
+    side's model built (a memory run builds one side alone), and the batch: ``(step, batch)``."""
     from divekit.data.bert_pretrain import BertPretrainLoader, SentenceCorpus
-    from divekit.engine.optim import build_optimizer
-    from divekit.models import create_model
-    from divekit.tasks.bert_pretrain import BertPretrainConfig, BertPretrainTask
 
     vocab, B, T, n_paragraphs = sizes
     g = torch.Generator().manual_seed(0)
@@ -271,17 +276,23 @@ def pretraining_steps(repeats: int, sizes=FULL["pretrain"]) -> None:
     loader = BertPretrainLoader(SentenceCorpus.from_ids(paragraphs), batch_size=B, max_len=T,
                                 vocab_size=vocab, special_ids={"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
     batch = next(iter(loader))
-    ours = create_model("bert_small", vocab_size=vocab, max_len=T).train()
-    opt = build_optimizer(ours.parameters(), "adam", 0.01)  # what a divekit run builds
+    if side == "divekit":
+        from divekit.engine.optim import build_optimizer
+        from divekit.models import create_model
+        from divekit.tasks.bert_pretrain import BertPretrainConfig, BertPretrainTask
 
-    task = BertPretrainTask(BertPretrainConfig(model="bert_small", data="pydoc", batch_size=B, max_len=T))
+        ours = create_model("bert_small", vocab_size=vocab, max_len=T).train()
+        opt = build_optimizer(ours.parameters(), "adam", 0.01)  # what a divekit run builds
+        task = BertPretrainTask(BertPretrainConfig(model="bert_small", data="pydoc",
+                                                   batch_size=B, max_len=T))
 
-    def step_ours():
-        loss, _logs = task.training_step(ours, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        def step_ours():
+            loss, _logs = task.training_step(ours, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
+        return step_ours, batch
     course = D2LBERT(vocab, 128, 256, 2, 2, 0.2)
     ce = nn.CrossEntropyLoss()
     with torch.no_grad():
@@ -293,6 +304,13 @@ def pretraining_steps(repeats: int, sizes=FULL["pretrain"]) -> None:
         d2l_step(course, ce, vocab, batch).backward()
         opt2.step()
 
+    return step_course, batch
+
+
+def pretraining_steps(repeats: int, sizes=FULL["pretrain"]) -> None:
+    vocab, B, T, _ = sizes
+    step_ours, batch = pretrain_side("divekit", sizes)
+    step_course, _ = pretrain_side("course", sizes)
     b, a = compare(step_course, step_ours, repeats)
     used = float(batch[4].mean())
     said = add_row(f"pretraining step, bert_small, {B} × {T}, vocab {vocab:,}, Adam",
@@ -307,51 +325,66 @@ def pretraining_steps(repeats: int, sizes=FULL["pretrain"]) -> None:
 # 3. Fine-tuning steps/s: divekit's BertWithHead (MiniLM + classifier head) vs transformers'
 #    BertForSequenceClassification on the same checkpoint and batch, full and LoRA (r 8 on
 #    query/value; the peer is peft's LoRA), AdamW, train mode (goal >= 1.0x).
-def finetune_steps(repeats: int, ckpt: str, batch: int = 32, seq: int = 128) -> None:
-    from divekit.models.bert_checkpoint import load_pretrained
-    from divekit.models.bert_heads import BertWithHead, ClassifierHead
-    from divekit.models.lora import apply_lora, freeze_except
+def finetune_missing(mode: str) -> list[str]:
+    """The peer's packages of ``mode`` ("full": transformers; "lora": and peft) not installed."""
+    return [m for m in ("transformers", "peft")[: 1 + (mode == "lora")] if not installed(m)]
 
+
+def finetune_side(side: str, mode: str, ckpt: str, batch: int = 32, seq: int = 128):
+    """One fine-tuning step of ``side`` ("peer" or "divekit") in ``mode`` ("full" or "lora")
+    as a function, with only that side's model built (None: the peer is not installed)."""
     tokens, segments, valid, mask = padded_batch(batch, seq)
     y = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(1))
-    for mode in ("full", "lora"):
+    if side == "divekit":
+        from divekit.models.bert_checkpoint import load_pretrained
+        from divekit.models.bert_heads import BertWithHead, ClassifierHead
+        from divekit.models.lora import apply_lora, freeze_except
+
         bert = load_pretrained(ckpt)[0]
         ours = BertWithHead(bert.encoder, ClassifierHead(bert.config.num_hiddens, 2, 0.1, bert.hidden)).train()
-        missing = [m for m in ("transformers", "peft")[: 1 + (mode == "lora")] if not installed(m)]
-        hf = None
-        if not missing:
-            from transformers import BertForSequenceClassification
-
-            hf = BertForSequenceClassification.from_pretrained(ckpt, num_labels=2,
-                                                               attn_implementation="sdpa").train()
         if mode == "lora":
             apply_lora(ours.encoder, ["query", "value"], r=8, alpha=16)
             freeze_except(ours, keep=("head.",))
-            if hf is not None:
-                import peft
-
-                hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16,
-                                                             target_modules=["query", "value"],
-                                                             modules_to_save=["classifier"]))
         opt_a = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-        opt_b = (torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
-                 if hf is not None else None)
 
-        def step_ours(ours=ours, opt_a=opt_a):
+        def step_ours():
             loss = F.cross_entropy(ours(tokens, segments, valid), y)
             opt_a.zero_grad()
             loss.backward()
             opt_a.step()
 
-        def step_hf(hf=hf, opt_b=opt_b):
-            loss = hf(input_ids=tokens, token_type_ids=segments, attention_mask=mask, labels=y).loss
-            opt_b.zero_grad()
-            loss.backward()
-            opt_b.step()
+        return step_ours
+    if finetune_missing(mode):
+        return None
+    from transformers import BertForSequenceClassification
 
+    hf = BertForSequenceClassification.from_pretrained(ckpt, num_labels=2,
+                                                       attn_implementation="sdpa").train()
+    if mode == "lora":
+        import peft
+
+        hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16,
+                                                     target_modules=["query", "value"],
+                                                     modules_to_save=["classifier"]))
+    opt_b = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
+
+    def step_hf():
+        loss = hf(input_ids=tokens, token_type_ids=segments, attention_mask=mask, labels=y).loss
+        opt_b.zero_grad()
+        loss.backward()
+        opt_b.step()
+
+    return step_hf
+
+
+def finetune_steps(repeats: int, ckpt: str, batch: int = 32, seq: int = 128) -> None:
+    for mode in ("full", "lora"):
+        step_ours = finetune_side("divekit", mode, ckpt, batch, seq)
+        step_hf = finetune_side("peer", mode, ckpt, batch, seq)
+        missing = finetune_missing(mode)
         what = (f"fine-tuning step, MiniLM {'full' if mode == 'full' else 'LoRA r 8 query/value'}"
                 f", {batch} × {seq} (padded), AdamW")
-        if hf is None:
+        if step_hf is None:
             a = _ours_alone(step_ours, repeats)
             print(f"fine-tuning step MiniLM {mode} {batch}x{seq}: divekit {rate(a, 1):.2f} steps/s, "
                   f"{' and '.join(missing)} not installed: peer skipped")
@@ -366,6 +399,69 @@ def finetune_steps(repeats: int, ckpt: str, batch: int = 32, seq: int = 128) -> 
               f"transformers {rate(b, 1):.2f} steps/s, {said}")
 
 
+# ============================================================================ memory (issue 26)
+MEMORY_STEPS = 3  # training steps a memory run takes (the first allocates Adam's moments)
+MEMORY_CASES = {  # case: (what, the peer's side name, its label)
+    "pretrain": ("pretraining, bert_small", "course", "the course's BERT"),
+    "finetune-full": ("fine-tuning, MiniLM full", "peer", "transformers"),
+    "finetune-lora": ("fine-tuning, MiniLM LoRA", "peer", "transformers + peft"),
+}
+
+
+def memory_side(case: str, side: str, sizes: dict, tmp: str, smoke: bool):
+    """The step function of ``side`` of a memory ``case`` (only that side built)."""
+    if case == "pretrain":
+        return pretrain_side(side, sizes["pretrain"])[0]
+    return finetune_side(side, case.split("-")[1], checkpoint_dir(smoke, tmp), *sizes["finetune"])
+
+
+def run_memory_side(name: str, sizes: dict, smoke: bool) -> None:
+    """``--memory-of CASE/SIDE``: build that side alone, then :data:`MEMORY_STEPS` steps under
+    :func:`print_peak_rss` (a fresh process: the parent reads the line it prints)."""
+    case, side = name.split("/")
+    with tempfile.TemporaryDirectory(prefix="dk-bench-") as tmp:
+        step = memory_side(case, side, sizes, tmp, smoke)
+        if step is None:
+            print("peer not installed")
+            return
+
+        def steps():
+            for _ in range(MEMORY_STEPS):
+                step()
+
+        print_peak_rss(steps)
+
+
+def memory_table(args: argparse.Namespace, report: Report) -> None:
+    """Peak RSS of both sides of the pretraining and fine-tuning steps, each side alone in a
+    fresh process (``--memory-of``); divekit ≤ the peer is issue 26's goal."""
+    argv = ["--threads", str(args.threads or torch.get_num_threads())]
+    argv += ["--smoke"] if args.smoke else []
+    cases = ["pretrain"] if args.pretrain_only else list(MEMORY_CASES)
+    if args.finetune_only:
+        cases = cases[1:]
+    if args.smoke:
+        cases = cases[:1]  # smoke: one case checks the path (fresh processes cost seconds)
+    rows = []
+    for case in cases:
+        what, peer, label = MEMORY_CASES[case]
+        if case.startswith("finetune") and finetune_missing(case.split("-")[1]):
+            continue
+        mem = {s: side_peak_rss(__file__, f"{case}/{s}", argv) for s in (peer, "divekit")}
+        goal = memory_verdict(mem["divekit"][0], mem[peer][0])
+        print(f"peak RSS {what}: divekit {mem['divekit'][0]:,.0f} MB, {label} "
+              f"{mem[peer][0]:,.0f} MB (goal divekit <= peer: {goal})")
+        rows.append([what, label, *memory_cells(*mem[peer]), "—"])
+        rows.append([what, "divekit", *memory_cells(*mem["divekit"]), goal])
+    if rows:
+        report.table(["benchmark", *MEMORY_HEADERS, "divekit ≤ the peer"], rows,
+                     align="llrrrl",
+                     caption=f"Peak resident memory of each side: the side built alone in a "
+                             f"fresh process, then {MEMORY_STEPS} training steps (`ru_maxrss`; "
+                             "\"of which the call\": above the RSS once the model, optimizer "
+                             "and batch are built). Goal: divekit ≤ the peer.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5,
@@ -377,12 +473,16 @@ def main() -> None:
                    help="tiny batches, 1 repeat, 1 thread: checks that every benchmark runs "
                         "(seconds)")
     add_markdown_arg(p)
+    add_memory_args(p)
     args = p.parse_args()
     sizes = SMOKE if args.smoke else FULL
     if args.smoke:
         args.repeats, args.threads = 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_of:
+        run_memory_side(args.memory_of, sizes, args.smoke)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
           f"{args.repeats} interleaved rounds after a warm-up")
     if args.pretrain_only:
@@ -400,6 +500,8 @@ def main() -> None:
                  caption=f"Rates at the median of {args.repeats} interleaved rounds (peer, "
                          "divekit) after a warm-up round; the ratio is the median and min–max "
                          "of the per-round ratios of times.")
+    if not args.no_memory:
+        memory_table(args, report)
     for what, (headers, rows) in PROFILES:
         report.table(headers, rows, align="lll",
                      caption=f"Not met: {what}. The top operators by self CPU time in one call "
