@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from divekit.cli._common import add_command
@@ -61,13 +62,15 @@ def predict_onnx(path: str, inputs: list[str], options: dict[str, Any]) -> list[
     from divekit.errors import DivekitError
     from divekit.export.runtime import OnnxModel, predict_images, predict_texts
 
+    model = OnnxModel(path)
+    task = model.meta["task"]
+    if task == "detect":
+        return _predict_onnx_detect(model, inputs, options)
     unused = sorted(k for k in options if k != "top_k")
     if unused:
         flags = ", ".join("--" + k.replace("_", "-") for k in unused)
         raise DivekitError(f"{flags} do(es) not apply to an ONNX file (only --top-k)")
     top_k = int(options.get("top_k", 3))
-    model = OnnxModel(path)
-    task = model.meta["task"]
     if task == "classify":
         results = predict_images(model, inputs, top_k)
     elif task == "bert_finetune":
@@ -81,8 +84,27 @@ def predict_onnx(path: str, inputs: list[str], options: dict[str, Any]) -> list[
                                 top_k)
     else:
         raise DivekitError(f"{path} is a {task} export; `divekit predict FILE.onnx` runs "
-                           "classifiers and BERT classify/pair heads (predict with the run)")
+                           "classifiers, detectors and BERT classify/pair heads (predict with "
+                           "the run)")
     cls = task_class(task)  # the results print as the run's would: its model, a BERT's head
     given = {"model": model.meta.get("model"), "task": model.meta.get("head")}
     values = known_values(cls.Config, {k: v for k, v in given.items() if v is not None})
     return [cls(config_from_dict(cls.Config, values)).format_prediction(item) for item in results]
+
+
+def _predict_onnx_detect(model: Any, inputs: list[str], options: dict[str, Any]) -> list[str]:
+    """A detector's export: the detection task's own ``predict`` (image reading, thresholds,
+    pixel boxes, ``-o`` pictures) and printing, with the ONNX file standing in for the model."""
+    from divekit.config import config_from_dict, known_values, refuse_unused
+    from divekit.engine.task import predict_options, task_class
+    from divekit.export.runtime import OnnxDetector
+
+    meta = model.meta
+    cls = task_class("detect")
+    values = known_values(cls.Config, {"model": meta.get("model"),
+                                       "image_size": int(meta["input_size"][0])})
+    task = cls(config_from_dict(cls.Config, values), record={"classes": list(meta["classes"])})
+    offered = [f.name for f in dataclasses.fields(predict_options())]
+    refuse_unused(options, task.predict, f"a detect export ({model.path})", offered)
+    results = task.predict(OnnxDetector(model), inputs, **options)
+    return [task.format_prediction(item) for item in results]

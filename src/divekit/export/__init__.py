@@ -26,7 +26,19 @@ bert_finetune  ``tokens``, ``segments`` int64 (N, T),     ``logits`` (N, labels)
                ``valid_lens`` int64 (N,)                  (N, T, labels|2) for tag and qa
 translate      ``tokens`` int64 (N, T), ``valid_lens``    ``encoded`` (N, T, d): the
                int64 (N,)                                 Transformer's encoder
+detect         ``images`` float (N, 3, S, S) in [0, 1]    the network's raw outputs (below)
 =============  =========================================  ================================
+
+A detector is exported up to its raw outputs, the decoding stays in Python: ``tiny_ssd`` gives
+``anchors`` (1, A, 4), ``cls_preds`` (N, A, C+1) and ``bbox_preds`` (N, 4A); ``centernet_tiny``
+``heatmap`` (N, C, S/4, S/4) logits, ``size`` and ``offset`` (N, 2, S/4, S/4); ``yolo_grid``
+``grid`` (N, G, G, 5B+C). The metadata's ``decoder`` names the builder and its arguments, so
+``divekit predict FILE.onnx`` rebuilds the model (on the meta device: no weights) and calls its
+own ``decode`` (softmax or sigmoid, boxes, NMS from :mod:`divekit.ops`) on onnxruntime's
+outputs. The two torchvision R-CNNs go through torchvision's own ONNX support (the TorchScript
+exporter): one image (1, 3, S, S) → ``boxes`` (K, 4) in pixels, ``labels`` (K,) 1..C,
+``scores`` (K,), with the region proposals, the box head and its NMS (at ``nms_iou``, 0.5 as
+``predict``'s default) in the graph; Mask R-CNN without its mask branch, as ``detect`` runs it.
 
 The batch dimension varies with ``--dynamic-batch`` (else it is 1); a text's length T always
 varies (up to the model's longest). An output is never one of the run's files, and an existing
@@ -50,7 +62,7 @@ from divekit.io import atomic_write_text, check_output, same_file
 
 FORMATS = ("onnx", "pt2", "hf", "torchvision")
 META_KEY = "divekit"  # the ONNX metadata_props key, the .pt2 extra file's stem
-GRAPH_TASKS = ("classify", "segment", "bert_finetune", "translate")
+GRAPH_TASKS = ("classify", "segment", "bert_finetune", "translate", "detect")
 
 
 @dataclass
@@ -136,6 +148,81 @@ class _Encoder(nn.Module):
         return self.encoder(tokens, valid_lens)
 
 
+class _DetectorRaw(nn.Module):
+    """A detector's network, ``Detector.raw``: images → the head's raw outputs, no decoding."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Any:
+        return self.model.raw(images)
+
+
+class _RCNNGraph(nn.Module):
+    """A torchvision R-CNN on one image: ``(1, 3, S, S) → boxes, labels, scores``, with its
+    NMS at ``nms_iou`` and no mask branch. It changes the loaded model it wraps (an export's
+    own copy of the run's weights)."""
+
+    def __init__(self, model: nn.Module, nms_iou: float):
+        super().__init__()
+        self.net = model.net
+        self.net.roi_heads.nms_thresh = float(nms_iou)
+        self.net.roi_heads.mask_roi_pool = None  # roi_heads.has_mask() is then False
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        found = self.net(list(images))[0]
+        return found["boxes"], found["labels"], found["scores"]
+
+
+def _detect_spec(run: Any, dynamic_batch: bool) -> GraphSpec:
+    """A detection run's graph: the raw outputs of a divekit detector, or a torchvision R-CNN
+    with its post-processing (module docstring)."""
+    model, cfg = run.model, run.config
+    size = int(run.record.get("image_size") or cfg.image_size)
+    batch = 2 if dynamic_batch else 1
+    classes = list(run.task.classes)
+    example = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    predict_defaults = run.task.PredictConfig()
+    meta: dict[str, Any] = {
+        "input_size": [size, size], "in_channels": 3, "mean": [0.0] * 3, "std": [1.0] * 3,
+        "classes": classes, "threshold": predict_defaults.threshold,
+        "nms_iou": predict_defaults.nms_iou,
+        "preprocess": "RGB image resized to input_size (as training resized), scaled to [0, 1], "
+                      "no normalisation; boxes come back as fractions of the width and height"}
+    names = getattr(model, "raw_outputs", None)
+    if names:
+        batch_free = tuple(getattr(model, "batch_free_outputs", ()))
+        meta.update({
+            "inputs": {"images": ["batch" if dynamic_batch else 1, 3, size, size]},
+            "outputs": list(names), "batch_free_outputs": list(batch_free),
+            "decoder": {"model": cfg.model, "kwargs": run.task.model_kwargs(len(classes))},
+            "postprocess": "the raw outputs go through the model's decode (rebuilt from "
+                           "decoder), then boxes scoring at least threshold are kept"})
+        bdim = {0: ("batch", 1, 1 << 16)} if dynamic_batch else {}
+        return GraphSpec(_DetectorRaw(model).eval(), (example,), ["images"], list(names),
+                         [bdim], meta, batch_free=batch_free)
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    if not isinstance(getattr(model, "net", None), GeneralizedRCNN):
+        raise DivekitError(f"{run.dir}: the {cfg.model} detector names no raw outputs "
+                           "(raw_outputs), so it cannot be exported")
+    if dynamic_batch:
+        raise DivekitError(f"{cfg.model} is exported through torchvision's ONNX support, which "
+                           "takes one image at a time: leave out --dynamic-batch")
+    heads = model.net.roi_heads
+    meta.update({
+        "inputs": {"images": [1, 3, size, size]}, "outputs": ["boxes", "labels", "scores"],
+        "nms_in_graph": True, "detections_per_img": int(heads.detections_per_img),
+        "score_thresh": float(heads.score_thresh),
+        "postprocess": "the graph's boxes (pixels), labels (1..C, 0 is background) and scores "
+                       "become rows [class, score, x1, y1, x2, y2] "
+                       "(divekit.models.rcnn.detections_to_rows)"})
+    return GraphSpec(_RCNNGraph(model, predict_defaults.nms_iou).eval(), (example,),
+                     ["images"], ["boxes", "labels", "scores"], [{}], meta,
+                     auto=("torchscript",))
+
+
 def graph_spec(run: Any, *, dynamic_batch: bool = False) -> GraphSpec:
     """The :class:`GraphSpec` of an opened run (:class:`divekit.engine.task.Run`)."""
     task = str(run.record.get("task", "classify"))
@@ -209,6 +296,8 @@ def graph_spec(run: Any, *, dynamic_batch: bool = False) -> GraphSpec:
                               "then <eos>, padded with <pad> to the batch's longest"}
         return GraphSpec(_Encoder(encoder), (tokens, valid), ["tokens", "valid_lens"],
                          ["encoded"], [{**bdim, **seq}, dict(bdim)], meta)
+    if task == "detect":
+        return _detect_spec(run, dynamic_batch)
     raise DivekitError(f"{run.dir} is a {task} run; --format onnx and pt2 export "
                        f"{', '.join(GRAPH_TASKS)} runs")
 

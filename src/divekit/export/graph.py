@@ -37,7 +37,9 @@ EXPORTERS = ("auto", "dynamo", "torchscript")
 class GraphSpec:
     """What to trace: ``module(*examples)``; ``names`` of the inputs and ``outputs``; for each
     input, ``{dim: (name, min, max)}`` of its dimensions that may vary (the batch one only with
-    ``--dynamic-batch``); ``meta``: the preprocessing and labels that travel with the file."""
+    ``--dynamic-batch``); ``meta``: the preprocessing and labels that travel with the file;
+    ``batch_free``: the outputs whose first dimension is not the batch (an SSD's anchors);
+    ``auto``: the exporters ``exporter="auto"`` tries, in order."""
 
     module: nn.Module
     examples: tuple[Tensor, ...]
@@ -45,6 +47,8 @@ class GraphSpec:
     outputs: list[str]
     dynamic: list[dict[int, tuple[str, int, int]]]
     meta: dict[str, Any] = field(default_factory=dict)
+    batch_free: tuple[str, ...] = ()
+    auto: tuple[str, ...] = ("dynamo", "torchscript")
 
 
 # ----------------------------------------------------------------------------- bad exports
@@ -142,8 +146,8 @@ def _dynamo(spec: GraphSpec, path: Path, opset: int | None) -> None:
 def _torchscript(spec: GraphSpec, path: Path, opset: int | None) -> None:
     axes = {name: {d: n for d, (n, _, _) in dims.items()}
             for name, dims in zip(spec.names, spec.dynamic) if dims}
-    axes.update({name: {0: "batch"} for name in spec.outputs
-                 if any(0 in d and d[0][0] == "batch" for d in spec.dynamic)})
+    axes.update({name: {0: "batch"} for name in spec.outputs if name not in spec.batch_free
+                 and any(0 in d and d[0][0] == "batch" for d in spec.dynamic)})
     kwargs: dict[str, Any] = {"input_names": spec.names, "output_names": spec.outputs,
                               "dynamic_axes": axes or None}
     if has_dynamo_exporter():
@@ -163,8 +167,8 @@ def write_onnx(spec: GraphSpec, path: Path, *, opset: int | None = None,
     else TorchScript. Every failure is one :class:`DivekitError` line."""
     if exporter not in EXPORTERS:
         raise DivekitError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
-    if not has_dynamo_exporter():
+    order = list(spec.auto) if exporter == "auto" else [exporter]
+    if not has_dynamo_exporter() and order != ["torchscript"]:
         if exporter == "dynamo":
             raise DivekitError(f"torch {torch.__version__} has no dynamo ONNX exporter "
                                "(torch.onnx.export(dynamo=True)); use --exporter torchscript")

@@ -5,20 +5,29 @@ The results are the dictionaries ``divekit predict RUN`` gives, so the command p
 same way: a classifier's top-k classes per image, a BERT classifier's label and probabilities
 per text. Images are read as training read them (:func:`divekit.data.vision.load_image_batch`),
 texts tokenised with the vocabulary stored in the file.
+
+A detector's file holds its network only; :class:`OnnxDetector` stands in for the model in the
+detection task's own ``predict`` (same image reading, thresholds, pixel boxes and pictures):
+its ``detect`` runs the graph in onnxruntime, then the model's own ``decode``, on a copy of
+the model rebuilt from the metadata on the meta device (its arguments, no weights). An R-CNN's
+file already ends with torchvision's NMS; its boxes become rows as the model's ``detect``
+makes them (:func:`divekit.models.rcnn.detections_to_rows`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor, nn
 
 from divekit.errors import DivekitError
 
-PREDICTS = ("classify", "bert_finetune")
+PREDICTS = ("classify", "bert_finetune", "detect")
 
 
 def session(path: str | Path) -> Any:
@@ -68,11 +77,21 @@ class OnnxModel:
                                [shape[0] for shape in self.meta.get("inputs", {}).values()])
 
     def run(self, **inputs: np.ndarray) -> np.ndarray:
-        if self.batch_fixed:  # exported without --dynamic-batch: one row at a time
-            rows = len(next(iter(inputs.values())))
-            return np.concatenate([self.sess.run(None, {k: v[i:i + 1] for k, v in
-                                                        inputs.items()})[0] for i in range(rows)])
-        return self.sess.run(None, inputs)[0]
+        return self.run_all(**inputs)[0]
+
+    def run_all(self, **inputs: np.ndarray) -> list[np.ndarray]:
+        """Every output, in the graph's order; a file exported without ``--dynamic-batch`` runs
+        one row at a time, its outputs joined along the batch (those the metadata names in
+        ``batch_free_outputs``, an SSD's anchors, taken from the first row)."""
+        if not self.batch_fixed:
+            return list(self.sess.run(None, inputs))
+        rows = len(next(iter(inputs.values())))
+        runs = [self.sess.run(None, {k: v[i:i + 1] for k, v in inputs.items()})
+                for i in range(rows)]
+        names = [o.name for o in self.sess.get_outputs()]
+        free = set(self.meta.get("batch_free_outputs", ()))
+        return [runs[0][j] if name in free else np.concatenate([r[j] for r in runs])
+                for j, name in enumerate(names)]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -82,8 +101,6 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def predict_images(model: OnnxModel, inputs: Sequence[Any], top_k: int = 3) -> list[dict[str, Any]]:
     """A classifier's top-k ``(class, probability)`` per image file, as ``predict RUN``."""
-    import torch
-
     from divekit.data.vision import load_image_batch
 
     if top_k < 1:
@@ -133,3 +150,44 @@ def predict_texts(model: OnnxModel, items: Sequence[tuple[str, str | None, Any]]
                     "probability": ranked[0][1], "top": ranked,
                     **({"gold": gold} if gold is not None else {})})
     return out
+
+
+class OnnxDetector(nn.Module):
+    """A detection export speaking the detector interface's ``detect(x, nms_iou)`` (rows
+    ``[class, score, x1, y1, x2, y2]``, normalised), so the detection task's ``predict`` runs
+    it as it runs the model. It has no parameters: the task then feeds it CPU tensors."""
+
+    def __init__(self, model: OnnxModel):
+        super().__init__()
+        self.onnx = model
+        meta = model.meta
+        # the rebuilt model's bound ``decode``, kept out of the module's children (its meta
+        # parameters would otherwise be this module's, and the task would move images there)
+        self.decode: Callable[[Any, float], Tensor] | None = None
+        if not meta.get("nms_in_graph"):
+            decoder = meta.get("decoder")
+            if not isinstance(decoder, dict) or "model" not in decoder:
+                raise DivekitError(f"{model.path}: its divekit metadata names no decoder")
+            from divekit.models import create_model
+
+            with torch.device("meta"):  # the arguments make the decode; no weight is needed
+                net = create_model(str(decoder["model"]), **decoder.get("kwargs", {}))
+            self.decode = net.decode
+
+    def detect(self, x: Tensor, nms_iou: float = 0.5) -> Tensor:
+        images = x.detach().float().cpu().numpy()
+        if self.decode is not None:
+            outputs = [torch.from_numpy(o) for o in self.onnx.run_all(images=images)]
+            return self.decode(outputs[0] if len(outputs) == 1 else tuple(outputs), nms_iou)
+        from divekit.models.rcnn import detections_to_rows
+
+        meta = self.onnx.meta
+        if abs(float(nms_iou) - float(meta["nms_iou"])) > 1e-9:
+            raise DivekitError(f"{self.onnx.path} holds torchvision's NMS in its graph at IoU "
+                               f"{meta['nms_iou']:g}; --nms-iou {nms_iou:g} needs the run itself")
+        found = []
+        for i in range(len(images)):  # torchvision's graph takes one image
+            boxes, labels, scores = self.onnx.sess.run(None, {"images": images[i:i + 1]})
+            found.append({"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
+                          "scores": torch.from_numpy(scores)})
+        return detections_to_rows(found, tuple(x.shape[-2:]), int(meta["detections_per_img"]))

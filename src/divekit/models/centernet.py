@@ -152,6 +152,8 @@ class CenterNetTiny(Detector):
     a multiple of 8 gives exactly ``H/4 × W/4``.
     """
 
+    raw_outputs = ("heatmap", "size", "offset")  # what ``raw`` returns, named for export
+
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, *,
                  max_detections: int = 100):
         super().__init__()

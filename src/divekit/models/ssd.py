@@ -76,6 +76,11 @@ class TinySSD(Detector):
     as the predictions are.
     """
 
+    # What ``raw`` returns, named for ``divekit export`` (the ONNX outputs); the anchors depend
+    # on the image size only, so they are one (1, A, 4) tensor whatever the batch.
+    raw_outputs = ("anchors", "cls_preds", "bbox_preds")
+    batch_free_outputs = ("anchors",)
+
     # Adam 1e-3 (its recipe) reaches mAP@0.5 0.99 on shapes in 8 epochs; the course's SGD 0.2
     # (``--optimizer sgd --lr 0.2 --momentum 0 --weight-decay 5e-4``) trains too, to 0.70.
 

@@ -169,6 +169,8 @@ class YoloGrid(Detector):
     features are adaptively average-pooled to S×S, so the grid is always the configured one.
     """
 
+    raw_outputs = ("grid",)  # what ``raw`` returns, named for export
+
     def __init__(self, num_classes: int, in_channels: int = 3, grid_size: int = 8, boxes_per_cell: int = 2,
                  *, rescore: bool = True, max_detections: int = 100, min_score: float = 1e-3):
         super().__init__()

@@ -199,14 +199,19 @@ class DetectionTask(Task, name="detect"):
                 "train_samples": len(d.train_images), "val_samples": len(d.val_images)}
 
     # ------------------------------------------------------------ model
-    def _build(self, num_classes: int) -> nn.Module:
-        name = self.config.model
-        info = model_info(name)
+    def model_kwargs(self, num_classes: int) -> dict[str, Any]:
+        """The builder's arguments: the model's options, ``num_classes``, 3 channels, and the
+        image size where the network depends on it (``divekit export`` records them so the
+        model's ``decode`` can be rebuilt beside an ONNX file)."""
+        info = model_info(self.config.model)
         kwargs: dict[str, Any] = {**info.model_options(self.config.model_options),
                                   "num_classes": num_classes, "in_channels": 3}
         if "image_size" in inspect.signature(info.builder).parameters:  # YOLO's grid, R-CNN's anchors
             kwargs["image_size"] = self.config.image_size
-        return create_model(name, **kwargs)
+        return kwargs
+
+    def _build(self, num_classes: int) -> nn.Module:
+        return create_model(self.config.model, **self.model_kwargs(num_classes))
 
     def build_model(self) -> nn.Module:
         return self._build(len(self.classes))
@@ -273,7 +278,8 @@ class DetectionTask(Task, name="detect"):
         originals = [load_image_file(p, 3) for p in inputs]
         x = torch.stack([resize_images(img, self.config.image_size) for img in originals])
         with torch.inference_mode():
-            rows = detections(model, x.to(next(model.parameters()).device), nms_iou).float().cpu()
+            # a model without parameters (an ONNX file's stand-in, divekit.export) runs on the CPU
+            rows = detections(model, x.to(next(model.parameters(), x).device), nms_iou).float().cpu()
         results = []
         for path, img, r, picture in zip(inputs, originals, rows, pictures):
             kept = boxes_above(r, threshold)
