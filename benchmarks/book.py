@@ -12,12 +12,23 @@ The cases (data loading with the side's own ``load_data_*``, the model from the 
 where the section uses them, the side's training function):
 
 * ``lenet``: ``load_data_fashion_mnist(256)`` + a LeNet (ReLU, max-pooling) + ``train_ch6``;
+* ``softmax`` / ``mlp``: the concise softmax-regression and MLP sections,
+  ``load_data_fashion_mnist(256)`` + ``nn.Sequential(Flatten, Linear(784, 10))`` (or with a
+  256-unit ReLU layer) + SGD + ``train_ch3`` (whose sanity bounds hold), then the side's
+  ``evaluate_accuracy`` on the test loader (``train_ch3`` itself only draws);
 * ``gru``: ``load_data_time_machine(32, 35)`` + ``RNNModel(nn.GRU(V, 256))`` + ``train_ch8``;
 * ``gru_scratch``: the same data + ``RNNModelScratch`` with GRU functions written here +
   ``train_ch8`` (the learner's ``sgd`` path);
 * ``seq2seq``: ``load_data_nmt(64, 10)`` + ``EncoderDecoder(Seq2SeqEncoder, a GRU decoder
   written here on the side's ``Decoder``)`` + ``train_seq2seq``, then ``predict_seq2seq`` and
   ``bleu`` on the section's four sentences;
+* ``bahdanau``: the same call with the Bahdanau-attention section's decoder (a GRU fed the
+  ``AdditiveAttention`` context of the encoder's outputs at each step) written here on the side's
+  ``AttentionDecoder``, at the section's sizes (32 hidden units, 2 layers, dropout 0.1);
+* ``transformer``: the same call with the side's ``TransformerEncoder`` and the Transformer
+  section's decoder written here from the side's ``MultiHeadAttention``, ``AddNorm``,
+  ``PositionWiseFFN`` and ``PositionalEncoding``, at the section's sizes (32 hidden, 64 in the
+  feed-forward layers, 4 heads, 2 layers);
 * ``resnet18``: ``load_data_fashion_mnist(64, resize=16)`` + ``resnet18(10, 1)`` + Adam +
   ``train_ch13``;
 * ``bert``: ``load_data_wiki(64, 64)`` + the section's small ``BERTModel`` + Adam steps through
@@ -26,7 +37,8 @@ where the section uses them, the side's training function):
 Data. Both sides read the same staged files in a temporary folder that is the working folder's
 ``../data`` (and ``$DIVEKIT_DATA``): MNIST's IDX files from ``../shared/data`` written (a subset,
 uncompressed) as ``FashionMNIST/raw/*-ubyte`` (the full Fashion-MNIST is not on this machine),
-``timemachine.txt``, ``fra-eng.zip`` + ``fra-eng/``, and WikiText-2's validation split as
+``timemachine.txt``, ``fra-eng.zip`` + ``fra-eng/`` (``--smoke``: its first pairs in a zip with
+fixed time stamps, so every translation case stages the same bytes, registered by SHA-1), and WikiText-2's validation split as
 ``wikitext-2/wiki.train.tokens`` in a ``wikitext-2-v1.zip`` (the train split is not here; the
 worker registers that zip's SHA-1 as ``d2l.DATA_HUB['wikitext-2']``, on both sides alike).
 

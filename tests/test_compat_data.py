@@ -266,6 +266,25 @@ def test_load_array_batches_and_order():
     assert sorted(shuffled.tolist()) == list(range(10)) and not torch.equal(shuffled, y)
 
 
+def test_load_array_gives_the_batches_of_a_plain_dataloader():
+    """One indexing per batch, yet the batches (and the random stream after them) of
+    ``DataLoader(TensorDataset(...), batch_size, shuffle=is_train)``."""
+    from torch.utils import data
+
+    X, y = torch.randn(37, 3), torch.arange(37)
+    for is_train in (True, False):
+        torch.manual_seed(3)
+        ours = [b for _ in range(2) for b in D.load_array((X, y), 8, is_train)]
+        after_ours = torch.rand(1)
+        torch.manual_seed(3)
+        plain = data.DataLoader(data.TensorDataset(X, y), 8, shuffle=is_train)
+        theirs = [b for _ in range(2) for b in plain]
+        assert torch.equal(after_ours, torch.rand(1))
+        assert len(ours) == len(theirs) == 10 and all(isinstance(b, list) for b in ours)
+        for (a, b), (c, d) in zip(ours, theirs):
+            assert torch.equal(a, c) and torch.equal(b, d)
+
+
 def test_quick_mode_bounds_the_loaders(monkeypatch):
     X, y = torch.zeros(100, 2), torch.zeros(100)
     monkeypatch.setenv("DIVEKIT_BOOK_QUICK", "1")
