@@ -275,6 +275,24 @@ def side_peak_rss(script: str, side: str, argv: Sequence[str] = (),
     return float(own), float(children), float(before)
 
 
+def forwarded_argv(drop: Sequence[str] = ("--markdown", "--no-memory")) -> list[str]:
+    """This script's command-line arguments for a ``--memory-of`` child: the same sizes, less
+    ``drop`` (with ``--markdown``'s value: the child writes no section)."""
+    import sys
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in drop:
+            skip = name == "--markdown" and "=" not in arg
+            continue
+        argv.append(arg)
+    return argv
+
+
 def memory_verdict(ours_mb: float, peer_mb: float) -> str:
     """Issue 26's memory goal, divekit ≤ the peer: "met" or "not met" (a peak RSS of one run
     varies by a few MB, far less than the time does, so one run a side is judged)."""

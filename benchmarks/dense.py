@@ -37,7 +37,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from _common import Report, add_markdown_arg, goal_cell, paired_ratio, verdict
+from _common import (
+    MEMORY_HEADERS,
+    Report,
+    add_markdown_arg,
+    add_memory_args,
+    forwarded_argv,
+    goal_cell,
+    memory_cells,
+    memory_verdict,
+    paired_ratio,
+    print_peak_rss,
+    side_peak_rss,
+    verdict,
+)
 from PIL import Image
 from torch import nn
 
@@ -146,6 +159,14 @@ def time_course_fcn(voc: Path, crop, batch: int, steps: int) -> float:
 
 
 def time_divekit_fcn(voc: Path, crop, batch: int, steps: int) -> float:
+    return divekit_fcn_run(voc, crop, batch, steps)[0]
+
+
+def divekit_fcn_run(voc: Path, crop, batch: int, steps: int,
+                    compile: bool = False) -> tuple[float, float]:
+    """divekit's FCN steps: images/s over ``steps`` timed steps after a first, untimed one, and
+    the seconds of that first step (with ``compile``: where torch.compile compiles, see
+    :mod:`divekit.engine.compile`; the model is compiled in place as the Trainer does)."""
     from divekit.engine.device import to_device
     from divekit.tasks.segment import SegmentationTask, SegmentConfig
 
@@ -153,15 +174,21 @@ def time_divekit_fcn(voc: Path, crop, batch: int, steps: int) -> float:
                         crop=f"{crop[0]}x{crop[1]}", augment="none", backbone="torchvision:resnet18")
     task = SegmentationTask(cfg)
     model = task.build_model().to(memory_format=torch.channels_last)
+    if compile:
+        from divekit.engine.compile import compile_model
+
+        compile_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, weight_decay=1e-3)
     loader = task.train_data()
-    done, t0, epoch = 0, 0.0, 0
+    done, t0, epoch, start = 0, 0.0, 0, time.perf_counter()
+    first = 0.0
     while done <= steps:
         epoch += 1
         loader.set_epoch(epoch)
         for batch_ in loader:
             if done == 1:
                 t0 = time.perf_counter()
+                first = t0 - start
             if done > steps:
                 break
             loss, _ = task.training_step(model, to_device(batch_, torch.device("cpu"), True))
@@ -169,7 +196,7 @@ def time_divekit_fcn(voc: Path, crop, batch: int, steps: int) -> float:
             loss.backward()
             optimizer.step()
             done += 1
-    return steps * batch / (time.perf_counter() - t0)
+    return steps * batch / (time.perf_counter() - t0), first
 
 
 # ----------------------------------------------------------------------------- the course's loop
@@ -238,6 +265,82 @@ def time_divekit_stylize(size, steps: int, state) -> float:
 
 
 FCN_GOAL = 1.5  # issue 26: FCN training >= 1.5x the course
+COMPILE_GOAL = 1.2  # --compile becomes a family's default where it wins this much (issue 26)
+
+
+def fcn_compile_row(voc: Path, crop, args: argparse.Namespace, data_note: str) -> list[str]:
+    """divekit's FCN eager and compiled (``--compile``), interleaved: images/s after the first
+    step, and the compile time apart (the compiled first step beyond the eager first step).
+    The in-process compile caches are cleared before every run; Inductor's disk cache is a
+    fresh folder, so round 1 pays a first run's compile and the later rounds a warm cache's."""
+    import os
+    import shutil
+
+    import torch._dynamo
+
+    cache = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="dk-ind-"))
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    firsts: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.rounds):
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            rate_, first = divekit_fcn_run(voc, crop, args.batch, args.steps, compile=compiled)
+            rates[compiled].append(rate_)
+            firsts[compiled].append(first)
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    compile_s = [c - e for c, e in zip(firsts[True], firsts[False])]
+    r = paired_ratio(rates[True], rates[False])  # images/s: compiled over eager, per round
+    later = statistics.median(compile_s[1:]) if len(compile_s) > 1 else None
+    decision = "on" if r.median >= COMPILE_GOAL else "off"
+    print(f"FCN --compile, crop {args.crop}, batch {args.batch}: eager "
+          f"{statistics.median(rates[False]):.2f} images/s, compiled "
+          f"{statistics.median(rates[True]):.2f} images/s, {r} after compilation; compile "
+          f"{compile_s[0]:.1f} s first run" + (f", {later:.1f} s later runs" if later else "")
+          + f"; default {decision} (goal >= {COMPILE_GOAL}x: {verdict(r, COMPILE_GOAL)})")
+    return [f"FCN training, crop {crop[0]}×{crop[1]}, batch {args.batch}, {data_note}",
+            f"{statistics.median(rates[False]):.2f} images/s",
+            f"{statistics.median(rates[True]):.2f} images/s", r.md(), f"{compile_s[0]:.1f}",
+            f"{later:.1f}" if later is not None else "—", verdict(r, COMPILE_GOAL), decision]
+
+
+MEMORY_SIDES = ("fcn/course", "fcn/divekit", "stylize/course", "stylize/divekit")
+
+
+def run_memory_side(name: str, args: argparse.Namespace, crop, size) -> None:
+    """``--memory-of CASE/SIDE``: that side alone, once (the same steps as a timed round), under
+    :func:`print_peak_rss`, in the fresh process :func:`side_peak_rss` started."""
+    case, side = name.split("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        if case == "fcn":
+            voc = args.voc or write_voc(Path(tmp), args.images)
+            fn = time_course_fcn if side == "course" else time_divekit_fcn
+            torch.manual_seed(0)
+            print_peak_rss(lambda: fn(voc, crop, args.batch, args.steps))
+            return
+        torch.manual_seed(0)
+        state = torchvision.models.vgg19(weights=None).features.state_dict()
+        fn = time_course_stylize if side == "course" else time_divekit_stylize
+        print_peak_rss(lambda: fn(size, args.style_steps, state))
+
+
+def memory_rows(args: argparse.Namespace) -> list[list[str]]:
+    """Peak RSS of both sides of each benchmark, each in a fresh process of its own."""
+    argv = forwarded_argv()  # the same sizes in the child
+    cases = [c for c in ("fcn", "stylize") if args.skip != c]
+    if args.smoke:
+        cases = cases[:1]  # smoke: one case checks the path
+    rows = []
+    for case in cases:
+        mem = {s: side_peak_rss(__file__, f"{case}/{s}", argv) for s in ("course", "divekit")}
+        goal = memory_verdict(mem["divekit"][0], mem["course"][0])
+        print(f"peak RSS {case}: divekit {mem['divekit'][0]:,.0f} MB, course "
+              f"{mem['course'][0]:,.0f} MB (goal divekit <= course: {goal})")
+        what = "FCN training" if case == "fcn" else "stylize"
+        rows.append([what, "course", *memory_cells(*mem["course"]), "—"])
+        rows.append([what, "divekit", *memory_cells(*mem["divekit"]), goal])
+    return rows
 
 
 def main() -> None:
@@ -256,7 +359,11 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true",
                    help="4 generated images, crop 64x64, batch 2, stylize 64x96, 1 timed step, "
                         "1 round, 1 thread: checks that it runs (seconds)")
+    p.add_argument("--compile", choices=["on", "off"], default="on",
+                   help="the FCN's --compile row (divekit eager vs torch.compile, compile time "
+                        "apart); skipped by --smoke (compiling takes minutes)")
     add_markdown_arg(p)
+    add_memory_args(p)
     args = p.parse_args()
     if args.smoke:
         args.images, args.crop, args.batch, args.steps = 4, "64x64", 2, 1
@@ -264,8 +371,12 @@ def main() -> None:
         torch.set_num_threads(1)
     crop = tuple(int(v) for v in args.crop.split("x"))
     size = tuple(int(v) for v in args.size.split("x"))
+    if args.memory_of:
+        run_memory_side(args.memory_of, args, crop, size)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows: list[list[str]] = []
+    compiled_rows: list[list[str]] = []
     if args.skip != "fcn":
         with tempfile.TemporaryDirectory() as tmp:
             voc = args.voc or write_voc(Path(tmp), args.images)
@@ -287,6 +398,8 @@ def main() -> None:
                          f"{data_note}, "
                          "torchvision ResNet-18 body on both sides", f"{c:.2f} images/s",
                          f"{o:.2f} images/s", r.md(), goal_cell(FCN_GOAL), verdict(r, FCN_GOAL)])
+            if args.compile == "on" and not args.smoke:
+                compiled_rows.append(fcn_compile_row(voc, crop, args, data_note))
     if args.skip != "stylize":
         torch.manual_seed(0)
         state = torchvision.models.vgg19(weights=None).features.state_dict()
@@ -307,6 +420,22 @@ def main() -> None:
                  caption=f"Rounds alternate the course's code and divekit's ({args.rounds} "
                          f"rounds, {args.steps} timed FCN steps and {args.style_steps} stylize "
                          "steps a round); medians, the ratio's min–max over the rounds.")
+    if compiled_rows:
+        report.table(["benchmark", "divekit eager", "divekit compiled", "compiled / eager",
+                      "compile s, first run", "compile s, later runs", f"≥ {COMPILE_GOAL}×",
+                      "--compile default"], compiled_rows, align="lrrrrrll",
+                     caption="`--compile`: divekit's FCN steps eager and through torch.compile, "
+                             f"interleaved ({args.rounds} rounds), images/s after the first "
+                             "step; the compile time apart (the compiled first step beyond the "
+                             "eager one; first run: Inductor's disk cache empty, later runs: "
+                             "warm).")
+    if not args.no_memory:
+        mem = memory_rows(args)
+        report.table(["benchmark", *MEMORY_HEADERS, "divekit ≤ the course"], mem,
+                     align="llrrrl",
+                     caption="Peak resident memory of each side: each run once more, alone, in "
+                             "a fresh process (`VmHWM`; \"of which the call\": above the RSS "
+                             "just before it, imports done). Goal: divekit ≤ the course.")
     report.write(args.markdown)
 
 
