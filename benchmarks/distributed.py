@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _common import Report, add_markdown_arg
+from _common import Report, add_markdown_arg, own_peak_rss_mb
 
 from divekit.data.loader import TensorBatchLoader
 from divekit.engine import TrainConfig, Trainer
@@ -75,6 +75,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, strategy
     trainer = Trainer(task, cfg)
     t0 = time.perf_counter()
     history = trainer.fit()
+    # every worker's own peak RSS (VmHWM: its address space's high-water mark)
+    Path(f"{out}.rss{rank}").write_text(f"{own_peak_rss_mb():.1f}")
     if rank == 0:
         row = history[-1]
         Path(out).write_text(json.dumps({
@@ -91,7 +93,10 @@ def run(world: int, strategy: str, args: argparse.Namespace) -> dict:
         # --smoke forks (no re-import per worker); the measured runs spawn fresh interpreters
         mp.start_processes(_worker, args=(world, free_port(), args, strategy, out), nprocs=world,
                            join=True, start_method="fork" if args.smoke else "spawn")
-        return json.loads(Path(out).read_text())
+        result = json.loads(Path(out).read_text())
+        rss = [float(Path(f"{out}.rss{r}").read_text()) for r in range(world)]
+        result.update(rss_max=max(rss), rss_sum=sum(rss))
+        return result
 
 
 def main() -> int:
@@ -121,20 +126,26 @@ def main() -> int:
         result = run(args.nproc, strategy, args)
         rows.append((f"{args.nproc} x {strategy}", result,
                      result["samples_per_s"] / (args.nproc * base["samples_per_s"])))
-    print(f"{'run':<16} {'samples/s':>10} {'MB sent/step':>13} {'max MB/step':>12} {'efficiency':>11}")
+    print(f"{'run':<16} {'samples/s':>10} {'MB sent/step':>13} {'max MB/step':>12} "
+          f"{'efficiency':>11} {'peak RSS/worker':>16} {'all workers':>12}")
     for name, r, eff in rows:
         print(f"{name:<16} {r['samples_per_s']:>10.0f} {r['MB_per_step']:>13.3f} "
-              f"{r['MB_per_step_max']:>12.3f} {eff:>10.0%}")
+              f"{r['MB_per_step_max']:>12.3f} {eff:>10.0%} {r['rss_max']:>13,.0f} MB "
+              f"{r['rss_sum']:>9,.0f} MB")
     report = Report("Data-parallel training on one machine", threads=args.threads)
     report.table(["run", "samples/s", "MB sent per worker per step", "max MB per step",
-                  "scaling efficiency"],
+                  "scaling efficiency", "peak RSS per worker, MB", "all workers, MB"],
                  [[name, f"{r['samples_per_s']:.0f}", f"{r['MB_per_step']:.3f}",
-                   f"{r['MB_per_step_max']:.3f}", f"{eff:.0%}"] for name, r, eff in rows],
+                   f"{r['MB_per_step_max']:.3f}", f"{eff:.0%}", f"{r['rss_max']:,.0f}",
+                   f"{r['rss_sum']:,.0f}"] for name, r, eff in rows],
                  caption=f"{args.model} at {args.size}×{args.size}, {args.samples:,} samples, "
                          f"global batch {args.global_batch}, {args.epochs} epoch(s) (samples/s "
                          f"of the last), {args.threads} thread(s) per process, device "
                          f"{args.device}; one run of each (no peer: the efficiency is against "
-                         "the 1-process run of this invocation).")
+                         "the 1-process run of this invocation). Peak RSS: each worker's own "
+                         "(`VmHWM`), the largest and the sum over the workers"
+                         + (" (--smoke forks the workers: their peaks count the pages they "
+                            "share with the parent)" if args.smoke else "") + ".")
     report.write(args.markdown)
     return 0
 
