@@ -27,8 +27,11 @@ simulators run alone, checked against each other.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from _common import Report, add_markdown_arg, interleave, paired_ratio, verdict, wall
@@ -72,6 +75,30 @@ def scalesim_kwargs(spec: dict) -> dict:
 
 
 GOAL_CYCLE, GOAL_ANALYTIC = 20.0, 1000.0  # over SCALE-Sim's stall-free run, every layer
+
+
+def top_functions(fn: Callable[[], object], k: int = 8) -> list[tuple[str, float, int]]:
+    """The ``k`` functions with the most self time in one call of ``fn``, under cProfile:
+    ``[(function, self ms, calls), ...]``. Both sides are numpy and Python (no torch operators),
+    so this is the profile that says where their time goes."""
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, self s, cum s, _)}
+    top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:k]
+    return [(f"{Path(file).name}:{line}({name})" if line else name, own * 1e3, calls)
+            for (file, line, name), (_, calls, own, _cum, _callers) in top]
+
+
+def profile_rows(sides: dict[str, Callable[[], object]], k: int = 8) -> tuple[
+        list[str], list[list[str]]]:
+    """Headers and rows of a side-by-side table of each side's :func:`top_functions`."""
+    tops = {name: top_functions(fn, k) for name, fn in sides.items()}
+    headers = ["#"] + [f"{name}: function, self ms (calls)" for name in sides]
+    rows = [[str(i + 1)] + [f"`{t[i][0]}` {t[i][1]:.1f} ({t[i][2]})" if i < len(t) else ""
+                            for t in tops.values()] for i in range(k)]
+    return headers, rows
 
 
 def bench_layer(name: str, r: int, c: int, df: str, spec: dict, repeats: int, full: bool,
@@ -120,6 +147,28 @@ def bench_layer(name: str, r: int, c: int, df: str, spec: dict, repeats: int, fu
     return row, times
 
 
+def profile_missed(report: Report, name: str, r: int, c: int, df: str, spec: dict, full: bool,
+                   rng: np.random.Generator) -> None:
+    """Print and report the top functions of both sides on a layer whose goal is not met."""
+    from divekit.hardware.reference import run_layer, time_full_run
+
+    m, n, k = mnk(spec)
+    array = ArraySpec(r, c, df)
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    kwargs = scalesim_kwargs(spec)
+    peer = ((lambda: time_full_run(r, c, df, **kwargs)) if full
+            else (lambda: run_layer(r, c, df, **kwargs)))
+    headers, rows = profile_rows({"SCALE-Sim": peer,
+                                  "divekit cycle-accurate": lambda: simulate(
+                                      a, b, array, convention="scalesim")})
+    caption = (f"Where the time goes on {name} ({r}×{c} {df}), goal not met: the top functions "
+               "by self time of one run of each side (cProfile).")
+    print(caption)
+    for row in rows:
+        print("  " + " | ".join(row))
+    report.table(headers, rows, align="lll", caption=caption)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3,
@@ -151,6 +200,7 @@ def main() -> None:
     totals: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
     goal_rows = []
+    missed: list[tuple[str, int, int, str, dict]] = []  # layers whose goal is not met
     ref_side = "scalesim run" if full else "scalesim compute"
     for name, r, c, df, spec in layers:
         row, times = bench_layer(name, r, c, df, spec, args.repeats, full, rng, peer)
@@ -160,6 +210,8 @@ def main() -> None:
         if peer:
             cyc = paired_ratio(times[ref_side], times["cycle"])
             goal_rows.append([f"{name} ({r}×{c} {df})", cyc.md(1), verdict(cyc, GOAL_CYCLE)])
+            if goal_rows[-1][-1] != "met":
+                missed.append((name, r, c, df, spec))
         print(f"  {name} {r}x{c} {df}: done", flush=True)
     med = {k: float(np.median(v)) for k, v in totals.items()}
     ref_t = med[ref_side]
@@ -192,6 +244,9 @@ def main() -> None:
                       f"goal ≥ {GOAL_CYCLE:g}×"], goal_rows, align="lrl")
         report.text(f"Closed form over `{ref_side}`, all layers: {analytic.md(0)}, goal "
                     f"≥ {GOAL_ANALYTIC:,.0f}×: {verdict(analytic, GOAL_ANALYTIC)}.")
+        # where the time goes, both sides (the acceptance); --smoke shows it on one layer
+        for name, r, c, df, spec in missed[:1] if args.smoke else missed:
+            profile_missed(report, name, r, c, df, spec, full, rng)
     else:
         report.text("scalesim is not installed: no ratios.")
     report.write(args.markdown)

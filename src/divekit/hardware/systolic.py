@@ -1,10 +1,19 @@
 """A cycle-accurate R×C systolic array that really computes ``A @ B``.
 
-Each cycle moves every operand one processing element (PE) further, vectorised over the whole
-grid with numpy (one array operation per cycle, never a Python loop over PEs). The folds (tiles)
-of a product run the same timeline on different data, so a batch of folds is simulated side by
-side as a leading axis; the array runs them one after another, so the total is the sum of the
-per-fold timelines (see :mod:`divekit.hardware.analytic` for the closed forms they must equal).
+Every cycle moves every operand one processing element (PE) further. Because the edges of the
+array are fed skewed (row ``i`` ``i`` cycles late, column ``j`` ``j`` cycles late), all the PEs
+of one anti-diagonal ``d = i + j`` work on the same *wavefront* (streamed row, or index ``k``)
+at the same cycle: wavefront ``w`` is on diagonal ``d`` at cycle ``w + d``. So the simulation
+steps over the ``R + C - 1`` diagonals instead of the cycles, and one numpy operation moves every
+wavefront from diagonal ``d - 1`` onto diagonal ``d`` (the wavefront axis of the arrays is time).
+Each PE still does each multiply-accumulate of each cycle, with the operand values it holds at
+that cycle, in the hardware's order; the loop is over space-time diagonals rather than time, and
+only PEs holding data are computed (a short stream through a 128×128 array lights up a thin band
+of diagonals: stepping cycle by cycle over the whole grid would compute mostly idle PEs). The
+cycle counts are read from when each output leaves the array. The folds (tiles) of a product run
+the same timeline on different data, so a batch of folds is simulated side by side as a leading
+axis; the array runs them one after another, so the total is the sum of the per-fold timelines
+(see :mod:`divekit.hardware.analytic` for the closed forms they must equal).
 
 Dataflows (``A`` is M×K, ``B`` is K×N):
 
@@ -18,13 +27,15 @@ Dataflows (``A`` is M×K, ``B`` is K×N):
   of ``B`` from the top, both skewed; after the last multiply-accumulate the ``R`` rows of
   results are shifted out of the bottom (drain, ``R`` cycles).
 
-Every operand carries a tag (its index along the streamed dimension); outputs are scattered into
-the result by tag, and the loops stop when every output has left the array, so the cycle counts
-are measured, not assumed.
+Shift registers (the ws/is preload, the os drain) are ring buffers: a moving head instead of a
+copy of the grid per cycle, each row with a tag checked on arrival. The os operands' tags are
+read from the skewed edge streams and checked to meet in step at every PE, and the stream phase
+ends when every output has left the array, so the cycle counts are measured, not assumed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +46,7 @@ from divekit.errors import DivekitError
 from divekit.hardware.analytic import CONVENTIONS, ArraySpec, GemmStats, spatio_temporal
 
 _CHUNK_ELEMS = 2**24  # folds simulated side by side: at most ~16M float64 of output buffer
-_CHUNK_PE = 2**17  # ... and at most ~128K PEs of state, so each per-cycle array stays in cache
+_STEP_ELEMS = 2**17  # ... and ~128K elements touched per diagonal step, so a step stays in cache
 
 
 @dataclass(frozen=True)
@@ -70,142 +81,185 @@ def _valid_count(rows_valid: np.ndarray, cols_valid: np.ndarray) -> np.ndarray:
     return rows_valid.T.astype(np.int64) @ cols_valid.astype(np.int64)
 
 
-def _skew(x: np.ndarray) -> np.ndarray:
-    """(F, T, L) → (F, T + L - 1, L) with lane ``l`` delayed by ``l`` cycles (zeros elsewhere)."""
-    f, t, lanes = x.shape
-    out = np.zeros((f, t + lanes - 1, lanes), dtype=np.float64)
-    out[:, np.arange(t)[:, None] + np.arange(lanes)[None, :], np.arange(lanes)] = x
-    return out
-
-
 def _skew_tags(t: int, lanes: int) -> np.ndarray:
-    """(T + L - 1, L) int: the streamed index lane ``l`` holds at cycle ``s`` (``s - l``), or -1."""
+    """(T + L - 1, L) int: the streamed index lane ``l`` holds at cycle ``s`` (``s - l``), or -1.
+
+    This is what an edge of the array sees: lane ``l`` is fed ``l`` cycles late (the skew)."""
     s = np.arange(t + lanes - 1)[:, None] - np.arange(lanes)[None, :]
     return np.where((s >= 0) & (s < t), s, -1)
 
 
+def _diagonal(d: int, r: int, c: int) -> tuple[int, int]:
+    """The rows ``lo..hi`` of the PEs ``(i, d - i)`` on anti-diagonal ``d`` of an R×C grid."""
+    return max(0, d - c + 1), min(d, r - 1)
+
+
+def _preload(tiles: np.ndarray) -> tuple[np.ndarray, int]:
+    """Shift (F, R, C) tiles into the array from the top, one row per cycle, the last row first.
+
+    The R rows of registers are a shift register: each cycle every row moves one PE down and a
+    new row enters at the top. It is kept as a ring buffer (a moving head instead of R copies of
+    the grid each cycle); every row carries a tag, checked to have arrived at its own row.
+    Returns (the grid (F, R, C), preload cycles)."""
+    f, r, c = tiles.shape
+    ring = np.empty((f, r, c))
+    tag = np.full(r, -1)
+    head = fill = 0  # grid row i is ring slot (head + i) % R
+    while fill < r:
+        head = (head - 1) % r  # every row moves down; the bottom slot becomes the new top row
+        ring[:, head] = tiles[:, r - 1 - fill]
+        tag[head] = r - 1 - fill
+        fill += 1
+    order = (head + np.arange(r)) % r
+    if not np.array_equal(tag[order], np.arange(r)):
+        raise RuntimeError("preload put a row in the wrong place")  # a simulator bug
+    return (ring if head == 0 else ring[:, order]), fill
+
+
 def _ws_chunk(a_tiles: np.ndarray, w_tiles: np.ndarray, valid_count: np.ndarray
               ) -> tuple[np.ndarray, int, int, int]:
-    """Weight-stationary run of F folds side by side.
+    """Weight-stationary run of F folds side by side, one anti-diagonal of PEs at a time.
 
     a_tiles (F, T, R): the streamed rows of each fold; w_tiles (F, R, C): stationary tiles;
     valid_count (R, C): in how many folds each PE holds a real (unpadded) weight. Returns
     (out (F, T, C), preload cycles, stream cycles, useful MACs).
+
+    Row ``i`` of the array is fed ``A[t, i]`` at cycle ``t + i`` (the skew) and an operand moves
+    one PE right per cycle, so PE ``(i, j)`` works on streamed row ``t`` at cycle ``t + i + j``:
+    every PE of anti-diagonal ``d = i + j`` holds the same wavefront ``t = cycle - d``. The loop
+    runs over the diagonals; one step moves every wavefront from diagonal ``d - 1`` to ``d`` at
+    once (the ``t`` axis of the arrays is time). An operand keeps its value as it moves right,
+    so row ``i``'s registers on every diagonal are ``A[:, i]``; a partial sum moves one PE down
+    (row ``i - 1`` to ``i``, same column) and adds its PE's product, so the sums are kept per
+    column: ``psum[:, t, j]`` sits on PE ``(d - j, j)`` at diagonal ``d`` and leaves the bottom
+    row at diagonal ``R - 1 + j``, cycle ``t + R - 1 + j``. Sums are added in the order the
+    hardware adds them, top row first. The stream phase ends when every output has left, at
+    the latest such cycle + 1 (measured from the emission cycles, not assumed).
     """
     f, t, r = a_tiles.shape
     c = w_tiles.shape[2]
-    # Preload: rows enter at the top and shift down; the last row goes in first.
-    w = np.zeros((f, r, c))
-    fill = 0
-    while fill < r:
-        w[:, 1:] = w[:, :-1]
-        w[:, 0] = w_tiles[:, r - 1 - fill]
-        fill += 1
-    x = _skew(a_tiles)  # (F, T+R-1, R): what the left edge of row i sees at each cycle
-    x_tag = _skew_tags(t, r)  # (T+R-1, R)
-    # Registers are double-buffered (this cycle's from last cycle's), as in hardware.
-    a, a_next = np.zeros((f, r, c)), np.zeros((f, r, c))
-    psum, psum_next = np.zeros((f, r, c)), np.zeros((f, r, c))
-    prod = np.empty((f, r, c))
-    a_tag = np.full((r, c), -1)
-    steps = t + r + c - 1  # room for the output FIFO; the loop below decides when it is done
-    fifo = np.zeros((f, steps, c))  # what leaves the bottom edge, cycle by cycle
-    fifo_tag = np.full((steps, c), -1)
-    emitted, needed, macs, s = 0, t * c, 0, 0
-    while emitted < needed:
-        a_next[:, :, 1:] = a[:, :, :-1]  # operands move one PE to the right
-        a_tag[:, 1:] = a_tag[:, :-1].copy()
-        if s < x.shape[1]:
-            a_next[:, :, 0] = x[:, s]
-            a_tag[:, 0] = x_tag[s]
-        else:
-            a_next[:, :, 0] = 0.0
-            a_tag[:, 0] = -1
-        a, a_next = a_next, a
-        np.multiply(a, w, out=prod)
-        np.add(psum[:, :-1], prod[:, 1:], out=psum_next[:, 1:])  # partial sums move one PE down
-        psum_next[:, 0] = prod[:, 0]
-        psum, psum_next = psum_next, psum
-        live = a_tag >= 0
-        macs += int(valid_count[live].sum())
-        fifo[:, s] = psum[:, r - 1]  # sums leave the bottom row into the output FIFO
-        fifo_tag[s] = a_tag[r - 1]  # ... tagged with the streamed row they belong to
-        emitted += int(np.count_nonzero(a_tag[r - 1] >= 0))
-        s += 1
-    when, col = np.nonzero(fifo_tag >= 0)  # de-skew the FIFO into rows: out[t, j]
-    out = np.zeros((f, t, c))
-    out[:, fifo_tag[when, col], col] = fifo[:, when, col]
-    return out, fill, s, macs
+    grid, fill = _preload(w_tiles)
+    # the weights along each anti-diagonal: wd[d, j, :] = W[:, d - j, j] (0 off the grid)
+    dj = np.arange(r + c - 1)[:, None] - np.arange(c)[None, :]  # row of PE (d, j)
+    on = (dj >= 0) & (dj < r)
+    wd = np.where(on[..., None], grid[:, np.clip(dj, 0, r - 1), np.arange(c)].transpose(1, 2, 0),
+                  0.0)  # (R+C-1, C, F)
+    vd = np.where(on, valid_count[np.clip(dj, 0, r - 1), np.arange(c)], 0).sum(axis=1)
+    # Lanes first, then the batch of folds and wavefronts, the longer of the two innermost so
+    # each step's arrays run along long contiguous rows. Rows of A reversed (row i at R-1-i),
+    # so a diagonal's PEs, by increasing column, read them forward.
+    t_last = t >= f
+    a_l = a_tiles[:, :, ::-1].transpose((2, 0, 1) if t_last else (2, 1, 0))  # (R, F, T) | (R, T, F)
+    a_l = np.ascontiguousarray(a_l)
+    w_l = wd[:, :, :, None] if t_last else wd[:, :, None, :]  # broadcast over the wavefronts
+    psum = np.zeros((c, *a_l.shape[1:]))  # (C, F, T) | (C, T, F): column j's running sums
+    prod = np.empty_like(psum)
+    emitted, last, macs = 0, -1, 0
+    for d in range(r + c - 1):
+        lo, hi = _diagonal(d, r, c)
+        jlo, jhi = d - hi, d - lo  # columns of the diagonal's PEs (rows hi..lo)
+        p = prod[: jhi - jlo + 1]
+        np.multiply(a_l[r - 1 - hi: r - lo], w_l[d, jlo: jhi + 1], out=p)
+        s = psum[jlo: jhi + 1]
+        np.add(s, p, out=s)  # each sum moves one PE down and adds that PE's product
+        macs += t * int(vd[d])
+        if d >= r - 1:  # the bottom row's PE (R-1, j) hands column j's sums out
+            emitted += t
+            last = max(last, d + t - 1)  # wavefront t leaves at cycle t + d
+    if emitted != t * c:
+        raise RuntimeError(f"{emitted} of {t * c} outputs left the array")  # a simulator bug
+    out = psum.transpose((1, 2, 0) if t_last else (2, 1, 0))  # (F, T, C)
+    return out, fill, last + 1, macs
+
+
+@functools.lru_cache(maxsize=64)
+def _os_schedule(r: int, c: int, k: int) -> int:
+    """The output-stationary timeline of one fold, checked: walk the anti-diagonals and read the
+    tag each operand entered with (row ``i``'s A at cycle ``k + i``, column ``j``'s B at
+    ``k + j``, from the skewed edge streams); every PE must see equal tags, every wavefront.
+    Returns the compute cycles: the last multiply-accumulate's cycle + 1. The same for every
+    fold, so it is walked once per shape (cached), not once per fold."""
+    ta, tb = _skew_tags(k, r), _skew_tags(k, c)  # what the left and top edges are fed, by cycle
+    wave = np.arange(k)
+    last = -1
+    for d in range(r + c - 1):
+        lo, hi = _diagonal(d, r, c)
+        rows = np.arange(lo, hi + 1)
+        cols = d - rows
+        tag_a = ta[wave[None, :] + rows[:, None], rows[:, None]]
+        tag_b = tb[wave[None, :] + cols[:, None], cols[:, None]]
+        if not np.array_equal(tag_a, tag_b) or tag_a.min() < 0:
+            raise RuntimeError("output-stationary operands out of step")  # a simulator bug
+        last = max(last, d + k - 1)  # wavefront k is on diagonal d at cycle k + d
+    return last + 1
 
 
 def _os_chunk(a_tiles: np.ndarray, b_tiles: np.ndarray, valid_count: np.ndarray
               ) -> tuple[np.ndarray, int, int, int]:
-    """Output-stationary run of F folds side by side.
+    """Output-stationary run of F folds side by side, one anti-diagonal of PEs at a time.
 
     a_tiles (F, R, K), b_tiles (F, K, C), valid_count (R, C): in how many folds each PE owns a
-    real output. Returns
-    (out (F, R, C), compute cycles, drain cycles, useful MACs).
+    real output. Returns (out (F, R, C), compute cycles, drain cycles, useful MACs).
+
+    Row ``i`` is fed ``A[i, k]`` at cycle ``k + i`` from the left, column ``j`` is fed
+    ``B[k, j]`` at cycle ``k + j`` from the top; both move one PE per cycle, so PE ``(i, j)``
+    meets the pair of index ``k`` at cycle ``k + i + j``: anti-diagonal ``d`` holds wavefront
+    ``k = cycle - d``. One step of the loop moves every wavefront onto diagonal ``d`` and lets
+    each of its PEs multiply-accumulate all of them (:func:`_os_schedule` checks, from the
+    skewed edge streams, that the two operands meeting at every PE carry the same ``k`` and
+    measures the cycles). Then the R rows of results shift out of the bottom, one row per cycle
+    (a ring buffer of rows, tags checked).
     """
     f, r, k = a_tiles.shape
     c = b_tiles.shape[2]
-    xa = _skew(a_tiles.transpose(0, 2, 1))  # (F, K+R-1, R): left edge of row i
-    xb = _skew(b_tiles)  # (F, K+C-1, C): top edge of column j
-    ta, tb = _skew_tags(k, r), _skew_tags(k, c)
-    # Operand registers are double-buffered (this cycle's from last cycle's), as in hardware.
-    a, a_next = np.zeros((f, r, c)), np.zeros((f, r, c))
-    b, b_next = np.zeros((f, r, c)), np.zeros((f, r, c))
-    prod = np.empty((f, r, c))
-    a_tag = np.full((r, c), -1)
-    b_tag = np.full((r, c), -1)
-    acc = np.zeros((f, r, c))
-    done, needed, macs, s = 0, r * c * k, 0, 0
-    while done < needed:
-        in_a, in_b = s < xa.shape[1], s < xb.shape[1]
-        a_next[:, :, 1:] = a[:, :, :-1]  # A moves right
-        a_next[:, :, 0] = xa[:, s] if in_a else 0.0
-        b_next[:, 1:] = b[:, :-1]  # B moves down
-        b_next[:, 0] = xb[:, s] if in_b else 0.0
-        a, a_next, b, b_next = a_next, a, b_next, b
-        a_tag[:, 1:] = a_tag[:, :-1].copy()
-        a_tag[:, 0] = ta[s] if in_a else -1
-        b_tag[1:] = b_tag[:-1].copy()
-        b_tag[0] = tb[s] if in_b else -1
-        live = (a_tag >= 0) & (b_tag >= 0)
-        if np.any(a_tag[live] != b_tag[live]):
-            raise RuntimeError("output-stationary operands out of step")  # a simulator bug
-        acc += np.multiply(a, b, out=prod)
-        done += int(live.sum())
-        macs += int(valid_count[live].sum())
-        s += 1
-    # Drain: finished outputs shift down one row per cycle and leave the bottom edge.
-    out = np.zeros((f, r, c))
-    row_tag = np.arange(r)
+    last = _os_schedule(r, c, k)
+    bt = np.ascontiguousarray(b_tiles.transpose(0, 2, 1)[:, ::-1])  # column j at C-1-j
+    acc_d = np.zeros((f, r + c - 1, r))  # acc_d[:, d, i]: the accumulator of PE (i, d - i)
+    macs = 0
+    for d in range(r + c - 1):
+        lo, hi = _diagonal(d, r, c)
+        # rows lo..hi meet columns d-lo..d-hi, i.e. B's reversed columns C-1-d+lo..C-1-d+hi;
+        # each PE multiply-accumulates the K wavefronts that pass it, in order
+        np.einsum("fnk,fnk->fn", a_tiles[:, lo: hi + 1], bt[:, c - 1 - d + lo: c - d + hi],
+                  out=acc_d[:, d, lo: hi + 1])
+        rows = np.arange(lo, hi + 1)
+        macs += k * int(valid_count[rows, d - rows].sum())
+    i, j = np.arange(r)[:, None], np.arange(c)[None, :]
+    acc = acc_d[:, i + j, i]  # (F, R, C): each PE's finished output
+    # Drain: finished outputs shift down one row per cycle and leave the bottom edge. Grid row
+    # i is ring slot (i - cycle) % R: the slot leaving the bottom is reused as the new top row.
+    out = np.empty((f, r, c))
+    slot_tag = np.arange(r)
     drained = 0
     while drained < r:
-        out[:, row_tag[r - 1]] = acc[:, r - 1]
-        acc[:, 1:] = acc[:, :-1]
-        row_tag[1:] = row_tag[:-1].copy()
-        acc[:, 0] = 0.0
+        slot = (r - 1 - drained) % r
+        out[:, slot_tag[slot]] = acc[:, slot]
+        acc[:, slot] = 0.0
+        slot_tag[slot] = -1
         drained += 1
-    return out, s, drained, macs
+    if (slot_tag >= 0).any():
+        raise RuntimeError("drain left results in the array")  # a simulator bug
+    return out, last, drained, macs
 
 
 def _run_folds(
     n_folds: int,
     fold_shape: tuple[int, int],
     per_fold_elems: int,
-    pes: int,
+    per_fold_step: int,
     run_chunk: Callable[[slice], tuple[np.ndarray, int, int, int]],
 ) -> tuple[np.ndarray, int, int, int]:
     """Run every fold, a chunk of folds side by side at a time, and check one timeline.
 
     ``run_chunk(folds)`` simulates the folds of a slice and returns ``(outputs (F, *fold_shape),
     first phase, second phase, MACs)``. Chunks hold at most ``_CHUNK_ELEMS`` elements of
-    per-fold state (``per_fold_elems`` each) and ``_CHUNK_PE`` PEs of per-cycle arrays. Every
-    fold must run the same two-phase timeline (a difference is a simulator bug); the result is
-    ``(outputs (n_folds, *fold_shape), first, second, MACs summed)``.
+    per-fold state (``per_fold_elems`` each) and about ``_STEP_ELEMS`` elements per diagonal
+    step (``per_fold_step`` each). Every fold must run the same two-phase timeline (a difference
+    is a simulator bug); the result is ``(outputs (n_folds, *fold_shape), first, second, MACs
+    summed)``.
     """
-    size = max(1, min(_CHUNK_ELEMS // max(per_fold_elems, 1), _CHUNK_PE // pes))
+    size = max(1, min(_CHUNK_ELEMS // max(per_fold_elems, 1),
+                      _STEP_ELEMS // max(per_fold_step, 1)))
     out = np.zeros((n_folds, *fold_shape))
     timings = set()
     macs = 0
@@ -232,7 +286,7 @@ def _run_ws(a: np.ndarray, b: np.ndarray, r: int, c: int) -> tuple[np.ndarray, i
     rows_valid = (np.arange(fr * r) < k).reshape(fr, r)[fold_kr]  # (F, R)
     cols_valid = (np.arange(fc * c) < n).reshape(fc, c)[fold_nc]  # (F, C)
     out, fill, run, macs = _run_folds(
-        fr * fc, (m, c), m * (c + r), r * c,
+        fr * fc, (m, c), m * (c + r) + (r + c) * c, min(m, _STEP_ELEMS // c + 1) * c,
         lambda sl: _ws_chunk(ap[fold_kr[sl]], w_tiles[sl],
                              _valid_count(rows_valid[sl], cols_valid[sl])))
     product = out.reshape(fr, fc, m, c).sum(axis=0).transpose(1, 0, 2).reshape(m, fc * c)
@@ -250,7 +304,7 @@ def _run_os(a: np.ndarray, b: np.ndarray, r: int, c: int) -> tuple[np.ndarray, i
     rows_valid = (np.arange(fr * r) < m).reshape(fr, r)[fold_mr]  # (F, R)
     cols_valid = (np.arange(fc * c) < n).reshape(fc, c)[fold_nc]  # (F, C)
     out, run, drain, macs = _run_folds(
-        fr * fc, (r, c), k * (r + c) + r * c, r * c,
+        fr * fc, (r, c), k * (r + c) + r * c, min(r, c) * k,
         lambda sl: _os_chunk(ap[fold_mr[sl]], bp[fold_nc[sl]],
                              _valid_count(rows_valid[sl], cols_valid[sl])))
     product = out.reshape(fr, fc, r, c).transpose(0, 2, 1, 3).reshape(fr * r, fc * c)
