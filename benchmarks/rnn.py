@@ -5,8 +5,10 @@ output → cross-entropy over all ``B·T`` positions → backward → global-nor
 SGD. Every implementation gets the same random token batches, sizes, thread count and step
 function; only the model differs:
 
-* divekit: ``rnn_scratch``, ``gru_scratch``, ``lstm_scratch`` (the course's equations, input
-  projection of all steps in one matmul) and the concise ``rnn``, ``gru``, ``lstm``
+* divekit: ``rnn_scratch``, ``gru_scratch``, ``lstm_scratch`` (the course's equations with a
+  hand-written backpropagation through time, ``divekit.models.rnn_fused``: input projection of
+  all steps in one matmul, one fused hidden matmul per step, in-place gate math, the weight
+  gradient in one matmul) and the concise ``rnn``, ``gru``, ``lstm``
   (``nn.RNN``/``nn.GRU``/``nn.LSTM``);
 * the d2l package 1.0.3: ``RNNLMScratch(RNNScratch)`` (its from-scratch RNN), and
   ``RNNLM(RNN)`` / ``RNNLM(GRU)`` (its concise ones). d2l 1.0.3 ships no GRU or LSTM written from
@@ -38,11 +40,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from _common import (
+    MEMORY_HEADERS,
     Report,
     add_markdown_arg,
+    add_memory_args,
+    forwarded_argv,
     goal_cell,
+    memory_cells,
+    memory_verdict,
     paired_ratio,
+    print_peak_rss,
     profile_table,
+    side_peak_rss,
     verdict,
 )
 from torch import Tensor, nn
@@ -114,13 +123,14 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=28, help="the course's character vocabulary")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--steps", type=int, default=8, help="training steps per round")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--rounds", "--repeats", type=int, default=5,
                    help="interleaved rounds (every implementation once per round, the order "
                         "rotating); medians and the min-max of per-round ratios are reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true",
                    help="B=4, T=8, H=32, 2 steps, 1 round, 1 thread: checks that it runs (seconds)")
     add_markdown_arg(p)
+    add_memory_args(p)
     args = p.parse_args()
     if args.smoke:
         args.batch_size, args.num_steps, args.hidden, args.steps, args.rounds = 4, 8, 32, 2, 1
@@ -130,6 +140,10 @@ def main() -> None:
     shape = (args.batch_size, args.num_steps + 1)
     seqs = [torch.randint(1, args.vocab, shape) for _ in range(args.steps)]
     batches = [(s[:, :-1], s[:, 1:]) for s in seqs]
+    if args.memory_of:  # memory_table's fresh process: this model alone
+        one = memory_model(args.memory_of, args, batches[0][0])
+        print_peak_rss(lambda: train_steps(one, batches))
+        return
     models = {**divekit_models(args.vocab, args.hidden), **d2l_models(args.vocab, args.hidden, batches[0][0])}
     for model in models.values():
         train_steps(model, batches[:2])  # warm-up
@@ -184,7 +198,41 @@ def main() -> None:
         report.table(headers, rows_, align="lll",
                      caption=f"Not met: {name} against {other}, the top operators by self CPU "
                              "time over 2 training steps of each (torch.profiler):")
+    if not args.no_memory:
+        memory_table(args, report, list(models))
     report.write(args.markdown)
+
+
+def memory_model(name: str, args: argparse.Namespace, batch: Tensor) -> nn.Module:
+    """``name``'s model alone (a d2l one: built with its two siblings, a few hundred kB, which
+    d2l_models materialises together)."""
+    if name.startswith("divekit "):
+        from divekit.models import create_model
+
+        return create_model(name.removeprefix("divekit "), vocab_size=args.vocab,
+                            num_hiddens=args.hidden)
+    return d2l_models(args.vocab, args.hidden, batch)[name]
+
+
+def memory_table(args: argparse.Namespace, report: Report, names: list[str]) -> None:
+    """Peak RSS of each implementation training ``--steps`` steps alone in a fresh process
+    (``--memory-of NAME``); divekit ≤ d2l where d2l has the same network (issue 26 item 6)."""
+    argv = forwarded_argv()
+    mem = {name: side_peak_rss(__file__, name, argv) for name in names
+           if not args.smoke or name in ("divekit rnn_scratch", PEERS["divekit rnn_scratch"])}
+    rows = []
+    for name, cells in mem.items():
+        peer = PEERS.get(name)
+        goal = memory_verdict(cells[0], mem[peer][0]) if peer in mem else "—"
+        if peer in mem:
+            print(f"peak RSS {name}: {cells[0]:,.0f} MB, {peer} {mem[peer][0]:,.0f} MB (goal "
+                  f"divekit <= d2l: {goal})")
+        rows.append([name, *memory_cells(*cells), goal])
+    report.table(["implementation", *MEMORY_HEADERS[1:], "divekit ≤ d2l"], rows,
+                 align="lrrrl",
+                 caption=f"Peak resident memory: each implementation alone in a fresh process, "
+                         f"{args.steps} training steps (`VmHWM`; \"of which the call\": above the "
+                         "RSS once the model and batches are built). Goal: divekit ≤ d2l.")
 
 
 if __name__ == "__main__":

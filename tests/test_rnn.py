@@ -22,6 +22,7 @@ from divekit.models.rnn import (
     RNNScratch,
     begin_state,
     detach_state,
+    use_reference,
 )
 from divekit.ops.clip import clip_grad_norm
 
@@ -217,3 +218,69 @@ def test_clip_grad_norm_matches_torch(max_norm):
         assert new_norm == pytest.approx(max_norm, rel=1e-5)
     with pytest.raises(DivekitError, match="max_norm"):
         clip_grad_norm(params, -1.0)
+
+
+# ----------------------------------------------------------------------------- the fused path
+
+FUSED_KINDS = {
+    "rnn": lambda: RNNScratch(D, H, num_layers=2, bidirectional=True, sigma=0.5),
+    "rnn_relu": lambda: RNNScratch(D, H, num_layers=2, bidirectional=True, sigma=0.5,
+                                   nonlinearity="relu"),
+    "gru": lambda: GRUScratch(D, H, num_layers=2, bidirectional=True, sigma=0.5),
+    "gru_reset_after": lambda: GRUScratch(D, H, num_layers=2, bidirectional=True, sigma=0.5,
+                                          reset_after=True),
+    "lstm": lambda: LSTMScratch(D, H, num_layers=2, bidirectional=True, sigma=0.5),
+}
+
+
+@pytest.mark.parametrize("loss_on", ["both", "outputs", "state"])
+@pytest.mark.parametrize("kind", list(FUSED_KINDS))
+def test_fused_path_matches_the_course_equations(kind, loss_on):
+    """The hand-written BPTT (rnn_fused) against the cells' ``reference`` (the course's
+    equations step by step under autograd): outputs, final state and every gradient, in double
+    precision, with a random initial state; losses on the outputs only or the state only leave
+    the other's incoming gradient None, which the backward passes must handle."""
+    torch.manual_seed(3)
+    fast = FUSED_KINDS[kind]().double()
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.normal_(0, 0.5)  # b_hh too (zeros at creation), so every term is exercised
+    ref = use_reference(copy.deepcopy(fast))
+    assert all(c.fused for c in fast.cells) and not any(c.fused for c in ref.cells)
+    X = torch.randn(T, B, D, dtype=torch.double, requires_grad=True)
+    dirs = 2
+    state = _random_state("lstm" if kind == "lstm" else kind, 2, dirs)
+    state = tuple(s.detach().double().requires_grad_() for s in _as_tuple(state))
+    weights = torch.randn(T, B, dirs * H, dtype=torch.double)
+    results = []
+    for net in (fast, ref):
+        out, final = net(X, state if kind == "lstm" else state[0])
+        loss = torch.zeros((), dtype=torch.double)
+        if loss_on in ("both", "outputs"):
+            loss = loss + (out * weights).sum()
+        if loss_on in ("both", "state"):
+            loss = loss + sum((s * s).sum() for s in _as_tuple(final))
+        leaves = [X, *state, *net.parameters()]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        results.append((out, _as_tuple(final), grads))
+    (out, final, grads), (out_r, final_r, grads_r) = results
+    torch.testing.assert_close(out, out_r, atol=1e-12, rtol=0)
+    for s, r in zip(final, final_r, strict=True):
+        torch.testing.assert_close(s, r, atol=1e-12, rtol=0)
+    for g, r in zip(grads, grads_r, strict=True):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(FUSED_KINDS))
+def test_fused_path_gradcheck_and_no_grad(kind):
+    """Finite differences agree with the fused backward; under no_grad the fused forward (which
+    then stores nothing for a backward pass) gives the same outputs."""
+    torch.manual_seed(4)
+    net = FUSED_KINDS[kind]().double()
+    X = torch.randn(3, 2, D, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: net(x)[0], (X,))
+    with torch.no_grad():
+        plain, _ = net(X)
+    torch.testing.assert_close(plain, net(X)[0].detach(), atol=0, rtol=0)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from divekit.config import option
 from divekit.errors import DivekitError
 from divekit.models.registry import register_model
+from divekit.models.rnn_fused import GRUResetAfterScan, GRUScan, LSTMScan, RNNScan, fused_allowed
 
 State = Tensor | tuple[Tensor, Tensor]
 
@@ -50,6 +51,31 @@ def _scan(
     return torch.stack(outputs), state  # (T, B, H)
 
 
+def _project(X: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """``X W + b`` for every time step in one ``addmm``: ``(T, B, D)`` → ``(T, B, G)``."""
+    return torch.addmm(b, X.reshape(-1, X.shape[-1]), W).view(*X.shape[:-1], W.shape[1])
+
+
+def _time_flip(x: Tensor, reverse: bool) -> Tensor:
+    return x.flip(0) if reverse else x
+
+
+def _use_fused(cell: nn.Module, X: Tensor) -> bool:
+    """The fused path (:mod:`divekit.models.rnn_fused`) unless the cell is set to its reference
+    (``cell.fused = False``, or :func:`use_reference`) or the input rules it out."""
+    return cell.fused and fused_allowed(X)
+
+
+def use_reference(module: nn.Module, reference: bool = True) -> nn.Module:
+    """Make every scratch cell in ``module`` run the course's equations step by step under
+    autograd (``reference=True``) or the fused hand-written BPTT (``False``, the default);
+    returns ``module``. Both compute the same values and gradients (the parity tests)."""
+    for m in module.modules():
+        if isinstance(m, RNNCellScratch | GRUCellScratch | LSTMCellScratch):
+            m.fused = not reference
+    return module
+
+
 # ----------------------------------------------------------------------------- cells (one layer, one direction)
 
 
@@ -57,6 +83,7 @@ class RNNCellScratch(nn.Module):
     """``H_t = φ(X_t W_xh + H_{t-1} W_hh + b_h)`` with φ = tanh (or ReLU)."""
 
     num_gates = 1
+    fused = True  # the hand-written BPTT; False: the equations under autograd
 
     def __init__(
         self, num_inputs: int, num_hiddens: int, sigma: float = 0.01, nonlinearity: str = "tanh"
@@ -70,6 +97,14 @@ class RNNCellScratch(nn.Module):
         self.nonlinearity = nonlinearity
 
     def forward(self, X: Tensor, state: tuple[Tensor, ...], reverse: bool = False):
+        if not _use_fused(self, X):
+            return self.reference(X, state, reverse)
+        xp = _time_flip(_project(X, self.W_xh, self.b_h), reverse)
+        out, h = RNNScan.apply(xp, self.W_hh, state[0], self.nonlinearity == "relu")
+        return _time_flip(out, reverse), (h,)
+
+    def reference(self, X: Tensor, state: tuple[Tensor, ...], reverse: bool = False):
+        """The course's equation, step by step under autograd (what the fused path must match)."""
         xp = X @ self.W_xh + self.b_h  # (T, B, H): every step's input term in one matmul
         W_hh, phi = self.W_hh, torch.tanh if self.nonlinearity == "tanh" else torch.relu
 
@@ -97,6 +132,7 @@ class GRUCellScratch(nn.Module):
     """
 
     num_gates = 3
+    fused = True  # the hand-written BPTT; False: the equations under autograd
 
     def __init__(
         self, num_inputs: int, num_hiddens: int, sigma: float = 0.01, reset_after: bool = False
@@ -111,6 +147,21 @@ class GRUCellScratch(nn.Module):
             self.b_hh = _bias(num_hiddens)
 
     def forward(self, X: Tensor, state: tuple[Tensor, ...], reverse: bool = False):
+        if not _use_fused(self, X):
+            return self.reference(X, state, reverse)
+        W_x = torch.cat([self.W_xr, self.W_xz, self.W_xh], dim=1)
+        xp = _time_flip(_project(X, W_x, torch.cat([self.b_r, self.b_z, self.b_h])), reverse)
+        if self.reset_after:
+            W_h = torch.cat([self.W_hr, self.W_hz, self.W_hh], dim=1)
+            out, h = GRUResetAfterScan.apply(xp, W_h, self.b_hh, state[0])
+        else:
+            W_hrz = torch.cat([self.W_hr, self.W_hz], dim=1)
+            out, h = GRUScan.apply(xp, W_hrz, self.W_hh, state[0])
+        return _time_flip(out, reverse), (h,)
+
+    def reference(self, X: Tensor, state: tuple[Tensor, ...], reverse: bool = False):
+        """The course's equations, step by step under autograd (what the fused path must
+        match)."""
         W_x = torch.cat([self.W_xr, self.W_xz, self.W_xh], dim=1)
         xp = X @ W_x + torch.cat([self.b_r, self.b_z, self.b_h])  # (T, B, 3H)
         if self.reset_after:
@@ -165,6 +216,7 @@ class LSTMCellScratch(nn.Module):
     """
 
     num_gates = 4
+    fused = True  # the hand-written BPTT; False: the equations under autograd
     _GATES = "ifoc"  # input, forget, output, candidate cell
 
     def __init__(self, num_inputs: int, num_hiddens: int, sigma: float = 0.01):
@@ -174,10 +226,25 @@ class LSTMCellScratch(nn.Module):
             setattr(self, f"W_h{gate}", _weight(num_hiddens, num_hiddens, sigma=sigma))
             setattr(self, f"b_{gate}", _bias(num_hiddens))
 
+    def _fused(self, order: str = _GATES) -> tuple[Tensor, Tensor, Tensor]:
+        """The gates' input weights, biases and hidden weights side by side, in ``order``."""
+        W_x = torch.cat([getattr(self, f"W_x{g}") for g in order], dim=1)
+        b = torch.cat([getattr(self, f"b_{g}") for g in order])
+        W_h = torch.cat([getattr(self, f"W_h{g}") for g in order], dim=1)
+        return W_x, b, W_h
+
     def forward(self, X: Tensor, state: tuple[Tensor, ...], reverse: bool = False):
-        W_x = torch.cat([getattr(self, f"W_x{g}") for g in self._GATES], dim=1)
-        b = torch.cat([getattr(self, f"b_{g}") for g in self._GATES])
-        W_h = torch.cat([getattr(self, f"W_h{g}") for g in self._GATES], dim=1)
+        if not _use_fused(self, X):
+            return self.reference(X, state, reverse)
+        W_x, b, W_h = self._fused("oifc")  # LSTMScan's order: O first, then what dC reaches
+        xp = _time_flip(_project(X, W_x, b), reverse)  # (T, B, 4H)
+        out, h, c = LSTMScan.apply(xp, W_h, state[0], state[1])
+        return _time_flip(out, reverse), (h, c)
+
+    def reference(self, X: Tensor, state: tuple[Tensor, ...], reverse: bool = False):
+        """The course's equations, step by step under autograd (what the fused path must
+        match)."""
+        W_x, b, W_h = self._fused()
         xp = X @ W_x + b  # (T, B, 4H)
 
         def step(x_t: Tensor, state: tuple[Tensor, ...]):
@@ -264,8 +331,10 @@ class RecurrentScratch(nn.Module):
             raise DivekitError(
                 f"expected time-major input (T, B, {self.input_size}), got shape {tuple(inputs.shape)}"
             )
-        if state is None:
+        if state is None:  # zeros in the inputs' dtype (a float64 network starts from float64)
             state = self.begin_state(inputs.shape[1], inputs.device)
+            state = (tuple(s.to(inputs.dtype) for s in state) if isinstance(state, tuple)
+                     else state.to(inputs.dtype))
         states = self._split_state(state)
         X, final = inputs, []
         for layer in range(self.num_layers):
