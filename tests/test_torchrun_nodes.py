@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from divekit.engine.checkpoint import CheckpointDir, read_weights
-from divekit.engine.distributed import DistEnv, agree_on_round
+from divekit.engine.distributed import DistEnv, Round, agree_on_round
 from divekit.engine.launch import free_port
 from divekit.errors import DivekitError
 
@@ -45,16 +45,17 @@ def _node_env(**extra: str) -> dict[str, str]:
 
 
 def _two_nodes(out: Path, strategy: str, extra: list[str], env: dict[str, str],
-               max_restarts: int = 1) -> list[str]:
+               max_restarts: int = 1, rdzv_id: bool = True) -> list[str]:
     """Start node 0 and node 1 as two torchrun processes on 127.0.0.1, wait for both, and
-    return what each printed."""
+    return what each printed. Without ``rdzv_id`` the job has torchrun's default id."""
     port = free_port()
     nodes = []
     for node_rank in (0, 1):
         argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                 "--nproc-per-node", "1", "--node-rank", str(node_rank),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                "--rdzv-id", f"divekit-test-{port}", "--max-restarts", str(max_restarts),
+                *(["--rdzv-id", f"divekit-test-{port}"] if rdzv_id else []),
+                "--max-restarts", str(max_restarts),
                 "--monitor-interval", "0.5",
                 "-m", "divekit", "train", "lenet", *COMMON, "--batch-size", "16",
                 "--strategy", strategy, "--out", str(out), *extra]
@@ -104,17 +105,20 @@ def test_two_torchrun_nodes_equal_one_process(tmp_path, one_process):
 
 
 @pytest.mark.slow  # 40-60 s here (loaded machine): two agents, a kill, a restarted round
-@pytest.mark.parametrize("strategy", ["ddp", "allreduce"])
+@pytest.mark.parametrize(("strategy", "rdzv_id"), [("ddp", True), ("allreduce", False)])
 def test_killed_node_worker_restarts_both_nodes_and_ends_at_the_same_weights(
-        tmp_path, one_process, strategy):
+        tmp_path, one_process, strategy, rdzv_id):
     # 150 samples, global batch 2 x 16 = 32: 5 steps per epoch, 10 in all; a checkpoint every 4
     # steps and at each epoch's end; global rank 1's worker is killed (SIGKILL) right after
-    # global step 7, once in the job. --max-restarts 1: one restart each, no spare
+    # global step 7, once in the job. --max-restarts 1: one restart each, no spare. Rank 0's
+    # node, restarted for the other's failure, knows it resumes from the job's store (an
+    # earlier round) and, given --rdzv-id, from config.json's job id: without it, the store alone
     out, log = tmp_path / "killed", tmp_path / "starts.jsonl"
     env = _node_env(DIVEKIT_CRASH_AT_STEP="7", DIVEKIT_CRASH_RANK="1",
                     DIVEKIT_CRASH_MARKER=str(tmp_path / "killed-once"), DIVEKIT_NODE_LOG=str(log))
     outputs = _two_nodes(out, strategy, ["--checkpoint-every", "4", "--callbacks",
-                                         "torchrun_faults:NodeLog,torchrun_faults:KillOnce"], env)
+                                         "torchrun_faults:NodeLog,torchrun_faults:KillOnce"], env,
+                         rdzv_id=rdzv_id)
     assert (tmp_path / "killed-once").exists(), "the worker was never killed"
     starts = [json.loads(line) for line in log.read_text().splitlines()]
     first, again = starts[:2], starts[2:]
@@ -135,10 +139,10 @@ def test_killed_node_worker_restarts_both_nodes_and_ends_at_the_same_weights(
 
 # ------------------------------------------------------------------ the round agreement alone
 def _agree_all(store_port: int, world: int, order: list[int], timeout_s: float = 20.0,
-               ) -> dict[int, str | Exception]:
+               ) -> dict[int, Round | Exception]:
     """Run :func:`agree_on_round` for ``world`` ranks on threads started in ``order``, each
-    with its own client of the TCPStore at ``store_port``; rank -> name (or the error)."""
-    results: dict[int, str | Exception] = {}
+    with its own client of the TCPStore at ``store_port``; rank -> its Round (or the error)."""
+    results: dict[int, Round | Exception] = {}
 
     def one(rank: int) -> None:
         client = torch.distributed.TCPStore("127.0.0.1", store_port, is_master=False,
@@ -165,16 +169,17 @@ def server() -> torch.distributed.TCPStore:
 
 
 def test_each_round_agrees_on_a_fresh_name_despite_the_dead_rounds_keys(server):
-    names = []
+    rounds = []
     # round 1 in order; round 2: rank 0 first, so it reads the dead round's hello keys before
     # the new ranks overwrite them; round 3: rank 0 last
     for order in ([0, 1, 2], [0, 2, 1], [2, 1, 0]):
         results = _agree_all(server.port, 3, order)
         assert sorted(results) == [0, 1, 2], results
         assert len(set(results.values())) == 1, results
-        assert all(isinstance(v, str) for v in results.values()), results
-        names.append(results[0])
-    assert len(set(names)) == 3  # no round reuses a name, so none reads another's keys
+        assert all(isinstance(v, Round) for v in results.values()), results
+        rounds.append(results[0])
+    assert len({r.name for r in rounds}) == 3  # no round reuses a name or reads another's keys
+    assert [r.index for r in rounds] == [0, 1, 2]  # and each knows how many came before
 
 
 def test_a_round_whose_peer_never_comes_ends_in_one_line(server):

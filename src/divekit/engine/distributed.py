@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -226,6 +227,7 @@ def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store | No
     differs, because a node restarted for another node's failure keeps its count.
     ``None`` (plain ``env://``) outside the agent.
     """
+    global _ROUND
     if os.environ.get("TORCHELASTIC_RESTART_COUNT") is None:
         return None
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -233,23 +235,41 @@ def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store | No
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
         is_master=env.rank == 0 and not agent_hosts, timeout=timeout, multi_tenant=True,
     )
-    return dist.PrefixStore(f"divekit/round-{agree_on_round(store, env, timeout)}", store)
+    _ROUND = agree_on_round(store, env, timeout)
+    return dist.PrefixStore(f"divekit/round-{_ROUND.name}", store)
 
 
+class Round(NamedTuple):
+    """One round of workers under an elastic agent: a name no other round of the job shares,
+    and how many rounds of the job reached this point before it (as far as ``store`` knows)."""
+
+    name: str
+    index: int
+
+
+_ROUND: Round | None = None
 _HELLO, _WELCOME, _READY = "divekit/hello", "divekit/welcome", "divekit/ready"
 
 
-def agree_on_round(store: dist.Store, env: DistEnv, timeout: datetime.timedelta) -> str:
-    """A name for this round of workers that all of them share and no earlier round used.
+def elastic_round() -> int:
+    """How many earlier rounds of workers this torchrun job had (0 in the first round, and
+    outside torchrun). Known when the agent hosts the store (torchrun's default), which lives
+    as long as the job; each restart, on whichever node it began, starts a new round. With
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` each round has a fresh store and this stays 0."""
+    return _ROUND.index if _ROUND is not None else 0
+
+
+def agree_on_round(store: dist.Store, env: DistEnv, timeout: datetime.timedelta) -> Round:
+    """The :class:`Round` of this process's workers: all of them get the same one.
 
     ``store`` may hold any number of keys left by earlier rounds, whose processes are all dead
     (an elastic agent stops its workers before it joins the next rendezvous). Rank 0 draws a
-    random name. Every other rank ``r`` draws a random nonce, writes it to ``hello/r`` and
-    waits for ``welcome/<nonce>``: only this round's rank 0 can write that key, since nobody
-    else knows the nonce. Rank 0 answers every nonce it finds in ``hello/r`` (a stale one too:
-    nobody waits for that answer, so it is harmless) until rank ``r`` confirms with
-    ``ready/<name>/r``, a key no earlier round can have written either. Each step waits at
-    most ``timeout``: a peer that never comes ends in a one-line error, not a hang.
+    random name and counts the round (``store.add``). Every other rank ``r`` draws a random
+    nonce, writes it to ``hello/r`` and waits for ``welcome/<nonce>``: only this round's rank 0
+    can write that key, since nobody else knows the nonce. Rank 0 answers every nonce it finds
+    in ``hello/r`` (a stale one too: nobody waits for that answer, so it is harmless) until rank
+    ``r`` confirms with ``ready/<name>/r``, a key no earlier round can have written either. Each
+    wait ends after ``timeout``: a peer that never comes gives a one-line error, not a hang.
     """
     deadline = time.monotonic() + timeout.total_seconds()
     if env.rank != 0:
@@ -262,10 +282,10 @@ def agree_on_round(store: dist.Store, env: DistEnv, timeout: datetime.timedelta)
                 f"rank {env.rank}: rank 0 of this round did not answer within "
                 f"{timeout.total_seconds():g} s (--dist-timeout)"
             ) from None
-        name = store.get(f"{_WELCOME}/{nonce}").decode()
+        index, name = store.get(f"{_WELCOME}/{nonce}").decode().split(" ")
         store.set(f"{_READY}/{name}/{env.rank}", "1")
-        return name
-    name = uuid.uuid4().hex
+        return Round(name, int(index))
+    name, index = uuid.uuid4().hex, store.add("divekit/rounds", 1) - 1
     answered: dict[int, bytes] = {}
     waiting = set(range(1, env.world_size))
     pause = 0.005
@@ -274,7 +294,7 @@ def agree_on_round(store: dist.Store, env: DistEnv, timeout: datetime.timedelta)
             if store.check([f"{_HELLO}/{r}"]):
                 nonce = store.get(f"{_HELLO}/{r}")
                 if answered.get(r) != nonce:
-                    store.set(f"{_WELCOME}/{nonce.decode()}", name)
+                    store.set(f"{_WELCOME}/{nonce.decode()}", f"{index} {name}")
                     answered[r] = nonce
             if store.check([f"{_READY}/{name}/{r}"]):
                 waiting.discard(r)
@@ -286,7 +306,7 @@ def agree_on_round(store: dist.Store, env: DistEnv, timeout: datetime.timedelta)
                 )
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
-    return name
+    return Round(name, index)
 
 
 def destroy_process_group() -> None:

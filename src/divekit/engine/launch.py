@@ -202,10 +202,11 @@ def _choose(cfg: Any) -> tuple[str, bool]:
     from divekit.engine.checkpoint import CheckpointDir
     from divekit.engine.record import choose_run_dir
 
-    if restart_count() > 0 or _started_by_this_job(cfg.out):
+    if restart_count() > 0 or D.elastic_round() > 0 or _started_by_this_job(cfg.out):
         # a restarted attempt: continue the run the failed one left. Across machines a node
         # whose workers were restarted because another node's failed has restart count 0; the
-        # run directory then says it was started by this very job (config.json's run id)
+        # job's store then counts an earlier round of workers (D.elastic_round), and the run
+        # directory says it was started by this very job (config.json's run id)
         if cfg.out is not None:
             return cfg.out, CheckpointDir(cfg.out).latest() is not None
         with contextlib.suppress(DivekitError):
