@@ -120,6 +120,18 @@ def test_onnx_raw_outputs_and_decoded_rows_equal_the_run_at_batch_1_and_7(tmp_pa
         assert (found - rows).abs().max() < TOL
 
 
+@pytest.mark.slow
+def test_the_dynamo_exporter_writes_a_detector_too(tmp_path):
+    run, net = detect_run(tmp_path, "tiny_ssd", seed=3)
+    result = export_run(run, "onnx", dynamic_batch=True)  # auto: dynamo first
+    assert result.exporter == "dynamo"
+    x = torch.rand(7, 3, SIZE, SIZE)
+    with torch.no_grad():
+        want = net.raw(x)
+    got = OnnxModel(result.path).run_all(images=x.numpy())
+    assert all(np.abs(a - w.numpy()).max() < TOL for a, w in zip(got, want))
+
+
 # ----------------------------------------------------------------------------- predict
 @pytest.mark.parametrize("model,options", [
     ("tiny_ssd", []),  # exported for batches of 1: the images run row by row

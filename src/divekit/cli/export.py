@@ -15,8 +15,9 @@ DESCRIPTION = (
     "works, else TorchScript), pt2 (torch.export.save), hf (a BERT run in Hugging Face's layout) "
     "or torchvision (a classifier's state dict under torchvision's names). The preprocessing "
     "(input size, mean and std, classes, vocabulary) travels in the ONNX metadata and in "
-    "FILE.json beside the export. `divekit predict FILE.onnx INPUT...` runs an ONNX export with "
-    "onnxruntime.")
+    "FILE.json beside the export. A detector is exported up to its raw outputs (its decoding "
+    "and NMS stay in Python), a torchvision R-CNN with its NMS in the graph, one image at a "
+    "time. `divekit predict FILE.onnx INPUT...` runs an ONNX export with onnxruntime.")
 
 
 def add_commands(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:

@@ -197,6 +197,8 @@ def _detect_spec(run: Any, dynamic_batch: bool) -> GraphSpec:
             "inputs": {"images": ["batch" if dynamic_batch else 1, 3, size, size]},
             "outputs": list(names), "batch_free_outputs": list(batch_free),
             "decoder": {"model": cfg.model, "kwargs": run.task.model_kwargs(len(classes))},
+            **({"anchor_sizes": model.sizes, "anchor_ratios": model.ratios}  # SSD: documentary,
+               if "anchors" in names else {}),  # the graph computes its anchors itself
             "postprocess": "the raw outputs go through the model's decode (rebuilt from "
                            "decoder), then boxes scoring at least threshold are kept"})
         bdim = {0: ("batch", 1, 1 << 16)} if dynamic_batch else {}
