@@ -307,6 +307,27 @@ def test_tensor_step_of_lenet_by_hand():
     assert planner.step_time("tensor", cost, 7, 64, net) is None  # 7 does not divide 120
 
 
+def test_batchnorm_buffers_are_broadcast_down_a_tree_every_step():
+    """A replicated strategy sends rank 0's BatchNorm statistics to every device before each
+    forward pass: down a binary tree, where each informed device tells one more per round."""
+    cost = planner.profile_model("lenet_bn", (1, 28, 28), num_classes=10)
+    channels = 6 + 16 + 120 + 84  # two BatchNorm2d, two BatchNorm1d
+    assert cost.buffers == 2 * channels  # running mean and variance (the counts are integers)
+    plain = ModelCost(cost.name, cost.params, cost.forward_flops, cost.units, cost.shape)
+    for n in (2, 3, 4, 5, 8, 100):
+        informed, rounds = 1, 0
+        while informed < n:
+            informed, rounds = min(2 * informed, n), rounds + 1
+        brute = rounds * (NET.latency + 4 * cost.buffers / NET.bandwidth)
+        for strategy in ("allreduce", "ps"):
+            extra = (planner.step_time(strategy, cost, n, 256, NET).comm
+                     - planner.step_time(strategy, plain, n, 256, NET).comm)
+            assert extra == pytest.approx(brute), (strategy, n)
+        for strategy in ("fsdp", "async"):  # FSDP keeps no replicas; async has no barrier
+            assert planner.step_time(strategy, cost, n, 256, NET) == planner.step_time(
+                strategy, plain, n, 256, NET)
+
+
 def test_lenet_profile_by_hand():
     cost = planner.profile_model("lenet", (1, 28, 28), num_classes=10)
     # conv1 6x28x28 outputs of 5x5x1, conv2 16x10x10 of 5x5x6, dense 400-120-84-10; 2 per MAC

@@ -25,7 +25,10 @@ Per strategy, with global batch ``G``, ``P`` parameter bytes and ``N`` devices:
 
 =========  ==========================================================================
 allreduce  (ddp) each device computes ``ceil(G/N)`` samples, then a ring all-reduce of the
-           gradients: ``2(N-1)`` messages, each device sends ``2(N-1)/N · P`` bytes.
+           gradients: ``2(N-1)`` messages, each device sends ``2(N-1)/N · P`` bytes. A model
+           with BatchNorm statistics also broadcasts them from rank 0 before every forward
+           pass (DDP's ``broadcast_buffers``, divekit's replicated strategies): a tree of
+           ``ceil(log2 N)`` messages of the buffers' bytes. ``ps`` pays it too.
 ps         the same compute; the server (rank 0, also a worker) receives ``N-1`` gradient
            copies and sends ``N-1`` weight copies, one after the other over its one link:
            ``2(N-1)(alpha + P/B)``. The hot spot grows linearly with ``N``.
@@ -117,6 +120,7 @@ class ModelCost:
     forward_flops: float
     units: tuple[Unit, ...]
     shape: str = ""  # the input it was profiled on, for titles
+    buffers: int = 0  # floating-point buffer elements (BatchNorm statistics), broadcast a step
 
     @property
     def train_flops(self) -> float:
@@ -217,6 +221,15 @@ def ring_gather_time(nbytes: float, n: int, net: Network) -> float:
     return net.message((n - 1) / n * nbytes, n - 1)
 
 
+def broadcast_time(cost: ModelCost, n: int, net: Network) -> float:
+    """Rank 0's floating buffers (BatchNorm's running statistics) to ``n - 1`` devices down a
+    binary tree, as a replicated strategy does before every forward pass: ``ceil(log2 n)``
+    rounds of one message of all of them (0 for a model without buffers)."""
+    if n <= 1 or cost.buffers == 0:
+        return 0.0
+    return math.ceil(math.log2(n)) * net.message(cost.buffers * net.value_bytes)
+
+
 def pipeline_bubble(stages: int, microbatches: int) -> float:
     """The idle fraction of a GPipe (or 1F1B) schedule: ``(S-1) / (M+S-1)``. Stage ``s`` starts
     ``s`` slots late and finishes ``S-1-s`` slots early in each direction, out of
@@ -275,11 +288,13 @@ def step_time(strategy: str, cost: ModelCost, n: int, batch: int, net: Network,
             return None
         compute = _data_parallel_compute(cost, n, batch, net)
         if strategy == "allreduce":
-            comm = ring_allreduce_time(pbytes, n, net)
+            comm = ring_allreduce_time(pbytes, n, net) + broadcast_time(cost, n, net)
         elif strategy == "fsdp":
             comm = 3 * ring_gather_time(pbytes, n, net)  # gather, gather again, reduce-scatter
-        else:
-            comm = 2 * (n - 1) * net.message(pbytes) if n > 1 else 0.0  # the server's link
+        else:  # the server's link
+            comm = 2 * (n - 1) * net.message(pbytes) if n > 1 else 0.0
+            if strategy == "ps":
+                comm += broadcast_time(cost, n, net)
         if strategy == "async" and n > 1:  # no barrier: no wait for the slowest
             worker_round = compute + 2 * net.message(pbytes)  # its own push and pull
             total = max(worker_round, comm)
@@ -436,7 +451,8 @@ def describe(p: Plan) -> str:
     """The plan's inputs in one line."""
     c, n = p.cost, p.net
     micro = f", {p.microbatches} micro-batches" if p.microbatches else ", 4 micro-batches/stage"
-    return (f"{c.name} ({c.shape}): {c.params / 1e6:.1f}M parameters, "
+    buffers = f", {c.buffers:,} buffer values broadcast a step" if c.buffers else ""
+    return (f"{c.name} ({c.shape}): {c.params / 1e6:.1f}M parameters{buffers}, "
             f"{_si(c.train_flops, 'FLOP')} per sample (fwd+bwd); R = {_si(n.flops_per_s, 'FLOP/s')}"
             f", B = {_si(n.bandwidth, 'B/s')}, alpha = {_seconds(n.latency)}, "
             f"t0 = {_seconds(n.step_overhead)}, sigma = {_seconds(n.jitter)}, "
@@ -711,4 +727,5 @@ def profile_model(name: str, input_shape: tuple[int, int, int] | None = None,
             later = next((v.out_elems for v in units[i + 1:] if v.out_elems >= 0), 0)
             units[i] = Unit(u.name, u.flops, later, u.splits)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return ModelCost(name, params, total, tuple(units), described)
+    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    return ModelCost(name, params, total, tuple(units), described, buffers)
