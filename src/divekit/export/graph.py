@@ -79,7 +79,8 @@ def operator_in(error: BaseException) -> str | None:
 
 
 def _first_line(error: BaseException) -> str:
-    lines = [s.strip() for s in str(error).splitlines() if s.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # the dynamo exporter's colours
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
     return f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
 
 
