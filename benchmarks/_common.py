@@ -307,6 +307,77 @@ def memory_cells(own: float, children: float, before: float) -> list[str]:
     return [f"{own:,.0f}", f"{own - before:+,.0f}", f"{children:,.0f}" if children else "—"]
 
 
+# ----------------------------------------------------------------------------- --compile
+
+COMPILE_GOAL = 1.2  # issue 26: --compile becomes a family's default where it wins this much
+COMPILE_HEADERS = ["case", "eager", "compiled", "compiled / eager (min–max)",
+                   "compile s, first run", "compile s, later runs", f"≥ {COMPILE_GOAL}×"]
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    """Eager and compiled seconds per step, round by round, and the compile time of each
+    round (the compiled first call beyond the eager first call)."""
+
+    eager: list[float]
+    compiled: list[float]
+    compile_s: list[float]
+
+    @property
+    def ratio(self) -> Spread:
+        """Compiled speed over eager speed, per round (above 1: compiling pays)."""
+        return paired_ratio(self.eager, self.compiled)
+
+    def cells(self, case: str, unit: Callable[[float], str]) -> list[str]:
+        """A row under :data:`COMPILE_HEADERS`; ``unit(seconds per step)`` formats a speed."""
+        later = Spread.of(self.compile_s[1:]) if len(self.compile_s) > 1 else None
+        return [case, unit(statistics.median(self.eager)), unit(statistics.median(self.compiled)),
+                self.ratio.md(), f"{self.compile_s[0]:.1f}",
+                f"{later.median:.1f} ({later.lo:.1f}–{later.hi:.1f})" if later else "—",
+                verdict(self.ratio, COMPILE_GOAL)]
+
+    def __str__(self) -> str:
+        return (f"compiled/eager {self.ratio} after compilation (goal >= {COMPILE_GOAL}x: "
+                f"{verdict(self.ratio, COMPILE_GOAL)}); compile {self.compile_s[0]:.1f} s "
+                f"first run, later runs {[round(c, 1) for c in self.compile_s[1:]]} s")
+
+
+def compiled_vs_eager(build: Callable[[bool], Callable[[], object]], rounds: int,
+                      steps: int) -> CompileResult:
+    """``build(compiled)`` gives a fresh step function (its model compiled in place with
+    ``divekit.engine.compile.compile_model`` when ``compiled``); every round builds both, eager
+    first, and times the first call (where torch.compile compiles) and then ``steps`` calls.
+    The in-process compile caches are cleared before every build (``torch._dynamo.reset()``)
+    and Inductor's disk cache is a fresh folder for the whole measurement, so round 1's compile
+    time is a first run's and the later rounds' a run's on a machine that compiled it before."""
+    import shutil
+    import tempfile
+
+    import torch._dynamo
+
+    had = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    cache = tempfile.mkdtemp(prefix="dk-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    per_step: dict[bool, list[float]] = {False: [], True: []}
+    first: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        for _ in range(rounds):
+            for compiled in (False, True):
+                torch._dynamo.reset()
+                step = build(compiled)
+                first[compiled].append(wall(step))
+                per_step[compiled].append(
+                    wall(lambda step=step: [step() for _ in range(steps)]) / steps)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        if had is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = had
+    return CompileResult(per_step[False], per_step[True],
+                         [c - e for c, e in zip(first[True], first[False])])
+
+
 # ----------------------------------------------------------------------------- the machine
 
 

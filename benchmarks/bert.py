@@ -32,11 +32,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _common import (
+    COMPILE_GOAL,
+    COMPILE_HEADERS,
     MEMORY_HEADERS,
     Report,
     Spread,
     add_markdown_arg,
     add_memory_args,
+    compiled_vs_eager,
     goal_cell,
     interleave,
     memory_cells,
@@ -264,9 +267,10 @@ def encoder_forward(repeats: int, ckpt: str, shapes=FULL["encoder"]) -> None:
               f"{rate(b, n):,.0f} tok/s, {said}")
 
 
-def pretrain_side(side: str, sizes=FULL["pretrain"]):
+def pretrain_side(side: str, sizes=FULL["pretrain"], compile: bool = False):
     """One pretraining step of ``side`` ("course" or "divekit") as a function, with only that
-    side's model built (a memory run builds one side alone), and the batch: ``(step, batch)``."""
+    side's model built (a memory run builds one side alone), and the batch: ``(step, batch)``.
+    ``compile``: divekit's model through torch.compile, in place, as ``--compile`` does."""
     from divekit.data.bert_pretrain import BertPretrainLoader, SentenceCorpus
 
     vocab, B, T, n_paragraphs = sizes
@@ -282,6 +286,10 @@ def pretrain_side(side: str, sizes=FULL["pretrain"]):
         from divekit.tasks.bert_pretrain import BertPretrainConfig, BertPretrainTask
 
         ours = create_model("bert_small", vocab_size=vocab, max_len=T).train()
+        if compile:
+            from divekit.engine.compile import compile_model
+
+            compile_model(ours)
         opt = build_optimizer(ours.parameters(), "adam", 0.01)  # what a divekit run builds
         task = BertPretrainTask(BertPretrainConfig(model="bert_small", data="pydoc",
                                                    batch_size=B, max_len=T))
@@ -330,9 +338,11 @@ def finetune_missing(mode: str) -> list[str]:
     return [m for m in ("transformers", "peft")[: 1 + (mode == "lora")] if not installed(m)]
 
 
-def finetune_side(side: str, mode: str, ckpt: str, batch: int = 32, seq: int = 128):
+def finetune_side(side: str, mode: str, ckpt: str, batch: int = 32, seq: int = 128,
+                  compile: bool = False):
     """One fine-tuning step of ``side`` ("peer" or "divekit") in ``mode`` ("full" or "lora")
-    as a function, with only that side's model built (None: the peer is not installed)."""
+    as a function, with only that side's model built (None: the peer is not installed);
+    ``compile``: divekit's model through torch.compile, in place."""
     tokens, segments, valid, mask = padded_batch(batch, seq)
     y = torch.randint(0, 2, (batch,), generator=torch.Generator().manual_seed(1))
     if side == "divekit":
@@ -345,6 +355,10 @@ def finetune_side(side: str, mode: str, ckpt: str, batch: int = 32, seq: int = 1
         if mode == "lora":
             apply_lora(ours.encoder, ["query", "value"], r=8, alpha=16)
             freeze_except(ours, keep=("head.",))
+        if compile:
+            from divekit.engine.compile import compile_model
+
+            compile_model(ours)
         opt_a = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
 
         def step_ours():
@@ -397,6 +411,33 @@ def finetune_steps(repeats: int, ckpt: str, batch: int = 32, seq: int = 128) -> 
                        paired_ratio(b, a), GOALS["finetune"], {peer: step_hf, "divekit": step_ours})
         print(f"fine-tuning step MiniLM {mode} {batch}x{seq}: divekit {rate(a, 1):.2f} steps/s, "
               f"transformers {rate(b, 1):.2f} steps/s, {said}")
+
+
+# ============================================================================ --compile (issue 26)
+def compile_table(args: argparse.Namespace, sizes: dict, ckpt: str, report: Report) -> None:
+    """divekit's pretraining and full fine-tuning steps eager and through torch.compile
+    (``--compile``), interleaved rounds, the compile time apart (:func:`compiled_vs_eager`)."""
+    vocab, B, T, _ = sizes["pretrain"]
+    cases = []
+    if not args.finetune_only:
+        cases.append((f"pretraining step, bert_small, {B} × {T}",
+                      lambda c: pretrain_side("divekit", sizes["pretrain"], compile=c)[0], 3))
+    if not args.pretrain_only:
+        b, t = sizes["finetune"]
+        cases.append((f"fine-tuning step, MiniLM full, {b} × {t}",
+                      lambda c: finetune_side("divekit", "full", ckpt, b, t, compile=c), 2))
+    rows = []
+    for what, build, steps in cases:
+        result = compiled_vs_eager(build, args.repeats, steps)
+        print(f"--compile {what}: {result}")
+        rows.append(result.cells(what, lambda sec: f"{1 / sec:.2f} steps/s"))
+    report.table(COMPILE_HEADERS, rows, align="lrrrrrl",
+                 caption=f"`--compile`: divekit eager and through torch.compile, "
+                         f"{args.repeats} interleaved rounds (each builds both afresh, "
+                         "in-process caches cleared); steps/s after the first step, the compile "
+                         "time apart (first run: Inductor's disk cache empty; later runs: warm). "
+                         f"A family whose median reaches {COMPILE_GOAL}× gets --compile by "
+                         "default.")
 
 
 # ============================================================================ memory (issue 26)
@@ -472,6 +513,9 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true",
                    help="tiny batches, 1 repeat, 1 thread: checks that every benchmark runs "
                         "(seconds)")
+    p.add_argument("--compile", choices=["on", "off"], default="on",
+                   help="divekit eager vs --compile rows (compile time apart); skipped by "
+                        "--smoke (compiling takes minutes)")
     add_markdown_arg(p)
     add_memory_args(p)
     args = p.parse_args()
@@ -500,6 +544,9 @@ def main() -> None:
                  caption=f"Rates at the median of {args.repeats} interleaved rounds (peer, "
                          "divekit) after a warm-up round; the ratio is the median and min–max "
                          "of the per-round ratios of times.")
+    if args.compile == "on" and not args.smoke:
+        with tempfile.TemporaryDirectory(prefix="dk-bench-") as tmp:
+            compile_table(args, sizes, checkpoint_dir(args.smoke, tmp), report)
     if not args.no_memory:
         memory_table(args, report)
     for what, (headers, rows) in PROFILES:

@@ -40,10 +40,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from _common import (
+    COMPILE_GOAL,
+    COMPILE_HEADERS,
     MEMORY_HEADERS,
     Report,
     add_markdown_arg,
     add_memory_args,
+    compiled_vs_eager,
     forwarded_argv,
     goal_cell,
     memory_cells,
@@ -131,6 +134,9 @@ def main() -> None:
                    help="B=4, T=8, H=32, 2 steps, 1 round, 1 thread: checks that it runs (seconds)")
     add_markdown_arg(p)
     add_memory_args(p)
+    p.add_argument("--compile", choices=["on", "off"], default="on",
+                   help="the scratch networks eager vs --compile (compile time apart); skipped "
+                        "by --smoke (compiling takes minutes)")
     args = p.parse_args()
     if args.smoke:
         args.batch_size, args.num_steps, args.hidden, args.steps, args.rounds = 4, 8, 32, 2, 1
@@ -198,9 +204,45 @@ def main() -> None:
         report.table(headers, rows_, align="lll",
                      caption=f"Not met: {name} against {other}, the top operators by self CPU "
                              "time over 2 training steps of each (torch.profiler):")
+    if args.compile == "on" and not args.smoke:
+        compile_table(args, report, batches)
     if not args.no_memory:
         memory_table(args, report, list(models))
     report.write(args.markdown)
+
+
+COMPILED = ("divekit rnn_scratch", "divekit gru_scratch", "divekit lstm_scratch")
+
+
+def compile_table(args: argparse.Namespace, report: Report,
+                  batches: list[tuple[Tensor, Tensor]]) -> None:
+    """The scratch networks eager and through torch.compile (``--compile``; the model compiled
+    in place), interleaved rounds, the compile time apart (:func:`compiled_vs_eager`)."""
+    from divekit.engine.compile import compile_model
+    from divekit.models import create_model
+
+    def build(name: str, compiled: bool):
+        torch.manual_seed(0)
+        model = create_model(name.removeprefix("divekit "), vocab_size=args.vocab,
+                             num_hiddens=args.hidden)
+        if compiled:
+            compile_model(model)
+        return lambda: train_steps(model, batches[:1])
+
+    rows = []
+    tokens = args.batch_size * args.num_steps
+    for name in COMPILED:
+        result = compiled_vs_eager(lambda c, name=name: build(name, c), min(args.rounds, 3),
+                                   args.steps)
+        print(f"--compile {name}: {result}")
+        rows.append(result.cells(name, lambda sec: f"{tokens / sec:,.0f} tokens/s"))
+    report.table(COMPILE_HEADERS, rows, align="lrrrrrl",
+                 caption="`--compile`: divekit's scratch networks eager and through "
+                         f"torch.compile, {min(args.rounds, 3)} interleaved rounds (each builds "
+                         f"both afresh, in-process caches cleared), {args.steps} SGD steps after "
+                         "the first; the compile time apart (first run: Inductor's disk cache "
+                         f"empty; later runs: warm). A family whose median reaches "
+                         f"{COMPILE_GOAL}× gets --compile by default.")
 
 
 def memory_model(name: str, args: argparse.Namespace, batch: Tensor) -> nn.Module:
