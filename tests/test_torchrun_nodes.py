@@ -137,6 +137,25 @@ def test_killed_node_worker_restarts_both_nodes_and_ends_at_the_same_weights(
     assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
 
 
+@pytest.mark.slow  # 2 x 10-25 s here: two torchrun jobs of 2 workers
+def test_a_later_job_reusing_the_rdzv_id_and_out_is_refused_not_resumed(tmp_path):
+    # the job's store, not config.json's recorded --rdzv-id, says whether a round is a restart:
+    # a new job under the README's `--rdzv-id myjob` is a new job, and --out holds a run
+    out, port = tmp_path / "run", free_port()
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", "myjob", "--max-restarts", "0", "--monitor-interval", "0.5",
+            "-m", "divekit", "train", "lenet", "--data", "digits", "--limit", "64",
+            "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--quiet",
+            "--out", str(out)]
+    runs = [subprocess.run(argv, env=_node_env(), capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr[-2500:]
+    assert json.loads((out / "config.json").read_text())["distributed"]["job_id"] == "myjob"
+    assert runs[1].returncode != 0
+    assert f"error: {out} already holds a run; pass --resume" in runs[1].stdout + runs[1].stderr
+
+
 # ------------------------------------------------------------------ the round agreement alone
 def _agree_all(store_port: int, world: int, order: list[int], timeout_s: float = 20.0,
                ) -> dict[int, Round | Exception]:

@@ -198,15 +198,29 @@ def _started_by_this_job(out: str | None) -> bool:
     return isinstance(record, dict) and (record.get("distributed") or {}).get("job_id") == run_id
 
 
+def restarted(out: str | None) -> bool:
+    """Whether this round of workers continues an earlier round of the same torchrun job.
+
+    This node's restart count is not enough: across machines, a node whose workers were
+    restarted because another node's failed keeps count 0. The agent's store, which lives as
+    long as the job, counts the rounds (:func:`~divekit.engine.distributed.elastic_round`) and
+    settles it. Only where the agent does not host the store
+    (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) does the run directory's recorded ``--rdzv-id``
+    decide; a later job that reuses the id and ``--out`` of a finished one is then taken for
+    a restart, which the store's count never does.
+    """
+    if restart_count() > 0:
+        return True
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return D.elastic_round() > 0
+    return _started_by_this_job(out)
+
+
 def _choose(cfg: Any) -> tuple[str, bool]:
     from divekit.engine.checkpoint import CheckpointDir
     from divekit.engine.record import choose_run_dir
 
-    if restart_count() > 0 or D.elastic_round() > 0 or _started_by_this_job(cfg.out):
-        # a restarted attempt: continue the run the failed one left. Across machines a node
-        # whose workers were restarted because another node's failed has restart count 0; the
-        # job's store then counts an earlier round of workers (D.elastic_round), and the run
-        # directory says it was started by this very job (config.json's run id)
+    if restarted(cfg.out):  # continue the run the failed round left
         if cfg.out is not None:
             return cfg.out, CheckpointDir(cfg.out).latest() is not None
         with contextlib.suppress(DivekitError):
