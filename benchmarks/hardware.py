@@ -178,11 +178,17 @@ def main() -> None:
                     help="time only SCALE-Sim's compute stage (skip its memory stage)")
     ap.add_argument("--smoke", action="store_true",
                     help="small layers on 8x8 and 8x4 arrays, 1 run: checks that it runs (seconds)")
+    ap.add_argument("--only", default="",
+                    help="run the layers whose 'name RxC dataflow' contains this, e.g. 128x128 "
+                         "(SCALE-Sim's full run takes minutes a layer)")
     add_markdown_arg(ap)
     args = ap.parse_args()
     from importlib.metadata import PackageNotFoundError, version
 
-    layers = SMOKE_LAYERS if args.smoke else LAYERS
+    layers = [layer for layer in (SMOKE_LAYERS if args.smoke else LAYERS)
+              if args.only in f"{layer[0]} {layer[1]}x{layer[2]} {layer[3]}"]
+    if not layers:
+        ap.error(f"no layer matches --only {args.only!r}")
     if args.smoke:
         args.repeats = 1
     try:

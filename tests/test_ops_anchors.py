@@ -339,3 +339,31 @@ def test_multibox_detection_rejects_mismatched_shapes():
         multibox_detection(torch.rand(1, 2, 2), torch.zeros(1, 7), anchors)
     with pytest.raises(DivekitError, match="background"):
         multibox_detection(torch.rand(1, 1, 2), torch.zeros(1, 8), anchors)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.0, 1.0])
+def test_native_labelling_equals_the_torch_path(threshold, monkeypatch):
+    """The C kernel (float32 on the CPU) and the torch path give identical targets: random
+    boxes with padding rows, truths that tie (duplicates, boxes equal to anchors, boxes that
+    overlap nothing), and more truths than anchors."""
+    from divekit.ops import _native_anchors
+
+    if _native_anchors.load() is None:
+        pytest.skip("no C compiler: only the torch path exists")
+    g = torch.Generator().manual_seed(int(threshold * 10))
+    anchors = multibox_prior(torch.zeros(1, 1, 6, 5), [0.6, 0.3], [1, 2, 0.5])  # (1, 120, 4)
+    labels = random_labels(6, 7, g)
+    labels[0, 3:, 0] = -1  # padding rows
+    labels[1, 1] = labels[1, 0]  # duplicate truths: equal IoUs everywhere
+    labels[2, :, 1:] = anchors[0, torch.randint(0, 120, (7,), generator=g)]  # IoU 1 ties
+    labels[3, 2, 1:] = torch.tensor([2.0, 2.0, 2.5, 2.5])  # overlaps no anchor: IoU 0 ties
+    labels[4, :, 0] = -1  # an image with padding only
+    cases = [(anchors, labels),
+             (anchors[:, :3], random_labels(2, 5, g))]  # more truths than anchors
+    for anc, lab in cases:
+        native = multibox_target(anc, lab, iou_threshold=threshold)
+        with monkeypatch.context() as m:
+            m.setattr(_native_anchors, "usable", lambda anchors: False)
+            reference = multibox_target(anc, lab, iou_threshold=threshold)
+        for ours, theirs in zip(native, reference, strict=True):
+            assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from divekit.errors import DivekitError
+from divekit.ops import _native_anchors
 from divekit.ops._checks import number_list
 from divekit.ops.boxes import (
     _batched_nms_per_group,
@@ -110,27 +111,31 @@ def multibox_prior(data: Tensor, sizes: Sequence[float], ratios: Sequence[float]
 # --------------------------------------------------------------------------- labelling anchors
 
 
-def _assign_batched(iou: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+def _assign_batched(iou: Tensor, valid: Tensor, iou_threshold: float,
+                    may_be_nan: bool = True) -> Tensor:
     """The greedy assignment for a batch: ``iou (B, G, A)`` (truths x anchors), ``valid (B, G)``.
 
     Returns ``(B, A)``: the truth assigned to each anchor, or -1. Ties go to the smaller anchor
     index, then the smaller truth index, as the course's row-major ``argmax`` over its anchors x
     truths matrix does. (The matrix is kept truths-first so its long rows run over the anchors.)
-    ``iou`` is overwritten.
+    ``iou`` is overwritten. ``may_be_nan=False`` says no IoU is NaN (every anchor has a positive
+    area, so every union does), which saves a pass over the matrix.
     """
     batch, num_truths, num_anchors = iou.shape
-    assigned = torch.full((batch, num_anchors), -1, dtype=torch.long, device=iou.device)
     if num_truths == 0:
-        return assigned
-    # NaN (two empty boxes) means no overlap. Invalid truths (padding) get -1, the course's
-    # "deleted" marker, so they are never picked.
-    iou = iou.nan_to_num_(0.0)
-    iou[~valid] = -1.0
+        return torch.full((batch, num_anchors), -1, dtype=torch.long, device=iou.device)
+    # NaN (two empty boxes) means no overlap: only possible when both boxes have zero area, so
+    # the caller says whether a pass over the matrix is needed. Invalid truths (padding) get
+    # -1, the course's "deleted" marker, so they are never picked.
+    if may_be_nan:
+        iou = iou.nan_to_num_(0.0)
+    if not bool(valid.all()):
+        iou.masked_fill_(~valid[:, :, None], -1.0)
     # Step 2 of the course: every anchor takes its best truth if the IoU reaches the threshold.
-    # (Done first; the greedy pairs below overwrite it, as in d2l.) Only the few anchors above
-    # the threshold need their best truth; argmax gives the first, i.e. the smaller index.
-    image, anchor = (iou.amax(dim=1) >= max(iou_threshold, 0.0)).nonzero(as_tuple=True)
-    assigned[image, anchor] = iou[image, :, anchor].argmax(dim=1)
+    # (Done first; the greedy pairs below overwrite it, as in d2l.) max gives the first of
+    # equal truths, i.e. the smaller index.
+    best, truth_of = iou.max(dim=1)  # (B, A) each
+    assigned = torch.where(best >= max(iou_threshold, 0.0), truth_of, -1)
     # Step 1: repeatedly pair the largest remaining IoU's anchor and truth, then delete that
     # anchor's column and that truth's row. One round per truth, all images at once; an image
     # whose entries are all deleted (max < 0) has run out of truths or anchors and sits out.
@@ -262,8 +267,18 @@ def multibox_target(
             torch.zeros(batch, num_anchors, dtype=torch.long, device=anchors.device),
         )
 
+    if num_anchors > 0 and _native_anchors.usable(anchors):  # float32 on the CPU: one C pass
+        class_labels, bbox_mask, positive, truth = _native_anchors.assign_anchors(
+            anchors, labels, iou_threshold)
+        image, anchor = positive // num_anchors, positive % num_anchors
+        bbox_offset = torch.zeros(batch, num_anchors, 4, dtype=anchors.dtype)
+        bbox_offset.view(-1, 4)[positive] = offset_boxes(anchors[anchor], truth_boxes[image, truth])
+        return bbox_offset.reshape(batch, -1), bbox_mask, class_labels
+
     iou = box_iou(truth_boxes, anchors)  # (B, G, A)
-    assigned = _assign_batched(iou, truth_classes >= 0, iou_threshold)  # (B, A)
+    # a union is 0 (IoU NaN) only when both boxes are empty: not with anchors of positive area
+    empty_anchor = not bool(((anchors[:, 2] > anchors[:, 0]) & (anchors[:, 3] > anchors[:, 1])).all())
+    assigned = _assign_batched(iou, truth_classes >= 0, iou_threshold, empty_anchor)  # (B, A)
     # Only the few positive anchors need a class, offsets and mask; the rest stay 0.
     image, anchor = (assigned >= 0).nonzero(as_tuple=True)  # (P,) each
     truth = assigned[image, anchor]
