@@ -275,6 +275,17 @@ def side_peak_rss(script: str, side: str, argv: Sequence[str] = (),
     return float(own), float(children), float(before)
 
 
+def sides_peak_rss(script: str, sides: Sequence[str], argv: Sequence[str] = (),
+                   parallel: int = 2) -> dict[str, tuple[float, float, float]]:
+    """:func:`side_peak_rss` of every side, ``parallel`` fresh processes at a time (a peak RSS
+    is each process's own, so running them side by side changes nothing but the wall time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {side: pool.submit(side_peak_rss, script, side, argv) for side in sides}
+        return {side: f.result() for side, f in futures.items()}
+
+
 def forwarded_argv(drop: Sequence[str] = ("--markdown", "--no-memory")) -> list[str]:
     """This script's command-line arguments for a ``--memory-of`` child: the same sizes, less
     ``drop`` (with ``--markdown``'s value: the child writes no section)."""

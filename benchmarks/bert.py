@@ -47,7 +47,7 @@ from _common import (
     paired_ratio,
     print_peak_rss,
     profile_table,
-    side_peak_rss,
+    sides_peak_rss,
     verdict,
 )
 from torch import nn
@@ -488,7 +488,8 @@ def memory_table(args: argparse.Namespace, report: Report) -> None:
         what, peer, label = MEMORY_CASES[case]
         if case.startswith("finetune") and finetune_missing(case.split("-")[1]):
             continue
-        mem = {s: side_peak_rss(__file__, f"{case}/{s}", argv) for s in (peer, "divekit")}
+        both = sides_peak_rss(__file__, [f"{case}/{s}" for s in (peer, "divekit")], argv)
+        mem = {s: both[f"{case}/{s}"] for s in (peer, "divekit")}
         goal = memory_verdict(mem["divekit"][0], mem[peer][0])
         print(f"peak RSS {what}: divekit {mem['divekit'][0]:,.0f} MB, {label} "
               f"{mem[peer][0]:,.0f} MB (goal divekit <= peer: {goal})")

@@ -48,7 +48,7 @@ from _common import (
     memory_verdict,
     paired_ratio,
     print_peak_rss,
-    side_peak_rss,
+    sides_peak_rss,
     verdict,
 )
 from PIL import Image
@@ -333,7 +333,8 @@ def memory_rows(args: argparse.Namespace) -> list[list[str]]:
         cases = cases[:1]  # smoke: one case checks the path
     rows = []
     for case in cases:
-        mem = {s: side_peak_rss(__file__, f"{case}/{s}", argv) for s in ("course", "divekit")}
+        both = sides_peak_rss(__file__, [f"{case}/course", f"{case}/divekit"], argv)
+        mem = {s: both[f"{case}/{s}"] for s in ("course", "divekit")}
         goal = memory_verdict(mem["divekit"][0], mem["course"][0])
         print(f"peak RSS {case}: divekit {mem['divekit'][0]:,.0f} MB, course "
               f"{mem['course'][0]:,.0f} MB (goal divekit <= course: {goal})")

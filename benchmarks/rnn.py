@@ -54,7 +54,7 @@ from _common import (
     paired_ratio,
     print_peak_rss,
     profile_table,
-    side_peak_rss,
+    sides_peak_rss,
     verdict,
 )
 from torch import Tensor, nn
@@ -260,8 +260,8 @@ def memory_table(args: argparse.Namespace, report: Report, names: list[str]) -> 
     """Peak RSS of each implementation training ``--steps`` steps alone in a fresh process
     (``--memory-of NAME``); divekit ≤ d2l where d2l has the same network (issue 26 item 6)."""
     argv = forwarded_argv()
-    mem = {name: side_peak_rss(__file__, name, argv) for name in names
-           if not args.smoke or name in ("divekit rnn_scratch", PEERS["divekit rnn_scratch"])}
+    mem = sides_peak_rss(__file__, [name for name in names if not args.smoke or name in
+                                    ("divekit rnn_scratch", PEERS["divekit rnn_scratch"])], argv)
     rows = []
     for name, cells in mem.items():
         peer = PEERS.get(name)

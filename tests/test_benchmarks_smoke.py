@@ -48,7 +48,9 @@ SMOKES = {
                r"encoder forward 1x64: divekit",
                rf"pretraining step bert_small 8x32 .*ratio {RATIO}",
                r"fine-tuning step MiniLM full 4x32: divekit",
-               r"fine-tuning step MiniLM lora 4x32: divekit"),
+               r"fine-tuning step MiniLM lora 4x32: divekit",
+               r"peak RSS pretraining, bert_small: divekit [\d,]+ MB, the course's BERT "
+               r"[\d,]+ MB \(goal divekit <= peer: (not )?met\)"),
         peers=("transformers", "peft"),
         with_peers=(rf"encoder forward 1x64: .*transformers .*ratio {RATIO}",
                     rf"fine-tuning step MiniLM lora 4x32: .*transformers .*ratio {RATIO}"),
@@ -67,7 +69,9 @@ SMOKES = {
     ),
     "dense": Smoke(
         table=(rf"FCN training, crop 64x64, batch 2: course .* divekit .* {RATIO}",
-               rf"stylize 64x96: course .* divekit .* {RATIO}"),
+               rf"stylize 64x96: course .* divekit .* {RATIO}",
+               r"peak RSS fcn: divekit [\d,]+ MB, course [\d,]+ MB \(goal divekit <= "
+               r"course: (not )?met\)"),
     ),
     "detection_ops": Smoke(
         table=(r"case\s+divekit\s+d2l\s+speed-up",
@@ -80,10 +84,11 @@ SMOKES = {
         without_peers="d2l is not installed",
     ),
     "distributed": Smoke(
-        table=(r"run\s+samples/s\s+MB sent/step\s+max MB/step\s+efficiency",
-               r"(?m)^1 process\s+\d+\s+0\.000\s+0\.000\s+100%$",
-               *(rf"(?m)^2 x {strategy}\s+\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+%$"
-                 for strategy in ("ddp", "allreduce", "ps"))),
+        table=(r"run\s+samples/s\s+MB sent/step\s+max MB/step\s+efficiency\s+peak RSS/worker"
+               r"\s+all workers",
+               r"(?m)^1 process\s+\d+\s+0\.000\s+0\.000\s+100%\s+[\d,]+ MB\s+[\d,]+ MB$",
+               *(rf"(?m)^2 x {strategy}\s+\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+%\s+[\d,]+ MB\s+"
+                 r"[\d,]+ MB$" for strategy in ("ddp", "allreduce", "ps"))),
     ),
     "fsdp_memory": Smoke(
         table=(r"model\s+parameters\s+1 process MB\s+fsdp rank MB \(max of 2\)\s+params ratio",
@@ -131,7 +136,9 @@ SMOKES = {
                  for model in ("rnn_scratch", "gru_scratch", "lstm_scratch", "lstm"))),
         peers=("d2l",),
         with_peers=(rf"(?m)^divekit rnn_scratch\s+[\d,]+\s+{RATIO}",
-                    r"(?m)^d2l RNNLM\(GRU\)\s+[\d,]+"),
+                    r"(?m)^d2l RNNLM\(GRU\)\s+[\d,]+",
+                    r"peak RSS divekit rnn_scratch: [\d,]+ MB, d2l RNNLMScratch\(RNNScratch\) "
+                    r"[\d,]+ MB \(goal divekit <= d2l: (not )?met\)"),
         without_peers="d2l is not installed",
     ),
     "serve": Smoke(
