@@ -55,6 +55,7 @@ SMOKES = {
         with_peers=(rf"encoder forward 1x64: .*transformers .*ratio {RATIO}",
                     rf"fine-tuning step MiniLM lora 4x32: .*transformers .*ratio {RATIO}"),
         without_peers="peer skipped",
+        timeout_s=180,  # then both pretraining sides once more in fresh processes (memory)
     ),
     "complexity": Smoke(
         table=(r"layer\s+computation\s+sequential\s+max path\s+expected slope\s+measured slope",
@@ -72,6 +73,7 @@ SMOKES = {
                rf"stylize 64x96: course .* divekit .* {RATIO}",
                r"peak RSS fcn: divekit [\d,]+ MB, course [\d,]+ MB \(goal divekit <= "
                r"course: (not )?met\)"),
+        timeout_s=180,  # then both FCN sides once more in fresh processes (memory)
     ),
     "detection_ops": Smoke(
         table=(r"case\s+divekit\s+d2l\s+speed-up",
