@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torchvision
@@ -126,6 +128,16 @@ def test_threshold_is_compared_in_double_precision_like_torchvision():
     scores = torch.tensor([1.0, 0.5])
     assert torchvision.ops.nms(boxes, scores, 0.3).tolist() == [0]
     assert nms(boxes, scores, 0.3, method="reference").tolist() == [0]
+    assert nms(boxes, scores, 0.3).tolist() == [0]  # the grid kernel's float test agrees
+    # at the threshold equal to the float32 IoU itself it is not above: both kept, every path
+    exact = float(box_iou(boxes[:1], boxes[1:])[0, 0])
+    assert torchvision.ops.nms(boxes, scores, exact).tolist() == [0, 1]
+    for method in ("fast", "reference"):
+        assert nms(boxes, scores, exact, method=method).tolist() == [0, 1]
+    # and just below it (a double no float32 equals) the IoU is above: suppressed
+    below = math.nextafter(exact, 0.0)
+    assert torchvision.ops.nms(boxes, scores, below).tolist() == [0]
+    assert nms(boxes, scores, below).tolist() == [0]
 
 
 def test_nms_of_nothing_is_empty():

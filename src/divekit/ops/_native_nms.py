@@ -7,6 +7,10 @@ only with the later, not yet suppressed boxes of its own cells. The visiting ord
 descending, ties by index), the IoU arithmetic (float32, ``inter / (area_i + area_j - inter)``)
 and the test (``iou > threshold`` in double) are torchvision's, so the kept indices are
 identical — ``tests/test_ops_boxes.py`` checks it on random, clustered and tie-heavy boxes.
+A cell's boxes are kept as five float planes (x1, y1, x2, y2, area), so a kept box's IoUs with
+them are one branch-free loop the compiler vectorises; the double test ``iou > t`` is run as
+the float test ``iou > t_f`` (``t_f`` the largest float not above ``t``: the same verdict for
+every float ``iou``), and only a list that lost a box is compacted.
 
 The C source below is compiled once with the system C compiler into the user's cache
 (``$DIVEKIT_CACHE`` or ``~/.cache/divekit``, under ``build/``) and loaded with ctypes; no
@@ -43,7 +47,7 @@ SOURCE = r"""
    does, only with the later boxes found there. Zero-area boxes never suppress or get
    suppressed (their IoU is 0 or NaN), so they are left out. Valid for 0 < t < 1. */
 
-typedef struct { uint64_t key; int64_t start, end, ptr; } Slot;
+typedef struct { uint64_t key; int32_t end, ptr; } Slot; /* 16 bytes: n < 2^31 boxes */
 
 /* The hash table outgrows malloc's heap and would be mapped and faulted in afresh on every
    call; each thread keeps its own (ctypes releases the GIL) for the next call instead. */
@@ -65,6 +69,25 @@ static Slot *zeroed_table(uint64_t size)
 static void release_table(uint64_t size)
 {
     if (size > ((uint64_t)1 << 20)) { free(cached_table); cached_table = NULL; cached_size = 0; }
+}
+
+/* log(x) for a positive float: exponent from the bits, the mantissa m in [1/sqrt 2, sqrt 2) by
+   the series 2 atanh(s), s = (m - 1)/(m + 1), to s^9 (truncation below 1e-9; float rounding
+   ~1e-6 at most): far inside the 1 % slack of the class width, as logf's own error is.
+   Subnormal x goes to logf. Inline, unlike logf, and a third of its cost. */
+static float log_pos(float x)
+{
+    if (x < 1e-30f) return logf(x);
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    int e = (int)(u >> 23) - 127;
+    u = (u & 0x007fffffu) | 0x3f800000u; /* the mantissa, in [1, 2) */
+    float m;
+    memcpy(&m, &u, sizeof m);
+    if (m > 1.41421356f) { m *= 0.5f; e += 1; }
+    float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+    float p = s * (2.0f + s2 * (0.66666667f + s2 * (0.4f + s2 * (0.28571429f + s2 * 0.22222222f))));
+    return p + (float)e * 0.69314718f;
 }
 
 static uint64_t pack(int64_t kw, int64_t kh, int64_t gx, int64_t gy)
@@ -106,18 +129,24 @@ static int radix_order(const float *scores, int64_t n, int64_t *order)
     }
     int64_t *src_i = order, *dst_i = idx2;
     uint32_t *src_k = key, *dst_k = key2;
-    for (int shift = 0; shift < 32; shift += 8) {
-        int64_t counts[257] = {0};
-        for (int64_t i = 0; i < n; i++) counts[((src_k[i] >> shift) & 255u) + 1]++;
-        for (int c = 0; c < 256; c++) counts[c + 1] += counts[c];
+    static __thread int64_t counts[3][2049];
+    memset(counts, 0, sizeof counts);
+    for (int64_t i = 0; i < n; i++) { /* the three digits' histograms in one pass */
+        uint32_t k = key[i];
+        counts[0][(k & 2047u) + 1]++; counts[1][((k >> 11) & 2047u) + 1]++; counts[2][(k >> 22) + 1]++;
+    }
+    for (int pass = 0; pass < 3; pass++) {
+        int shift = 11 * pass;
+        int64_t *c = counts[pass];
+        for (int d = 0; d < 2048; d++) c[d + 1] += c[d];
         for (int64_t i = 0; i < n; i++) {
-            int64_t at = counts[(src_k[i] >> shift) & 255u]++;
+            int64_t at = c[(src_k[i] >> shift) & 2047u]++;
             dst_k[at] = src_k[i]; dst_i[at] = src_i[i];
         }
         int64_t *ti = src_i; src_i = dst_i; dst_i = ti;
         uint32_t *tk = src_k; src_k = dst_k; dst_k = tk;
     }
-    /* four passes: the result is back in order[] */
+    memcpy(order, src_i, sizeof(int64_t) * n); /* three passes: the result is in idx2 */
     free(key); free(key2); free(idx2);
     return 0;
 }
@@ -128,16 +157,19 @@ static int radix_order(const float *scores, int64_t n, int64_t *order)
 int64_t grid_nms(const float *boxes, const float *scores, int64_t n, double threshold, int64_t *keep)
 {
     if (n <= 0) return 0;
+    if (n >= INT32_MAX) return -2; /* the lists' 32-bit positions: torchvision's kernel */
     double L = 1.01 * log(1.0 / threshold), f = 1.01 * (1.0 - threshold);
     float *area = malloc(sizeof(float) * n);
     int64_t *order = malloc(sizeof(int64_t) * n), *rank = malloc(sizeof(int64_t) * n);
     int64_t *kw = malloc(sizeof(int64_t) * n), *kh = malloc(sizeof(int64_t) * n);
     int64_t *sorted = malloc(sizeof(int64_t) * n), *sidx = malloc(sizeof(int64_t) * n);
     double *cx = malloc(sizeof(double) * n), *cy = malloc(sizeof(double) * n);
-    double *cellw = NULL, *cellh = NULL, *maxw = NULL, *maxh = NULL;
+    double *cellw = NULL, *cellh = NULL, *maxw = NULL, *maxh = NULL; /* cellw/h: 1 / size */
     char *suppressed = calloc(n, 1);
     Slot *table = NULL;
-    float *sbox = NULL; /* x1, y1, x2, y2, area of each grouped entry, stored in place */
+    float *sbox = NULL; /* x1, y1, x2, y2, area of the grouped entries: five planes of m */
+    float *bx1, *by1, *bx2, *by2, *bar;
+    unsigned char *flag = NULL; /* the scan's verdicts, one list at a time */
     int64_t count = -1, m = 0, kwmin = INT64_MAX, kwmax = INT64_MIN, khmin = INT64_MAX, khmax = INT64_MIN;
     if (!area || !order || !rank || !kw || !kh || !sorted || !sidx || !cx || !cy || !suppressed) goto done;
     if (radix_order(scores, n, order) != 0) goto done;
@@ -155,8 +187,7 @@ int64_t grid_nms(const float *boxes, const float *scores, int64_t n, double thre
         cx[i] = 0.5 * ((double)b[0] + b[2]);
         cy[i] = 0.5 * ((double)b[1] + b[3]);
         if (!(w > 0 && h > 0)) { kw[i] = INT64_MIN; continue; }
-        /* logf: its error (~1e-7) is far inside the 1 % slack of the class width */
-        double fw = floor(logf((float)w) / L), fh = floor(logf((float)h) / L);
+        double fw = floor(log_pos((float)w) / L), fh = floor(log_pos((float)h) / L);
         if (fabs(fw) > 30000 || fabs(fh) > 30000) { count = -2; goto done; }
         kw[i] = (int64_t)fw; kh[i] = (int64_t)fh;
         if (kw[i] < kwmin) kwmin = kw[i];
@@ -173,23 +204,31 @@ int64_t grid_nms(const float *boxes, const float *scores, int64_t n, double thre
     maxh = malloc(sizeof(double) * (khmax - khmin + 3));
     if (!cellw || !cellh || !maxw || !maxh) goto done;
     for (int64_t k = kwmin - 1; k <= kwmax + 1; k++) {
-        cellw[k - kwmin + 1] = f * exp((k + 2) * L);
+        cellw[k - kwmin + 1] = 1.0 / (f * exp((k + 2) * L));
         maxw[k - kwmin + 1] = exp((k + 1) * L); /* widths of class k are below this */
     }
     for (int64_t k = khmin - 1; k <= khmax + 1; k++) {
-        cellh[k - khmin + 1] = f * exp((k + 2) * L);
+        cellh[k - khmin + 1] = 1.0 / (f * exp((k + 2) * L));
         maxh[k - khmin + 1] = exp((k + 1) * L);
     }
     uint64_t size = 16;
-    while (size < 2 * (uint64_t)m + 16) size <<= 1;
+    while (size < (3 * (uint64_t)m) / 2 + 16) size <<= 1; /* at most 2/3 full: short probes */
     table = zeroed_table(size);
     sbox = malloc(sizeof(float) * 5 * (m > 0 ? m : 1));
-    if (!table || !sbox) goto done;
+    flag = malloc(m > 0 ? m : 1);
+    if (!table || !sbox || !flag) goto done;
+    bx1 = sbox; by1 = sbox + m; bx2 = sbox + 2 * m; by2 = sbox + 3 * m; bar = sbox + 4 * m;
+    /* torchvision tests (double)iou > threshold; for a float iou that is iou > tf, with tf the
+       largest float not above the threshold, a test the loop below can run four or eight wide */
+    float tf = (float)threshold;
+    if ((double)tf > threshold) tf = nextafterf(tf, -1.0f);
     /* group by (class, cell), each group in visiting order: count, then place */
     for (int64_t r = 0; r < n; r++) {
         int64_t i = order[r];
         if (kw[i] == INT64_MIN) continue;
-        double gx = floor(cx[i] / cellw[kw[i] - kwmin + 1]), gy = floor(cy[i] / cellh[kh[i] - khmin + 1]);
+        /* x * (1 / size), here and in the search: one monotone map, so the search's cell
+           range still holds every partner's cell */
+        double gx = floor(cx[i] * cellw[kw[i] - kwmin + 1]), gy = floor(cy[i] * cellh[kh[i] - khmin + 1]);
         if (fabs(gx) > 30000 || fabs(gy) > 30000) { count = -2; goto done; }
         uint64_t key = pack(kw[i], kh[i], (int64_t)gx, (int64_t)gy);
         Slot *slot = lookup(table, size - 1, key);
@@ -201,7 +240,7 @@ int64_t grid_nms(const float *boxes, const float *scores, int64_t n, double thre
     for (uint64_t h = 0; h < size; h++) {
         if (table[h].key == 0) continue;
         int64_t c = table[h].end;
-        table[h].start = table[h].ptr = table[h].end = acc;
+        table[h].ptr = table[h].end = (int32_t)acc;
         acc += c;
     }
     for (int64_t r = 0; r < n; r++) {
@@ -210,8 +249,7 @@ int64_t grid_nms(const float *boxes, const float *scores, int64_t n, double thre
         int64_t e = table[sidx[i]].end++;
         const float *b = boxes + 4 * i;
         sorted[e] = i;
-        sbox[5 * e] = b[0]; sbox[5 * e + 1] = b[1]; sbox[5 * e + 2] = b[2]; sbox[5 * e + 3] = b[3];
-        sbox[5 * e + 4] = area[i];
+        bx1[e] = b[0]; by1[e] = b[1]; bx2[e] = b[2]; by2[e] = b[3]; bar[e] = area[i];
     }
 
     count = 0;
@@ -226,40 +264,43 @@ int64_t grid_nms(const float *boxes, const float *scores, int64_t n, double thre
             int64_t cw = kw[i] + dw;
             if (cw < kwmin || cw > kwmax) continue;
             double sx = cellw[cw - kwmin + 1], rx = f * fmax((double)ix2 - ix1, maxw[cw - kwmin + 1]);
-            int64_t gx0 = (int64_t)floor((cx[i] - rx) / sx), gx1 = (int64_t)floor((cx[i] + rx) / sx);
+            int64_t gx0 = (int64_t)floor((cx[i] - rx) * sx), gx1 = (int64_t)floor((cx[i] + rx) * sx);
             for (int64_t dh = -1; dh <= 1; dh++) {
                 int64_t ch = kh[i] + dh;
                 if (ch < khmin || ch > khmax) continue;
                 double sy = cellh[ch - khmin + 1], ry = f * fmax((double)iy2 - iy1, maxh[ch - khmin + 1]);
-                int64_t gy0 = (int64_t)floor((cy[i] - ry) / sy), gy1 = (int64_t)floor((cy[i] + ry) / sy);
+                int64_t gy0 = (int64_t)floor((cy[i] - ry) * sy), gy1 = (int64_t)floor((cy[i] + ry) * sy);
                 for (int64_t x = gx0; x <= gx1; x++) {
                     for (int64_t y = gy0; y <= gy1; y++) {
                         Slot *slot = lookup(table, size - 1, pack(cw, ch, x, y));
                         if (slot->key == 0) continue;
                         while (slot->ptr < slot->end && rank[sorted[slot->ptr]] <= r) slot->ptr++;
-                        /* scan the later boxes, compacting away the suppressed ones (order kept) */
-                        int64_t out = slot->ptr;
-                        for (int64_t e = slot->ptr; e < slot->end; e++) {
-                            int64_t j = sorted[e];
-                            if (suppressed[j]) continue;
-                            float *bj = sbox + 5 * e;
-                            float xx1 = ix1 > bj[0] ? ix1 : bj[0];
-                            float yy1 = iy1 > bj[1] ? iy1 : bj[1];
-                            float xx2 = ix2 < bj[2] ? ix2 : bj[2];
-                            float yy2 = iy2 < bj[3] ? iy2 : bj[3];
+                        /* the IoUs with the later boxes of the list, all at once (a loop the
+                           compiler vectorises: five planes, no branch) ... */
+                        int64_t s0 = slot->ptr, s1 = slot->end, nsup = 0;
+                        for (int64_t e = s0; e < s1; e++) {
+                            float xx1 = ix1 > bx1[e] ? ix1 : bx1[e];
+                            float yy1 = iy1 > by1[e] ? iy1 : by1[e];
+                            float xx2 = ix2 < bx2[e] ? ix2 : bx2[e];
+                            float yy2 = iy2 < by2[e] ? iy2 : by2[e];
                             float w = xx2 - xx1 > 0.0f ? xx2 - xx1 : 0.0f;
                             float h = yy2 - yy1 > 0.0f ? yy2 - yy1 : 0.0f;
                             float inter = w * h;
-                            float ovr = inter / (iarea + bj[4] - inter);
-                            /* branch-free: mark, and keep the entry unless it was suppressed
-                               (each box sits in exactly one list, so it leaves it here) */
-                            int64_t sup = (double)ovr > threshold;
-                            suppressed[j] = (char)sup;
-                            float *to = sbox + 5 * out;
-                            float b0 = bj[0], b1 = bj[1], b2 = bj[2], b3 = bj[3], b4 = bj[4];
-                            sorted[out] = j;
-                            to[0] = b0; to[1] = b1; to[2] = b2; to[3] = b3; to[4] = b4;
-                            out += 1 - sup;
+                            float ovr = inter / (iarea + bar[e] - inter);
+                            unsigned char sup = ovr > tf;
+                            flag[e - s0] = sup;
+                            nsup += sup;
+                        }
+                        if (nsup == 0) continue;
+                        /* ... then the suppressed leave the list (each box sits in exactly one
+                           list, so it leaves for good), the others keep their order */
+                        int64_t out = s0;
+                        for (int64_t e = s0; e < s1; e++) {
+                            if (flag[e - s0]) { suppressed[sorted[e]] = 1; continue; }
+                            sorted[out] = sorted[e];
+                            bx1[out] = bx1[e]; by1[out] = by1[e]; bx2[out] = bx2[e];
+                            by2[out] = by2[e]; bar[out] = bar[e];
+                            out++;
                         }
                         slot->end = out;
                     }
@@ -270,6 +311,7 @@ int64_t grid_nms(const float *boxes, const float *scores, int64_t n, double thre
 done:
     free(area); free(order); free(rank); free(kw); free(kh); free(sorted); free(sidx); free(cx);
     free(cy); free(cellw); free(cellh); free(maxw); free(maxh); free(suppressed); free(sbox);
+    free(flag);
     if (table) release_table(size);
     return count;
 }
