@@ -20,9 +20,9 @@ examples:
       --latency 10us --batch-size 1024 --plot resnet50-plan.png
   divekit dist plan bert_base --seq-len 128 --flops-per-s 100T --bandwidth 25G --batch-size 256
   divekit dist plan lenet --flops-per-s measure --bandwidth 1G --batch-size 128 --devices 8
-  divekit dist plan lenet --input-shape 1,28,28 --num-classes 10 --flops-per-s 1.2G \
-      --bandwidth 0.5G --latency 60us --step-overhead 1.5ms --jitter 0.4ms --batch-size 128
-      (the inputs benchmarks/planner_check.py measures on this machine: see BENCHMARKS.md)
+  divekit dist plan lenet --input-shape 1,28,28 --num-classes 10 --flops-per-s 2G \\
+      --bandwidth 0.5G --latency 100us --step-overhead 2ms --jitter 1ms --batch-size 128
+      (benchmarks/planner_check.py measures all five inputs on your machine)
 """
 
 _SI = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
