@@ -331,6 +331,28 @@ def test_masked_softmax_ce_loss_matches_per_token_cross_entropy():
     assert loss.reduction == "mean"  # the module's own setting is left alone
 
 
+def test_masked_softmax_ce_loss_rows_equal_the_books_permuted_form():
+    """Computed on (B*T, V) rows: the values and gradients of the book's
+    cross_entropy(pred.permute(0, 2, 1), label), class weights, label smoothing and an
+    ignored index included."""
+    g = gen(8)
+    B, T, V = 4, 5, 7
+    label = torch.randint(0, V, (B, T), generator=g)
+    valid = torch.tensor([5, 3, 1, 0])
+    for kwargs in ({}, {"weight": torch.rand(V, generator=g) + 0.5},
+                   {"label_smoothing": 0.1, "ignore_index": 2}):
+        pred = randn(B, T, V, g=g).requires_grad_()
+        got = d2l.MaskedSoftmaxCELoss(**kwargs)(pred, label, valid)
+        (grad,) = torch.autograd.grad(got.sum(), pred)
+        ref_pred = pred.detach().clone().requires_grad_()
+        mask = (torch.arange(T)[None] < valid[:, None]).float()
+        per_token = F.cross_entropy(ref_pred.permute(0, 2, 1), label, reduction="none", **kwargs)
+        ref = (per_token * mask).mean(dim=1)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), ref_pred)
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(grad, ref_grad)
+
+
 # ------------------------------------------------------------------------------ RNN models
 
 
