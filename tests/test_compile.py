@@ -171,6 +171,36 @@ def test_compiled_lenet_with_channels_last(tmp_path):
         assert rows[True][key] == pytest.approx(rows[False][key], abs=1e-5, rel=0)
 
 
+def _losses(tmp, compile: bool, **options) -> dict[str, float]:
+    torch._dynamo.reset()
+    cfg = TrainConfig(epochs=1, lr=0.1, quiet=True, compile=compile, **options)
+    return Trainer(Points(cfg), cfg, run_dir=tmp).fit()[0]
+
+
+@pytest.mark.slow
+def test_compiled_with_amp_matches_eager_amp(tmp_path):
+    """bfloat16 autocast compiled and eager: the same losses to bfloat16's precision (the
+    compiled kernels may round the fused operations differently)."""
+    eager = _losses(tmp_path / "e", False, device="cpu", amp=True)
+    compiled = _losses(tmp_path / "c", True, device="cpu", amp=True)
+    for key in ("train_loss", "val_loss"):
+        assert compiled[key] == pytest.approx(eager[key], rel=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_on_cuda_matches_eager(tmp_path):
+    """On CUDA (Triton kernels): fp32 compiled = eager to 1e-4 (TF32 off), and with AMP."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager = _losses(tmp_path / "e", False, device="cuda")
+    compiled = _losses(tmp_path / "c", True, device="cuda")
+    for key in ("train_loss", "val_loss"):
+        assert compiled[key] == pytest.approx(eager[key], abs=1e-4, rel=0)
+    eager = _losses(tmp_path / "ea", False, device="cuda", amp=True)
+    compiled = _losses(tmp_path / "ca", True, device="cuda", amp=True)
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=2e-2)
+
+
 def test_argparse_tristate():
     """train's --compile is a tristate: absent (auto), --compile, --no-compile."""
     from divekit.config import add_config_options
