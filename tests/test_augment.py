@@ -231,3 +231,22 @@ def test_skewed_data_tools_balance_sampling_weights_and_confusion_matrix():
     truth, pred = torch.randint(0, 4, (200,)), torch.randint(0, 4, (200,))
     ours = classify.confusion_matrix(truth, pred, 4)
     assert ours.tolist() == sk_confusion(truth, pred, labels=[0, 1, 2, 3]).tolist()
+
+
+@pytest.mark.parametrize("spec", ["standard", "hflip,vflip:0.3,crop:0.1-1:0.5-2,jitter:0.4:0.3:0.2:0.1",
+                                  "jitter:0.5:0:0.3"])
+def test_the_direct_image_path_draws_and_computes_as_torchvision_v2(spec):
+    """An image alone skips v2's dispatch (Augment.direct): with the same seed it gives exactly
+    the image ``v2.Compose`` gives on a ``tv_tensors.Image``, sample after sample."""
+    from torchvision import tv_tensors
+
+    aug = Augment(spec)
+    assert aug.direct is not None
+    images = torch.rand(40, 3, 12, 10)
+    torch.manual_seed(11)
+    fast = [aug(im) for im in images]
+    torch.manual_seed(11)
+    slow = [aug.transform(tv_tensors.Image(im)).as_subclass(torch.Tensor) for im in images]
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    assert not all(torch.equal(a, im) for a, im in zip(fast, images, strict=True))
+    assert Augment("hflip,rotate:10").direct is None  # no direct form: v2 runs it

@@ -328,3 +328,18 @@ def test_images_and_masks_stay_aligned_and_colour_ops_leave_masks_alone():
 def test_masks_of_the_wrong_shape_are_refused():
     with pytest.raises(DivekitError, match="do not match images"):
         BatchAugment("hflip")(torch.rand(2, 3, 8, 8), torch.zeros(2, 8, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("spec", ["hflip,crop:0.3-1", "vflip:0.5,crop:0.2-1,jitter:0.4",
+                                  "hflip,vflip,crop:0.1-1:0.5-2"])
+def test_a_flip_folded_into_the_next_crop_equals_flipping_first(spec):
+    """BatchAugment folds a flip that comes just before a crop into the crop's resampling
+    matrices; the same draws applied one operation after the other (each op's own ``apply``)
+    give the same images up to float rounding."""
+    x = batch(n=16, h=20, w=24)
+    folded = BatchAugment(spec)(x, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    step = x
+    for op in BatchAugment(spec).ops:
+        step = op.apply(step, **op.sample(step, g))
+    torch.testing.assert_close(folded, step, atol=1e-6, rtol=0)

@@ -238,6 +238,58 @@ def build_transforms(spec: str | None) -> list[v2.Transform]:
     return [OPS[name].build(*values) for name, values in parse_spec(spec)]
 
 
+# ----------------------------------------------------------------------------- the direct image path
+ImageStep = Callable[[Tensor], Tensor]
+
+
+def _direct_step(t: v2.Transform) -> ImageStep | None:
+    """One v2 transform as a function of a plain ``(C, H, W)`` image tensor that draws the same
+    random numbers in the same order as ``t(image)`` and calls the same kernel, without v2's
+    per-call machinery (input flattening, type dispatch, the ``tv_tensors.Image`` subclass whose
+    every operator goes through ``__torch_function__``). None where ``t`` has no such form."""
+    if isinstance(t, v2.RandomHorizontalFlip | v2.RandomVerticalFlip):
+        flip = TF.horizontal_flip_image if isinstance(t, v2.RandomHorizontalFlip) else TF.vertical_flip_image
+        p = t.p
+
+        def flip_step(x: Tensor) -> Tensor:
+            return x if torch.rand(1) >= p else flip(x)  # v2's _RandomApplyTransform draw
+
+        return flip_step
+    if type(t) is ResizedCrop:
+        crop = t
+
+        def crop_step(x: Tensor) -> Tensor:
+            params = crop.make_params([x])
+            return TF.resized_crop_image(x, **params, interpolation=crop.interpolation,
+                                         antialias=crop.antialias)
+
+        return crop_step
+    if type(t) is v2.ColorJitter:
+        jitter = t
+        kernels = {0: ("brightness_factor", TF.adjust_brightness_image),
+                   1: ("contrast_factor", TF.adjust_contrast_image),
+                   2: ("saturation_factor", TF.adjust_saturation_image),
+                   3: ("hue_factor", TF.adjust_hue_image)}
+
+        def jitter_step(x: Tensor) -> Tensor:
+            params = jitter.make_params([x])
+            for fn_id in params["fn_idx"].tolist():  # v2's random order of the four
+                name, kernel = kernels[fn_id]
+                if params[name] is not None:
+                    x = kernel(x, params[name])
+            return x
+
+        return jitter_step
+    return None
+
+
+def direct_plan(transforms: Sequence[v2.Transform]) -> list[ImageStep] | None:
+    """The image-only fast path of a pipeline (:func:`_direct_step` for each transform), or
+    None when some transform has none (rotation, blur, ...: those run through v2)."""
+    steps = [_direct_step(t) for t in transforms]
+    return None if any(s is None for s in steps) else steps  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------- the pipeline
 class Augment:
     """A training pipeline (``train=True``) or the test one, which never augments.
@@ -251,6 +303,8 @@ class Augment:
         ops = build_transforms(spec)  # parsed even at test time, so a typo fails early
         self.spec, self.train = spec or "none", train
         self.transform = v2.Compose(ops) if train and ops else v2.Identity()
+        # an image alone (the classification case) skips v2's dispatch where every op allows
+        self.direct = direct_plan(ops) if train and ops else None
 
     def __repr__(self) -> str:
         return f"Augment({self.spec!r}, train={self.train})"
@@ -264,6 +318,10 @@ class Augment:
         if image.ndim != 3:
             raise DivekitError(f"expected one image (C, H, W), got shape {tuple(image.shape)}")
         if boxes is None and masks is None and labels is None:
+            if self.direct is not None and type(image) is Tensor:
+                for step in self.direct:  # the same draws and kernels as self.transform
+                    image = step(image)
+                return image
             return self.transform(tv_tensors.Image(image)).as_subclass(Tensor)
         sample: dict[str, Any] = {"image": tv_tensors.Image(image)}
         if boxes is not None:

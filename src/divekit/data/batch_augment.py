@@ -230,11 +230,23 @@ class Crop(BatchOp):
         left = torch.where(found, _randint(torch.zeros_like(w), width - w + 1, g), (width - w) // 2)
         return {"top": top, "left": left, "height": h, "width": w}
 
-    def apply(self, x, top, left, height, width):
-        _, _, H, W = x.shape
-        ry = bilinear_matrix(top, height, H, H).to(x.device, x.dtype)  # (N, H, H)
-        rx = bilinear_matrix(left, width, W, W).to(x.device, x.dtype)  # (N, W, W)
-        return ry.unsqueeze(1) @ x @ rx.transpose(1, 2).unsqueeze(1)
+    def apply(self, x, top, left, height, width, hflip=None, vflip=None):
+        """``R_y @ x @ R_xᵀ`` per sample, as two ``bmm``: the columns first, on the batch seen as
+        ``(N, C·H, W)`` (no broadcast copy of the image), then the rows. ``hflip``/``vflip``
+        (per-sample booleans): a flip drawn just before the crop, folded into the matrices
+        (a mirrored image resampled = the mirrored matrix applied to the image)."""
+        n, c, H, W = x.shape
+        ry = bilinear_matrix(top, height, H, H)  # (N, H, H)
+        rx = bilinear_matrix(left, width, W, W)  # (N, W, W)
+        if hflip is not None:
+            rx = torch.where(hflip.view(-1, 1, 1), rx.flip(2), rx)
+        if vflip is not None:
+            ry = torch.where(vflip.view(-1, 1, 1), ry.flip(2), ry)
+        rx = rx.to(x.device, x.dtype).transpose(1, 2)
+        ry = ry.to(x.device, x.dtype)
+        cols = torch.bmm(x.reshape(n, c * H, W), rx)  # (N, C·H, W)
+        ry = ry.unsqueeze(1).expand(n, c, H, H).reshape(n * c, H, H)
+        return torch.bmm(ry, cols.view(n * c, H, W)).view(n, c, H, W)
 
     def apply_mask(self, m, top, left, height, width):
         n, k, H, W = m.shape
@@ -508,8 +520,18 @@ class BatchAugment:
         if len(x):
             with torch.autocast(x.device.type, enabled=False):
                 out = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-                for op in self.ops:
+                pending: dict[str, Tensor] = {}  # a flip waiting to be folded into a crop
+                for i, op in enumerate(self.ops):
                     params = op.sample(out, generator)
+                    if m is None and isinstance(op, Flip) and op.dim in (-1, -2, 2, 3) \
+                            and i + 1 < len(self.ops) and isinstance(self.ops[i + 1], Crop):
+                        key = "hflip" if op.dim in (-1, 3) else "vflip"
+                        if key not in pending:
+                            pending[key] = params["flip"]  # the crop's matrices do it
+                            continue
+                    if pending and isinstance(op, Crop):
+                        params = {**params, **pending}
+                        pending = {}
                     out = op.apply(out, **params)
                     if m is not None:
                         m = op.apply_mask(m, **params)
