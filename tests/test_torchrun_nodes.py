@@ -198,7 +198,7 @@ def test_each_round_agrees_on_a_fresh_name_despite_the_dead_rounds_keys(server):
         assert all(isinstance(v, Round) for v in results.values()), results
         rounds.append(results[0])
     assert len({r.name for r in rounds}) == 3  # no round reuses a name or reads another's keys
-    assert [r.index for r in rounds] == [0, 1, 2]  # and each knows how many came before
+    assert [r.earlier for r in rounds] == [0, 1, 2]  # and each knows how many came before
 
 
 def test_a_round_whose_peer_never_comes_ends_in_one_line(server):

@@ -241,10 +241,10 @@ def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store | No
 
 class Round(NamedTuple):
     """One round of workers under an elastic agent: a name no other round of the job shares,
-    and how many rounds of the job reached this point before it (as far as ``store`` knows)."""
+    and how many rounds of the job reached this point before it (as far as the store knows)."""
 
     name: str
-    index: int
+    earlier: int
 
 
 _ROUND: Round | None = None
@@ -256,7 +256,7 @@ def elastic_round() -> int:
     outside torchrun). Known when the agent hosts the store (torchrun's default), which lives
     as long as the job; each restart, on whichever node it began, starts a new round. With
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` each round has a fresh store and this stays 0."""
-    return _ROUND.index if _ROUND is not None else 0
+    return _ROUND.earlier if _ROUND is not None else 0
 
 
 def agree_on_round(store: dist.Store, env: DistEnv, timeout: datetime.timedelta) -> Round:
@@ -282,20 +282,20 @@ def agree_on_round(store: dist.Store, env: DistEnv, timeout: datetime.timedelta)
                 f"rank {env.rank}: rank 0 of this round did not answer within "
                 f"{timeout.total_seconds():g} s (--dist-timeout)"
             ) from None
-        index, name = store.get(f"{_WELCOME}/{nonce}").decode().split(" ")
-        store.set(f"{_READY}/{name}/{env.rank}", "1")
-        return Round(name, int(index))
-    name, index = uuid.uuid4().hex, store.add("divekit/rounds", 1) - 1
+        earlier, given = store.get(f"{_WELCOME}/{nonce}").decode().split(" ")
+        store.set(f"{_READY}/{given}/{env.rank}", "1")
+        return Round(given, int(earlier))
+    name, before = uuid.uuid4().hex, store.add("divekit/rounds", 1) - 1
     answered: dict[int, bytes] = {}
     waiting = set(range(1, env.world_size))
     pause = 0.005
     while waiting:
         for r in sorted(waiting):
             if store.check([f"{_HELLO}/{r}"]):
-                nonce = store.get(f"{_HELLO}/{r}")
-                if answered.get(r) != nonce:
-                    store.set(f"{_WELCOME}/{nonce.decode()}", f"{index} {name}")
-                    answered[r] = nonce
+                hello = store.get(f"{_HELLO}/{r}")
+                if answered.get(r) != hello:
+                    store.set(f"{_WELCOME}/{hello.decode()}", f"{before} {name}")
+                    answered[r] = hello
             if store.check([f"{_READY}/{name}/{r}"]):
                 waiting.discard(r)
         if waiting:
@@ -306,7 +306,7 @@ def agree_on_round(store: dist.Store, env: DistEnv, timeout: datetime.timedelta)
                 )
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
-    return Round(name, index)
+    return Round(name, before)
 
 
 def destroy_process_group() -> None:
