@@ -499,7 +499,7 @@ def memory_table(args: argparse.Namespace, report: Report) -> None:
         report.table(["benchmark", *MEMORY_HEADERS, "divekit ≤ the peer"], rows,
                      align="llrrrl",
                      caption=f"Peak resident memory of each side: the side built alone in a "
-                             f"fresh process, then {MEMORY_STEPS} training steps (`ru_maxrss`; "
+                             f"fresh process, then {MEMORY_STEPS} training steps (`VmHWM`; "
                              "\"of which the call\": above the RSS once the model, optimizer "
                              "and batch are built). Goal: divekit ≤ the peer.")
 

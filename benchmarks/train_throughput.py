@@ -343,7 +343,7 @@ def main() -> int:
         report.table(["model", *MEMORY_HEADERS, "divekit ≤ the course"], memory_rows,
                      align="llrrrl",
                      caption="Peak resident memory of each side, each run once more in a fresh "
-                             "process of its own (the same imports and data; `ru_maxrss`; "
+                             "process of its own (the same imports and data; `VmHWM`; "
                              "\"of which the call\": above the RSS just before it). Goal: "
                              "divekit ≤ the course.")
     report.write(args.markdown)
