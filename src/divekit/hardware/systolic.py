@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from divekit.errors import DivekitError
 from divekit.hardware.analytic import CONVENTIONS, ArraySpec, GemmStats, spatio_temporal
@@ -150,18 +151,17 @@ def _ws_chunk(a_tiles: np.ndarray, w_tiles: np.ndarray, valid_count: np.ndarray
     # so a diagonal's PEs, by increasing column, read them forward.
     t_last = t >= f
     a_l = a_tiles[:, :, ::-1].transpose((2, 0, 1) if t_last else (2, 1, 0))  # (R, F, T) | (R, T, F)
-    a_l = np.ascontiguousarray(a_l)
+    a_l = a_l.copy(order="C")  # a fresh array: positive strides, as torch.from_numpy needs
     w_l = wd[:, :, :, None] if t_last else wd[:, :, None, :]  # broadcast over the wavefronts
     psum = np.zeros((c, *a_l.shape[1:]))  # (C, F, T) | (C, T, F): column j's running sums
-    prod = np.empty_like(psum)
+    # torch views of the same memory: addcmul_ is the multiply-accumulate in one pass
+    psum_t, a_t, w_t = torch.from_numpy(psum), torch.from_numpy(a_l), torch.from_numpy(w_l)
     emitted, last, macs = 0, -1, 0
     for d in range(r + c - 1):
         lo, hi = _diagonal(d, r, c)
         jlo, jhi = d - hi, d - lo  # columns of the diagonal's PEs (rows hi..lo)
-        p = prod[: jhi - jlo + 1]
-        np.multiply(a_l[r - 1 - hi: r - lo], w_l[d, jlo: jhi + 1], out=p)
-        s = psum[jlo: jhi + 1]
-        np.add(s, p, out=s)  # each sum moves one PE down and adds that PE's product
+        # each sum moves one PE down and adds that PE's product
+        psum_t[jlo: jhi + 1].addcmul_(a_t[r - 1 - hi: r - lo], w_t[d, jlo: jhi + 1])
         macs += t * int(vd[d])
         if d >= r - 1:  # the bottom row's PE (R-1, j) hands column j's sums out
             emitted += t
