@@ -35,7 +35,9 @@ Without the d2l package the d2l column is skipped (said in the output) and divek
 from __future__ import annotations
 
 import argparse
+import cProfile
 import platform
+import pstats
 import statistics
 import sys
 import time
@@ -105,6 +107,36 @@ def median_seconds(fn: Callable[[], Any], repeats: int,
         wall.append((time.perf_counter() - w0) / number)
         cpu.append((time.process_time() - c0) / number)
     return statistics.median(wall), statistics.median(cpu)
+
+
+def top_functions(fn: Callable[[], Any], k: int = 8) -> list[tuple[str, float, int]]:
+    """The ``k`` functions with the most self time over one call of ``fn`` (cProfile):
+    ``[(function, self ms, calls), ...]``. torch operators show as built-ins; a C kernel
+    called through ctypes (divekit's NMS and anchor labelling) counts as its Python caller's
+    self time, so both sides' time is accounted for."""
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, self s, cum s, _)}
+    top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:k]
+    return [(f"{file.rsplit('/', 1)[-1]}:{line}({name})" if line else name, own * 1e3, calls)
+            for (file, line, name), (_, calls, own, _cum, _callers) in top]
+
+
+def profile_report(report: Report, name: str, sides: dict[str, Callable[[], Any]],
+                   k: int = 8) -> None:
+    """Print and add to the report a side-by-side table of each side's top functions."""
+    tops = {side: top_functions(fn, k) for side, fn in sides.items()}
+    headers = ["#"] + [f"{side}: function, self ms (calls)" for side in sides]
+    rows = [[str(i + 1)] + [f"`{t[i][0]}` {t[i][1]:.2f} ({t[i][2]})" if i < len(t) else ""
+                            for t in tops.values()] for i in range(k)]
+    caption = (f"Where the time goes in {name} (goal not met): the top functions by self time "
+               "of one call of each side (cProfile).")
+    print(caption)
+    for row in rows:
+        print("  " + " | ".join(row))
+    report.table(headers, rows, align="l" * len(headers), caption=caption)
 
 
 def random_boxes(n: int, g: torch.Generator) -> torch.Tensor:
@@ -382,6 +414,7 @@ def main() -> int:
         f"{'case':<52} {'divekit':>10} {'d2l':>10} {'speed-up':>8} {'(CPU time)':>10} {'goal':>6}  same result"
     )
     rows = []
+    missed: list[tuple[str, dict[str, Callable[[], Any]]]] = []  # goals not met: profiled
     for index, make_case in enumerate(CASES):
         if args.only not in make_case.__name__:
             continue
@@ -409,6 +442,8 @@ def main() -> int:
             f"{'yes' if same else 'NO'}"
         )
         print(f"{'':<4}rounds' speed-up {wall.lo:.1f}-{wall.hi:.1f}x: {verdict(wall, goal)}")
+        if goal is not None and verdict(wall, goal) != "met":
+            missed.append((name, {"d2l": theirs, "divekit": ours}))
         rows.append([name, f"{wall_ours * 1e3:.2f} ms", f"{wall_theirs * 1e3:.2f} ms", wall.md(1),
                      f"{cpu.median:.1f}×", goal_cell(goal), verdict(wall, goal),
                      "yes" if same else "NO"])
@@ -426,6 +461,8 @@ def main() -> int:
                          f"(`configure_allocator()`, both sides); per-call medians of "
                          f"{args.repeats} interleaved rounds (d2l, divekit), each an auto-sized "
                          "loop; speed-up: median and min–max of the per-round ratios.")
+    for name, sides in missed[:1] if args.smoke else missed:  # where the time goes, both sides
+        profile_report(report, name, sides)
     report.write(args.markdown)
     return 0
 
