@@ -18,8 +18,8 @@ it with three inputs, as a back-of-the-envelope planner would:
   deviation) of one device's step time. A synchronous step waits for the slowest of ``N``
   devices, which is ``sigma · e(N)`` later than the average one (:func:`expected_max_normal`:
   ``e(2) = 1/sqrt(pi) = 0.56``, ``e(1024) = 3.2``). On a shared machine both are large: on
-  the 2-core machine this was written on, a 2-process LeNet step spent more time in them than
-  in the all-reduce.
+  the loaded 2-core machine this was written on, a 2-process LeNet step waited longer for the
+  slower process (sigma about 16 ms, so 9 ms) than its all-reduce took (about 3 ms).
 
 Per strategy, with global batch ``G``, ``P`` parameter bytes and ``N`` devices:
 
