@@ -104,7 +104,7 @@ def test_two_torchrun_nodes_equal_one_process(tmp_path, one_process):
 
 
 
-@pytest.mark.slow  # 40-60 s here (loaded machine): two agents, a kill, a restarted round
+@pytest.mark.slow  # 55-80 s at load average 15 on 2 cores: two agents, a kill, a new round
 @pytest.mark.parametrize(("strategy", "rdzv_id"), [("ddp", True), ("allreduce", False)])
 def test_killed_node_worker_restarts_both_nodes_and_ends_at_the_same_weights(
         tmp_path, one_process, strategy, rdzv_id):
@@ -137,7 +137,7 @@ def test_killed_node_worker_restarts_both_nodes_and_ends_at_the_same_weights(
     assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
 
 
-@pytest.mark.slow  # 2 x 10-25 s here: two torchrun jobs of 2 workers
+@pytest.mark.slow  # 48-68 s at load average 15 on 2 cores: two torchrun jobs of 2 workers
 def test_a_later_job_reusing_the_rdzv_id_and_out_is_refused_not_resumed(tmp_path):
     # the job's store, not config.json's recorded --rdzv-id, says whether a round is a restart:
     # a new job under the README's `--rdzv-id myjob` is a new job, and --out holds a run
