@@ -5,11 +5,13 @@ records the tensor operations into a graph (leaving Python it cannot trace as a 
 AOTAutograd derives the backward graph from it ahead of time; TorchInductor fuses the
 element-wise operations of both into generated kernels (C++/OpenMP on the CPU, Triton on CUDA)
 and calls the vendor libraries (oneDNN, cuBLAS, cuDNN) for the matrix products and
-convolutions. What it saves is the per-operator overhead and the memory traffic between
-element-wise operations, so it pays on small, overhead-bound models (LeNet's step runs at 2 %
-of this machine's GEMM rate) and little on large convolutional ones (ResNet-18's runs at 81 %:
-the convolutions are already the time). The first call of each new input shape or mode
-(training, evaluation) compiles, which takes seconds to minutes; the benchmarks report it apart.
+convolutions. What it can save is the per-operator overhead and the memory traffic between
+element-wise operations; it cannot make the convolutions and GEMMs themselves faster, and on
+this project's 2-core CPU those are the time (ResNet-18's step runs at 81 % of the machine's
+GEMM rate), so no family measured gains 1.2x there (see :data:`FAMILY_DEFAULTS`). The first
+call of each new input shape or mode (training, evaluation) compiles, which takes seconds to
+many minutes on a small CPU; the benchmarks report it apart. On a GPU, where launches and
+memory traffic weigh more, the balance differs: measure before turning it on.
 
 How divekit uses it. The module is compiled *in place* (:meth:`torch.nn.Module.compile`): the
 model object, its parameters and its ``state_dict`` keys stay the same, so checkpoints are the
@@ -18,8 +20,8 @@ module's ``__call__`` is compiled: a task that calls a submodule directly (``mod
 runs that part eagerly.
 
 ``--compile`` is a tristate: on, off, or (neither typed) the model family's default,
-:data:`FAMILY_DEFAULTS`, decided from ``benchmarks/train_throughput.py``'s medians on the
-2-core CPU (on where it wins by at least 1.2× after compilation, off elsewhere).
+:data:`FAMILY_DEFAULTS`, decided from the training benchmarks' medians on the 2-core CPU (on
+where it wins by at least 1.2× after compilation, off elsewhere).
 """
 
 from __future__ import annotations
@@ -42,12 +44,19 @@ REFUSED_STRATEGIES = {
     "fsdp": "its per-layer hooks gather and free the parameters around every layer's call",
 }
 
-# The model families (the module of divekit.models that registers the model) whose training
-# step runs at least 1.2x faster compiled, after compilation, in benchmarks/train_throughput.py
-# on the 2-core CPU at 1 thread (see the README's figures): --compile is on by default for
-# them. Every other family is off by default (compiling costs seconds to minutes and wins less
-# than 1.2x there, or was not measured).
-FAMILY_DEFAULTS: dict[str, bool] = {}
+# --compile's default per model family (the module of divekit.models that registers the
+# model): on where the training step runs at least 1.2x faster compiled, after compilation, at
+# the median of interleaved rounds on the 2-core CPU at 1 thread; off elsewhere, and off for
+# a family not measured. Measured (session 9, the machine loaded by other jobs, load 10-16):
+#   lenet   0.94x (0.55-1.14), 5 rounds, compile 244 s first run, 3 s with a warm cache
+#           (benchmarks/train_throughput.py, 12,000 MNIST samples, batch 256)
+#   resnet  1.01x (0.70-1.40), 3 rounds, compile 837 s first run, 150 s warm (ResNet-18, 96x96)
+#   bert    1.02x (0.77-1.27), 2 rounds, compile 773 s first run, 12 s warm (bert_small
+#           pretraining step 512 x 64; benchmarks/bert.py)
+# None reaches 1.2x, so --compile is off by default everywhere: the CPU time of these steps is
+# in oneDNN's convolutions and GEMMs, which Inductor calls as they are, and what it fuses
+# (element-wise operations, optimizer updates) is a small share at these batch sizes.
+FAMILY_DEFAULTS: dict[str, bool] = {"lenet": False, "resnet": False, "bert": False}
 
 
 def model_family(model_name: str) -> str | None:
