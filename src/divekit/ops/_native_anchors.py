@@ -32,6 +32,7 @@ from divekit.ops._native_nms import build_library
 SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* anchors: A x 4 float corner boxes; labels: B x G x 5 float rows [class, x1, y1, x2, y2],
    class < 0 for padding. Writes cls (B x A int64: class + 1, 0 for background), mask (B x A*4
@@ -126,18 +127,16 @@ int64_t assign_anchors(const float *anchors, const float *labels, int64_t B, int
         }
         int64_t *c = cls + A * b;
         float *m = mask + 4 * A * b;
+        memset(c, 0, sizeof(int64_t) * A); /* background everywhere, then the few positives */
+        memset(m, 0, sizeof(float) * 4 * A);
         for (int64_t a = 0; a < A; a++) {
             int64_t g = asg[a];
-            if (g >= 0) {
-                c[a] = (int64_t)lab[5 * g] + 1;
-                m[4 * a] = m[4 * a + 1] = m[4 * a + 2] = m[4 * a + 3] = 1.0f;
-                pos[count] = A * b + a;
-                pos_truth[count] = g;
-                count++;
-            } else {
-                c[a] = 0;
-                m[4 * a] = m[4 * a + 1] = m[4 * a + 2] = m[4 * a + 3] = 0.0f;
-            }
+            if (g < 0) continue;
+            c[a] = (int64_t)lab[5 * g] + 1;
+            m[4 * a] = m[4 * a + 1] = m[4 * a + 2] = m[4 * a + 3] = 1.0f;
+            pos[count] = A * b + a;
+            pos_truth[count] = g;
+            count++;
         }
     }
 done:
