@@ -384,15 +384,16 @@ class Jitter(BatchOp):
 
     @staticmethod
     def adjust(x: Tensor, op: int, f: Tensor) -> Tensor:
+        fv = _view(f, x)
         if op == 0:  # brightness
-            return (x * _view(f, x)).clamp(0, 1)
+            return (x * fv).clamp_(0, 1)
         if op == 1:  # contrast: towards the mean luma of each image
             mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-            return (_view(f, x) * x + (1 - _view(f, x)) * mean).clamp(0, 1)
+            return (x * fv).add_(mean * (1 - fv)).clamp_(0, 1)
         if op == 2:  # saturation: towards the image's own grayscale
             if x.shape[1] == 1:
                 return x
-            return (_view(f, x) * x + (1 - _view(f, x)) * grayscale(x)).clamp(0, 1)
+            return (x * fv).add_(grayscale(x) * (1 - fv)).clamp_(0, 1)
         return adjust_hue(x, f)
 
     def apply(self, x, order, factors):
