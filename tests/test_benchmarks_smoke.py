@@ -181,7 +181,7 @@ SMOKES = {
                     rf"(?m)^corpus BLEU .*{RATIO}  \(sacrebleu\)$"),
     ),
     # the book's training calls, divekit.compat.d2l against the book's package (its own peer
-    # folder, .venv/peers): one process per side, six cases
+    # folder, .venv/peers): one process per side, ten cases
     "book": Smoke(
         table=(r"book side: d2l|peer skipped",
                r"(?m)^\| lenet \| \d+\.\d+|shared data absent: lenet",
