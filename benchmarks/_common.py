@@ -30,9 +30,11 @@ The leading underscore keeps this module out of the benchmark smoke tests (it is
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime as _dt
 import os
 import platform
+import pstats
 import statistics
 import threading
 import time
@@ -529,3 +531,22 @@ class Report:
         if path is None:
             return
         Path(path).write_text(self.render(), encoding="utf-8")
+
+
+def top_functions(fn: Callable[[], object], k: int = 8, warm: bool = True
+                  ) -> list[tuple[str, float, int]]:
+    """The ``k`` functions with the most self time over one call of ``fn`` (cProfile):
+    ``[(function, self ms, calls), ...]``, for the profile tables of goals not met. torch
+    operators show as built-ins; a C kernel called through ctypes counts as its Python caller's
+    self time. ``warm`` calls ``fn`` once first, so first-touch page faults and lazy set-up are
+    not what the profile sees."""
+    if warm:
+        fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, self s, cum s, _)}
+    top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:k]
+    return [(f"{Path(file).name}:{line}({name})" if line else name, own * 1e3, calls)
+            for (file, line, name), (_, calls, own, _cum, _callers) in top]

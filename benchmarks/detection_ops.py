@@ -35,9 +35,7 @@ Without the d2l package the d2l column is skipped (said in the output) and divek
 from __future__ import annotations
 
 import argparse
-import cProfile
 import platform
-import pstats
 import statistics
 import sys
 import time
@@ -46,7 +44,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import Report, Spread, add_markdown_arg, goal_cell, interleave, paired_ratio, verdict
+from _common import (
+    Report,
+    Spread,
+    add_markdown_arg,
+    goal_cell,
+    interleave,
+    paired_ratio,
+    top_functions,
+    verdict,
+)
 from torch import nn
 
 from divekit.data.detection import make_shapes
@@ -107,22 +114,6 @@ def median_seconds(fn: Callable[[], Any], repeats: int,
         wall.append((time.perf_counter() - w0) / number)
         cpu.append((time.process_time() - c0) / number)
     return statistics.median(wall), statistics.median(cpu)
-
-
-def top_functions(fn: Callable[[], Any], k: int = 8) -> list[tuple[str, float, int]]:
-    """The ``k`` functions with the most self time over one call of ``fn`` (cProfile):
-    ``[(function, self ms, calls), ...]``. torch operators show as built-ins; a C kernel
-    called through ctypes (divekit's NMS and anchor labelling) counts as its Python caller's
-    self time, so both sides' time is accounted for."""
-    fn()  # warm: first-touch page faults and lazy set-up are not what the timed loop sees
-    prof = cProfile.Profile()
-    prof.enable()
-    fn()
-    prof.disable()
-    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, self s, cum s, _)}
-    top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:k]
-    return [(f"{file.rsplit('/', 1)[-1]}:{line}({name})" if line else name, own * 1e3, calls)
-            for (file, line, name), (_, calls, own, _cum, _callers) in top]
 
 
 def profile_report(report: Report, name: str, outcome: str,

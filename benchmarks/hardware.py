@@ -27,14 +27,11 @@ simulators run alone, checked against each other.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-from _common import Report, add_markdown_arg, interleave, paired_ratio, verdict, wall
+from _common import Report, add_markdown_arg, interleave, paired_ratio, top_functions, verdict, wall
 
 from divekit.hardware.analytic import ArraySpec, gemm_cycles
 from divekit.hardware.scalesim_io import scalesim_ofmap
@@ -77,24 +74,10 @@ def scalesim_kwargs(spec: dict) -> dict:
 GOAL_CYCLE, GOAL_ANALYTIC = 20.0, 1000.0  # over SCALE-Sim's stall-free run, every layer
 
 
-def top_functions(fn: Callable[[], object], k: int = 8) -> list[tuple[str, float, int]]:
-    """The ``k`` functions with the most self time in one call of ``fn``, under cProfile:
-    ``[(function, self ms, calls), ...]``. Both sides are numpy and Python (no torch operators),
-    so this is the profile that says where their time goes."""
-    prof = cProfile.Profile()
-    prof.enable()
-    fn()
-    prof.disable()
-    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, self s, cum s, _)}
-    top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:k]
-    return [(f"{Path(file).name}:{line}({name})" if line else name, own * 1e3, calls)
-            for (file, line, name), (_, calls, own, _cum, _callers) in top]
-
-
 def profile_rows(sides: dict[str, Callable[[], object]], k: int = 8) -> tuple[
         list[str], list[list[str]]]:
     """Headers and rows of a side-by-side table of each side's :func:`top_functions`."""
-    tops = {name: top_functions(fn, k) for name, fn in sides.items()}
+    tops = {name: top_functions(fn, k, warm=False) for name, fn in sides.items()}
     headers = ["#"] + [f"{name}: function, self ms (calls)" for name in sides]
     rows = [[str(i + 1)] + [f"`{t[i][0]}` {t[i][1]:.1f} ({t[i][2]})" if i < len(t) else ""
                             for t in tops.values()] for i in range(k)]
