@@ -550,3 +550,20 @@ def top_functions(fn: Callable[[], object], k: int = 8, warm: bool = True
     top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:k]
     return [(f"{Path(file).name}:{line}({name})" if line else name, own * 1e3, calls)
             for (file, line, name), (_, calls, own, _cum, _callers) in top]
+
+
+def profile_report(report: Report, name: str, outcome: str,
+                   sides: dict[str, Callable[[], object]], k: int = 8) -> None:
+    """Print and add to ``report`` a side-by-side table of each side's top functions by self
+    time (:func:`top_functions` of ``sides``, ``{"d2l": fn, "divekit": fn}``, one call each
+    after a warm-up call): the analysis a goal not met (``outcome``) owes its reader."""
+    tops = {side: top_functions(fn, k) for side, fn in sides.items()}
+    headers = ["#"] + [f"{side}: function, self ms (calls)" for side in sides]
+    rows = [[str(i + 1)] + [f"`{t[i][0]}` {t[i][1]:.2f} ({t[i][2]})" if i < len(t) else ""
+                            for t in tops.values()] for i in range(k)]
+    caption = (f"Where the time goes in {name} (goal {outcome}): the top functions by self "
+               "time of one call of each side after a warm-up call (cProfile).")
+    print(caption)
+    for row in rows:
+        print("  " + " | ".join(row))
+    report.table(headers, rows, align="l" * len(headers), caption=caption)

@@ -120,13 +120,14 @@ PROFILES: list[tuple[str, tuple[list[str], list[list[str]]]]] = []  # for goals 
 def add_row(what: str, ours: str, peer: str, ratio: Spread | None, goal: float,
             sides: dict | None = None) -> str:
     """Record a row of the report; returns the console's ratio and verdict text. A goal not met
-    adds the top operators of both ``sides`` (``{"peer": fn, "divekit": fn}``, one call each)."""
+    (or not settled) adds the top operators of both ``sides`` (``{"peer": fn, "divekit": fn}``,
+    one call each)."""
     if ratio is None:
         ROWS.append([what, ours, peer, "—", goal_cell(goal), "peer skipped"])
         return ""
     ROWS.append([what, ours, peer, ratio.md(), goal_cell(goal), verdict(ratio, goal)])
-    if sides is not None and verdict(ratio, goal) == "not met":
-        PROFILES.append((what, profile_table(sides)))
+    if sides is not None and verdict(ratio, goal) != "met":  # not met or not settled
+        PROFILES.append((f"{verdict(ratio, goal).capitalize()}: {what}", profile_table(sides)))
     return (f"ratio {ratio.median:.2f}x ({ratio.lo:.2f}-{ratio.hi:.2f}, goal >= {goal}x: "
             f"{verdict(ratio, goal)})")
 
@@ -552,7 +553,7 @@ def main() -> None:
         memory_table(args, report)
     for what, (headers, rows) in PROFILES:
         report.table(headers, rows, align="lll",
-                     caption=f"Not met: {what}. The top operators by self CPU time in one call "
+                     caption=f"{what}. The top operators by self CPU time in one call "
                              "of each side (torch.profiler):")
     report.write(args.markdown)
 

@@ -51,7 +51,7 @@ from _common import (
     goal_cell,
     interleave,
     paired_ratio,
-    top_functions,
+    profile_report,
     verdict,
 )
 from torch import nn
@@ -114,21 +114,6 @@ def median_seconds(fn: Callable[[], Any], repeats: int,
         wall.append((time.perf_counter() - w0) / number)
         cpu.append((time.process_time() - c0) / number)
     return statistics.median(wall), statistics.median(cpu)
-
-
-def profile_report(report: Report, name: str, outcome: str,
-                   sides: dict[str, Callable[[], Any]], k: int = 8) -> None:
-    """Print and add to the report a side-by-side table of each side's top functions."""
-    tops = {side: top_functions(fn, k) for side, fn in sides.items()}
-    headers = ["#"] + [f"{side}: function, self ms (calls)" for side in sides]
-    rows = [[str(i + 1)] + [f"`{t[i][0]}` {t[i][1]:.2f} ({t[i][2]})" if i < len(t) else ""
-                            for t in tops.values()] for i in range(k)]
-    caption = (f"Where the time goes in {name} (goal {outcome}): the top functions by self "
-               "time of one call of each side after a warm-up call (cProfile).")
-    print(caption)
-    for row in rows:
-        print("  " + " | ".join(row))
-    report.table(headers, rows, align="l" * len(headers), caption=caption)
 
 
 def random_boxes(n: int, g: torch.Generator) -> torch.Tensor:
