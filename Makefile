@@ -58,9 +58,11 @@ lint: $(STAMP)
 
 # every benchmark at its standard settings against its peer (d2l 1.0.3 and 0.17.6, transformers,
 # peft, sacrebleu, scalesim: all installed by $(STAMP)), then BENCHMARKS.md's generated sections
-# rewritten (benchmarks/run_all.py; `--only NAME,...` for some, `--smoke -o FILE` to test it)
+# rewritten (benchmarks/run_all.py; `make bench BENCH="--only NAME,..."` for some, `--skip`,
+# `--smoke -o FILE` to test it)
+BENCH ?=
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) runs
