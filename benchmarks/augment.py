@@ -18,6 +18,15 @@ RGB), else random 32×32 RGB images (said in the output). Prints images/s and th
     python benchmarks/augment.py                 # 1 and 2 workers, 2 epochs each
     python benchmarks/augment.py --workers 2 --epochs 3
     python benchmarks/augment.py --smoke         # 64 images, 1 epoch, 1 worker: checks that it runs
+
+Where a goal is not met (or not settled), the section gets a side-by-side cProfile table of the
+course's side and divekit's over one batch's work, done in this process with 0 workers: a
+profiler sees only its own process, and a worker does the same per-batch work the main process
+does with none, so one table per kind of goal ("batch", "sample") stands for every worker count.
+What workers add (starting processes, pickling the batches back) is in the ratios, not in the
+tables; the line above each table gives one batch's time in this process on both sides: a gap
+between that ratio and the measured one comes from outside the per-batch work (the workers, their
+start-up and transfers, each epoch's set-up).
 """
 
 from __future__ import annotations
@@ -28,7 +37,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import Report, Spread, add_markdown_arg, goal_cell, interleave, paired_ratio, verdict
+from _common import (
+    Report,
+    Spread,
+    add_markdown_arg,
+    goal_cell,
+    interleave,
+    paired_ratio,
+    profile_report,
+    verdict,
+    wall,
+)
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -129,6 +148,7 @@ def main() -> None:
     print(f"{'workers':>7} {'batch img/s':>12} {'sample img/s':>13} {'d2l img/s':>10} "
           f"{'batch/d2l':>10} {'sample/d2l':>11}")
     rows, goal_rows = [], []
+    outcomes: dict[str, list[tuple[int, str]]] = {}  # kind: [(workers, verdict)] missed
     for w in args.workers:
         rates: dict[str, list[float]] = {"d2l": [], "batch": [], "sample": []}
 
@@ -151,8 +171,11 @@ def main() -> None:
         rows.append([w, f"{med['batch']:,.0f}", f"{med['sample']:,.0f}", f"{med['d2l']:,.0f}",
                      ratio["batch"].md(), ratio["sample"].md()])
         for k in ("batch", "sample"):
+            outcome = verdict(ratio[k], GOALS[k])
             goal_rows.append([f"{k} / d2l, {w} worker(s)", ratio[k].md(), goal_cell(GOALS[k]),
-                              verdict(ratio[k], GOALS[k])])
+                              outcome])
+            if outcome != "met":  # not met or not settled: profiled once per kind below
+                outcomes.setdefault(k, []).append((w, outcome))
     for row in goal_rows:
         print(f"  goal {row[0]}: {row[1].replace('**', '').replace('×', 'x')} "
               f"{row[2].replace('≥', '>=').replace('×', 'x')}: {row[3]}")
@@ -164,7 +187,47 @@ def main() -> None:
                          "(d2l, batch, sample), ratios: median and min–max of the per-round "
                          "ratios.")
     report.table(["ratio", "× (min–max)", "goal", "verdict"], goal_rows, align="lrll")
+    missed = [k for k in ("batch", "sample") if k in outcomes]
+    for kind in missed[:1] if args.smoke else missed:  # where the time goes; smoke: one case
+        profile_kind(report, kind, outcomes[kind], images, labels, args.batch_size)
     report.write(args.markdown)
+
+
+def one_batch(loader) -> object:
+    """The first batch of a fresh pass over ``loader`` (0 workers: all of it in this process)."""
+    return next(iter(loader))
+
+
+def profile_kind(report: Report, kind: str, outcomes: list[tuple[int, str]], images: np.ndarray,
+                 labels: np.ndarray, batch: int) -> None:
+    """The analysis a ``kind`` ("batch" or "sample") goal not met owes: one batch of the
+    course's PIL pipeline and one of divekit's ``kind`` pipeline, both with 0 workers (a worker
+    process is invisible to the profiler; the per-batch work is the one a worker does), timed
+    once each and then profiled side by side (:func:`_common.profile_report`)."""
+    course = d2l_loader(images, labels, batch, 0)
+    ours = (divekit_batch_loader(images, labels, batch) if kind == "batch"
+            else divekit_loader(images, labels, batch, 0))
+    sides = {"course (PIL, v1 transforms)": lambda: one_batch(course),
+             f"divekit {kind}": lambda: one_batch(ours)}
+    for fn in sides.values():  # warm-up: lazy imports, first touch
+        fn()
+    t_course, t_ours = (min(wall(fn) for _ in range(3)) for fn in sides.values())
+    verdicts = sorted({o for _, o in outcomes})
+    where = "; ".join(f"{o} at {', '.join(str(w) for w, x in outcomes if x == o)} worker(s)"
+                      for o in verdicts)
+    note = (f"Goal {kind} / d2l {where}. Profiled: one batch of {batch} images in this "
+            f"process with 0 workers (a profiler sees no worker process; a worker does this "
+            f"same per-batch work, so one table stands for every worker count"
+            f"{'; divekit batch uses no workers in any row' if kind == 'batch' else ''}). "
+            f"One batch, "
+            f"best of 3: course {t_course * 1e3:.1f} ms, divekit {kind} "
+            f"{t_ours * 1e3:.1f} ms, {t_course / t_ours:.2f}× against the goal's "
+            f"{GOALS[kind]:g}×; the measured ratio also carries the workers' start-up and "
+            f"transfers and each epoch's set-up.")
+    print(note)
+    report.text(note)
+    profile_report(report, f"one batch of {kind} augmentation with 0 workers",
+                   ", ".join(verdicts), sides, k=10)
 
 
 if __name__ == "__main__":

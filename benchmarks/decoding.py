@@ -22,6 +22,13 @@ divekit decodes under ``inference_mode``. ``--course-no-grad`` gives the course'
     python benchmarks/decoding.py                 # lengths 50 and 200, batch 1 and 64
     python benchmarks/decoding.py --quick         # lengths 20 and 50
     python benchmarks/decoding.py --smoke         # lengths 5 and 10, 20 sentences (seconds)
+
+When the batched-translation goal is not met (or not settled), the section gets a side-by-side
+cProfile table of one batch's translation: divekit's batched decoder on the first batch, and
+the course's loop on the first ``--profile-sentences`` of the same sentences (one sentence at a
+time, its time is proportional to their number, so a subset shows where it goes and keeps the
+profile short; the line above the table says how many, the factor that scales its figures to
+the whole batch, and both sides' time per sentence).
 """
 
 from __future__ import annotations
@@ -30,7 +37,17 @@ import argparse
 import math
 
 import torch
-from _common import Report, Spread, add_markdown_arg, goal_cell, interleave, paired_ratio, verdict
+from _common import (
+    Report,
+    Spread,
+    add_markdown_arg,
+    goal_cell,
+    interleave,
+    paired_ratio,
+    profile_report,
+    verdict,
+    wall,
+)
 
 from divekit.models import create_model
 from divekit.ops.decoding import greedy_search
@@ -160,7 +177,12 @@ def predict_seq2seq(model, src_row, valid_len, num_steps):
     return output_seq
 
 
-def batched_row(model, n, num_steps, batch, repeats, course_no_grad=False):
+def batched_row(model, n, num_steps, batch, repeats, course_no_grad=False,
+                profile_sentences=25):
+    """``(row, missed)``: the batched-translation row and, when its goal is not met (or not
+    settled), what :func:`profile_batched` needs, ``(outcome, sentences divekit's side decodes,
+    sentences the course's side decodes, sides)``; ``missed`` is None when the goal is met or
+    there is none (``--course-no-grad``)."""
     g = torch.Generator().manual_seed(1)
     src = torch.randint(4, 1000, (n, SRC_LEN), generator=g)
     lens = torch.randint(3, SRC_LEN + 1, (n,), generator=g)
@@ -176,11 +198,12 @@ def batched_row(model, n, num_steps, batch, repeats, course_no_grad=False):
                 tokens += out.tokens
         return tokens
 
-    def course() -> list:
+    def course(count: int = n) -> list:
         # the course's predict_seq2seq as it is written: net.eval() and no torch.no_grad(), so
         # autograd records every step (divekit decodes under inference_mode)
         with torch.inference_mode(course_no_grad):
-            return [predict_seq2seq(model, src[i], int(lens[i]), num_steps) for i in range(n)]
+            return [predict_seq2seq(model, src[i], int(lens[i]), num_steps)
+                    for i in range(count)]
 
     times, out = race({"course": course, "divekit": ours}, repeats)
     assert out["divekit"] == out["course"]
@@ -193,8 +216,46 @@ def batched_row(model, n, num_steps, batch, repeats, course_no_grad=False):
     goal = None if course_no_grad else BATCHED_GOAL
     print(f"  rounds: {r.lo:.1f}-{r.hi:.1f}x" + (f"; goal >= {goal:g}x: {verdict(r, goal)}"
                                                   if goal else ""))
-    return [f"{n} sentences, {num_steps} tokens each", f"{t_ours:.2f} s ({batch} a batch)",
-            f"{t_course:.2f} s ({how})", r.md(1), goal_cell(goal), verdict(r, goal)]
+    row = [f"{n} sentences, {num_steps} tokens each", f"{t_ours:.2f} s ({batch} a batch)",
+           f"{t_course:.2f} s ({how})", r.md(1), goal_cell(goal), verdict(r, goal)]
+    if goal is None or verdict(r, goal) == "met":
+        return row, None
+    first = min(batch, n)  # the first batch's sentences
+    subset = min(first, profile_sentences)
+
+    def ours_first_batch() -> list:
+        with torch.inference_mode():
+            return greedy_search(model.decode_step, model.encode(src[:first], lens[:first]),
+                                 torch.full((first,), BOS), EOS, num_steps,
+                                 reorder=model.reorder_state).tokens
+
+    def course_subset() -> list:
+        return course(subset)
+
+    return row, (verdict(r, goal), first, subset,
+                 {f"course, {subset} sentence(s) one at a time": course_subset,
+                  f"divekit, {first} sentences in one batch": ours_first_batch})
+
+
+def profile_batched(report: Report, outcome: str, first: int, subset: int,
+                    sides: dict, num_steps: int) -> None:
+    """Where the time of the batched-translation goal not met (``outcome``) goes: each side timed
+    once more (per sentence) and profiled side by side (:func:`_common.profile_report`)."""
+    per = dict(zip(("course", "divekit"), (wall(fn) / k for fn, k in
+                                          zip(sides.values(), (subset, first), strict=True))))
+    scale = ("" if subset == first else
+             f"; a subset: its time is proportional to the sentences, so its self ms × "
+             f"{first / subset:g} are the whole batch's")
+    note = (f"Batched translation, goal {outcome}: profiled on the first batch's {first} "
+            f"sentences for divekit (one `greedy_search` call, inference mode) and the first "
+            f"{subset} of them for the course (`predict_seq2seq` one sentence at a time, as "
+            f"written, autograd on{scale}), up to {num_steps} tokens each. Timed once each "
+            f"before the profile: course {per['course'] * 1e3:.1f} ms a "
+            f"sentence, divekit {per['divekit'] * 1e3:.2f} ms a sentence, "
+            f"{per['course'] / per['divekit']:.1f}× against the goal's {BATCHED_GOAL:g}×.")
+    print(note)
+    report.text(note)
+    profile_report(report, "batched translation, one batch", outcome, sides, k=10)
 
 
 def main() -> None:
@@ -206,6 +267,9 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=500)
     p.add_argument("--course-no-grad", action="store_true",
                    help="run the course's predict_seq2seq under inference_mode too")
+    p.add_argument("--profile-sentences", type=int, default=25,
+                   help="sentences of the course's side in the profile of a batched-translation "
+                        "goal not met (default: 25 of the first batch's; smoke: 4)")
     p.add_argument("--smoke", action="store_true",
                    help="lengths 5 and 10, batch 1 and 4, 20 sentences in batches of 8, 1 repeat: "
                         "checks that it runs (seconds)")
@@ -214,6 +278,9 @@ def main() -> None:
     batches, sentence_batch = [1, 64], 250
     if args.smoke:
         args.repeats, args.sentences, batches, sentence_batch = 1, 20, [1, 4], 8
+        args.profile_sentences = min(args.profile_sentences, 4)
+    if args.profile_sentences < 1:
+        p.error("--profile-sentences must be at least 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = create_model("transformer", src_vocab_size=1000, tgt_vocab_size=5000, dropout=0.0).eval()
@@ -223,8 +290,9 @@ def main() -> None:
     decoding_rows(model, lengths, batches, args.repeats)
     with torch.no_grad():
         model.decoder.dense.bias[EOS] = 0.0  # translations end when <eos> wins
-    batched = batched_row(model, args.sentences, 20, sentence_batch, args.repeats,
-                          course_no_grad=args.course_no_grad)
+    batched, missed = batched_row(model, args.sentences, 20, sentence_batch, args.repeats,
+                                  course_no_grad=args.course_no_grad,
+                                  profile_sentences=args.profile_sentences)
     report = Report("Decoding: key/value cache and batched translation", threads=args.threads)
     report.table(["length", "batch", "kv cache tok/s", "input cache (course)", "no cache",
                   "vs no cache (min–max)", "vs input cache (min–max)", "goal", "verdict"],
@@ -239,6 +307,8 @@ def main() -> None:
                  caption="`greedy_search` with `reorder` (what `divekit translate` runs) against "
                          "the course's `predict_seq2seq`, same weights, same tokens (checked), "
                          "interleaved rounds (course, divekit).")
+    if missed is not None:  # where the time goes
+        profile_batched(report, *missed, num_steps=20)
     report.write(args.markdown)
 
 
