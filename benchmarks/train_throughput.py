@@ -50,6 +50,7 @@ from _common import (
     memory_verdict,
     paired_ratio,
     print_peak_rss,
+    profile_table,
     side_peak_rss,
     verdict,
 )
@@ -155,6 +156,13 @@ def prepared_tensors(xtr, ytr, xva, yva, size):
 def run_divekit(model_name, size, batch, lr, epochs, xtr, ytr, xva, yva, channels_last=None,
                 compile=False) -> list[dict]:
     """divekit's Trainer on the tensors; its history (one row per epoch)."""
+    return divekit_trainer(model_name, size, batch, lr, epochs, xtr, ytr, xva, yva,
+                           channels_last, compile).fit()
+
+
+def divekit_trainer(model_name, size, batch, lr, epochs, xtr, ytr, xva, yva, channels_last=None,
+                    compile=False):
+    """The Trainer :func:`run_divekit` fits (the data prepared, the model built)."""
     from divekit.data.vision import ImageClassificationData
     from divekit.engine import Trainer
     from divekit.tasks.classify import ClassificationTask, ClassifyConfig
@@ -169,7 +177,7 @@ def run_divekit(model_name, size, batch, lr, epochs, xtr, ytr, xva, yva, channel
                          channels_last=channels_last, compile=compile)
     task = ClassificationTask(cfg)
     task.data = data  # the tensors above, instead of loading cfg.data (a lazy cached property)
-    return Trainer(task, cfg).fit()
+    return Trainer(task, cfg)
 
 
 COMPILE_GOAL = 1.2  # --compile becomes a family's default where it wins this much (issue 26)
@@ -337,6 +345,8 @@ def main() -> int:
                       for n, o, k, r, g in rows], align="llrll",
                      caption=f"Ratios of samples/s, per interleaved round ({args.repeats} "
                              "rounds), median and min–max:")
+        if have_d2l:
+            profile_goals(rows, cases, args, report)
     elif args.compile != "only":
         report.text("d2l is not installed: no ratios.")
     if memory_rows:
@@ -387,6 +397,132 @@ def side_memory(side: str, model: str,
     argv = ["--models", model, "--epochs", str(args.epochs), "--threads", str(args.threads),
             "--scale", str(args.scale), "--compile", "off"]
     return side_peak_rss(__file__, side, argv + (["--smoke"] if args.smoke else []))
+
+
+# ----------------------------------------------------------------------------- profiles
+PROFILE_STEPS = 3  # training steps of each side under torch.profiler, where a goal is not met
+
+
+def endless(loader):
+    """The loader's batches, epoch after epoch (``set_epoch`` first where it has one)."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def course_steps(net: torch.nn.Module, loader: DataLoader, lr: float):
+    """``run(k)``: the next ``k`` steps of ``train_ch6``'s inner loop as it runs them (its
+    weight init, SGD and ``CrossEntropyLoss`` built once, as it builds them): zero_grad, the
+    batch to the device, forward, loss, backward, step, then its ``Accumulator``'s loss and
+    accuracy sums under ``no_grad`` and the running loss and accuracy it reads."""
+    import d2l.torch as d2l
+
+    def init_weights(m: torch.nn.Module) -> None:
+        if type(m) in (torch.nn.Linear, torch.nn.Conv2d):
+            torch.nn.init.xavier_uniform_(m.weight)
+
+    net.apply(init_weights)
+    device = torch.device("cpu")
+    net.to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    loss = torch.nn.CrossEntropyLoss()
+    metric = d2l.Accumulator(3)
+    net.train()
+    batches = endless(loader)
+
+    def run(k: int) -> None:
+        for _ in range(k):
+            X, y = next(batches)
+            optimizer.zero_grad()
+            X, y = X.to(device), y.to(device)
+            y_hat = net(X)
+            loss_ = loss(y_hat, y)
+            loss_.backward()
+            optimizer.step()
+            with torch.no_grad():
+                metric.add(loss_ * X.shape[0], d2l.accuracy(y_hat, y), X.shape[0])
+            _ = (metric[0] / metric[2], metric[1] / metric[2])  # train_l, train_acc
+
+    return run
+
+
+def divekit_steps(trainer):
+    """``run(k)``: the next ``k`` steps of the Trainer's epoch as ``Trainer._train_epoch`` runs
+    them: ``Trainer._step`` (the batch to the device in channels_last, zero_grad, the
+    strategy's forward and backward, the finite-loss check, the optimizer and schedule steps)
+    and the epoch's running metric sums."""
+    import itertools
+
+    trainer.strategy.train_model.train()
+    trainer.task.on_epoch_start(trainer.model, 0)
+    batches, index = endless(trainer.train_loader), itertools.count()
+
+    def run(k: int) -> None:
+        for _ in range(k):
+            n, logs = trainer._step(next(batches), next(index))
+            trainer.seen += n
+            for key, v in logs.items():
+                if n:
+                    v = v.detach().float() * n
+                    trainer.sums[key] = trainer.sums[key] + v if key in trainer.sums else v
+
+    return run
+
+
+def step_profile(name: str, peer: str, cases: dict, args: argparse.Namespace,
+                 steps: int) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of :func:`_common.profile_table` (the top operators by self CPU time)
+    over ``steps`` training steps of ``peer``'s ``train_ch6`` (fed as that side is: the
+    DataLoader over the prepared tensors, or the course's torchvision pipeline) and of
+    divekit's Trainer, on the benchmark's data, after one warm-up step of each."""
+    from divekit.models import create_model
+
+    size, batch, lr, n_train, n_val = cases[name]
+    n_train, n_val = int(n_train * args.scale), int(n_val * args.scale)
+    _, xtr, ytr, xva, yva = load_mnist(n_train, n_val)
+    tmp = Path(tempfile.mkdtemp(prefix="dk-prof-"))
+    try:
+        if peer == "d2l pipeline":
+            write_torchvision_layout(tmp, xtr, ytr, xva, yva)
+            loader = d2l_pipeline_loaders(tmp, size, batch, n_train, n_val)[0]
+        else:
+            tx, ty, _, _ = prepared_tensors(xtr, ytr, xva, yva, size)
+            loader = DataLoader(TensorDataset(tx, ty), batch, shuffle=True)
+        torch.manual_seed(0)
+        course = course_steps(create_model(name, num_classes=10, in_channels=1), loader, lr)
+        ours = divekit_steps(divekit_trainer(name, size, batch, lr, args.epochs,
+                                             xtr, ytr, xva, yva))
+        runs = {peer: course, "divekit": ours}
+        for run in runs.values():
+            run(1)  # warm-up: first-touch allocations and lazy set-up stay out of the profile
+        return profile_table({side: partial(run, steps) for side, run in runs.items()})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def profile_goals(rows: list, cases: dict, args: argparse.Namespace,
+                  report: Report) -> None:
+    """For every goal row not met (or not settled): print and add to ``report`` the top
+    operators of both sides over a few training steps (``--smoke``: the first such row, one
+    step, to check the path)."""
+    missed = [(n, k, r, g) for n, o, k, r, g in rows if g is not None and verdict(r, g) != "met"]
+    steps = 1 if args.smoke else PROFILE_STEPS
+    for name, peer, ratio, goal in missed[:1] if args.smoke else missed:
+        headers, table = step_profile(name, peer, cases, args, steps)
+        caption = (f"{verdict(ratio, goal).capitalize()}: {name} end to end, divekit / {peer} "
+                   f"{goal_cell(goal)}, the top operators by self CPU time over {steps} "
+                   f"training step{'s' * (steps != 1)} of each side (torch.profiler). The goal's "
+                   "ratio is end to end (data preparation and validation included); the table "
+                   f"shows where a step's time goes: {peer}'s step as `train_ch6` runs it, "
+                   "divekit's as its Trainer runs it (`Trainer._step`), after one warm-up step "
+                   "of each.")
+        print(f"\n{caption}")
+        for row in table:
+            print("  " + " | ".join(row))
+        report.table(headers, table, align="l" * len(headers), caption=caption)
 
 
 if __name__ == "__main__":
