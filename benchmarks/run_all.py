@@ -13,8 +13,10 @@ leaves the hand-written text outside the markers alone. A section whose markers 
 appended at the end; a script that has no ``--markdown`` yet gets its console output in a code
 block, so every benchmark's figures are regenerated, converted or not. The ``header`` block at
 the top says when, on what machine (CPU, cores, torch, threads), under what load, and at what
-fp32 GEMM rate the machine ran during this run. The file is replaced atomically (a temporary
-file, then a rename), so an interrupted run leaves the old file whole. A script that fails keeps
+fp32 GEMM rate the machine ran during this run. Then README.md's headline table (between its
+``<!-- bench:headline -->`` markers) is regenerated from the new file by ``_headline.py``. The
+file is replaced atomically (a temporary file, then a rename), so an interrupted run leaves the
+old file whole. A script that fails keeps
 its old section and makes the run exit 1.
 
     python benchmarks/run_all.py                      # everything; rewrites BENCHMARKS.md
@@ -349,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     text = replace_block(text, HEADER, header(outcomes, args.smoke, gemm, (loads[0], loads[1]),
                                               time.perf_counter() - start, partial))
     write_atomically(output, text)
+    if output.resolve() == (ROOT / "BENCHMARKS.md").resolve():
+        from _headline import update_readme  # README's headline figures come from this file
+
+        changed = update_readme(output, ROOT / "README.md")
+        print(f"run_all: README.md's headline block {'rewritten' if changed else 'unchanged'}")
     failed = [o.name for o in outcomes if not o.ok]
     print(f"run_all: wrote {output}; "
           + (f"FAILED: {', '.join(failed)} (their old sections kept)" if failed
