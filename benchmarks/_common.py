@@ -561,7 +561,7 @@ def profile_report(report: Report, name: str, outcome: str,
     headers = ["#"] + [f"{side}: function, self ms (calls)" for side in sides]
     rows = [[str(i + 1)] + [f"`{t[i][0]}` {t[i][1]:.2f} ({t[i][2]})" if i < len(t) else ""
                             for t in tops.values()] for i in range(k)]
-    caption = (f"Where the time goes in {name} (goal {outcome}): the top functions by self "
+    caption = (f"Where the time goes in {name} (its goal: {outcome}): the top functions by self "
                "time of one call of each side after a warm-up call (cProfile).")
     print(caption)
     for row in rows:
