@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from _common import (
     memory_verdict,
     paired_ratio,
     print_peak_rss,
+    profile_table,
     sides_peak_rss,
     verdict,
 )
@@ -58,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from divekit.data.segmentation import VOC_BORDER, VOC_COLORMAP  # noqa: E402
+from divekit.engine.device import to_device  # noqa: E402
 from divekit.ops.conv import bilinear_kernel  # noqa: E402
 
 
@@ -138,11 +141,25 @@ def course_fcn(num_classes: int = 21) -> nn.Module:
     return net
 
 
-def time_course_fcn(voc: Path, crop, batch: int, steps: int) -> float:
+def course_fcn_parts(voc: Path, crop, batch: int):
+    """The course's FCN training set-up: ``(loader, net, trainer)``."""
     dataset = CourseVOCSegDataset(voc, crop)
     loader = torch.utils.data.DataLoader(dataset, batch, shuffle=True, drop_last=True, num_workers=0)
     net = course_fcn()
     trainer = torch.optim.SGD(net.parameters(), lr=1e-3, weight_decay=1e-3)
+    return loader, net, trainer
+
+
+def course_fcn_step(net: nn.Module, trainer: torch.optim.Optimizer, X, Y) -> None:
+    """One step of the course's FCN training loop (d2l's ``train_batch_ch13`` on one device)."""
+    trainer.zero_grad()
+    loss = F.cross_entropy(net(X), Y, reduction="none").mean(1).mean(1)
+    loss.sum().backward()
+    trainer.step()
+
+
+def time_course_fcn(voc: Path, crop, batch: int, steps: int) -> float:
+    loader, net, trainer = course_fcn_parts(voc, crop, batch)
     done, t0 = 0, 0.0
     while done <= steps:
         for X, Y in loader:
@@ -150,10 +167,7 @@ def time_course_fcn(voc: Path, crop, batch: int, steps: int) -> float:
                 t0 = time.perf_counter()  # the first step warms up
             if done > steps:
                 break
-            trainer.zero_grad()
-            loss = F.cross_entropy(net(X), Y, reduction="none").mean(1).mean(1)
-            loss.sum().backward()
-            trainer.step()
+            course_fcn_step(net, trainer, X, Y)
             done += 1
     return steps * batch / (time.perf_counter() - t0)
 
@@ -167,19 +181,7 @@ def divekit_fcn_run(voc: Path, crop, batch: int, steps: int,
     """divekit's FCN steps: images/s over ``steps`` timed steps after a first, untimed one, and
     the seconds of that first step (with ``compile``: where torch.compile compiles, see
     :mod:`divekit.engine.compile`; the model is compiled in place as the Trainer does)."""
-    from divekit.engine.device import to_device
-    from divekit.tasks.segment import SegmentationTask, SegmentConfig
-
-    cfg = SegmentConfig(model="fcn_resnet18", data="voc", data_dir=str(voc), batch_size=batch,
-                        crop=f"{crop[0]}x{crop[1]}", augment="none", backbone="torchvision:resnet18")
-    task = SegmentationTask(cfg)
-    model = task.build_model().to(memory_format=torch.channels_last)
-    if compile:
-        from divekit.engine.compile import compile_model
-
-        compile_model(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, weight_decay=1e-3)
-    loader = task.train_data()
+    task, model, optimizer, loader = divekit_fcn_parts(voc, crop, batch, compile)
     done, t0, epoch, start = 0, 0.0, 0, time.perf_counter()
     first = 0.0
     while done <= steps:
@@ -191,12 +193,73 @@ def divekit_fcn_run(voc: Path, crop, batch: int, steps: int,
                 first = t0 - start
             if done > steps:
                 break
-            loss, _ = task.training_step(model, to_device(batch_, torch.device("cpu"), True))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            divekit_fcn_step(task, model, optimizer, batch_)
             done += 1
     return steps * batch / (time.perf_counter() - t0), first
+
+
+def divekit_fcn_parts(voc: Path, crop, batch: int, compile: bool = False):
+    """divekit's FCN training set-up: ``(task, model, optimizer, loader)``, the model in
+    channels_last as the Trainer puts it (and compiled in place with ``compile``)."""
+    from divekit.tasks.segment import SegmentationTask, SegmentConfig
+
+    cfg = SegmentConfig(model="fcn_resnet18", data="voc", data_dir=str(voc), batch_size=batch,
+                        crop=f"{crop[0]}x{crop[1]}", augment="none", backbone="torchvision:resnet18")
+    task = SegmentationTask(cfg)
+    model = task.build_model().to(memory_format=torch.channels_last)
+    if compile:
+        from divekit.engine.compile import compile_model
+
+        compile_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, weight_decay=1e-3)
+    return task, model, optimizer, task.train_data()
+
+
+def divekit_fcn_step(task, model: nn.Module, optimizer: torch.optim.Optimizer, batch_) -> None:
+    """One divekit FCN step as the Trainer takes it: the batch to the device in channels_last,
+    the task's loss, zero_grad, backward, the optimizer's step."""
+    loss, _ = task.training_step(model, to_device(batch_, torch.device("cpu"), True))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+# ----------------------------------------------------------------------------- profile
+PROFILE_STEPS = 3  # FCN steps of each side under torch.profiler, where the goal is not met
+
+
+def endless(loader):
+    """The loader's batches, epoch after epoch (``set_epoch(1)``, 2, ... first where it has
+    one, as :func:`divekit_fcn_run` counts its epochs)."""
+    epoch = 0
+    while True:
+        epoch += 1
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+
+
+def fcn_profile(voc: Path, crop, batch: int, steps: int) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of :func:`_common.profile_table`: the top operators by self CPU time
+    over ``steps`` FCN training steps of the course's loop and of divekit's (the timed rounds'
+    set-up and step, batches included), after one warm-up step of each."""
+    torch.manual_seed(0)
+    loader, net, trainer = course_fcn_parts(voc, crop, batch)
+    torch.manual_seed(0)
+    task, model, optimizer, our_loader = divekit_fcn_parts(voc, crop, batch)
+    theirs, ours = endless(loader), endless(our_loader)
+
+    def course(k: int) -> None:
+        for _ in range(k):
+            course_fcn_step(net, trainer, *next(theirs))
+
+    def divekit(k: int) -> None:
+        for _ in range(k):
+            divekit_fcn_step(task, model, optimizer, next(ours))
+
+    for run in (course, divekit):
+        run(1)  # warm-up: first-touch allocations and lazy set-up stay out of the profile
+    return profile_table({"course": partial(course, steps), "divekit": partial(divekit, steps)})
 
 
 # ----------------------------------------------------------------------------- the course's loop
@@ -378,6 +441,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows: list[list[str]] = []
     compiled_rows: list[list[str]] = []
+    profiles: list[tuple[str, tuple[list[str], list[list[str]]]]] = []  # for a goal not met
     if args.skip != "fcn":
         with tempfile.TemporaryDirectory() as tmp:
             voc = args.voc or write_voc(Path(tmp), args.images)
@@ -399,6 +463,18 @@ def main() -> None:
                          f"{data_note}, "
                          "torchvision ResNet-18 body on both sides", f"{c:.2f} images/s",
                          f"{o:.2f} images/s", r.md(), goal_cell(FCN_GOAL), verdict(r, FCN_GOAL)])
+            if verdict(r, FCN_GOAL) != "met":  # not met or not settled: where the time goes
+                steps = 1 if args.smoke else min(args.steps, PROFILE_STEPS)
+                caption = (f"{verdict(r, FCN_GOAL).capitalize()}: FCN training, divekit / the "
+                           f"course {goal_cell(FCN_GOAL)}, the top operators by self CPU time "
+                           f"over {steps} training step{'s' * (steps != 1)} of each side "
+                           f"(torch.profiler): crop {crop[0]}×{crop[1]}, batch {args.batch}, "
+                           "the timed rounds' set-up and step (the batch's loading included), "
+                           "after one warm-up step of each.")
+                profiles.append((caption, fcn_profile(voc, crop, args.batch, steps)))
+                print(caption)
+                for row in profiles[-1][1][1]:
+                    print("  " + " | ".join(row))
             if args.compile == "on" and not args.smoke:
                 compiled_rows.append(fcn_compile_row(voc, crop, args, data_note))
     if args.skip != "stylize":
@@ -421,6 +497,8 @@ def main() -> None:
                  caption=f"Rounds alternate the course's code and divekit's ({args.rounds} "
                          f"rounds, {args.steps} timed FCN steps and {args.style_steps} stylize "
                          "steps a round); medians, the ratio's min–max over the rounds.")
+    for caption, (headers, table) in profiles:
+        report.table(headers, table, align="l" * len(headers), caption=caption)
     if compiled_rows:
         report.table(["benchmark", "divekit eager", "divekit compiled", "compiled / eager",
                       "compile s, first run", "compile s, later runs", f"≥ {COMPILE_GOAL}×",
