@@ -2,6 +2,7 @@
 2 processes (gloo, spawned here) gives the weights and metrics of 1 process with the global batch,
 for each of ddp, allreduce, ps, async (--staleness 0), pipeline, tensor and fsdp, on an MLP, on a
 convolutional model with channels_last on and off, and on a Transformer encoder classifier.
+async with staleness 0 is moreover ps step for step: their weights agree within 1e-7.
 
 The data-parallel strategies (ddp, allreduce, ps, async, fsdp) give each rank B of a global batch
 of 2B; they also meet an unevenly split and an empty last share (the MLP's two sizes). The
@@ -20,9 +21,9 @@ from torch import nn
 
 from divekit.data.loader import TensorBatchLoader
 from divekit.engine import Task, TrainConfig, Trainer
-from divekit.engine.launch import spawn_local
 from divekit.engine.strategies import STRATEGIES
 from divekit.models.transformer import TransformerEncoder
+from shared_spawn import section_dir
 
 MODEL_PARALLEL = ("pipeline", "tensor")  # every rank sees the whole batch
 PER_WORKER = 8
@@ -152,10 +153,9 @@ def _single(model: str, n: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
-    spawn_local(_worker, 2, str(out))
-    return out
+def two_process_runs(request, tmp_path_factory) -> Path:
+    """``_worker``'s files, from the session's one 2-process spawn (tests/shared_spawn.py)."""
+    return section_dir("equivalence", request, tmp_path_factory)
 
 
 @pytest.mark.parametrize(("strategy", "model", "n"), CASES)
@@ -170,6 +170,12 @@ def test_two_workers_equal_one_process_with_the_global_batch(two_process_runs, s
             assert run["weights"].keys() == reference.keys()
             for k, v in reference.items():
                 torch.testing.assert_close(run["weights"][k], v, rtol=0, atol=1e-5, msg=k)
+        if strategy == "async":  # K = 0: the synchronous parameter server, step for step
+            ps = torch.load(two_process_runs / f"{model}-ps-{n}-rank{rank}.pt",
+                            weights_only=True)["weights"]
+            assert run["weights"].keys() == ps.keys()
+            for k, v in ps.items():
+                torch.testing.assert_close(run["weights"][k], v, rtol=0, atol=1e-7, msg=k)
         # metrics are reduced over the ranks: the global mean, as one process logs it
         row = run["history"][0]
         assert row["train_loss"] == pytest.approx(single_history[0]["train_loss"], abs=1e-5)

@@ -12,11 +12,11 @@ import torch
 from divekit.data.text import SeqDataLoader
 from divekit.engine import Trainer
 from divekit.engine.checkpoint import CheckpointDir
-from divekit.engine.launch import spawn_local
 from divekit.engine.run import make_config
 from divekit.engine.trainer import run_validation
 from divekit.errors import DivekitError
 from divekit.tasks.language_model import LanguageModelTask, LMConfig
+from shared_spawn import section_dir
 
 SMALL = {"max_tokens": 2500, "num_steps": 10, "num_hiddens": 12, "epochs": 2, "lr": 0.01,
          "quiet": True, "device": "cpu", "seed": 3, "val_fraction": 0.1}
@@ -78,10 +78,9 @@ def _worker(rank: int, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lm-ddp")
-    spawn_local(_worker, 2, str(out))
-    return out
+def two_process_runs(request, tmp_path_factory) -> Path:
+    """``_worker``'s files, from the session's one 2-process spawn (tests/shared_spawn.py)."""
+    return section_dir("lm", request, tmp_path_factory)
 
 
 @pytest.mark.parametrize("sampling", ["sequential", "random"])

@@ -1,8 +1,9 @@
 """``--strategy async``: asynchronous SGD on a parameter server with the SSP bound ``--staleness``.
 
-* K = 0 is the synchronous parameter server step for step: 2 processes (gloo, spawned here)
-  equal ``ps`` and one process with the global batch, on an MLP (an uneven and an empty last
-  share) and on a convolutional model with channels_last on and off;
+* K = 0 is the synchronous parameter server step for step: 2 processes equal ``ps`` (within
+  1e-7) and one process with the global batch, on an MLP (an uneven and an empty last share), a
+  convolutional model with channels_last on and off and a Transformer: tested with every other
+  strategy in tests/test_distributed_equivalence.py;
 * with K = 1 and a straggler (one rank sleeps after each step) the fast worker runs ahead of
   the slow one by one step, never more; unbounded, it runs further; the loss still falls;
 * a run resumed from its epoch checkpoint (the server's optimizer state included) ends where
@@ -21,10 +22,10 @@ from torch import nn
 from divekit.engine import TrainConfig, Trainer
 from divekit.engine.callbacks import Callback
 from divekit.engine.launch import spawn_local
+from shared_spawn import section_dir
 from tensor_task import CrossEntropyTask
 
 PER_WORKER = 8
-# 75 = 4·16 + 11: the last global batch splits 6/5; 49 = 3·16 + 1: rank 1's last share is empty
 
 
 class TeacherTask(CrossEntropyTask):
@@ -92,18 +93,8 @@ def _config(strategy: str, staleness: int | None = None, channels_last: bool | N
                        device="cpu", seed=1, channels_last=channels_last)
 
 
-# case -> (dataset size, conv, channels_last)
-PARITY = {"mlp-75": (75, False, None), "mlp-49": (49, False, None),
-          "conv": (75, True, False), "conv-cl": (75, True, True)}
-
-
 def _worker(rank: int, out: str) -> None:
     out_dir = Path(out)
-    for case, (n, conv, channels_last) in PARITY.items():
-        for strategy, k in (("async", 0), ("ps", None)):
-            trainer = Trainer(TeacherTask(n, PER_WORKER, conv), _config(strategy, k, channels_last))
-            trainer.fit()
-            torch.save(trainer.model.state_dict(), out_dir / f"{case}-{strategy}-rank{rank}.pt")
     # a straggler: rank 1 sleeps after each step; bounded (K = 1) and unbounded
     for k in (1, None):
         trainer = Trainer(TeacherTask(160, PER_WORKER), _config("async", k, epochs=3),
@@ -134,27 +125,9 @@ def _worker(rank: int, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("async")
-    spawn_local(_worker, 2, str(out))
-    return out
-
-
-@pytest.mark.parametrize("case", list(PARITY))
-def test_staleness_zero_is_ps_and_one_process(runs, case):
-    n, conv, channels_last = PARITY[case]
-    single = Trainer(TeacherTask(n, 2 * PER_WORKER, conv), _config("ddp", None, channels_last))
-    single.fit()
-    reference = single.model.state_dict()
-    ps = torch.load(runs / f"{case}-ps-rank0.pt", weights_only=True)
-    for rank in (0, 1):
-        weights = torch.load(runs / f"{case}-async-rank{rank}.pt", weights_only=True)
-        for k, v in reference.items():
-            torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-5, msg=k)
-            torch.testing.assert_close(weights[k], ps[k], rtol=0, atol=1e-7, msg=k)
-    torch.manual_seed(1)
-    fresh = TeacherTask(n, 1, conv).build_model()
-    assert not torch.allclose(fresh[0].weight, reference["0.weight"], atol=1e-3)
+def runs(request, tmp_path_factory) -> Path:
+    """``_worker``'s files, from the session's one 2-process spawn (tests/shared_spawn.py)."""
+    return section_dir("async", request, tmp_path_factory)
 
 
 def test_a_fast_worker_runs_ahead_by_at_most_k(runs):

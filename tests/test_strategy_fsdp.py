@@ -19,8 +19,8 @@ from torch import nn
 
 from divekit.data.loader import TensorBatchLoader
 from divekit.engine import TrainConfig, Trainer
-from divekit.engine.launch import spawn_local
 from divekit.models.bert import BertConfig, BertModel
+from shared_spawn import section_dir
 from tensor_task import CrossEntropyTask
 
 pytest.importorskip("torch.distributed.checkpoint.state_dict")
@@ -170,12 +170,16 @@ def _uninterrupted() -> dict[str, torch.Tensor]:
     return _single(RESUMED, epochs=2, scheduler="none").model.state_dict()
 
 
+def _prepare(out: Path) -> None:
+    """Before the spawn, in one process: the epoch 1 that ``_worker`` resumes on two ranks."""
+    _single(RESUMED, epochs=1, run_dir=out / "saved-by-1", scheduler="none")
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fsdp")
-    _single(RESUMED, epochs=1, run_dir=out / "saved-by-1", scheduler="none")  # resumed with 2 ranks in _worker
-    spawn_local(_worker, 2, str(out))
-    return out
+def runs(request, tmp_path_factory) -> Path:
+    """``_prepare``'s and ``_worker``'s files, from the session's one 2-process spawn
+    (tests/shared_spawn.py)."""
+    return section_dir("fsdp", request, tmp_path_factory)
 
 
 def _assert_same_weights(got: dict, want: dict) -> None:

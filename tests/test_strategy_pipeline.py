@@ -17,11 +17,11 @@ from torch import nn
 from divekit.data.loader import TensorBatchLoader
 from divekit.engine import Task, TrainConfig, Trainer
 from divekit.engine.callbacks import Callback
-from divekit.engine.launch import spawn_local
 from divekit.engine.pipeline import balance, model_pieces, split_model
 from divekit.errors import DivekitError
 from divekit.models.bert import BertConfig, BertEncoder
 from divekit.models.transformer import TransformerEncoder
+from shared_spawn import section_dir
 
 N, BATCH, MICRO = 45, 16, 3  # batches 16, 16, 13: microbatches 6+6+4 (2 padding rows), 5+5+3
 
@@ -201,10 +201,9 @@ def _worker(rank: int, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline_runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pipeline")
-    spawn_local(_worker, 2, str(out))
-    return out
+def pipeline_runs(request, tmp_path_factory) -> Path:
+    """``_worker``'s files, from the session's one 2-process spawn (tests/shared_spawn.py)."""
+    return section_dir("pipeline", request, tmp_path_factory)
 
 
 @pytest.mark.parametrize(("model", "schedule"), CASES)

@@ -17,8 +17,8 @@ from torch import nn
 
 from divekit.data.loader import TensorBatchLoader
 from divekit.engine import Task, TrainConfig, Trainer
-from divekit.engine.launch import spawn_local
 from divekit.errors import DivekitError
+from shared_spawn import section_dir
 
 N, BATCH, STEPS, WIDTH, BLOCKS = 40, 16, 6, 16, 2
 
@@ -163,7 +163,7 @@ def _worker(rank: int, out: str) -> None:
                     "local": {k: type(v).__name__ for k, v in trainer.model.state_dict().items()}},
                    out_dir / f"{name}-rank{rank}.pt")
     # a two-rank run stopped in its second epoch (the epoch-1 checkpoint written), and a
-    # two-rank resume of a one-process run stopped alike (written by the test before)
+    # two-rank resume of a one-process run stopped alike (written by _prepare before)
     crashed = Trainer(TextTask(fail_at=4), _config("transformer", "tensor", 2), out_dir / "tp2")
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.fit()
@@ -180,14 +180,19 @@ def _worker(rank: int, out: str) -> None:
         torch.save((history[0]["comm_MB_per_step"] * 1e6, expected), out_dir / "count.pt")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tensor")
+def _prepare(out: Path) -> None:
+    """Before the spawn, in one process: a run stopped in its second epoch (the epoch-1
+    checkpoint written), which ``_worker`` resumes on two ranks."""
     one = Trainer(TextTask(fail_at=4), _config("transformer", epochs=2), out / "tp1")
     with pytest.raises(RuntimeError, match="simulated crash"):
         one.fit()
-    spawn_local(_worker, 2, str(out))
-    return out
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory) -> Path:
+    """``_prepare``'s and ``_worker``'s files, from the session's one 2-process spawn
+    (tests/shared_spawn.py)."""
+    return section_dir("tensor", request, tmp_path_factory)
 
 
 def _close(got: dict, want: dict) -> None:
