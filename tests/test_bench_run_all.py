@@ -5,8 +5,9 @@ regenerates BENCHMARKS.md's tables.
   markdown table;
 * the markers: a section between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` is
   replaced, the prose around it is kept, missing markers are appended;
-* the real pipeline end to end on one real script (``--smoke --only rnn`` into a scratch
-  copy): the header with the machine, load and GEMM rate, the generated table in its markers;
+* the pipeline end to end on a folder of cheap scripts (``--smoke --only fast`` into a scratch
+  copy): the header with the machine, load and GEMM rate, the script's section in its markers
+  (every real script's ``--smoke --markdown`` section: tests/test_benchmarks_smoke.py);
 * failures: a failing script keeps its old section and the run exits 1; a script without
   ``--markdown`` gets its console output; bad arguments are one line, exit 2.
 """
@@ -169,27 +170,40 @@ def test_bad_arguments_are_one_line(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_smoke_pipeline_fills_the_markers(tmp_path):
+def test_smoke_pipeline_fills_the_markers(run_all, tmp_path, monkeypatch):
+    scripts = tmp_path / "benchmarks"
+    scripts.mkdir()
+    # a script with --markdown: its section says which arguments it was given
+    (scripts / "fast.py").write_text(
+        '"""A fast benchmark."""\nimport sys\nargs = sys.argv[1:sys.argv.index("--markdown")]\n'
+        'print("fast figures 1.5x")\n'
+        'open(sys.argv[sys.argv.index("--markdown") + 1], "w").write(\n'
+        '    "## Fast\\n\\n```\\npython benchmarks/fast.py " + " ".join(args) + "\\n```\\n\\n'
+        '| side | figure |\\n| --- | ---: |\\n| divekit | 1.5x |\\n")\n')
+    (scripts / "other.py").write_text('"""Not selected."""\nraise SystemExit("ran")\n')
+    monkeypatch.setattr(run_all, "HERE", scripts)
     template = tmp_path / "template.md"
     template.write_text("# Benchmarks\n\nhand-written intro\n\n<!-- bench:header -->\nold\n"
-                        "<!-- /bench:header -->\n\n<!-- bench:rnn -->\nstale figures\n"
-                        "<!-- /bench:rnn -->\n\nhand-written analysis of the RNN\n")
+                        "<!-- /bench:header -->\n\n<!-- bench:fast -->\nstale figures\n"
+                        "<!-- /bench:fast -->\n\n<!-- bench:other -->\nother figures\n"
+                        "<!-- /bench:other -->\n\nhand-written analysis of the fast one\n")
     out = tmp_path / "B.md"
-    proc = run("--smoke", "--only", "rnn", "--template", str(template), "-o", str(out),
-               "--quiet", timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code = run_all.main(["--smoke", "--only", "fast", "--template", str(template), "-o", str(out),
+                         "--quiet"])
+    assert code == 0
     text = out.read_text()
     assert template.read_text().count("stale figures") == 1  # the template is left alone
     assert "stale figures" not in text
-    assert "hand-written intro" in text and text.endswith("hand-written analysis of the RNN\n")
-    header = text.split("<!-- bench:header -->")[1].split("<!-- /bench:header -->")[0]
-    for needed in ("GFLOP/s", "load average", "torch ", "logical cores", "`rnn`", "--smoke"):
+    assert run_all.block_of(text, "other") == "other figures\n"  # not selected: kept
+    assert "hand-written intro" in text and text.endswith("hand-written analysis of the fast one\n")
+    header = run_all.block_of(text, "header")
+    for needed in ("GFLOP/s", "load average", "torch ", "logical cores", "`fast`", "--smoke"):
         assert needed in header, needed
-    rnn = text.split("<!-- bench:rnn -->")[1].split("<!-- /bench:rnn -->")[0]
-    assert "## Recurrent language models" in rnn
-    assert "python benchmarks/rnn.py --smoke" in rnn
-    assert "| divekit rnn_scratch |" in rnn and "| divekit | against |" in rnn
-    assert "Run by `benchmarks/run_all.py`" in rnn and "load average" in rnn
+    assert "`other`" not in header
+    fast = run_all.block_of(text, "fast")
+    assert fast.startswith("## Fast\n\n```\npython benchmarks/fast.py --smoke\n```\n")
+    assert "| divekit | 1.5x |" in fast
+    assert "Run by `benchmarks/run_all.py`" in fast and "load average" in fast
 
 
 def test_failure_keeps_the_old_section(run_all, tmp_path, monkeypatch, capsys):

@@ -194,11 +194,33 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _run_smoke(name: str) -> subprocess.CompletedProcess | subprocess.TimeoutExpired:
+# CPU seconds (user + sys) each smoke took alone on the 2-core machine (2026-12-06, loaded):
+# the fixture starts the costliest first, so that no long one starts last and runs alone at the
+# end (by timeout, rnn started 19th of 20 and set the fixture's length). A script not listed
+# counts as a tenth of its timeout.
+COST_S = {"book": 22, "train_throughput": 19, "planner_check": 19, "async_sgd": 17, "rnn": 16,
+          "serve_load": 14, "bert": 13, "fsdp_memory": 12.5, "dense": 11.5,
+          "tensor_parallel": 11.5, "pipeline_bubble": 10, "quantize": 9, "translation": 6.5,
+          "detection_ops": 6, "serve": 5.5, "distributed": 4.5, "augment": 4, "decoding": 4,
+          "complexity": 3, "hardware": 2.5}
+
+
+def writes_markdown(name: str) -> bool:
+    """Whether run_all gives the script ``--markdown PATH`` (run_all's own test of it)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module("run_all").writes_markdown(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _run_smoke(name: str, markdown: Path | None
+               ) -> subprocess.CompletedProcess | subprocess.TimeoutExpired:
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    extra = ["--markdown", str(markdown)] if markdown is not None else []
     try:
         return subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--smoke",
-                               *SMOKES[name].args],
+                               *SMOKES[name].args, *extra],
                               cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=SMOKES[name].timeout_s)
     except subprocess.TimeoutExpired as e:
@@ -206,17 +228,28 @@ def _run_smoke(name: str) -> subprocess.CompletedProcess | subprocess.TimeoutExp
 
 
 @pytest.fixture(scope="session")
-def smoke_runs(request) -> dict[str, subprocess.CompletedProcess | subprocess.TimeoutExpired]:
-    """Every selected script's smoke, three at a time (most of a smoke is starting Python and
-    importing torch, which two cores overlap well), the slowest first."""
+def markdown_dir(tmp_path_factory) -> Path:
+    """Where each smoke writes its ``--markdown`` section, as run_all has it do."""
+    return tmp_path_factory.mktemp("smoke-markdown")
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(request, markdown_dir
+               ) -> dict[str, subprocess.CompletedProcess | subprocess.TimeoutExpired]:
+    """Every selected script's smoke (with ``--markdown`` where run_all gives it one), three at
+    a time (most of a smoke is starting Python and importing torch, which two cores overlap
+    well), the costliest first."""
     from concurrent.futures import ThreadPoolExecutor
 
-    names = [item.callspec.params["name"] for item in request.session.items
-             if getattr(item, "originalname", "") == "test_benchmark_smoke"
-             and hasattr(item, "callspec")]
-    names = sorted((n for n in names if n in SMOKES), key=lambda n: -SMOKES[n].timeout_s)
+    names = {item.callspec.params["name"] for item in request.session.items
+             if getattr(item, "originalname", "") in ("test_benchmark_smoke",
+                                                      "test_benchmark_markdown")
+             and hasattr(item, "callspec")}
+    names = sorted((n for n in names if n in SMOKES),
+                   key=lambda n: -COST_S.get(n, SMOKES[n].timeout_s / 10))
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {n: pool.submit(_run_smoke, n) for n in names}
+        futures = {n: pool.submit(_run_smoke, n, markdown_dir / f"{n}.md"
+                                  if writes_markdown(n) else None) for n in names}
     return {n: f.result() for n, f in futures.items()}
 
 
@@ -237,3 +270,25 @@ def test_benchmark_smoke(name, smoke_runs):
             assert re.search(pattern, out), f"no peer line matching {pattern!r}{detail}"
     else:
         assert smoke.without_peers in out, f"a peer is missing and the output says nothing{detail}"
+
+
+# lines (regexes) a script's --markdown section holds beyond its "## " title
+MARKDOWN = {
+    "rnn": (r"^## Recurrent language models", r"python benchmarks/rnn\.py --smoke",
+            r"\| divekit rnn_scratch \|", r"\| divekit \| against \|"),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in SCRIPTS if writes_markdown(n)])
+def test_benchmark_markdown(name, smoke_runs, markdown_dir):
+    """The section run_all puts between the script's markers: written by the smoke above, a
+    ``## `` title first (tests/test_bench_run_all.py checks run_all's side on fake scripts)."""
+    proc = smoke_runs.get(name)
+    if not isinstance(proc, subprocess.CompletedProcess) or proc.returncode != 0:
+        pytest.skip("the smoke itself failed (test_benchmark_smoke says why)")
+    section = markdown_dir / f"{name}.md"
+    assert section.is_file(), f"benchmarks/{name}.py --smoke --markdown FILE wrote no FILE"
+    text = section.read_text(encoding="utf-8")
+    assert text.startswith("## "), text[:300]
+    for pattern in MARKDOWN.get(name, ()):
+        assert re.search(pattern, text), f"no line matching {pattern!r} in\n{text[:3000]}"
