@@ -1,7 +1,8 @@
 """Every strategy changes nothing but the speed: for a model without BatchNorm, one epoch with
-2 processes (gloo, spawned here) gives the weights and metrics of 1 process with the global batch,
-for each of ddp, allreduce, ps, async (--staleness 0), pipeline, tensor and fsdp, on an MLP, on a
-convolutional model with channels_last on and off, and on a Transformer encoder classifier.
+2 processes (gloo, spawned by tests/shared_spawn.py) gives the weights and metrics of 1 process
+with the global batch, for each of ddp, allreduce, ps, async (--staleness 0), pipeline, tensor
+and fsdp, on an MLP, on a convolutional model with channels_last on and off, and on a
+Transformer encoder classifier.
 async with staleness 0 is moreover ps step for step: their weights agree within 1e-7.
 
 The data-parallel strategies (ddp, allreduce, ps, async, fsdp) give each rank B of a global batch

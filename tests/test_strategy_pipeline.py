@@ -1,9 +1,9 @@
 """Pipeline model parallelism changes nothing but where the layers run: two stages on two gloo
-processes (spawned here), the batch cut into microbatches (unevenly, with a last batch that
-needs padding), give the per-step losses and the weights of plain one-process training, for a
-convolutional model (channels_last on and off) and a small Transformer, under GPipe and 1F1B;
-gradient clipping spans both stages. A run checkpointed by the pipeline resumes on one process
-where the uninterrupted pipeline run ends."""
+processes (spawned by tests/shared_spawn.py), the batch cut into microbatches (unevenly, with a
+last batch that needs padding), give the per-step losses and the weights of plain one-process
+training, for a convolutional model (channels_last on and off) and a small Transformer, under
+GPipe and 1F1B; gradient clipping spans both stages. A run checkpointed by the pipeline resumes
+on one process where the uninterrupted pipeline run ends."""
 
 from __future__ import annotations
 
