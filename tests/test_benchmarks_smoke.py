@@ -207,11 +207,12 @@ COST_S = {"book": 22, "train_throughput": 19, "planner_check": 19, "async_sgd": 
 
 def writes_markdown(name: str) -> bool:
     """Whether run_all gives the script ``--markdown PATH`` (run_all's own test of it)."""
+    saved = list(sys.path)  # run_all puts benchmarks/ first on the path: not for the session
     sys.path.insert(0, str(BENCHMARKS))
     try:
         return importlib.import_module("run_all").writes_markdown(name)
     finally:
-        sys.path.remove(str(BENCHMARKS))
+        sys.path[:] = saved
 
 
 def _run_smoke(name: str, markdown: Path | None
