@@ -371,10 +371,13 @@ def _to_channels_last(net: nn.Module, device: Any,
         return False
     net.to(memory_format=torch.channels_last)
     if optimizer is not None:
-        for state in optimizer.state.values():
+        # each state tensor laid out as its parameter now is (a layer may keep NCHW, as
+        # divekit's FCN upsampling does on the CPU): the fused optimizers walk a parameter and
+        # its state as one buffer, so mismatched layouts would be read in the wrong order
+        for p, state in optimizer.state.items():
             for k, v in state.items():
-                if isinstance(v, Tensor) and v.dim() == 4:
-                    state[k] = v.contiguous(memory_format=torch.channels_last)
+                if isinstance(v, Tensor) and v.dim() == 4 and v.shape == p.shape:
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     return True
 
 
