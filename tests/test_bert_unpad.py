@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from divekit.models import bert as bert_module
 from divekit.models.bert import UNPAD_MIN_PADDING, BertConfig, BertEncoder, BertModel
 from divekit.models.bert_heads import BertWithHead, make_head
 from divekit.models.lora import add_adapters, apply_lora, freeze_except
@@ -88,7 +89,7 @@ def test_packed_equals_padded_in_train_mode_values_and_gradients(per_sequence):
         torch.testing.assert_close(grads_b[name], g, atol=TOL * scale, rtol=0, msg=name)
 
 
-def test_a_batch_without_padding_runs_padded_and_the_threshold_decides():
+def test_a_batch_without_padding_runs_padded_and_the_threshold_decides(monkeypatch):
     model = tiny().eval()
     enc = model.encoder
     assert enc.unpad_min_padding == UNPAD_MIN_PADDING
@@ -102,6 +103,11 @@ def test_a_batch_without_padding_runs_padded_and_the_threshold_decides():
     packing = enc.packing(tokens, keep_of(much, 16))
     assert packing is not None and packing.size == 52
     assert packing.rows.tolist()[:20] == [*range(16), 16, 17, 18, 19]
+    # T·H = 16·32 = 512: narrow and short, the attention runs on the padded layout
+    assert packing.lengths is None
+    monkeypatch.setattr(bert_module, "UNPAD_PER_SEQUENCE_MIN", 512)
+    assert enc.packing(tokens, keep_of(much, 16)).lengths == [16, 12, 8, 16]
+    assert enc.packing(tokens, keep_of(much, 16), per_sequence=False).lengths is None
     enc.unpad_min_padding = None
     assert enc.packing(tokens, keep_of(much, 16)) is None
     # lengths longer than T keep every position; no token at all stays padded

@@ -61,10 +61,20 @@ from divekit.ops.masking import key_padding_mask, length_mask
 
 # The least fraction of padding positions for which the encoder packs the valid positions
 # (see "Unpadding" above). Gathering and scattering the rows costs memory traffic that does not
-# shrink with the padding, so a batch with less padding runs padded. Measured on one CPU core
-# (MiniLM, 32 x 128 and 8 x 512): packing wins from about 5% of padding on; 10% leaves margin
-# for the noise of the measurement and for faster memory-bound kernels on a GPU.
+# shrink with the padding, so a batch with less padding runs padded. Measured on one loaded CPU
+# core (MiniLM inference, 32 x 128): packed 5-7% slower at 0-2% padding, even at 4%, 12% faster
+# at 7%, 20% faster at 12%; 10% leaves margin for the noise of that measurement and for the
+# GPU's padded-layout attention (a scatter and a gather per block; not measured on a GPU).
 UNPAD_MIN_PADDING = 0.10
+
+# On the CPU the packed attention runs one sequence at a time when the padded length times the
+# width, T·H, is at least this, and on the padded layout below it: a call per sequence costs a
+# fixed overhead (more in training: dropout's math path, autograd nodes), the padded layout
+# costs memory traffic and wasted products that grow with T·H. Measured (one thread): bert_small
+# pretraining, 512 x 61, H 128 (T·H 7,808): the padded layout ~4% faster; MiniLM (H 384)
+# inference at 128 x 32 (12,288) up to 8 x 512 and fine-tuning at 32 x 128: per sequence 4-17%
+# faster.
+UNPAD_PER_SEQUENCE_MIN = 10_000
 
 ACTIVATIONS = {
     "gelu": nn.GELU,  # exact erf GELU: BERT's "gelu"
@@ -198,9 +208,9 @@ class Packing:
 
     ``lengths`` (the ``B`` run lengths as Python ints, or None) chooses how the attention runs:
     given, one fused attention call per sequence on its own run of rows, with no mask and no
-    padding at all (the CPU's choice: a call costs nothing next to its work, and neither the
-    padding's queries nor its keys are computed); None, one call on the padded layout (a GPU's
-    choice: one kernel launch for the batch instead of ``B``)."""
+    padding at all (the CPU's choice for long enough sequences: a call's overhead is small next
+    to its work, and neither the padding's queries nor its keys are computed); None, one call
+    on the padded layout (a GPU's choice: one kernel launch for the batch instead of ``B``)."""
 
     def __init__(self, rows: Tensor, batch: int, length: int, lengths: list[int] | None = None):
         self.rows, self.batch, self.length, self.lengths = rows, batch, length, lengths
@@ -400,7 +410,8 @@ class BertEncoder(nn.Module):
         """The :class:`Packing` of a batch whose valid positions are ``keep`` ``(B, T)``, or
         None where the padded path runs (too little padding, or not :meth:`packable`). Finding
         the rows is one ``nonzero``: one device sync on a GPU. ``per_sequence``: attention one
-        sequence at a time (default: on the CPU) or on the padded layout (default elsewhere)."""
+        sequence at a time or on the padded layout; by default per sequence on the CPU when
+        ``T · H`` is at least :data:`UNPAD_PER_SEQUENCE_MIN`, padded layout otherwise."""
         threshold = self.unpad_min_padding
         if threshold is None or keep.numel() == 0 or not self.packable(tokens):
             return None
@@ -408,7 +419,8 @@ class BertEncoder(nn.Module):
         if rows.shape[0] > (1.0 - threshold) * keep.numel() or rows.shape[0] == 0:
             return None  # padding fraction 1 - N / (B·T) below the threshold, or no token
         if per_sequence is None:
-            per_sequence = tokens.device.type == "cpu"
+            per_sequence = (tokens.device.type == "cpu"
+                            and keep.shape[1] * self.config.num_hiddens >= UNPAD_PER_SEQUENCE_MIN)
         lengths = keep.sum(1).tolist() if per_sequence else None
         return Packing(rows, keep.shape[0], keep.shape[1], lengths)
 
@@ -591,6 +603,6 @@ def load_pretrained(directory: Any) -> tuple[BertModel, Any]:
 
 __all__ = [
     "BertEncoder", "BertModel", "BertConfig", "MaskLM", "NextSentencePred", "Packing",
-    "UNPAD_MIN_PADDING",
+    "UNPAD_MIN_PADDING", "UNPAD_PER_SEQUENCE_MIN",
     "get_tokens_and_segments", "load_pretrained", "mlm_loss",
 ]
