@@ -413,7 +413,7 @@ class BertEncoder(nn.Module):
         sequence at a time or on the padded layout; by default per sequence on the CPU when
         ``T · H`` is at least :data:`UNPAD_PER_SEQUENCE_MIN`, padded layout otherwise."""
         threshold = self.unpad_min_padding
-        if threshold is None or keep.numel() == 0 or not self.packable(tokens):
+        if threshold is None or not self.packable(tokens) or keep.numel() == 0:
             return None
         rows = keep.reshape(-1).nonzero().squeeze(1).to(tokens.device)  # (N,)
         if rows.shape[0] > (1.0 - threshold) * keep.numel() or rows.shape[0] == 0:
