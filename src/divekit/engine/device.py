@@ -77,6 +77,32 @@ def configure_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 51
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the kernel now (glibc's ``malloc_trim``).
+
+    :func:`configure_allocator` keeps freed tensor memory mapped so that the next training step
+    reuses it without page faults. Between phases that allocate differently, that kept memory
+    only raises the process's peak: after a training epoch the heap holds the pages of the
+    step's activations, free, and validation's larger batches do not fit its fragments (those
+    above the mmap threshold get fresh mappings), so they would come on top of it. The Trainer
+    calls this before validating. ``malloc_trim(0)`` gives back the free top of the heap and
+    every free whole page inside it; live tensors are not touched. The cost is a page fault for
+    each 4 KB of that memory when the next epoch allocates it again. Returns whether it ran
+    (False off glibc).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
 def module_device(model: torch.nn.Module) -> torch.device:
     """Where ``model`` lives: its first parameter's (or buffer's) device, the CPU for a module
     with neither (a recurrent language model whose layers are all int8, ``--quantize int8``)."""

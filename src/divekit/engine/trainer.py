@@ -32,7 +32,7 @@ from divekit.engine.checkpoint import (
 from divekit.engine.compile import compile_model
 from divekit.engine.compile import resolve as resolve_compile
 from divekit.engine.config import TrainConfig
-from divekit.engine.device import autocast, to_device
+from divekit.engine.device import autocast, release_free_memory, to_device
 from divekit.engine.launch import job_id
 from divekit.engine.optim import build_optimizer, build_scheduler
 from divekit.engine.strategies import make_strategy
@@ -370,6 +370,9 @@ class Trainer:
         """The task's validation metrics on the whole validation set ({} without one)."""
         if self.val_loader is None:
             return {}
+        # the training steps' freed activations go back to the kernel first, so that the
+        # validation batches' memory does not come on top of them (device.release_free_memory)
+        release_free_memory()
         self.strategy.before_validation()
         if self.env.enabled and not self.strategy.shards_data:
             # model parallel: every rank holds part of the model and sees the whole batch, so

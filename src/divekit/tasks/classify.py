@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -256,13 +256,30 @@ class ClassificationTask(Task, name="classify"):
         """``(mean, std)`` to standardise inputs with, if not the training data's own."""
         return self._norm
 
+    @property
+    def normalizes(self) -> bool:
+        """Whether :meth:`normalize` changes anything: False where every channel's mean is 0
+        and std 1 (``normalize=False``, or data already standardised)."""
+        f = self.facts
+        return any(m != 0 for m in f["mean"]) or any(s != 1 for s in f["std"])
+
     def normalize(self, x: Tensor) -> Tensor:
+        """``(x - mean) / std`` per channel; ``x`` itself (no copy) where that is the identity."""
+        if not self.normalizes:
+            return x
         mean = torch.tensor(self.facts["mean"], dtype=torch.float32, device=x.device).view(-1, 1, 1)
         std = torch.tensor(self.facts["std"], dtype=torch.float32, device=x.device).view(-1, 1, 1)
         return (x - mean) / std
 
     def _normalize_batch(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return self.normalize(batch[0]), batch[1]
+
+    def _batch_normalizer(self) -> Callable[[Any], tuple[Tensor, Tensor]] | None:
+        """The loaders standardise each batch as they yield it, not the whole set up front: a
+        normalised copy of every image would sit in memory beside ``data``'s own (the same
+        numbers: ``(x - mean) / std`` is elementwise, so batch by batch it is bit-identical).
+        None where normalising is the identity."""
+        return self._normalize_batch if self.normalizes else None
 
     def train_data(self) -> TensorBatchLoader:
         cfg, labels = self.config, self.data.train_labels
@@ -272,7 +289,8 @@ class ClassificationTask(Task, name="classify"):
         common = dict(batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, weights=weights)
         augment = Augment(cfg.augment, train=True)
         if augment.is_identity:
-            return TensorBatchLoader(self.normalize(self.data.train_images), labels, **common)
+            return TensorBatchLoader(self.data.train_images, labels, **common,
+                                     batch_transform=self._batch_normalizer())
         if self.batch_augment is not None:  # raw [0, 1] images; training_step augments them
             return TensorBatchLoader(self.data.train_images, labels, **common)
         return TensorBatchLoader(
@@ -283,8 +301,8 @@ class ClassificationTask(Task, name="classify"):
     def val_data(self) -> TensorBatchLoader:
         self._check_data_fits_record()
         bs = self.config.batch_size if isinstance(self.config.batch_size, int) else 256
-        return TensorBatchLoader(self.normalize(self.data.val_images), self.data.val_labels,
-                                 batch_size=max(bs, 256))
+        return TensorBatchLoader(self.data.val_images, self.data.val_labels,
+                                 batch_size=max(bs, 256), batch_transform=self._batch_normalizer())
 
     def load_extras(self, run_dir: Any) -> None:
         """A reopened run's facts in its ``config.json`` are checked before a model is built
