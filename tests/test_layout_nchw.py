@@ -17,6 +17,7 @@ from torch import nn
 
 from divekit.models import create_model
 from divekit.models.fcn import Upsampling
+from divekit.models.layout import nchw_strides
 from divekit.models.resnet import Residual
 from divekit.tasks.segment import pixel_classes
 
@@ -41,6 +42,9 @@ def test_resnet18_keeps_its_512_channel_stage_nchw():
     assert nhwc and all(not v for n, v in nhwc.items() if n.startswith("features.b5."))
     assert all(v for n, v in nhwc.items() if not n.startswith(("features.b5.", "head")))
     assert [m.keeps_nchw for m in model.modules() if isinstance(m, Residual)] == [False] * 6 + [True] * 2
+    # the 1x1 shortcut too, by its strides (is_contiguous() cannot tell 1x1 layouts apart)
+    shortcut = model.features.b5[0].conv3.weight
+    assert shortcut.stride() == nchw_strides(shortcut) == (256, 1, 1, 1)
 
 
 def reference_resnet_block(block: Residual, x: torch.Tensor) -> torch.Tensor:

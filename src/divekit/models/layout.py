@@ -35,7 +35,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+
+
+def nchw_strides(t: Tensor) -> tuple[int, ...]:
+    """The strides of ``t``'s shape laid out NCHW. Compared in full, not with
+    ``is_contiguous()``: that ignores the strides of size-1 dimensions, so a 1x1 convolution's
+    NHWC weight passes as contiguous, and oneDNN, which reads the strides, would still take it
+    (and the layer's input and output) as NHWC."""
+    strides, n = [], 1
+    for size in reversed(t.shape):
+        strides.append(n)
+        n *= size
+    return tuple(reversed(strides))
 
 
 class KeepsNCHW(nn.Module):
@@ -55,13 +68,13 @@ class KeepsNCHW(nn.Module):
         module = super()._apply(fn, *args, **kwargs)
         if self.keeps_nchw:
             for p in self.parameters():
-                if p.dim() == 4 and p.device.type == "cpu" and not p.is_contiguous():
-                    p.data = p.data.contiguous()
+                if p.dim() == 4 and p.device.type == "cpu" and p.stride() != nchw_strides(p):
+                    p.data = p.data.clone(memory_format=torch.contiguous_format)
         return module
 
     def nchw_input(self, x: Tensor) -> Tensor:
         """``x`` in NCHW where this module keeps NCHW weights (an NHWC input would make oneDNN
         convert them back to NHWC on every call); ``x`` itself otherwise (on CUDA too)."""
-        if not self.keeps_nchw or x.device.type != "cpu":
+        if not self.keeps_nchw or x.device.type != "cpu" or x.stride() == nchw_strides(x):
             return x
-        return x.contiguous()
+        return x.clone(memory_format=torch.contiguous_format)
