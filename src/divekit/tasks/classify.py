@@ -272,7 +272,15 @@ class ClassificationTask(Task, name="classify"):
         return (x - mean) / std
 
     def _normalize_batch(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return self.normalize(batch[0]), batch[1]
+        """A loader's batch standardised in place: its images are a fresh tensor (gathered by
+        index, or collated), so no second one is allocated (the same numbers as
+        :meth:`normalize`: the same two elementwise operations)."""
+        x = batch[0]
+        if self.normalizes:
+            f = self.facts
+            x.sub_(torch.tensor(f["mean"], dtype=x.dtype, device=x.device).view(-1, 1, 1))
+            x.div_(torch.tensor(f["std"], dtype=x.dtype, device=x.device).view(-1, 1, 1))
+        return x, batch[1]
 
     def _batch_normalizer(self) -> Callable[[Any], tuple[Tensor, Tensor]] | None:
         """The loaders standardise each batch as they yield it, not the whole set up front: a
