@@ -23,13 +23,15 @@ but the attention itself is *position-wise* (the Q/K/V projections, ``W_o``, bot
 their dropouts, the FFN, and any LoRA or adapter wrapped around them), so when ``valid_lens``
 is given and at least :data:`UNPAD_MIN_PADDING` of the batch is padding, the encoder gathers the
 ``N = Σ_b valid_lens[b]`` real positions once into a packed ``(N, H)`` tensor and runs the
-blocks on it. Only the attention goes back to the padded ``(B, heads, T, d)`` layout (q, k, v
-scattered into it with zeros at the padding, the masked fused kernel, the output gathered
-back); the result is scattered into ``(B, T, H)`` at the end. The encoder's output at padding
-positions is **zero** on both paths (the padded path zeroes it too), so the two agree
-everywhere, and no caller can mistake padding for a token's features. Tracing (``torch.compile``,
-``torch.export``, ``torch.jit.trace``), the meta device, ``record_weights`` and tensor
-parallelism (DTensor weights) keep the padded path: see :meth:`BertEncoder.packable`.
+blocks on it. Only the attention needs the sequences apart: on the CPU (for ``T·H`` of at least
+:data:`UNPAD_PER_SEQUENCE_MIN`) the fused kernel runs once per sequence on its own rows,
+unmasked; otherwise q, k, v are scattered into the padded ``(B, heads, T, d)`` layout (zeros
+at the padding) for one masked call whose output is gathered back. The result is scattered into
+``(B, T, H)`` at the end. The encoder's output at padding positions is **zero** on both paths
+(the padded path zeroes it too), so the two agree everywhere, and no caller can mistake padding
+for a token's features. Tracing (``torch.compile``, ``torch.export``, ``torch.jit.trace``), the
+meta device, ``record_weights`` and tensor parallelism (DTensor weights) keep the padded path:
+see :meth:`BertEncoder.packable`.
 
 Two pretraining heads sit on top:
 
