@@ -118,3 +118,42 @@ def test_trainer_releases_free_memory_before_every_validation(monkeypatch):
     history = Trainer(task, task.config).fit()
     assert len(history) == 2 and all(np.isfinite(row["val_loss"]) for row in history)
     assert events == ["release", "validate"] * 2
+
+
+def _peak_live_bytes(fn) -> int:
+    """The most bytes of tensors alive at once while ``fn`` runs (allocated inside it), from
+    torch.profiler's memory events: independent of the allocator's caching."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    if not events or not hasattr(events[0], "nbytes"):
+        pytest.skip("this torch's profiler gives no allocation sizes")
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_resize_images_fills_one_result_chunk_by_chunk(monkeypatch):
+    import torch.nn.functional as F
+
+    from divekit.data import vision
+
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8, generator=g)
+    monkeypatch.setattr(vision, "_RESIZE_BUDGET", 7 * 40 * 40)  # chunks of 7 images
+    out = vision.resize_images(pixels, 40)
+    # reference: each image on its own, from float pixels / 255
+    for i in range(0, len(pixels), 37):
+        one = F.interpolate(pixels[i : i + 1].double().div(255).float(), size=(40, 40),
+                            mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+        assert torch.equal(out[i : i + 1], one), i
+    assert out.dtype == torch.float32 and out.shape == (300, 1, 40, 40)
+    result = out.numel() * 4
+    peak = _peak_live_bytes(lambda: vision.resize_images(pixels, 40))
+    # the result and a chunk or two: neither a float copy of the input nor the chunks and
+    # their concatenation side by side (2 x the result)
+    assert peak < 1.2 * result, (peak, result)
