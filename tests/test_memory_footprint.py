@@ -1,8 +1,9 @@
 """Memory the training loop does not need (issue 26 item 6: peak RSS at or below the course's).
 
-* The classification loaders standardise batch by batch instead of keeping a normalised copy of
-  every image beside ``task.data``'s own; the batches are bit-identical to indexing a wholly
-  normalised set, and close to a float64 reference computed here.
+* The classification loaders hold ``task.data``'s own images, not a normalised copy of every
+  image beside them; the step standardises each batch on the device, bit-identically to
+  indexing the wholly normalised set (and close to a float64 reference computed here), and
+  one epoch trains the weights a plain loop on data normalised up front does.
 * ``release_free_memory`` gives the heap's free pages back, and the Trainer calls it before
   each validation pass.
 """
@@ -40,41 +41,82 @@ def _task(normalize: bool, channels: int, size: int = 8, n_train: int = 50, n_va
     return task
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_normalised_batches_equal_the_whole_set_normalised_and_hold_no_copy(channels):
-    task = _task(normalize=True, channels=channels)
+def _whole_set_normalised(images: torch.Tensor, data: ImageClassificationData) -> torch.Tensor:
+    """What the loaders held before: every image standardised once, up front."""
+    mean = torch.tensor(data.mean, dtype=torch.float32).view(-1, 1, 1)
+    return (images - mean) / torch.tensor(data.std, dtype=torch.float32).view(-1, 1, 1)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_loaders_hold_the_data_s_own_images(normalize):
+    task = _task(normalize=normalize, channels=3)
     data = task.data
-    mean = np.array(data.mean).reshape(-1, 1, 1)
-    std = np.array(data.std).reshape(-1, 1, 1)
+    assert task.normalizes is normalize
     for loader, images, labels in ((task.train_data(), data.train_images, data.train_labels),
                                    (task.val_data(), data.val_images, data.val_labels)):
-        assert loader.tensors[0] is images  # the data's own tensor, not a normalised copy
-        # what the loaders held before: the whole set normalised once, then indexed
-        whole = (images - torch.tensor(data.mean, dtype=torch.float32).view(-1, 1, 1)) \
-            / torch.tensor(data.std, dtype=torch.float32).view(-1, 1, 1)
-        loader.set_epoch(1)
+        assert loader.tensors[0] is images and loader.batch_transform is None  # no copy
+        loader.set_epoch(2)
         indices = list(loader.batch_indices())
-        loader.set_epoch(1)
+        loader.set_epoch(2)
         batches = list(loader)
         assert len(batches) == len(indices) >= 1  # validation: one batch of max(bs, 256)
         for idx, (x, y) in zip(indices, batches):
-            assert torch.equal(x, whole[idx])  # bit-identical, batch by batch
-            reference = (images[idx].double().numpy() - mean) / std  # float64, by hand
-            np.testing.assert_allclose(x.numpy(), reference, rtol=1e-6, atol=1e-6)
-            assert torch.equal(y, labels[idx])
+            assert torch.equal(x, images[idx]) and torch.equal(y, labels[idx])
+    if not normalize:
+        assert task.normalize(data.val_images) is data.val_images
 
 
-def test_without_normalising_the_loaders_yield_the_images_themselves():
-    task = _task(normalize=False, channels=3)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_step_standardises_each_batch_as_the_whole_set_was(channels):
+    task = _task(normalize=True, channels=channels)
     data = task.data
-    assert not task.normalizes and task.normalize(data.val_images) is data.val_images
+    whole = _whole_set_normalised(data.train_images, data)
+    mean = np.array(data.mean).reshape(-1, 1, 1)
+    std = np.array(data.std).reshape(-1, 1, 1)
     loader = task.train_data()
-    assert loader.tensors[0] is data.train_images and loader.batch_transform is None
-    loader.set_epoch(3)
-    indices = list(loader.batch_indices())
-    loader.set_epoch(3)
-    for idx, (x, _) in zip(indices, loader):
-        assert torch.equal(x, data.train_images[idx])
+    loader.set_epoch(1)
+    for idx, batch in zip(list(loader.batch_indices()), list(loader)):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = batch[0].contiguous(memory_format=layout)
+            (got,), y = task.pipeline_split((x, batch[1]))
+            assert torch.equal(got, whole[idx])  # bit-identical to the whole set's
+            assert got.is_contiguous(memory_format=layout)
+            reference = (data.train_images[idx].double().numpy() - mean) / std  # by hand
+            np.testing.assert_allclose(got.numpy(), reference, rtol=1e-6, atol=1e-6)
+            assert torch.equal(y, data.train_labels[idx])
+    # validation: the logits of the batch standardised as before
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(channels * 64, 3)).eval()
+    with torch.inference_mode():
+        out = task.validation_step(model, (data.val_images, data.val_labels))
+        expected = model(_whole_set_normalised(data.val_images, data))
+    assert torch.equal(torch.cat(out["predictions"]), expected.argmax(1))
+    loss = torch.nn.functional.cross_entropy(expected, data.val_labels, reduction="sum")
+    assert torch.equal(out["loss"], loss)
+
+
+def test_training_matches_a_plain_loop_on_data_standardised_up_front():
+    """One epoch of the Trainer (normalize on) against a plain torch loop fed the whole set
+    standardised once: the same weights at the end."""
+    task = _task(normalize=True, channels=1, size=28, n_train=64, n_val=16, epochs=1,
+                 lr=0.05, momentum=0.0, channels_last=False)
+    trainer = Trainer(task, task.config)
+    model = task.build_model()
+    model.load_state_dict(trainer.model.state_dict())  # the same initial weights
+    data = task.data
+    x = _whole_set_normalised(data.train_images, data)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    order = trainer.train_loader
+    order.set_epoch(1)
+    batches = list(order.batch_indices())
+    trainer.fit()
+    model.train()
+    for idx in batches:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), data.train_labels[idx]).backward()
+        opt.step()
+    for (name, ours), theirs in zip(trainer.model.state_dict().items(),
+                                    model.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _rss_mb() -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -282,12 +282,16 @@ class ClassificationTask(Task, name="classify"):
             x.div_(torch.tensor(f["std"], dtype=x.dtype, device=x.device).view(-1, 1, 1))
         return x, batch[1]
 
-    def _batch_normalizer(self) -> Callable[[Any], tuple[Tensor, Tensor]] | None:
-        """The loaders standardise each batch as they yield it, not the whole set up front: a
-        normalised copy of every image would sit in memory beside ``data``'s own (the same
-        numbers: ``(x - mean) / std`` is elementwise, so batch by batch it is bit-identical).
-        None where normalising is the identity."""
-        return self._normalize_batch if self.normalizes else None
+    @cached_property
+    def _loader_normalizes(self) -> bool:
+        """Whether the training loader standardises its batches: only the per-sample
+        augmentation's (its transforms need the [0, 1] images). Every other batch is
+        standardised on the device, in :meth:`pipeline_split` and :meth:`validation_step`, and
+        the loaders hold ``data``'s own images: a normalised copy of the whole set would sit in
+        memory beside them. The numbers are the same: ``(x - mean) / std`` is elementwise, so
+        batch by batch it is bit-identical to the whole set at once."""
+        return (self.batch_augment is None
+                and not Augment(self.config.augment, train=True).is_identity)
 
     def train_data(self) -> TensorBatchLoader:
         cfg, labels = self.config, self.data.train_labels
@@ -297,8 +301,7 @@ class ClassificationTask(Task, name="classify"):
         common = dict(batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, weights=weights)
         augment = Augment(cfg.augment, train=True)
         if augment.is_identity:
-            return TensorBatchLoader(self.data.train_images, labels, **common,
-                                     batch_transform=self._batch_normalizer())
+            return TensorBatchLoader(self.data.train_images, labels, **common)
         if self.batch_augment is not None:  # raw [0, 1] images; training_step augments them
             return TensorBatchLoader(self.data.train_images, labels, **common)
         return TensorBatchLoader(
@@ -310,7 +313,7 @@ class ClassificationTask(Task, name="classify"):
         self._check_data_fits_record()
         bs = self.config.batch_size if isinstance(self.config.batch_size, int) else 256
         return TensorBatchLoader(self.data.val_images, self.data.val_labels,
-                                 batch_size=max(bs, 256), batch_transform=self._batch_normalizer())
+                                 batch_size=max(bs, 256))
 
     def load_extras(self, run_dir: Any) -> None:
         """A reopened run's facts in its ``config.json`` are checked before a model is built
@@ -402,6 +405,8 @@ class ClassificationTask(Task, name="classify"):
             x = self.normalize(self.batch_augment(x))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+        elif not self._loader_normalizes:
+            x = self.normalize(x)  # on the device (_loader_normalizes); keeps channels_last
         if self.mix.enabled:
             x, y = self.mix(x, y)  # soft targets (N, K)
         return (x,), y
@@ -415,7 +420,7 @@ class ClassificationTask(Task, name="classify"):
 
     def validation_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Any]:
         x, y = batch
-        scores = class_scores(model, x, self.config.tta)
+        scores = class_scores(model, self.normalize(x), self.config.tta)
         predicted = scores.argmax(dim=1)
         return {"loss": F.cross_entropy(scores, y, reduction="sum"),
                 "correct": (predicted == y).sum(), "count": len(y),
