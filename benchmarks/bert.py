@@ -115,6 +115,7 @@ def rate(times: list[float], work: float) -> float:
 
 
 PROFILES: list[tuple[str, tuple[list[str], list[list[str]]]]] = []  # for goals not met
+PROFILE_LIMIT: list[int | None] = [None]  # --smoke: profile one goal (it checks the path)
 
 
 def add_row(what: str, ours: str, peer: str, ratio: Spread | None, goal: float,
@@ -126,7 +127,8 @@ def add_row(what: str, ours: str, peer: str, ratio: Spread | None, goal: float,
         ROWS.append([what, ours, peer, "—", goal_cell(goal), "peer skipped"])
         return ""
     ROWS.append([what, ours, peer, ratio.md(), goal_cell(goal), verdict(ratio, goal)])
-    if sides is not None and verdict(ratio, goal) != "met":  # not met or not settled
+    if (sides is not None and verdict(ratio, goal) != "met"  # not met or not settled
+            and (PROFILE_LIMIT[0] is None or len(PROFILES) < PROFILE_LIMIT[0])):
         PROFILES.append((f"{verdict(ratio, goal).capitalize()}: {what}", profile_table(sides)))
     return (f"ratio {ratio.median:.2f}x ({ratio.lo:.2f}-{ratio.hi:.2f}, goal >= {goal}x: "
             f"{verdict(ratio, goal)})")
@@ -524,6 +526,7 @@ def main() -> None:
     sizes = SMOKE if args.smoke else FULL
     if args.smoke:
         args.repeats, args.threads = 1, 1
+        PROFILE_LIMIT[0] = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of:
