@@ -32,6 +32,7 @@ BLOCK = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /bench:(
                    re.DOTALL)
 RATIO = re.compile(r"\d[\d,.]*\s*×|\d\)\s*x$")
 VERDICTS = ("not settled", "not met", "met")
+FIGURE = re.compile(r"(?<![A-Za-z])[+-]?\d[\d,.]*(?![A-Za-z\d])")  # "8,433", "-0.002"; not d2l
 HEADLINE = "headline"
 
 
@@ -72,6 +73,21 @@ def verdict_in(cell: str) -> str | None:
     return next((v for v in VERDICTS if low.startswith(v)), None)
 
 
+def label(header: list[str], row: list[str], ratio_col: int) -> str:
+    """What a goal row is about: its first cell and every later cell before the ratio that names
+    rather than measures (no free-standing figure: "divekit / d2l loop", "against" columns), and
+    numbers in the first column or a ``batch`` column with their header ("length 50, batch
+    64")."""
+    parts = []
+    for i in range(ratio_col):
+        cell, head = row[i].replace("**", ""), header[i].lower()
+        if re.fullmatch(r"[\d,.]+", cell) and (i == 0 or head == "batch"):
+            parts.append(f"{header[i]} {cell}")
+        elif i == 0 or (cell and not FIGURE.search(cell)):
+            parts.append(f"vs {cell}" if head == "against" else cell)
+    return ", ".join(parts).replace(", vs ", " vs ")
+
+
 def goals_of(name: str, body: str) -> list[Goal]:
     """The goal rows of one generated block."""
     found = []
@@ -92,10 +108,8 @@ def goals_of(name: str, body: str) -> list[Goal]:
             goal = row[goal_col] if verdict_col != goal_col else header_goal
             if goal in ("", "—"):
                 goal = header_goal
-            what = row[0].replace("**", "")
+            what = label(header, row, ratio_col)
             goal = re.sub(r"^([\d.]+)x$", r"≥ \1×", goal)  # the book's "1.5x"
-            if len(header) > 1 and lowered[1] == "against":
-                what = f"{what} vs {row[1]}"
             ratio = row[ratio_col].replace("**", "")
             ratio = re.sub(r"^([\d.]+) \(([\d.]+)-([\d.]+)\)x$", r"\1× (\2–\3)", ratio)
             found.append(Goal(name, what, ratio, goal, row[verdict_col]))
