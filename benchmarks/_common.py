@@ -567,3 +567,15 @@ def profile_report(report: Report, name: str, outcome: str,
     for row in rows:
         print("  " + " | ".join(row))
     report.table(headers, rows, align="l" * len(headers), caption=caption)
+
+
+def endless(loader, first_epoch: int = 0):
+    """The loader's batches, epoch after epoch, calling ``set_epoch(first_epoch)``,
+    ``set_epoch(first_epoch + 1)``, ... first where it has one (a profile's steps then see the
+    batches the timed run sees)."""
+    epoch = first_epoch
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1

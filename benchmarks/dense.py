@@ -43,6 +43,7 @@ from _common import (
     Report,
     add_markdown_arg,
     add_memory_args,
+    endless,
     forwarded_argv,
     goal_cell,
     memory_cells,
@@ -228,17 +229,6 @@ def divekit_fcn_step(task, model: nn.Module, optimizer: torch.optim.Optimizer, b
 PROFILE_STEPS = 3  # FCN steps of each side under torch.profiler, where the goal is not met
 
 
-def endless(loader):
-    """The loader's batches, epoch after epoch (``set_epoch(1)``, 2, ... first where it has
-    one, as :func:`divekit_fcn_run` counts its epochs)."""
-    epoch = 0
-    while True:
-        epoch += 1
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-
-
 def fcn_profile(voc: Path, crop, batch: int, steps: int) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of :func:`_common.profile_table`: the top operators by self CPU time
     over ``steps`` FCN training steps of the course's loop and of divekit's (the timed rounds'
@@ -247,7 +237,7 @@ def fcn_profile(voc: Path, crop, batch: int, steps: int) -> tuple[list[str], lis
     loader, net, trainer = course_fcn_parts(voc, crop, batch)
     torch.manual_seed(0)
     task, model, optimizer, our_loader = divekit_fcn_parts(voc, crop, batch)
-    theirs, ours = endless(loader), endless(our_loader)
+    theirs, ours = endless(loader, 1), endless(our_loader, 1)  # as divekit_fcn_run counts
 
     def course(k: int) -> None:
         for _ in range(k):

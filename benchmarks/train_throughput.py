@@ -44,6 +44,7 @@ from _common import (
     Spread,
     add_markdown_arg,
     add_memory_args,
+    endless,
     goal_cell,
     interleave,
     memory_cells,
@@ -401,16 +402,6 @@ def side_memory(side: str, model: str,
 
 # ----------------------------------------------------------------------------- profiles
 PROFILE_STEPS = 3  # training steps of each side under torch.profiler, where a goal is not met
-
-
-def endless(loader):
-    """The loader's batches, epoch after epoch (``set_epoch`` first where it has one)."""
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def course_steps(net: torch.nn.Module, loader: DataLoader, lr: float):
