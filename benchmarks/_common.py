@@ -35,7 +35,9 @@ import datetime as _dt
 import os
 import platform
 import pstats
+import re
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -453,6 +455,57 @@ def machine_line(threads: int | None = None) -> str:
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ----------------------------------------------------------------------------- generated blocks
+
+# BENCHMARKS.md's and README's generated parts sit between ``<!-- bench:NAME -->`` and
+# ``<!-- /bench:NAME -->``; the text outside the markers is hand-written and never touched.
+MARKER = "<!-- {slash}bench:{name} -->"
+
+
+def block_pattern(name: str) -> re.Pattern[str]:
+    start, end = MARKER.format(slash="", name=name), MARKER.format(slash="/", name=name)
+    return re.compile(re.escape(start) + r"\n.*?" + re.escape(end), re.DOTALL)
+
+
+def block_of(text: str, name: str) -> str | None:
+    """The generated text between NAME's markers, or None without them."""
+    m = block_pattern(name).search(text)
+    if m is None:
+        return None
+    start = MARKER.format(slash="", name=name)
+    return m.group(0)[len(start) + 1: -len(MARKER.format(slash="/", name=name))]
+
+
+def replace_block(text: str, name: str, body: str, missing: Callable[[str, str], str] | None = None
+                  ) -> str:
+    """``text`` with the part between NAME's markers replaced by ``body`` (backslashes in it kept
+    as they are). Without the markers, ``missing(text, block)`` places the whole marked block, or,
+    when ``missing`` is None, a :class:`KeyError` names the markers that are not there."""
+    body = body if body.endswith("\n") else body + "\n"
+    block = f"{MARKER.format(slash='', name=name)}\n{body}{MARKER.format(slash='/', name=name)}"
+    pattern = block_pattern(name)
+    if pattern.search(text):
+        return pattern.sub(lambda _m: block, text, count=1)
+    if missing is None:
+        raise KeyError(f"no {MARKER.format(slash='', name=name)} ... "
+                       f"{MARKER.format(slash='/', name=name)} markers")
+    return missing(text, block)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and a rename: readers see the old file
+    or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- markdown

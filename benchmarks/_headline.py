@@ -28,6 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import replace_block, write_atomically  # noqa: E402
+
 BLOCK = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=name) -->",
                    re.DOTALL)
 RATIO = re.compile(r"\d[\d,.]*\s*×|\d\)\s*x$")
@@ -154,24 +158,23 @@ def headline(benchmarks_md: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(text: str, name: str, body: str) -> str:
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    pattern = re.compile(re.escape(start) + r"\n.*?" + re.escape(end), re.DOTALL)
-    if not pattern.search(text):
-        raise SystemExit(f"error: README.md has no {start} ... {end} markers")
-    return pattern.sub(lambda _m: f"{start}\n{body}{end}", text, count=1)
+def replace_readme_block(text: str, body: str) -> str:
+    """README's text with the headline block's body replaced; README must have the markers (a
+    README without them is an error, not a table appended somewhere)."""
+    try:
+        return replace_block(text, HEADLINE, body)
+    except KeyError as e:
+        raise SystemExit(f"error: README.md has {e.args[0]}") from None
 
 
 def update_readme(benchmarks: Path = ROOT / "BENCHMARKS.md",
                   readme: Path = ROOT / "README.md") -> bool:
     """Rewrite README's headline block from ``benchmarks``; True when it changed."""
     old = readme.read_text(encoding="utf-8")
-    new = replace_block(old, HEADLINE, headline(benchmarks.read_text(encoding="utf-8")))
+    new = replace_readme_block(old, headline(benchmarks.read_text(encoding="utf-8")))
     if new == old:
         return False
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    tmp.replace(readme)
+    write_atomically(readme, new)
     return True
 
 
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.check:
         text = args.readme.read_text(encoding="utf-8")
-        want = replace_block(text, HEADLINE,
+        want = replace_readme_block(text,
                              headline(args.benchmarks.read_text(encoding="utf-8")))
         if want != text:
             print("README.md's headline block is stale: run python benchmarks/_headline.py",

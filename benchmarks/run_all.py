@@ -46,7 +46,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import gemm_gflops, load_average, machine_line, md_table, utc_now  # noqa: E402
+import _common  # noqa: E402
+from _common import gemm_gflops, load_average, machine_line, md_table, utc_now, write_atomically  # noqa: E402
 
 # The order of value (the figures the README quotes first); scripts not named here follow in
 # alphabetical order.
@@ -64,7 +65,6 @@ STANDARD: dict[str, list[str]] = {
     "book": ["--repeats", "5"],
 }
 HEADER = "header"
-MARKER = "<!-- {slash}bench:{name} -->"
 
 
 class RunAllError(Exception):
@@ -98,47 +98,16 @@ def shown(cmd: list[str]) -> str:
 # ----------------------------------------------------------------------------- markers
 
 
-def block_pattern(name: str) -> re.Pattern[str]:
-    start, end = MARKER.format(slash="", name=name), MARKER.format(slash="/", name=name)
-    return re.compile(re.escape(start) + r"\n.*?" + re.escape(end), re.DOTALL)
-
-
-def block_of(text: str, name: str) -> str | None:
-    """The generated text between NAME's markers, or None without them."""
-    m = block_pattern(name).search(text)
-    if m is None:
-        return None
-    start = MARKER.format(slash="", name=name)
-    return m.group(0)[len(start) + 1: -len(MARKER.format(slash="/", name=name))]
-
-
 def replace_block(text: str, name: str, body: str) -> str:
     """``text`` with the part between NAME's markers replaced by ``body``; without markers, the
     block is appended at the end (the header's goes after the ``# `` title)."""
-    body = body if body.endswith("\n") else body + "\n"
-    block = f"{MARKER.format(slash='', name=name)}\n{body}{MARKER.format(slash='/', name=name)}"
-    pattern = block_pattern(name)
-    if pattern.search(text):
-        return pattern.sub(lambda _m: block, text, count=1)
-    if name == HEADER:
-        m = re.search(r"(?m)^# .*\n", text)
-        at = m.end() if m else 0
-        return text[:at] + "\n" + block + "\n" + text[at:]
-    return text.rstrip("\n") + "\n\n" + block + "\n"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and a rename: readers see the old file
-    or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def place(text: str, block: str) -> str:
+        if name == HEADER:
+            m = re.search(r"(?m)^# .*\n", text)
+            at = m.end() if m else 0
+            return text[:at] + "\n" + block + "\n" + text[at:]
+        return text.rstrip("\n") + "\n\n" + block + "\n"
+    return _common.replace_block(text, name, body, missing=place)
 
 
 # ----------------------------------------------------------------------------- running

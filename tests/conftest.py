@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import http.server
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -15,7 +17,12 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # the d2l compat layer saves figures into $DIVEKIT_FIGURES (default ./figures): keep the tests'
 # figures, and those of the subprocesses they start, out of the working tree
-os.environ.setdefault("DIVEKIT_FIGURES", tempfile.mkdtemp(prefix="divekit-test-figures-"))
+# (one folder for the whole run, made by the process that finds none, removed when it exits;
+# pytest-xdist's workers and the subprocesses inherit it)
+if "DIVEKIT_FIGURES" not in os.environ:
+    _figures = tempfile.mkdtemp(prefix="divekit-test-figures-")
+    os.environ["DIVEKIT_FIGURES"] = _figures
+    atexit.register(shutil.rmtree, _figures, True)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

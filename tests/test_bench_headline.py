@@ -110,3 +110,18 @@ def test_the_readme_headline_is_current_with_benchmarks_md():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--check"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_readme_without_the_markers_is_refused_not_appended_to(tmp_path):
+    h = load()
+    bench, readme = tmp_path / "BENCHMARKS.md", tmp_path / "README.md"
+    bench.write_text(SAMPLE, encoding="utf-8")
+    readme.write_text("# x\nno markers here\n", encoding="utf-8")
+    try:
+        h.update_readme(bench, readme)
+    except SystemExit as e:
+        assert "<!-- bench:headline -->" in str(e) and str(e).startswith("error: README.md has no")
+    else:
+        raise AssertionError("a README without markers was accepted")
+    assert readme.read_text(encoding="utf-8") == "# x\nno markers here\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left

@@ -139,7 +139,7 @@ def test_replace_block_keeps_the_prose(run_all):
             "analysis prose\n")
     out = run_all.replace_block(text, "rnn", "new table")
     assert out == text.replace("old table", "new table")
-    assert run_all.block_of(out, "rnn") == "new table\n"
+    assert run_all._common.block_of(out, "rnn") == "new table\n"
     out = run_all.replace_block(out, "bert", "bert table\n")  # no markers: appended
     assert out.endswith("analysis prose\n\n<!-- bench:bert -->\nbert table\n<!-- /bench:bert -->\n")
     out = run_all.replace_block(out, "header", "when and where\n")  # after the title
@@ -194,13 +194,13 @@ def test_smoke_pipeline_fills_the_markers(run_all, tmp_path, monkeypatch):
     text = out.read_text()
     assert template.read_text().count("stale figures") == 1  # the template is left alone
     assert "stale figures" not in text
-    assert run_all.block_of(text, "other") == "other figures\n"  # not selected: kept
+    assert run_all._common.block_of(text, "other") == "other figures\n"  # not selected: kept
     assert "hand-written intro" in text and text.endswith("hand-written analysis of the fast one\n")
-    header = run_all.block_of(text, "header")
+    header = run_all._common.block_of(text, "header")
     for needed in ("GFLOP/s", "load average", "torch ", "logical cores", "`fast`", "--smoke"):
         assert needed in header, needed
     assert "`other`" not in header
-    fast = run_all.block_of(text, "fast")
+    fast = run_all._common.block_of(text, "fast")
     assert fast.startswith("## Fast\n\n```\npython benchmarks/fast.py --smoke\n```\n")
     assert "| divekit | 1.5x |" in fast
     assert "Run by `benchmarks/run_all.py`" in fast and "load average" in fast
@@ -226,12 +226,12 @@ def test_failure_keeps_the_old_section(run_all, tmp_path, monkeypatch, capsys):
     assert code == 1
     assert time.perf_counter() - start < 40  # slow.py was stopped at its timeout
     text = out.read_text()
-    assert run_all.block_of(text, "bad") == "last good bad figures\n"
-    good = run_all.block_of(text, "good")
+    assert run_all._common.block_of(text, "bad") == "last good bad figures\n"
+    good = run_all._common.block_of(text, "good")
     assert good.startswith("## Good\n\n| a |\n") and "Run by" in good
-    plain = run_all.block_of(text, "plain")
+    plain = run_all._common.block_of(text, "plain")
     assert plain.startswith("## Console only\n") and "plain figures 2.0x" in plain
-    assert "`bad`" in run_all.block_of(text, "header").split("failed")[1].splitlines()[0]
+    assert "`bad`" in run_all._common.block_of(text, "header").split("failed")[1].splitlines()[0]
     said = capsys.readouterr().out
     assert "FAILED: bad, slow" in said and "stopped after 5 s" in said
-    assert run_all.block_of(text, "slow") is None  # never ran to the end: no section
+    assert run_all._common.block_of(text, "slow") is None  # never ran to the end: no section
