@@ -134,33 +134,91 @@ def goal_cell(goal: float | None) -> str:
 # ----------------------------------------------------------------------------- profiles
 
 
-def top_ops(fn: Callable[[], object], k: int = 8) -> list[tuple[str, float, int]]:
-    """The ``k`` operators that took the most self CPU time in one call of ``fn``, under
-    torch's profiler: ``[(operator, self CPU ms, calls), ...]``. Where a goal is not met, the
-    top operators of both sides say where the time goes (the same kernels on both sides: the
-    gap is overhead around them; a kernel only one side runs: that kernel)."""
+@dataclass(frozen=True)
+class Profile:
+    """One side's profile of one call: every entry ``(name, self ms, calls)`` by self time, most
+    first, and the call's wall-clock milliseconds under the profiler."""
+
+    entries: list[tuple[str, float, int]]
+    wall_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        """The self time of every entry: for torch's profiler the time inside operators (the
+        rest of ``wall_ms`` is Python, the data loader and waiting); for cProfile, all of it."""
+        return sum(ms for _, ms, _ in self.entries)
+
+
+def op_profile(fn: Callable[[], object]) -> Profile:
+    """Every operator of one call of ``fn`` under torch's profiler, by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
         fn()
+        wall_ms = (time.perf_counter() - start) * 1e3
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events[:k]]
+    return Profile([(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events], wall_ms)
+
+
+def top_ops(fn: Callable[[], object], k: int = 8) -> list[tuple[str, float, int]]:
+    """The ``k`` operators that took the most self CPU time in one call of ``fn``, under
+    torch's profiler: ``[(operator, self ms, calls), ...]``. Where a goal is not met, the
+    top operators of both sides say where the time goes (the same kernels on both sides: the
+    gap is overhead around them; a kernel only one side runs: that kernel)."""
+    return op_profile(fn).entries[:k]
+
+
+def summary_rows(profiles: Mapping[str, Profile], what: str) -> list[list[str]]:
+    """The rows under a side-by-side profile table that say where each side's time goes in
+    figures: the profiled call's wall time, the part inside the ``what`` (operators: the rest
+    is Python around them, the loader, waiting) and the part inside the entries that *every*
+    side has, which, when it is most of both calls and about equal, says the sides are bound by
+    the same kernels, and when it is not, that the gap lies in what one side alone runs."""
+    shared = set.intersection(*({name for name, _, _ in p.entries} for p in profiles.values()))
+    rows = [["", *(f"whole call {p.wall_ms:,.1f} ms" for p in profiles.values())]]
+    if what == "operators":
+        rows.append(["", *(f"in operators {p.total_ms:,.1f} ms ({pct(p.total_ms, p.wall_ms)})"
+                           for p in profiles.values())])
+    in_shared = [sum(ms for name, ms, _ in p.entries if name in shared)
+                 for p in profiles.values()]
+    rows.append(["", *(f"in the {len(shared)} {what} every side calls {ms:,.1f} ms "
+                       f"({pct(ms, p.wall_ms)})" for ms, p in zip(in_shared, profiles.values()))])
+    return rows
+
+
+# what a caption says of the summary rows under a torch.profiler table
+SUMMARY_NOTE = ("The last three rows: each side's whole profiled call, the part inside operators "
+                "(the rest is Python around them, data loading, waiting) and the part in the "
+                "operators every side calls (most of both calls and about equal: both sides are "
+                "bound by the same kernels).")
+
+
+def pct(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.0f}%" if whole > 0 else "—"
+
+
+def side_by_side(profiles: Mapping[str, Profile], what: str, k: int, digits: int = 1
+                 ) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: each side's top ``k`` entries side by side, then :func:`summary_rows`."""
+    unit = "operator" if what == "operators" else "function"
+    headers = ["#"] + [f"{name}: {unit}, self ms (calls)" for name in profiles]
+    rows = []
+    for i in range(k):
+        row = [str(i + 1)]
+        for p in profiles.values():
+            e = p.entries
+            row.append(f"`{e[i][0]}` {e[i][1]:.{digits}f} ({e[i][2]})" if i < len(e) else "")
+        rows.append(row)
+    return headers, rows + summary_rows(profiles, what)
 
 
 def profile_table(sides: Mapping[str, Callable[[], object]], k: int = 8) -> tuple[
         list[str], list[list[str]]]:
-    """Headers and rows of a side-by-side table of each side's :func:`top_ops` (one call
-    each), for :meth:`Report.table`."""
-    tops = {name: top_ops(fn, k) for name, fn in sides.items()}
-    headers = ["#"] + [f"{name}: operator, self ms (calls)" for name in sides]
-    rows = []
-    for i in range(k):
-        row = [str(i + 1)]
-        for name in sides:
-            ops = tops[name]
-            row.append(f"`{ops[i][0]}` {ops[i][1]:.1f} ({ops[i][2]})" if i < len(ops) else "")
-        rows.append(row)
-    return headers, rows
+    """Headers and rows of a side-by-side table of each side's operators under torch's profiler
+    (one call each; :func:`op_profile`), the top ``k`` and the summary rows, for
+    :meth:`Report.table`."""
+    return side_by_side({name: op_profile(fn) for name, fn in sides.items()}, "operators", k)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -586,36 +644,49 @@ class Report:
         Path(path).write_text(self.render(), encoding="utf-8")
 
 
-def top_functions(fn: Callable[[], object], k: int = 8, warm: bool = True
-                  ) -> list[tuple[str, float, int]]:
-    """The ``k`` functions with the most self time over one call of ``fn`` (cProfile):
-    ``[(function, self ms, calls), ...]``, for the profile tables of goals not met. torch
-    operators show as built-ins; a C kernel called through ctypes counts as its Python caller's
-    self time. ``warm`` calls ``fn`` once first, so first-touch page faults and lazy set-up are
-    not what the profile sees."""
+def function_profile(fn: Callable[[], object], warm: bool = True) -> Profile:
+    """Every function of one call of ``fn`` under cProfile, by self time. torch operators show
+    as built-ins; a C kernel called through ctypes counts as its Python caller's self time.
+    ``warm`` calls ``fn`` once first, so first-touch page faults and lazy set-up are not what
+    the profile sees."""
     if warm:
         fn()
     prof = cProfile.Profile()
+    start = time.perf_counter()
     prof.enable()
     fn()
     prof.disable()
+    wall_ms = (time.perf_counter() - start) * 1e3
     stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, self s, cum s, _)}
-    top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:k]
-    return [(f"{Path(file).name}:{line}({name})" if line else name, own * 1e3, calls)
-            for (file, line, name), (_, calls, own, _cum, _callers) in top]
+    top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)
+    return Profile([(f"{Path(file).name}:{line}({name})" if line else name, own * 1e3, calls)
+                    for (file, line, name), (_, calls, own, _cum, _callers) in top], wall_ms)
+
+
+def top_functions(fn: Callable[[], object], k: int = 8, warm: bool = True
+                  ) -> list[tuple[str, float, int]]:
+    """The ``k`` functions with the most self time over one call of ``fn`` (cProfile):
+    ``[(function, self ms, calls), ...]`` (:func:`function_profile`)."""
+    return function_profile(fn, warm).entries[:k]
+
+
+def function_table(sides: Mapping[str, Callable[[], object]], k: int = 8, warm: bool = True,
+                   digits: int = 2) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of a side-by-side table of each side's top functions by self time (one
+    call each, :func:`function_profile`) and the summary rows."""
+    profiles = {name: function_profile(fn, warm) for name, fn in sides.items()}
+    return side_by_side(profiles, "functions", k, digits)
 
 
 def profile_report(report: Report, name: str, outcome: str,
                    sides: dict[str, Callable[[], object]], k: int = 8) -> None:
     """Print and add to ``report`` a side-by-side table of each side's top functions by self
-    time (:func:`top_functions` of ``sides``, ``{"d2l": fn, "divekit": fn}``, one call each
+    time (:func:`function_table` of ``sides``, ``{"d2l": fn, "divekit": fn}``, one call each
     after a warm-up call): the analysis a goal not met (``outcome``) owes its reader."""
-    tops = {side: top_functions(fn, k) for side, fn in sides.items()}
-    headers = ["#"] + [f"{side}: function, self ms (calls)" for side in sides]
-    rows = [[str(i + 1)] + [f"`{t[i][0]}` {t[i][1]:.2f} ({t[i][2]})" if i < len(t) else ""
-                            for t in tops.values()] for i in range(k)]
+    headers, rows = function_table(sides, k)
     caption = (f"Where the time goes in {name} (its goal: {outcome}): the top functions by self "
-               "time of one call of each side after a warm-up call (cProfile).")
+               "time of one call of each side after a warm-up call (cProfile), then each "
+               "side's whole call and the part in the functions both sides call.")
     print(caption)
     for row in rows:
         print("  " + " | ".join(row))

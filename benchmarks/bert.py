@@ -35,6 +35,7 @@ from _common import (
     COMPILE_GOAL,
     COMPILE_HEADERS,
     MEMORY_HEADERS,
+    SUMMARY_NOTE,
     Report,
     Spread,
     add_markdown_arg,
@@ -557,7 +558,7 @@ def main() -> None:
     for what, (headers, rows) in PROFILES:
         report.table(headers, rows, align="lll",
                      caption=f"{what}. The top operators by self CPU time in one call "
-                             "of each side (torch.profiler):")
+                             f"of each side (torch.profiler). {SUMMARY_NOTE}")
     report.write(args.markdown)
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import torchvision
 from _common import (
     MEMORY_HEADERS,
+    SUMMARY_NOTE,
     Report,
     add_markdown_arg,
     add_memory_args,
@@ -460,7 +461,7 @@ def main() -> None:
                            f"over {steps} training step{'s' * (steps != 1)} of each side "
                            f"(torch.profiler): crop {crop[0]}×{crop[1]}, batch {args.batch}, "
                            "the timed rounds' set-up and step (the batch's loading included), "
-                           "after one warm-up step of each.")
+                           f"after one warm-up step of each. {SUMMARY_NOTE}")
                 profiles.append((caption, fcn_profile(voc, crop, args.batch, steps)))
                 print(caption)
                 for row in profiles[-1][1][1]:

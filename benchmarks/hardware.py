@@ -31,7 +31,15 @@ import statistics
 from collections.abc import Callable
 
 import numpy as np
-from _common import Report, add_markdown_arg, interleave, paired_ratio, top_functions, verdict, wall
+from _common import (
+    Report,
+    add_markdown_arg,
+    function_table,
+    interleave,
+    paired_ratio,
+    verdict,
+    wall,
+)
 
 from divekit.hardware.analytic import ArraySpec, gemm_cycles
 from divekit.hardware.scalesim_io import scalesim_ofmap
@@ -72,16 +80,6 @@ def scalesim_kwargs(spec: dict) -> dict:
 
 
 GOAL_CYCLE, GOAL_ANALYTIC = 20.0, 1000.0  # over SCALE-Sim's stall-free run, every layer
-
-
-def profile_rows(sides: dict[str, Callable[[], object]], k: int = 8) -> tuple[
-        list[str], list[list[str]]]:
-    """Headers and rows of a side-by-side table of each side's :func:`top_functions`."""
-    tops = {name: top_functions(fn, k, warm=False) for name, fn in sides.items()}
-    headers = ["#"] + [f"{name}: function, self ms (calls)" for name in sides]
-    rows = [[str(i + 1)] + [f"`{t[i][0]}` {t[i][1]:.1f} ({t[i][2]})" if i < len(t) else ""
-                            for t in tops.values()] for i in range(k)]
-    return headers, rows
 
 
 def bench_layer(name: str, r: int, c: int, df: str, spec: dict, repeats: int, full: bool,
@@ -141,11 +139,12 @@ def profile_missed(report: Report, name: str, r: int, c: int, df: str, spec: dic
     kwargs = scalesim_kwargs(spec)
     peer = ((lambda: time_full_run(r, c, df, **kwargs)) if full
             else (lambda: run_layer(r, c, df, **kwargs)))
-    headers, rows = profile_rows({"SCALE-Sim": peer,
-                                  "divekit cycle-accurate": lambda: simulate(
-                                      a, b, array, convention="scalesim")})
+    headers, rows = function_table({"SCALE-Sim": peer,
+                                    "divekit cycle-accurate": lambda: simulate(
+                                        a, b, array, convention="scalesim")}, warm=False, digits=1)
     caption = (f"Where the time goes on {name} ({r}×{c} {df}), goal not met: the top functions "
-               "by self time of one run of each side (cProfile).")
+               "by self time of one run of each side (cProfile), then each side's whole run "
+               "and the part in the functions both sides call.")
     print(caption)
     for row in rows:
         print("  " + " | ".join(row))

@@ -43,6 +43,7 @@ from _common import (
     COMPILE_GOAL,
     COMPILE_HEADERS,
     MEMORY_HEADERS,
+    SUMMARY_NOTE,
     Report,
     add_markdown_arg,
     add_memory_args,
@@ -205,7 +206,7 @@ def main() -> None:
         report.table(headers, rows_, align="lll",
                      caption=f"{outcome.capitalize()}: {name} against {other}, the top "
                              "operators by self CPU time over 2 training steps of each "
-                             "(torch.profiler):")
+                             f"(torch.profiler). {SUMMARY_NOTE}")
     if args.compile == "on" and not args.smoke:
         compile_table(args, report, batches)
     if not args.no_memory:

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from _common import (
     MEMORY_HEADERS,
+    SUMMARY_NOTE,
     Report,
     Spread,
     add_markdown_arg,
@@ -509,7 +510,7 @@ def profile_goals(rows: list, cases: dict, args: argparse.Namespace,
                    "ratio is end to end (data preparation and validation included); the table "
                    f"shows where a step's time goes: {peer}'s step as `train_ch6` runs it, "
                    "divekit's as its Trainer runs it (`Trainer._step`), after one warm-up step "
-                   "of each.")
+                   f"of each. {SUMMARY_NOTE}")
         print(f"\n{caption}")
         for row in table:
             print("  " + " | ".join(row))

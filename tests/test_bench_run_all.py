@@ -114,8 +114,29 @@ def test_profile_table_names_the_operators(common):
     headers, rows = common.profile_table({"mm": lambda: a @ a @ a,
                                           "add": lambda: a + a}, k=3)
     assert headers == ["#", "mm: operator, self ms (calls)", "add: operator, self ms (calls)"]
-    assert len(rows) == 3 and any("aten::mm" in r[1] for r in rows)
-    assert any("aten::add" in r[2] for r in rows)
+    assert any("aten::mm" in r[1] for r in rows[:3]) and any("aten::add" in r[2] for r in rows[:3])
+    whole, inside, shared = rows[3:]  # the summary: where each side's call goes, in figures
+    assert [r[0] for r in rows[3:]] == ["", "", ""]
+    assert all(c.startswith("whole call ") and c.endswith(" ms") for c in whole[1:])
+    assert all(c.startswith("in operators ") and c.endswith("%)") for c in inside[1:])
+    # matmul and addition share no operator: nothing is common to both sides
+    assert shared[1:] == ["in the 0 operators every side calls 0.0 ms (0%)"] * 2
+
+
+def test_function_table_sums_what_both_sides_call(common):
+    import math
+
+    def both():
+        return sum(math.sqrt(i) for i in range(20000))
+
+    headers, rows = common.function_table({"a": both, "b": lambda: (both(), sorted(range(9)))},
+                                          k=2)
+    assert headers == ["#", "a: function, self ms (calls)", "b: function, self ms (calls)"]
+    whole, shared = rows[2:]
+    assert whole[1].startswith("whole call ") and shared[2].startswith("in the ")
+    # every function of side a is called by side b too: a's shared part is (nearly) all of it
+    share_a = int(shared[1].rsplit("(", 1)[1].rstrip("%)"))
+    assert share_a >= 80, shared
 
 
 def test_gemm_rate_is_positive(common):
