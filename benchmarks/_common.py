@@ -279,11 +279,44 @@ class PeakRSS:
 # with :func:`print_peak_rss`'s line, which :func:`side_peak_rss` reads.
 
 def add_memory_args(parser: argparse.ArgumentParser) -> None:
-    """``--no-memory`` (skip the fresh-process runs) and the hidden ``--memory-of SIDE``."""
+    """``--no-memory`` (skip the fresh-process runs), ``--memory-runs N`` and the hidden
+    ``--memory-of SIDE``."""
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the peak-memory runs (each side once more in a fresh "
                              "process)")
+    parser.add_argument("--memory-runs", type=int, default=3, metavar="N",
+                        help="fresh processes per side for the peak memory (default 3; 1 with "
+                             "--smoke): the median is shown with its min-max, and the goal is "
+                             "'not settled' when the two sides' ranges overlap")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+
+
+def memory_runs(args: argparse.Namespace) -> int:
+    """How many fresh processes a side's peak memory takes: ``--memory-runs``, 1 with
+    ``--smoke``."""
+    return 1 if getattr(args, "smoke", False) else max(1, args.memory_runs)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """One side's peak memory over one or more fresh processes: each run's ``(own, largest
+    child, before)`` in MB (see :func:`print_peak_rss`). It reads as the tuple of the runs'
+    medians, so ``own, children, before = peak`` and ``peak[0]`` work as for a single run."""
+
+    runs: tuple[tuple[float, float, float], ...]
+
+    def _medians(self) -> tuple[float, float, float]:
+        return tuple(statistics.median(r[i] for r in self.runs) for i in range(3))
+
+    def __iter__(self):
+        return iter(self._medians())
+
+    def __getitem__(self, i: int) -> float:
+        return self._medians()[i]
+
+    @property
+    def owns(self) -> list[float]:
+        return [r[0] for r in self.runs]
 
 
 def own_peak_rss_mb() -> float:
@@ -320,9 +353,14 @@ def print_peak_rss(fn: Callable[[], object]) -> None:
 
 
 def side_peak_rss(script: str, side: str, argv: Sequence[str] = (),
-                  timeout: float = 1800) -> tuple[float, float, float]:
-    """``(own, largest child, before)`` peak RSS in MB of ``side`` run once by ``python script
-    *argv --memory-of side`` in a fresh process (see :func:`print_peak_rss`)."""
+                  timeout: float = 1800, runs: int = 1) -> Peak:
+    """The peak RSS of ``side`` run once by ``python script *argv --memory-of side`` in each of
+    ``runs`` fresh processes, one after another (see :func:`print_peak_rss`)."""
+    return Peak(tuple(_one_peak(script, side, argv, timeout) for _ in range(runs)))
+
+
+def _one_peak(script: str, side: str, argv: Sequence[str], timeout: float
+              ) -> tuple[float, float, float]:
     import subprocess
     import sys
 
@@ -338,19 +376,26 @@ def side_peak_rss(script: str, side: str, argv: Sequence[str] = (),
 
 
 def sides_peak_rss(script: str, sides: Sequence[str], argv: Sequence[str] = (),
-                   parallel: int = 2) -> dict[str, tuple[float, float, float]]:
-    """:func:`side_peak_rss` of every side, ``parallel`` fresh processes at a time (a peak RSS
-    is each process's own, so running them side by side changes nothing but the wall time)."""
+                   parallel: int = 2, runs: int = 1) -> dict[str, Peak]:
+    """The :class:`Peak` of every side over ``runs`` fresh processes each, ``parallel`` processes
+    at a time (a peak RSS is each process's own, so running them side by side changes nothing
+    but the wall time); the runs of the sides are interleaved (side a, side b, side a, ...)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = {side: pool.submit(side_peak_rss, script, side, argv) for side in sides}
-        return {side: f.result() for side, f in futures.items()}
+        futures = [(side, pool.submit(_one_peak, script, side, argv, 1800))
+                   for _ in range(runs) for side in sides]
+        done: dict[str, list[tuple[float, float, float]]] = {side: [] for side in sides}
+        for side, f in futures:
+            done[side].append(f.result())
+    return {side: Peak(tuple(r)) for side, r in done.items()}
 
 
-def forwarded_argv(drop: Sequence[str] = ("--markdown", "--no-memory")) -> list[str]:
+def forwarded_argv(drop: Sequence[str] = ("--markdown", "--no-memory", "--memory-runs")
+                   ) -> list[str]:
     """This script's command-line arguments for a ``--memory-of`` child: the same sizes, less
-    ``drop`` (with ``--markdown``'s value: the child writes no section)."""
+    ``drop`` (with the values of ``--markdown`` and ``--memory-runs``: the child writes no
+    section and measures itself once)."""
     import sys
 
     argv, skip = [], False
@@ -360,24 +405,52 @@ def forwarded_argv(drop: Sequence[str] = ("--markdown", "--no-memory")) -> list[
             continue
         name = arg.split("=", 1)[0]
         if name in drop:
-            skip = name == "--markdown" and "=" not in arg
+            skip = name in ("--markdown", "--memory-runs") and "=" not in arg
             continue
         argv.append(arg)
     return argv
 
 
-def memory_verdict(ours_mb: float, peer_mb: float) -> str:
-    """Issue 26's memory goal, divekit ≤ the peer: "met" or "not met" (a peak RSS of one run
-    varies by a few MB, far less than the time does, so one run a side is judged)."""
-    return "met" if ours_mb <= peer_mb else "not met"
+def memory_verdict(ours: float | Peak, peer: float | Peak) -> str:
+    """Issue 26's memory goal, divekit ≤ the peer. With one run a side (floats, or a
+    :class:`Peak` of one run): "met" or "not met". With several fresh processes a side, judged
+    on the ranges as the time goals are: "met" when divekit's highest run is at or below the
+    peer's lowest, "not met" when its lowest is above the peer's highest, "not settled" when
+    they overlap (a peak RSS varies by tens of MB between identical runs)."""
+    lo_ours = hi_ours = ours[0] if isinstance(ours, Peak) else ours
+    lo_peer = hi_peer = peer[0] if isinstance(peer, Peak) else peer
+    if isinstance(ours, Peak) and len(ours.runs) > 1:
+        lo_ours, hi_ours = min(ours.owns), max(ours.owns)
+    if isinstance(peer, Peak) and len(peer.runs) > 1:
+        lo_peer, hi_peer = min(peer.owns), max(peer.owns)
+    if hi_ours <= lo_peer:
+        return "met"
+    return "not met" if lo_ours > hi_peer else "not settled"
+
+
+def memory_note(runs: int) -> str:
+    """What a memory table's caption says of its runs."""
+    if runs <= 1:
+        return "One fresh process a side."
+    return (f"Each side in {runs} fresh processes, the sides' runs interleaved: the median peak "
+            "and its min–max; the goal is judged on the ranges (not settled where they "
+            "overlap).")
 
 
 MEMORY_HEADERS = ["side", "peak RSS, MB", "of which the call, MB", "largest child, MB"]
 
 
-def memory_cells(own: float, children: float, before: float) -> list[str]:
-    """A memory row's cells after the side's name (see :data:`MEMORY_HEADERS`)."""
-    return [f"{own:,.0f}", f"{own - before:+,.0f}", f"{children:,.0f}" if children else "—"]
+def memory_cells(peak: float | Peak, children: float | None = None,
+                 before: float | None = None) -> list[str]:
+    """A memory row's cells after the side's name (see :data:`MEMORY_HEADERS`), from a
+    :class:`Peak` (its medians; the peak's min–max beside it when there were several runs) or
+    from one run's three figures."""
+    runs = len(peak.runs) if isinstance(peak, Peak) else 1
+    owns = peak.owns if isinstance(peak, Peak) else []
+    if isinstance(peak, Peak):
+        peak, children, before = peak
+    cell = f"{peak:,.0f}" + (f" ({min(owns):,.0f}–{max(owns):,.0f})" if runs > 1 else "")
+    return [cell, f"{peak - before:+,.0f}", f"{children:,.0f}" if children else "—"]
 
 
 # ----------------------------------------------------------------------------- --compile

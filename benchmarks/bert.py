@@ -44,6 +44,8 @@ from _common import (
     goal_cell,
     interleave,
     memory_cells,
+    memory_note,
+    memory_runs,
     memory_verdict,
     paired_ratio,
     print_peak_rss,
@@ -492,20 +494,22 @@ def memory_table(args: argparse.Namespace, report: Report) -> None:
         what, peer, label = MEMORY_CASES[case]
         if case.startswith("finetune") and finetune_missing(case.split("-")[1]):
             continue
-        both = sides_peak_rss(__file__, [f"{case}/{s}" for s in (peer, "divekit")], argv)
+        both = sides_peak_rss(__file__, [f"{case}/{s}" for s in (peer, "divekit")], argv,
+                              runs=memory_runs(args))
         mem = {s: both[f"{case}/{s}"] for s in (peer, "divekit")}
-        goal = memory_verdict(mem["divekit"][0], mem[peer][0])
+        goal = memory_verdict(mem["divekit"], mem[peer])
         print(f"peak RSS {what}: divekit {mem['divekit'][0]:,.0f} MB, {label} "
               f"{mem[peer][0]:,.0f} MB (goal divekit <= peer: {goal})")
-        rows.append([what, label, *memory_cells(*mem[peer]), "—"])
-        rows.append([what, "divekit", *memory_cells(*mem["divekit"]), goal])
+        rows.append([what, label, *memory_cells(mem[peer]), "—"])
+        rows.append([what, "divekit", *memory_cells(mem["divekit"]), goal])
     if rows:
         report.table(["benchmark", *MEMORY_HEADERS, "divekit ≤ the peer"], rows,
                      align="llrrrl",
                      caption=f"Peak resident memory of each side: the side built alone in a "
                              f"fresh process, then {MEMORY_STEPS} training steps (`VmHWM`; "
                              "\"of which the call\": above the RSS once the model, optimizer "
-                             "and batch are built). Goal: divekit ≤ the peer.")
+                             "and batch are built). Goal: divekit ≤ the peer. "
+                             f"{memory_note(memory_runs(args))}")
 
 
 def main() -> None:

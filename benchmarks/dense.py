@@ -48,6 +48,8 @@ from _common import (
     forwarded_argv,
     goal_cell,
     memory_cells,
+    memory_note,
+    memory_runs,
     memory_verdict,
     paired_ratio,
     print_peak_rss,
@@ -387,14 +389,15 @@ def memory_rows(args: argparse.Namespace) -> list[list[str]]:
         cases = cases[:1]  # smoke: one case checks the path
     rows = []
     for case in cases:
-        both = sides_peak_rss(__file__, [f"{case}/course", f"{case}/divekit"], argv)
+        both = sides_peak_rss(__file__, [f"{case}/course", f"{case}/divekit"], argv,
+                              runs=memory_runs(args))
         mem = {s: both[f"{case}/{s}"] for s in ("course", "divekit")}
-        goal = memory_verdict(mem["divekit"][0], mem["course"][0])
+        goal = memory_verdict(mem["divekit"], mem["course"])
         print(f"peak RSS {case}: divekit {mem['divekit'][0]:,.0f} MB, course "
               f"{mem['course'][0]:,.0f} MB (goal divekit <= course: {goal})")
         what = "FCN training" if case == "fcn" else "stylize"
-        rows.append([what, "course", *memory_cells(*mem["course"]), "—"])
-        rows.append([what, "divekit", *memory_cells(*mem["divekit"]), goal])
+        rows.append([what, "course", *memory_cells(mem["course"]), "—"])
+        rows.append([what, "divekit", *memory_cells(mem["divekit"]), goal])
     return rows
 
 
@@ -505,7 +508,8 @@ def main() -> None:
                      align="llrrrl",
                      caption="Peak resident memory of each side: each run once more, alone, in "
                              "a fresh process (`VmHWM`; \"of which the call\": above the RSS "
-                             "just before it, imports done). Goal: divekit ≤ the course.")
+                             "just before it, imports done). Goal: divekit ≤ the course. "
+                             f"{memory_note(memory_runs(args))}")
     report.write(args.markdown)
 
 

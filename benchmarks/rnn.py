@@ -51,6 +51,8 @@ from _common import (
     forwarded_argv,
     goal_cell,
     memory_cells,
+    memory_note,
+    memory_runs,
     memory_verdict,
     paired_ratio,
     print_peak_rss,
@@ -264,20 +266,22 @@ def memory_table(args: argparse.Namespace, report: Report, names: list[str]) -> 
     (``--memory-of NAME``); divekit ≤ d2l where d2l has the same network (issue 26 item 6)."""
     argv = forwarded_argv()
     mem = sides_peak_rss(__file__, [name for name in names if not args.smoke or name in
-                                    ("divekit rnn_scratch", PEERS["divekit rnn_scratch"])], argv)
+                                    ("divekit rnn_scratch", PEERS["divekit rnn_scratch"])], argv,
+                         runs=memory_runs(args))
     rows = []
     for name, cells in mem.items():
         peer = PEERS.get(name)
-        goal = memory_verdict(cells[0], mem[peer][0]) if peer in mem else "—"
+        goal = memory_verdict(cells, mem[peer]) if peer in mem else "—"
         if peer in mem:
             print(f"peak RSS {name}: {cells[0]:,.0f} MB, {peer} {mem[peer][0]:,.0f} MB (goal "
                   f"divekit <= d2l: {goal})")
-        rows.append([name, *memory_cells(*cells), goal])
+        rows.append([name, *memory_cells(cells), goal])
     report.table(["implementation", *MEMORY_HEADERS[1:], "divekit ≤ d2l"], rows,
                  align="lrrrl",
                  caption=f"Peak resident memory: each implementation alone in a fresh process, "
                          f"{args.steps} training steps (`VmHWM`; \"of which the call\": above the "
-                         "RSS once the model and batches are built). Goal: divekit ≤ d2l.")
+                         "RSS once the model and batches are built). Goal: divekit ≤ d2l. "
+                         f"{memory_note(memory_runs(args))}")
 
 
 if __name__ == "__main__":

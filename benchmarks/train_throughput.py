@@ -41,6 +41,7 @@ import torch
 from _common import (
     MEMORY_HEADERS,
     SUMMARY_NOTE,
+    Peak,
     Report,
     Spread,
     add_markdown_arg,
@@ -49,6 +50,8 @@ from _common import (
     goal_cell,
     interleave,
     memory_cells,
+    memory_note,
+    memory_runs,
     memory_verdict,
     paired_ratio,
     print_peak_rss,
@@ -295,19 +298,23 @@ def main() -> int:
             # --smoke: divekit's side of one model, to check the path (fresh processes cost
             # seconds each)
             measured = ["divekit"] if args.smoke else list(sides)
-            memory = {k: side_memory(k, name, args) for k in measured}
+            got: dict[str, list] = {k: [] for k in measured}
+            for _ in range(memory_runs(args)):  # interleaved: side a, side b, ..., side a, ...
+                for k in measured:
+                    got[k].extend(side_memory(k, name, args).runs)
+            memory = {k: Peak(tuple(v)) for k, v in got.items()}
             measured_peers = [k for k in peers if k in memory]
-            for k, (own, workers, before) in memory.items():
+            for k, peak in memory.items():
+                own, _workers, before = peak
                 print(f"  peak RSS {name} {k}: {own:,.0f} MB ({own - before:+,.0f} MB in the "
                       "call)")
-                goal = "; ".join(f"vs {p}: {memory_verdict(own, memory[p][0])}"
+                goal = "; ".join(f"vs {p}: {memory_verdict(peak, memory[p])}"
                                  for p in measured_peers) if k.startswith("divekit") else ""
-                memory_rows.append([name, k, *memory_cells(own, workers, before),
-                                    goal or "—"])
+                memory_rows.append([name, k, *memory_cells(peak), goal or "—"])
             for k in measured_peers:
                 print(f"  peak RSS {name}: divekit {memory['divekit'][0]:,.0f} MB, {k} "
                       f"{memory[k][0]:,.0f} MB (goal divekit <= {k}: "
-                      f"{memory_verdict(memory['divekit'][0], memory[k][0])})")
+                      f"{memory_verdict(memory['divekit'], memory[k])})")
         rates = {k: [n_train * args.epochs / t for t in v] for k, v in times.items()}
         print(f"\n{name} at {size}x{size}, batch {batch}, {n_train} train + {n_val} val "
               f"samples, {source}")
@@ -357,7 +364,7 @@ def main() -> int:
                      caption="Peak resident memory of each side, each run once more in a fresh "
                              "process of its own (the same imports and data; `VmHWM`; "
                              "\"of which the call\": above the RSS just before it). Goal: "
-                             "divekit ≤ the course.")
+                             f"divekit ≤ the course. {memory_note(memory_runs(args))}")
     report.write(args.markdown)
     return 0
 
@@ -392,8 +399,7 @@ def model_sides(name: str, cases: dict, args: argparse.Namespace, have_d2l: bool
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def side_memory(side: str, model: str,
-                args: argparse.Namespace) -> tuple[float, float, float]:
+def side_memory(side: str, model: str, args: argparse.Namespace) -> Peak:
     """Peak RSS (MB) of ``side`` run once in a fresh process, of its largest child, and the
     RSS just before the call (imports and data loaded): :func:`_common.side_peak_rss`."""
     argv = ["--models", model, "--epochs", str(args.epochs), "--threads", str(args.threads),

@@ -256,3 +256,24 @@ def test_failure_keeps_the_old_section(run_all, tmp_path, monkeypatch, capsys):
     said = capsys.readouterr().out
     assert "FAILED: bad, slow" in said and "stopped after 5 s" in said
     assert run_all._common.block_of(text, "slow") is None  # never ran to the end: no section
+
+
+def test_memory_goal_is_judged_on_the_ranges_of_several_fresh_processes(common):
+    Peak = common.Peak
+    ours = Peak(((900.0, 0.0, 800.0), (940.0, 0.0, 810.0), (910.0, 0.0, 805.0)))
+    own, children, before = ours  # reads as the runs' medians
+    assert (own, children, before) == (910.0, 0.0, 805.0) and ours[0] == 910.0
+    assert common.memory_verdict(ours, Peak(((950.0, 0, 0), (990.0, 0, 0)))) == "met"
+    assert common.memory_verdict(ours, Peak(((930.0, 0, 0), (990.0, 0, 0)))) == "not settled"
+    assert common.memory_verdict(ours, Peak(((850.0, 0, 0), (899.0, 0, 0)))) == "not met"
+    assert common.memory_verdict(910.0, 920.0) == "met"  # one run a side: plain comparison
+    assert common.memory_verdict(Peak(((930.0, 0, 0),)), 920.0) == "not met"
+    assert common.memory_cells(ours) == ["910 (900–940)", "+105", "—"]
+    assert common.memory_cells(1234.0, 432.0, 1000.0) == ["1,234", "+234", "432"]
+    assert "3 fresh processes" in common.memory_note(3)
+
+
+def test_memory_children_get_the_sizes_but_not_the_runs_or_the_markdown(common, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["x.py", "--steps", "4", "--memory-runs", "3",
+                                     "--markdown=/tmp/a.md", "--no-memory", "--smoke"])
+    assert common.forwarded_argv() == ["--steps", "4", "--smoke"]
