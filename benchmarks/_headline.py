@@ -147,8 +147,9 @@ def headline(benchmarks_md: str) -> str:
         "judge, same-run ratios against the peer: median of interleaved rounds (min–max); "
         "*met* only when the whole spread clears the goal. "
         f"{counts['met']} met, {counts['not settled']} not settled, {counts['not met']} not met; "
-        "the analysis of each goal not met (profile tables of both sides) is beside its table "
-        "in BENCHMARKS.md.",
+        "the analysis of each goal not met or not settled (profile tables of both sides) is "
+        "beside its table in BENCHMARKS.md, and why they fall short is in its section [Goals not "
+        "met, and why](BENCHMARKS.md#goals-not-met-and-why).",
         "",
         "| benchmark | what | ratio (min–max) | goal | verdict |",
         "| --- | --- | ---: | --- | --- |",
