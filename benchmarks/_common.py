@@ -353,14 +353,9 @@ def print_peak_rss(fn: Callable[[], object]) -> None:
 
 
 def side_peak_rss(script: str, side: str, argv: Sequence[str] = (),
-                  timeout: float = 1800, runs: int = 1) -> Peak:
-    """The peak RSS of ``side`` run once by ``python script *argv --memory-of side`` in each of
-    ``runs`` fresh processes, one after another (see :func:`print_peak_rss`)."""
-    return Peak(tuple(_one_peak(script, side, argv, timeout) for _ in range(runs)))
-
-
-def _one_peak(script: str, side: str, argv: Sequence[str], timeout: float
-              ) -> tuple[float, float, float]:
+                  timeout: float = 1800) -> tuple[float, float, float]:
+    """``(own, largest child, before)`` peak RSS in MB of ``side`` run once by ``python script
+    *argv --memory-of side`` in a fresh process (see :func:`print_peak_rss`)."""
     import subprocess
     import sys
 
@@ -383,7 +378,7 @@ def sides_peak_rss(script: str, sides: Sequence[str], argv: Sequence[str] = (),
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = [(side, pool.submit(_one_peak, script, side, argv, 1800))
+        futures = [(side, pool.submit(side_peak_rss, script, side, argv))
                    for _ in range(runs) for side in sides]
         done: dict[str, list[tuple[float, float, float]]] = {side: [] for side in sides}
         for side, f in futures:

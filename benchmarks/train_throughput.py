@@ -41,7 +41,6 @@ import torch
 from _common import (
     MEMORY_HEADERS,
     SUMMARY_NOTE,
-    Peak,
     Report,
     Spread,
     add_markdown_arg,
@@ -56,7 +55,7 @@ from _common import (
     paired_ratio,
     print_peak_rss,
     profile_table,
-    side_peak_rss,
+    sides_peak_rss,
     verdict,
 )
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -298,11 +297,10 @@ def main() -> int:
             # --smoke: divekit's side of one model, to check the path (fresh processes cost
             # seconds each)
             measured = ["divekit"] if args.smoke else list(sides)
-            got: dict[str, list] = {k: [] for k in measured}
-            for _ in range(memory_runs(args)):  # interleaved: side a, side b, ..., side a, ...
-                for k in measured:
-                    got[k].extend(side_memory(k, name, args).runs)
-            memory = {k: Peak(tuple(v)) for k, v in got.items()}
+            # one fresh process at a time (two trainings would share the 2 cores), the sides'
+            # runs interleaved
+            memory = sides_peak_rss(__file__, measured, memory_argv(name, args), parallel=1,
+                                    runs=memory_runs(args))
             measured_peers = [k for k in peers if k in memory]
             for k, peak in memory.items():
                 own, _workers, before = peak
@@ -399,12 +397,12 @@ def model_sides(name: str, cases: dict, args: argparse.Namespace, have_d2l: bool
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def side_memory(side: str, model: str, args: argparse.Namespace) -> Peak:
-    """Peak RSS (MB) of ``side`` run once in a fresh process, of its largest child, and the
-    RSS just before the call (imports and data loaded): :func:`_common.side_peak_rss`."""
+def memory_argv(model: str, args: argparse.Namespace) -> list[str]:
+    """The arguments of a ``--memory-of SIDE`` child (:func:`_common.sides_peak_rss`): this
+    model at this run's sizes, without --compile."""
     argv = ["--models", model, "--epochs", str(args.epochs), "--threads", str(args.threads),
             "--scale", str(args.scale), "--compile", "off"]
-    return side_peak_rss(__file__, side, argv + (["--smoke"] if args.smoke else []))
+    return argv + (["--smoke"] if args.smoke else [])
 
 
 # ----------------------------------------------------------------------------- profiles
