@@ -318,6 +318,14 @@ class Peak:
     def owns(self) -> list[float]:
         return [r[0] for r in self.runs]
 
+    @property
+    def lo(self) -> float:
+        return min(self.owns)
+
+    @property
+    def hi(self) -> float:
+        return max(self.owns)
+
 
 def own_peak_rss_mb() -> float:
     """This process's peak RSS in MB: ``VmHWM`` of ``/proc/self/status`` on Linux, the high-water
@@ -406,21 +414,14 @@ def forwarded_argv(drop: Sequence[str] = ("--markdown", "--no-memory", "--memory
     return argv
 
 
-def memory_verdict(ours: float | Peak, peer: float | Peak) -> str:
-    """Issue 26's memory goal, divekit ≤ the peer. With one run a side (floats, or a
-    :class:`Peak` of one run): "met" or "not met". With several fresh processes a side, judged
-    on the ranges as the time goals are: "met" when divekit's highest run is at or below the
-    peer's lowest, "not met" when its lowest is above the peer's highest, "not settled" when
-    they overlap (a peak RSS varies by tens of MB between identical runs)."""
-    lo_ours = hi_ours = ours[0] if isinstance(ours, Peak) else ours
-    lo_peer = hi_peer = peer[0] if isinstance(peer, Peak) else peer
-    if isinstance(ours, Peak) and len(ours.runs) > 1:
-        lo_ours, hi_ours = min(ours.owns), max(ours.owns)
-    if isinstance(peer, Peak) and len(peer.runs) > 1:
-        lo_peer, hi_peer = min(peer.owns), max(peer.owns)
-    if hi_ours <= lo_peer:
+def memory_verdict(ours: Peak, peer: Peak) -> str:
+    """Issue 26's memory goal, divekit ≤ the peer, judged on the ranges of the fresh processes as
+    the time goals are: "met" when divekit's highest run is at or below the peer's lowest, "not
+    met" when its lowest is above the peer's highest, "not settled" when they overlap (a peak
+    RSS varies by tens of MB between identical runs). With one run a side, a plain comparison."""
+    if ours.hi <= peer.lo:
         return "met"
-    return "not met" if lo_ours > hi_peer else "not settled"
+    return "not met" if ours.lo > peer.hi else "not settled"
 
 
 def memory_note(runs: int) -> str:
@@ -435,17 +436,12 @@ def memory_note(runs: int) -> str:
 MEMORY_HEADERS = ["side", "peak RSS, MB", "of which the call, MB", "largest child, MB"]
 
 
-def memory_cells(peak: float | Peak, children: float | None = None,
-                 before: float | None = None) -> list[str]:
-    """A memory row's cells after the side's name (see :data:`MEMORY_HEADERS`), from a
-    :class:`Peak` (its medians; the peak's min–max beside it when there were several runs) or
-    from one run's three figures."""
-    runs = len(peak.runs) if isinstance(peak, Peak) else 1
-    owns = peak.owns if isinstance(peak, Peak) else []
-    if isinstance(peak, Peak):
-        peak, children, before = peak
-    cell = f"{peak:,.0f}" + (f" ({min(owns):,.0f}–{max(owns):,.0f})" if runs > 1 else "")
-    return [cell, f"{peak - before:+,.0f}", f"{children:,.0f}" if children else "—"]
+def memory_cells(peak: Peak) -> list[str]:
+    """A memory row's cells after the side's name (see :data:`MEMORY_HEADERS`): the runs'
+    medians, the peak's min–max beside it when there were several runs."""
+    own, children, before = peak
+    spread = f" ({peak.lo:,.0f}–{peak.hi:,.0f})" if len(peak.runs) > 1 else ""
+    return [f"{own:,.0f}{spread}", f"{own - before:+,.0f}", f"{children:,.0f}" if children else "—"]
 
 
 # ----------------------------------------------------------------------------- --compile

@@ -266,10 +266,11 @@ def test_memory_goal_is_judged_on_the_ranges_of_several_fresh_processes(common):
     assert common.memory_verdict(ours, Peak(((950.0, 0, 0), (990.0, 0, 0)))) == "met"
     assert common.memory_verdict(ours, Peak(((930.0, 0, 0), (990.0, 0, 0)))) == "not settled"
     assert common.memory_verdict(ours, Peak(((850.0, 0, 0), (899.0, 0, 0)))) == "not met"
-    assert common.memory_verdict(910.0, 920.0) == "met"  # one run a side: plain comparison
-    assert common.memory_verdict(Peak(((930.0, 0, 0),)), 920.0) == "not met"
+    one = Peak(((910.0, 0, 0),))  # one run a side: a plain comparison
+    assert common.memory_verdict(one, Peak(((920.0, 0, 0),))) == "met"
+    assert common.memory_verdict(Peak(((930.0, 0, 0),)), Peak(((920.0, 0, 0),))) == "not met"
     assert common.memory_cells(ours) == ["910 (900–940)", "+105", "—"]
-    assert common.memory_cells(1234.0, 432.0, 1000.0) == ["1,234", "+234", "432"]
+    assert common.memory_cells(Peak(((1234.0, 432.0, 1000.0),))) == ["1,234", "+234", "432"]
     assert "3 fresh processes" in common.memory_note(3)
 
 
